@@ -1,0 +1,41 @@
+# graft: the two commands that matter on a fresh Debian machine, as root:
+#   make demo   - install what is needed, build, and show grafting end to end
+#   make test   - install what is needed, build, and run the test suite
+PYTHON   ?= python3
+VENV     := .venv
+VPY      := $(VENV)/bin/python
+# Debian packages the demo and the tests run for real.
+APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nftables iproute2 gcc make libc6-dev
+# The commands those packages provide; apt runs only if one is missing.
+APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make
+
+.PHONY: all build deps venv demo test clean
+
+all: build
+
+deps:
+	@missing=""; for c in $(APT_CMDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+build: venv
+	$(MAKE) -C shim
+
+demo: deps build
+	$(VPY) demo/demo.py
+
+test: deps build
+	CI=$${CI:-} $(VPY) -m pytest
+
+clean:
+	$(MAKE) -C shim clean
+	rm -rf $(VENV) build *.egg-info .pytest_cache

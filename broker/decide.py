@@ -1,0 +1,64 @@
+"""The broker's decision for one request: pure, no I/O.
+
+Given a decoded request, the peer's credentials and the tenant's compiled
+policy, ``judge`` says what to do and where: graft (and the host address to
+bind or connect), run the call in the container, or deny with the errno the
+brief fixes (EPERM for connect, EACCES for bind). The server performs the
+verdict; keeping the decision here lets it be tested without sockets.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from graft.policy import Decision, TenantMatcher
+
+from .wire import OP_BIND, Request, SockAddr
+
+DENY_ERRNO = {"connect": errno.EPERM, "bind": errno.EACCES}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: str  # "graft" | "container" | "deny"
+    rule: str  # the deciding place in the policy file
+    errno: int = 0  # for "deny"
+    target: SockAddr | None = None  # for "graft": the host address to bind/connect
+
+
+def host_target(req: Request, decision: Decision) -> SockAddr:
+    """Where the broker binds or connects on the host for a graft decision.
+
+    A published bind (a rule with ``host``) binds the rule's host address in
+    the app's socket family: an IPv4 host address on an AF_INET6 socket is
+    written v4-mapped, so the app keeps the family it asked for.
+    """
+    if req.op != OP_BIND or decision.host is None:
+        return req.addr
+    ip, port = decision.host
+    if req.family == socket.AF_INET6 and ip.version == 4:
+        ip = ipaddress.IPv6Address(f"::ffff:{ip}")
+    elif req.family == socket.AF_INET and ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is None:
+            raise ValueError(f"host address {ip} cannot be bound by an AF_INET socket")
+        ip = mapped
+    return SockAddr(req.family, ip, port)
+
+
+def judge(req: Request, matcher: TenantMatcher, uid: int, uids: frozenset[int] | None, tenant: str) -> Verdict:
+    op = req.op_name
+    if uids is not None and uid not in uids:
+        return Verdict("deny", f"tenants.{tenant}.uids", DENY_ERRNO[op])
+    decision = matcher.decide(op, req.proto, req.addr.ip, req.addr.port)
+    if decision.action == "deny":
+        return Verdict("deny", decision.rule, DENY_ERRNO[op])
+    if decision.action == "container":
+        return Verdict("container", decision.rule)
+    try:
+        target = host_target(req, decision)
+    except ValueError:
+        return Verdict("deny", decision.rule, errno.EAFNOSUPPORT)
+    return Verdict("graft", decision.rule, 0, target)

@@ -1,0 +1,99 @@
+"""graft-broker: the command line, signals and the service lifecycle.
+
+    graft-broker --policy FILE [--socket-dir DIR] [--audit-log PATH|stderr|off]
+                 [--log-level LEVEL]
+
+Runs in the foreground. A policy that does not validate is refused at start
+(exit 2). SIGHUP reloads the policy: on any error the old one stays in force
+and the errors are logged. SIGTERM and SIGINT stop the broker cleanly: the
+tenant sockets are removed; grafted sockets belong to the apps and live on.
+READY=1 / RELOADING=1 / STOPPING=1 go to $NOTIFY_SOCKET for systemd.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from graft.policy import PolicyError, load_policy
+
+from .audit import AuditLog
+from .notify import sd_notify
+from .server import Broker
+
+log = logging.getLogger("graft.broker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="graft-broker", description="Serve graft tenants under a policy.")
+    p.add_argument("--policy", required=True, type=Path, help="policy file (TOML, version 1)")
+    p.add_argument("--socket-dir", type=Path, help="directory of the tenant sockets (overrides broker.socket_dir)")
+    p.add_argument("--audit-log", help="'stderr', 'off' or a file path (overrides broker.audit_log)")
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="graft-broker: %(levelname)s %(message)s"
+    )
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        log.error("refusing to start: the policy does not validate\n%s", e)
+        return 2
+    confinement = policy.broker.confinement
+    if confinement == "required":
+        log.error("refusing to start: confinement = \"required\" but this broker has no BPF confinement yet")
+        return 2
+    socket_dir = args.socket_dir or Path(policy.broker.socket_dir)
+    audit = AuditLog(args.audit_log or policy.broker.audit_log)
+    log.info("confinement: off (policy asks %r; kernel confinement is not built yet)", confinement)
+    try:
+        trio.run(_serve, policy, socket_dir, audit, args.policy)
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled below
+        pass
+    finally:
+        audit.close()
+    return 0
+
+
+async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path) -> None:
+    # The signal receiver exists before READY=1, so an early SIGTERM is a clean stop.
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            broker = Broker(policy, socket_dir, audit)
+            await nursery.start(broker.run)
+            sd_notify("READY=1")
+            log.info("ready: %d tenant(s), sockets in %s", len(policy.tenants), socket_dir)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    sd_notify("RELOADING=1")
+                    await _reload(broker, policy_path)
+                    sd_notify("READY=1")
+                else:
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    sd_notify("STOPPING=1")
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+async def _reload(broker: Broker, policy_path: Path) -> None:
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as e:
+        log.error("reload refused; the old policy stays in force\n%s", e)
+        return
+    await broker.reload(policy)
+    log.info("policy reloaded from %s", policy_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Opening sockets in a tenant's network namespace.
+
+A socket belongs to the namespace it was created in, for life; bind, connect
+and everything after act there whichever namespace the caller is in. So only
+socket creation has to happen in the tenant's namespace, and the broker's
+event loop never leaves its own: for a tenant whose ``netns`` is not "host",
+a worker thread enters the namespace with pyroute2 (setns is per thread),
+creates the socket, and returns to the broker's namespace before trio can
+reuse the thread. For "host" the socket is created inline, with no thread.
+
+The same per-namespace entry point serves the sock_diag dump that tells which
+grafted sockets are still alive, for ``max_sockets``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable, TypeVar
+
+import trio
+from pyroute2 import DiagSocket
+from pyroute2 import netns as pyroute2_netns
+
+T = TypeVar("T")
+
+HOST = "host"
+NETNS_RUN_DIR = "/run/netns"
+_SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+def netns_path(netns: str) -> str | None:
+    """The file of a policy's ``netns`` value; None for the broker's own ("host")."""
+    if netns == HOST:
+        return None
+    return netns if netns.startswith("/") else os.path.join(NETNS_RUN_DIR, netns)
+
+
+class NetnsError(OSError):
+    """The tenant's namespace is gone or cannot be entered."""
+
+
+class Namespace:
+    """Runs socket-creating work in one network namespace."""
+
+    def __init__(self, netns: str):
+        self.netns = netns
+        self.path = netns_path(netns)
+
+    def _in_netns(self, fn: Callable[[], T]) -> T:
+        """Run fn with this thread inside the namespace, then come back.
+
+        Runs in a worker thread only. If the way back fails the thread would
+        serve trio in the wrong namespace, so that aborts the process.
+        """
+        own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                target = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise NetnsError(e.errno, f"network namespace {self.netns}: {e.strerror}") from None
+            try:
+                pyroute2_netns.setns(target, flags=0)
+            except OSError as e:
+                raise NetnsError(e.errno, f"cannot enter network namespace {self.netns}: {e.strerror}") from None
+            finally:
+                os.close(target)
+            try:
+                return fn()
+            finally:
+                try:
+                    pyroute2_netns.setns(own, flags=0)
+                except OSError:  # pragma: no cover - the kernel does not refuse this
+                    os.abort()
+        finally:
+            os.close(own)
+
+    async def socket(self, family: int, type: int, proto: int) -> socket.socket:
+        """A new non-blocking, close-on-exec socket in this namespace."""
+        if self.path is None:
+            return socket.socket(family, type | _SOCK_FLAGS, proto)
+        return await trio.to_thread.run_sync(
+            self._in_netns, lambda: socket.socket(family, type | _SOCK_FLAGS, proto)
+        )
+
+    async def live_inodes(self) -> set[int]:
+        """Inodes of every TCP and UDP socket, v4 and v6, in this namespace."""
+        if self.path is None:
+            return await trio.to_thread.run_sync(_dump_inodes)
+        return await trio.to_thread.run_sync(self._in_netns, _dump_inodes)
+
+
+def _dump_inodes() -> set[int]:
+    inodes: set[int] = set()
+    with DiagSocket() as ds:
+        ds.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+                for msg in ds.get_sock_stats(family=family, protocol=proto):
+                    inodes.add(msg["idiag_inode"])
+    return inodes

@@ -1,0 +1,349 @@
+"""The broker's trio task tree: tenant listeners, client connections, grafts.
+
+    Broker.run                      (owns the broker nursery)
+      └─ _serve_tenant  × tenant    (own cancel scope: removed on reload)
+           └─ _serve_client × connection  (bounded by the tenant's slots)
+
+Each tenant has one SOCK_SEQPACKET listener at <socket_dir>/<tenant>.sock;
+the tenant is known from the listener a connection arrived on, the peer's
+pid and uid from SO_PEERCRED. A client connection carries any number of
+request/reply exchanges in turn. ``_exchange`` is the one place a request
+is decoded, judged (decide.judge), carried out on the host and audited; the
+reply goes back with the host socket attached, and the broker closes its
+own copy right after, so it never keeps a grafted socket open.
+
+Every byte from a client is untrusted: a malformed message gets an error
+reply and the connection is closed; stray fds in ancillary data are closed;
+a client that vanishes costs nothing but its own connection. A tenant may
+hold at most ``MAX_CLIENTS_PER_TENANT`` connections at once, so one tenant
+cannot exhaust the broker's fds for the others.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
+
+from . import wire
+from .audit import AuditLog
+from .decide import Verdict, judge
+from .netns import Namespace
+from .sockopts import apply_options, split_options
+
+log = logging.getLogger("graft.broker")
+
+MAX_CLIENTS_PER_TENANT = 256
+LISTEN_BACKLOG = 512
+# After a sock_diag refresh finds a tenant still at max_sockets, further
+# requests are refused without another dump for this long.
+LIVENESS_REFRESH_INTERVAL = 0.1
+_ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass
+class TenantState:
+    name: str
+    config: Tenant
+    matcher: TenantMatcher
+    namespace: Namespace
+    path: Path
+    uids: frozenset[int] | None
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
+    live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
+    refreshed_at: float = float("-inf")
+
+    def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
+        """Take a (re)loaded policy. Sockets already handed out keep what they got."""
+        self.config, self.matcher = config, matcher
+        self.uids = frozenset(config.uids) if config.uids is not None else None
+        if self.namespace.netns != config.netns:
+            self.namespace = Namespace(config.netns)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+class Broker:
+    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog):
+        self.policy = policy
+        self.socket_dir = Path(socket_dir)
+        self.audit = audit
+        self.tenants: dict[str, TenantState] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every tenant until cancelled; started() once all listen."""
+        prepare_socket_dir(self.socket_dir)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            matchers = compile_policy(self.policy)
+            for name, config in self.policy.tenants.items():
+                await self._add_tenant(name, config, matchers[name])
+            task_status.started()
+
+    async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
+        assert self._nursery is not None
+        state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock", None)
+        state.configure(config, matcher)
+        self.tenants[name] = state
+        await self._nursery.start(self._serve_tenant, state)
+
+    async def reload(self, policy: PolicyFile) -> None:
+        """Apply a validated policy: new decisions for new requests only.
+
+        Grafted sockets belong to the apps and are not touched. Removed
+        tenants stop listening; added tenants start; the rest keep their
+        listeners and connections and take the new rules at once.
+        """
+        matchers = compile_policy(policy)
+        if policy.broker.socket_dir != self.policy.broker.socket_dir:
+            log.warning("broker.socket_dir changed in the policy; it takes effect at the next restart")
+        for name in list(self.tenants):
+            if name not in policy.tenants:
+                self.tenants.pop(name).cancel_scope.cancel()
+                log.info("tenant %s removed", name)
+        for name, config in policy.tenants.items():
+            state = self.tenants.get(name)
+            if state is None:
+                await self._add_tenant(name, config, matchers[name])
+                log.info("tenant %s added", name)
+            else:
+                state.configure(config, matchers[name])
+                os.chmod(state.path, config.socket_mode_int)
+        self.policy = policy
+
+    # ---- per tenant ------------------------------------------------------
+
+    async def _serve_tenant(self, tenant: TenantState, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with listener, tenant.cancel_scope:
+            await bind_unix_listener(listener, tenant.path, tenant.config.socket_mode_int)
+            try:
+                task_status.started()
+                log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
+                async with trio.open_nursery() as clients:
+                    while True:
+                        token = object()
+                        await tenant.slots.acquire_on_behalf_of(token)
+                        try:
+                            conn, _ = await listener.accept()
+                        except OSError as e:
+                            tenant.slots.release_on_behalf_of(token)
+                            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                                log.error("tenant %s: accept failed: %s", tenant.name, e)
+                                await trio.sleep(0.1)  # resource pressure: back off, do not spin
+                                continue
+                            raise
+                        clients.start_soon(self._serve_client, tenant, conn, token)
+            finally:
+                unlink_if_socket(tenant.path)
+
+    async def _serve_client(self, tenant: TenantState, conn: trio.socket.SocketType, token: object) -> None:
+        try:
+            with conn:
+                peer = Peer(*_PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)))
+                while await self._exchange(tenant, conn, peer):
+                    pass
+        finally:
+            tenant.slots.release_on_behalf_of(token)
+
+    async def _exchange(self, tenant: TenantState, conn: trio.socket.SocketType, peer: Peer) -> bool:
+        """Serve one request on conn. Returns whether to keep the connection."""
+        try:
+            data, ancdata, msg_flags, _ = await conn.recvmsg(wire.REQUEST_SIZE + 1, _ANC_SPACE)
+        except OSError:
+            return False  # the client reset the connection: nothing to answer
+        stray = close_passed_fds(ancdata)
+        if not data and not ancdata:
+            return False  # orderly close
+        try:
+            if stray or msg_flags & socket.MSG_CTRUNC:
+                raise wire.WireError(errno.EBADMSG, "request carried ancillary data")
+            if msg_flags & socket.MSG_TRUNC:
+                raise wire.WireError(errno.EMSGSIZE, "request longer than a graft_request")
+            req = wire.decode_request(data)
+        except wire.WireError as e:
+            self._audit_refusal(tenant, peer, e)
+            await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), None, tenant, peer)
+            return False
+
+        verdict = judge(req, tenant.matcher, peer.uid, tenant.uids, tenant.name)
+        host_sock, reply = None, None
+        if verdict.action == "graft":
+            host_sock, reply, verdict = await self._graft(tenant, req, verdict)
+        elif verdict.action == "container":
+            reply = wire.encode_reply(wire.V_CONTAINER)
+        else:
+            reply = wire.encode_reply(wire.V_DENY, verdict.errno)
+        self._audit(tenant, peer, req, verdict)
+        try:
+            return await self._send(conn, reply, host_sock, tenant, peer)
+        finally:
+            if host_sock is not None:
+                host_sock.close()
+
+    async def _graft(self, tenant: TenantState, req: wire.Request, verdict: Verdict):
+        """Open, set up and bind/connect the host socket for a graft verdict.
+
+        Returns (socket or None, reply, verdict as audited).
+        """
+        assert verdict.target is not None
+        if not await self._has_room(tenant):
+            v = Verdict("deny", f"tenants.{tenant.name}.max_sockets", errno.ENOBUFS, verdict.target)
+            return None, wire.encode_reply(wire.V_DENY, v.errno), v
+        try:
+            sock = await tenant.namespace.socket(req.family, req.type, req.protocol)
+        except OSError as e:
+            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target)
+            log.error("tenant %s: cannot open a socket: %s", tenant.name, e)
+            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
+        try:
+            opts = split_options(req.opts)
+            for o in opts.dropped:
+                log.debug("tenant %s: dropped socket option level=%d name=%d", tenant.name, o.level, o.name)
+            for o, e in apply_options(sock, opts.admitted):
+                log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
+            target = verdict.target.to_python()
+            if req.op == wire.OP_CONNECT:
+                err = sock.connect_ex(target)
+                reply = wire.encode_reply(wire.V_GRAFT, err)
+            else:
+                sock.bind(target)
+                err = 0
+                reply = wire.encode_reply(wire.V_GRAFT, 0, verdict.target)
+        except OSError as e:
+            sock.close()
+            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target)
+            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
+        tenant.live.add(os.fstat(sock.fileno()).st_ino)
+        if err not in (0, errno.EINPROGRESS):
+            verdict = Verdict("graft", verdict.rule, err, verdict.target)
+        return sock, reply, verdict
+
+    async def _has_room(self, tenant: TenantState) -> bool:
+        """Whether the tenant is below max_sockets, counting only sockets still alive."""
+        if len(tenant.live) < tenant.config.max_sockets:
+            return True
+        now = time.monotonic()
+        if now - tenant.refreshed_at < LIVENESS_REFRESH_INTERVAL:
+            return False
+        tenant.refreshed_at = now
+        try:
+            alive = await tenant.namespace.live_inodes()
+        except OSError as e:
+            log.error("tenant %s: sock_diag dump failed: %s", tenant.name, e)
+            return False
+        tenant.live &= alive
+        return len(tenant.live) < tenant.config.max_sockets
+
+    async def _send(self, conn, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
+        anc = []
+        if host_sock is not None:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host_sock.fileno()]))]
+        try:
+            await conn.sendmsg([reply], anc)
+        except OSError as e:
+            log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
+            return False
+        return True
+
+    # ---- audit -----------------------------------------------------------
+
+    def _audit(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict) -> None:
+        host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
+        self.audit.write(
+            tenant=tenant.name,
+            pid=peer.pid,
+            uid=peer.uid,
+            op=req.op_name,
+            proto=req.proto,
+            family=req.family_name,
+            addr=str(req.addr.ip),
+            port=req.addr.port,
+            host_addr=str(host) if host is not None else None,
+            action=verdict.action,
+            rule=verdict.rule,
+            errno=verdict.errno,
+        )
+
+    def _audit_refusal(self, tenant: TenantState, peer: Peer, e: wire.WireError) -> None:
+        log.warning("tenant %s: malformed request from pid %d: %s", tenant.name, peer.pid, e.reason)
+        self.audit.write(
+            tenant=tenant.name,
+            pid=peer.pid,
+            uid=peer.uid,
+            op=None,
+            proto=None,
+            family=None,
+            addr=None,
+            port=None,
+            host_addr=None,
+            action="error",
+            rule=None,
+            errno=e.errno,
+            reason=e.reason,
+        )
+
+
+def close_passed_fds(ancdata) -> int:
+    """Close every fd a client passed us (clients must pass none); count them."""
+    n = 0
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                os.close(fd)
+            n += len(fds)
+    return n or len(ancdata)
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket directory, mode 0700: host users must not reach tenants' sockets."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+async def bind_unix_listener(sock, path: Path, mode: int) -> None:
+    """Bind and listen at path, replacing a stale socket file but never a live broker's."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with probe:
+            try:
+                await probe.connect(str(path))
+            except OSError:
+                path.unlink()  # nobody answers: left over from a broker that died
+            else:
+                raise RuntimeError(f"{path} is served by a running broker")
+    await sock.bind(str(path))
+    os.chmod(path, mode)
+    sock.listen(LISTEN_BACKLOG)
+
+
+def unlink_if_socket(path: Path) -> None:
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass

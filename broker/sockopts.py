@@ -1,0 +1,77 @@
+"""Which recorded socket options the broker applies to a grafted socket.
+
+The application set these on its placeholder before bind/connect; the broker
+replays them on the host socket before it binds or connects, because some
+only work then (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, buffer sizes that
+fix the TCP window scale). The broker runs as root, so it must never apply
+an option that needs privilege (IP_TRANSPARENT, SO_MARK, SO_BINDTODEVICE,
+SO_*BUFFORCE, SO_PRIORITY above 6, ...): the allowlist below admits only
+options any unprivileged process may set on its own socket, each with the
+exact value size the kernel expects. Anything else is dropped and reported.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from .wire import SockOpt
+
+_INT = 4
+_S, _T, _IP, _IP6 = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP, socket.IPPROTO_IPV6
+
+# (level, name) -> admitted value length in bytes.
+ALLOWED: dict[tuple[int, int], int] = {
+    (_S, socket.SO_REUSEADDR): _INT,
+    (_S, socket.SO_REUSEPORT): _INT,
+    (_S, socket.SO_KEEPALIVE): _INT,
+    (_S, socket.SO_BROADCAST): _INT,
+    (_S, socket.SO_OOBINLINE): _INT,
+    (_S, socket.SO_SNDBUF): _INT,
+    (_S, socket.SO_RCVBUF): _INT,
+    (_S, socket.SO_RCVLOWAT): _INT,
+    (_S, socket.SO_LINGER): 8,  # struct linger
+    (_S, socket.SO_RCVTIMEO): 16,  # struct timeval
+    (_S, socket.SO_SNDTIMEO): 16,
+    (_T, socket.TCP_NODELAY): _INT,
+    (_T, socket.TCP_KEEPIDLE): _INT,
+    (_T, socket.TCP_KEEPINTVL): _INT,
+    (_T, socket.TCP_KEEPCNT): _INT,
+    (_T, socket.TCP_USER_TIMEOUT): _INT,
+    (_T, socket.TCP_MAXSEG): _INT,
+    (_T, socket.TCP_FASTOPEN): _INT,
+    (_T, socket.TCP_QUICKACK): _INT,
+    (_T, socket.TCP_NOTSENT_LOWAT): _INT,
+    (_T, socket.TCP_DEFER_ACCEPT): _INT,
+    (_T, 30): _INT,  # TCP_FASTOPEN_CONNECT (not exported by Python 3.11)
+    (_IP, socket.IP_TOS): _INT,
+    (_IP, socket.IP_TTL): _INT,
+    (_IP, 24): _INT,  # IP_BIND_ADDRESS_NO_PORT
+    (_IP6, socket.IPV6_V6ONLY): _INT,
+    (_IP6, socket.IPV6_TCLASS): _INT,
+    (_IP6, socket.IPV6_UNICAST_HOPS): _INT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    admitted: tuple[SockOpt, ...]
+    dropped: tuple[SockOpt, ...]
+
+
+def split_options(opts: tuple[SockOpt, ...]) -> Split:
+    """Partition recorded options into those the allowlist admits and the rest."""
+    admitted, dropped = [], []
+    for o in opts:
+        (admitted if ALLOWED.get((o.level, o.name)) == len(o.value) else dropped).append(o)
+    return Split(tuple(admitted), tuple(dropped))
+
+
+def apply_options(sock: socket.socket, opts: tuple[SockOpt, ...]) -> list[tuple[SockOpt, OSError]]:
+    """Apply admitted options; return the ones the kernel refused, with why."""
+    failed = []
+    for o in opts:
+        try:
+            sock.setsockopt(o.level, o.name, o.value)
+        except OSError as e:
+            failed.append((o, e))
+    return failed

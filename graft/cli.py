@@ -1,0 +1,111 @@
+"""The ``graft`` command: run a program under the shim, and policy tools.
+
+    graft run (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
+    graft policy check FILE
+    graft policy schema
+    graft shim-path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from graft.shim import LIB_PATH
+
+DEFAULT_SOCKET_DIR = "/run/graft"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("graft run: no command given (graft run ... -- CMD ...)", file=sys.stderr)
+        return 2
+    if not LIB_PATH.exists():
+        print(f"graft run: {LIB_PATH} is missing; build the shim first (make build)", file=sys.stderr)
+        return 1
+    sock = args.socket or os.path.join(args.socket_dir, f"{args.tenant}.sock")
+    env = dict(os.environ)
+    preload = env.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = f"{LIB_PATH} {preload}".strip()
+    env["GRAFT_SOCKET"] = os.path.abspath(sock)
+    if args.netns:
+        from pyroute2 import netns  # imported here: only this path needs it
+
+        try:
+            # flags=0: never create a namespace that is not there.
+            netns.setns(args.netns, flags=0)
+        except OSError as e:
+            print(f"graft run: cannot enter network namespace {args.netns}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        print(f"graft run: {cmd[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+
+
+def _cmd_shim_path(args: argparse.Namespace) -> int:
+    if not LIB_PATH.exists():
+        print(f"graft shim-path: {LIB_PATH} is missing; build the shim first (make build)", file=sys.stderr)
+        return 1
+    print(LIB_PATH)
+    return 0
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from graft.policy import PolicyError, load_policy, summarize
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(summarize(policy, str(args.file)))
+    return 0
+
+
+def _cmd_policy_schema(args: argparse.Namespace) -> int:
+    from graft.policy import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="Graft container sockets onto the host network stack.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a command with the shim preloaded")
+    who = run.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", help="tenant name: the socket is SOCKET_DIR/NAME.sock")
+    who.add_argument("--socket", help="path of the tenant socket")
+    run.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, help=f"default: {DEFAULT_SOCKET_DIR}")
+    run.add_argument("--netns", help="run the command in this network namespace (name in /run/netns or path)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    run.set_defaults(func=_cmd_run)
+
+    shim = sub.add_parser("shim-path", help="print the path of libgraft.so")
+    shim.set_defaults(func=_cmd_shim_path)
+
+    pol = sub.add_parser("policy", help="policy file tools").add_subparsers(dest="policy_command", required=True)
+    check = pol.add_parser("check", help="validate a policy file and summarise it")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_cmd_policy_check)
+    schema = pol.add_parser("schema", help="print the policy's JSON Schema")
+    schema.set_defaults(func=_cmd_policy_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "socket_dir", None) != DEFAULT_SOCKET_DIR and getattr(args, "socket", None):
+        print("graft run: --socket-dir goes with --tenant, not --socket", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Build and install graft: the Python packages and the libgraft.so shim.
+
+The source tree keeps one top-level directory per component (shim/, broker/,
+policy/, graft/ for the CLI); they install as one ``graft`` package namespace
+so nothing generic like ``policy`` lands at the top of site-packages.
+``build_py`` compiles libgraft.so with the shim's own Makefile and ships it,
+with the wire header the broker parses, inside ``graft.shim``.
+"""
+import os
+import subprocess
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildWithShim(build_py):
+    def run(self):
+        subprocess.run(["make", "-C", os.path.join(HERE, "shim"), "libgraft.so"], check=True)
+        super().run()
+
+
+setup(
+    name="graft",
+    version="0.1.0",
+    description="Graft container sockets onto the host network stack, under policy",
+    python_requires=">=3.11",
+    packages=["graft", "graft.broker", "graft.policy", "graft.shim"],
+    package_dir={
+        "graft": "graft",
+        "graft.broker": "broker",
+        "graft.policy": "policy",
+        "graft.shim": "shim",
+    },
+    package_data={
+        "graft.shim": ["libgraft.so", "graft_wire.h"],
+        "graft.policy": ["examples/*.toml"],
+    },
+    install_requires=[
+        "cffi>=1.16",
+        "trio>=0.25",
+        "pyroute2>=0.9",
+        "pydantic>=2.6",
+    ],
+    extras_require={"test": ["pytest", "pytest-trio", "hypothesis"]},
+    entry_points={
+        "console_scripts": [
+            "graft = graft.cli:main",
+            "graft-broker = graft.broker.main:main",
+        ]
+    },
+    cmdclass={"build_py": BuildWithShim},
+    zip_safe=False,
+)

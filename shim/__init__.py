@@ -1,0 +1,10 @@
+"""Locations of the shim's build products, for the CLI and the broker.
+
+libgraft.so itself is C (libgraft.c); this module only tells Python where the
+installed library and the wire header are.
+"""
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+LIB_PATH = _HERE / "libgraft.so"
+WIRE_HEADER = _HERE / "graft_wire.h"

@@ -1,0 +1,75 @@
+/*
+ * graft_wire.h: the one definition of the shim <-> broker wire format.
+ *
+ * libgraft.so includes this header; the broker parses the region between
+ * the WIRE-BEGIN and WIRE-END markers with cffi (broker/wire.py), so both
+ * sides read the same struct layout and constants and cannot drift apart.
+ * Keep that region free of preprocessor logic other than integer #defines:
+ * cffi's cdef parser accepts nothing else.
+ *
+ * Transport: an AF_UNIX SOCK_SEQPACKET connection to <socket_dir>/<tenant>.sock.
+ * Each request and each reply is exactly one message of exactly the size of
+ * its struct; the kernel keeps message boundaries, so a short, long or
+ * truncated message is detected without any framing code. A GRAFT reply
+ * carries the host socket as one SCM_RIGHTS fd. All integers are in host
+ * byte order (both ends run on the same machine); addresses are the raw
+ * struct sockaddr_in / sockaddr_in6 bytes the application passed.
+ */
+#ifndef GRAFT_WIRE_H
+#define GRAFT_WIRE_H
+
+#include <stdint.h>
+
+/* WIRE-BEGIN */
+#define GRAFT_WIRE_MAGIC   0x47524654
+#define GRAFT_WIRE_VERSION 1
+#define GRAFT_MAX_OPTS     16
+#define GRAFT_OPT_VAL_MAX  16
+#define GRAFT_ADDR_MAX     28
+
+/* Request ops. */
+#define GRAFT_OP_CONNECT 1
+#define GRAFT_OP_BIND    2
+
+/* Request flags. */
+#define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */
+
+/* Reply verdicts. */
+#define GRAFT_V_GRAFT     1   /* fd attached; error = errno of the broker's connect/bind (0 or EINPROGRESS) */
+#define GRAFT_V_CONTAINER 2   /* do the call natively on the placeholder, in the container's stack */
+#define GRAFT_V_DENY      3   /* fail the call with errno = error */
+#define GRAFT_V_ERROR     4   /* the request was refused as malformed or could not be served; errno = error */
+
+/* One socket option the application set before bind/connect. */
+struct graft_sockopt {
+    int32_t level;
+    int32_t name;
+    uint32_t len;
+    uint8_t val[GRAFT_OPT_VAL_MAX];
+};
+
+struct graft_request {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t op;
+    int32_t family;         /* AF_INET or AF_INET6 */
+    int32_t type;           /* SOCK_STREAM or SOCK_DGRAM, without SOCK_NONBLOCK/SOCK_CLOEXEC */
+    int32_t protocol;
+    uint32_t flags;         /* GRAFT_REQF_* */
+    uint32_t addr_len;
+    uint8_t addr[GRAFT_ADDR_MAX];
+    uint32_t n_opts;
+    struct graft_sockopt opts[GRAFT_MAX_OPTS];
+};
+
+struct graft_reply {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t verdict;       /* GRAFT_V_* */
+    int32_t error;
+    uint32_t addr_len;      /* GRAFT on bind: the address the broker bound on the host */
+    uint8_t addr[GRAFT_ADDR_MAX];
+};
+/* WIRE-END */
+
+#endif /* GRAFT_WIRE_H */

@@ -1,0 +1,239 @@
+"""Test harness: namespaces, a broker process, host-side servers, and runs.
+
+Everything here is created by a test and removed when it ends, pass or
+fail. Readiness is always a signal (sd_notify READY=1 from the broker, a
+socket that is already listening), never a sleep.
+"""
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GRAFT = str(BIN / "graft")
+GRAFT_BROKER = str(BIN / "graft-broker")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+STARTUP_TIMEOUT = 20.0
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip when a test cannot run here, but fail under CI=true."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{why} (CI=true: this must not be skipped)")
+    pytest.skip(why)
+
+
+def need_root_and_netns() -> None:
+    need(os.geteuid() == 0, "needs root for network namespaces")
+
+
+def need_program(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"needs {name} (make deps installs it)")
+    return path
+
+
+# ---- network namespaces ----------------------------------------------------
+
+
+@contextmanager
+def network_namespace(prefix: str = "graft-t"):
+    """A fresh network namespace with only `lo`, up; removed on exit."""
+    from pyroute2 import NetNS, netns
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            (lo,) = ns.link_lookup(ifname="lo")
+            ns.link("set", index=lo, state="up")
+        yield name
+    finally:
+        netns.remove(name)
+
+
+# ---- the broker --------------------------------------------------------------
+
+
+class BrokerProcess:
+    """graft-broker as a subprocess, started and judged ready via sd_notify."""
+
+    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t"):
+        self.dir = tmp
+        self.policy_path = tmp / "policy.toml"
+        self.policy_path.write_text(policy_text)
+        self.socket_dir = tmp / "sock"
+        self.audit_path = tmp / "audit.jsonl"
+        self.stderr_path = tmp / "broker.stderr"
+        self.tenant = tenant
+        self.proc: subprocess.Popen | None = None
+        self._notify: socket.socket | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / f"{self.tenant}.sock"
+
+    def start(self, *extra: str) -> "BrokerProcess":
+        notify_path = self.dir / "notify.sock"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._notify.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        self.proc = subprocess.Popen(
+            [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
+             "--audit-log", str(self.audit_path), "--log-level", "debug", *extra],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
+        )
+        self.expect_notify("READY=1")
+        return self
+
+    def expect_notify(self, state: str, timeout: float = STARTUP_TIMEOUT) -> None:
+        assert self._notify is not None and self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise AssertionError(f"broker did not send {state} (exit {self.proc.poll()}):\n{self.stderr()}")
+            self._notify.settimeout(left)
+            try:
+                msg = self._notify.recv(4096).decode()
+            except socket.timeout:
+                continue
+            if state in msg.split("\n"):
+                return
+
+    def reload(self, policy_text: str) -> None:
+        self.policy_path.write_text(policy_text)
+        self.proc.send_signal(signal.SIGHUP)
+        self.expect_notify("RELOADING=1")
+        self.expect_notify("READY=1")
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._notify is not None:
+            self._notify.close()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+
+# ---- host-side servers --------------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def http_server(directory: Path, host: str = "127.0.0.1", port: int = 0):
+    """An HTTP server on host:port (default: ephemeral) serving directory; yields its port.
+
+    It is listening before the port is returned, so no readiness wait.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
+    srv = Server((host, port), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for policies that name one)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---- running programs under graft ---------------------------------------------
+
+
+def graft_cmd(broker: BrokerProcess, ns: str | None, *cmd: str) -> list[str]:
+    args = [GRAFT, "run", "--socket", str(broker.socket_path)]
+    if ns:
+        args += ["--netns", ns]
+    return [*args, "--", *cmd]
+
+
+def run_grafted(broker: BrokerProcess, ns: str | None, *cmd: str, env: dict | None = None,
+                timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(graft_cmd(broker, ns, *cmd), env=env, capture_output=True, text=True,
+                          timeout=timeout, check=check, stdin=subprocess.DEVNULL)
+
+
+def run_in_netns(ns: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run cmd in ns without the shim (nsenter --net, which leaves /sys alone)."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", *cmd], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def errno_name(code: int) -> str:
+    return errno.errorcode.get(code, str(code))
+
+
+@contextmanager
+def echo_server(host: str = "127.0.0.1"):
+    """A TCP echo server on host:ephemeral, listening before it yields its port."""
+    import socketserver
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    class Server(socketserver.ThreadingTCPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        allow_reuse_address = True
+        daemon_threads = True
+        request_queue_size = 256
+
+    srv = Server((host, 0), Echo)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
