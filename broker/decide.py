@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 
 from graft.policy import Decision, TenantMatcher
+from graft.policy.models import format_loc
 
 from .wire import OP_BIND, Request, SockAddr
 
@@ -26,6 +27,11 @@ class Verdict:
     rule: str  # the deciding place in the policy file
     errno: int = 0  # for "deny"
     target: SockAddr | None = None  # for "graft": the host address to bind/connect
+
+
+def tenant_loc(tenant: str, key: str) -> str:
+    """The place of a tenant's key in the policy file, as audit records name rules."""
+    return format_loc(("tenants", tenant, key))
 
 
 def host_target(req: Request, decision: Decision) -> SockAddr:
@@ -48,10 +54,10 @@ def host_target(req: Request, decision: Decision) -> SockAddr:
     return SockAddr(req.family, ip, port)
 
 
-def judge(req: Request, matcher: TenantMatcher, uid: int, uids: frozenset[int] | None, tenant: str) -> Verdict:
+def judge(req: Request, matcher: TenantMatcher, uid: int) -> Verdict:
     op = req.op_name
-    if uids is not None and uid not in uids:
-        return Verdict("deny", f"tenants.{tenant}.uids", DENY_ERRNO[op])
+    if not matcher.uid_allowed(uid):
+        return Verdict("deny", tenant_loc(matcher.name, "uids"), DENY_ERRNO[op])
     decision = matcher.decide(op, req.proto, req.addr.ip, req.addr.port)
     if decision.action == "deny":
         return Verdict("deny", decision.rule, DENY_ERRNO[op])

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr, format="graft-broker: %(levelname)s %(message)s"
     )
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, check_env=True)
     except PolicyError as e:
         log.error("refusing to start: the policy does not validate\n%s", e)
         return 2
@@ -87,7 +87,7 @@ async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path) -
 
 async def _reload(broker: Broker, policy_path: Path) -> None:
     try:
-        policy = load_policy(policy_path)
+        policy = load_policy(policy_path, check_env=True)
     except PolicyError as e:
         log.error("reload refused; the old policy stays in force\n%s", e)
         return

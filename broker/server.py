@@ -37,7 +37,7 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .audit import AuditLog
-from .decide import Verdict, judge
+from .decide import Verdict, judge, tenant_loc
 from .netns import Namespace
 from .sockopts import apply_options, split_options
 
@@ -59,7 +59,6 @@ class TenantState:
     matcher: TenantMatcher
     namespace: Namespace
     path: Path
-    uids: frozenset[int] | None
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
@@ -68,7 +67,6 @@ class TenantState:
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
         self.config, self.matcher = config, matcher
-        self.uids = frozenset(config.uids) if config.uids is not None else None
         if self.namespace.netns != config.netns:
             self.namespace = Namespace(config.netns)
 
@@ -102,7 +100,7 @@ class Broker:
 
     async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
         assert self._nursery is not None
-        state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock", None)
+        state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock")
         state.configure(config, matcher)
         self.tenants[name] = state
         await self._nursery.start(self._serve_tenant, state)
@@ -186,7 +184,7 @@ class Broker:
             await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), None, tenant, peer)
             return False
 
-        verdict = judge(req, tenant.matcher, peer.uid, tenant.uids, tenant.name)
+        verdict = judge(req, tenant.matcher, peer.uid)
         host_sock, reply = None, None
         if verdict.action == "graft":
             host_sock, reply, verdict = await self._graft(tenant, req, verdict)
@@ -208,7 +206,7 @@ class Broker:
         """
         assert verdict.target is not None
         if not await self._has_room(tenant):
-            v = Verdict("deny", f"tenants.{tenant.name}.max_sockets", errno.ENOBUFS, verdict.target)
+            v = Verdict("deny", tenant_loc(tenant.name, "max_sockets"), errno.ENOBUFS, verdict.target)
             return None, wire.encode_reply(wire.V_DENY, v.errno), v
         try:
             sock = await tenant.namespace.socket(req.family, req.type, req.protocol)

@@ -56,7 +56,7 @@ def _cmd_shim_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from graft.policy import PolicyError, load_policy, summarize
+    from graft.policy import PolicyError, check_environment, load_policy, summarize
 
     try:
         policy = load_policy(args.file)
@@ -64,6 +64,10 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     print(summarize(policy, str(args.file)))
+    # The file may be checked on another machine than the one it is for, so
+    # what this machine lacks is a warning here; graft-broker refuses it.
+    for issue in check_environment(policy):
+        print(f"warning: {issue.loc}: {issue.msg} (on this machine; graft-broker would refuse it)", file=sys.stderr)
     return 0
 
 

@@ -38,38 +38,39 @@ def req(op, ip, port, family=None):
 
 
 def test_first_match_decides_and_denials_carry_the_briefs_errno():
-    v = judge(req(wire.OP_CONNECT, "10.1.1.1", 5432), MATCHER, 0, None, "w")
+    v = judge(req(wire.OP_CONNECT, "10.1.1.1", 5432), MATCHER, 0)
     assert (v.action, v.rule, v.errno) == ("deny", "tenants.w.connect[0]", errno.EPERM)
-    v = judge(req(wire.OP_BIND, "0.0.0.0", 82), MATCHER, 0, None, "w")
+    v = judge(req(wire.OP_BIND, "0.0.0.0", 82), MATCHER, 0)
     assert (v.action, v.errno) == ("deny", errno.EACCES)
 
 
 def test_graft_connect_targets_the_requested_address():
     r = req(wire.OP_CONNECT, "127.0.0.1", 5432)
-    v = judge(r, MATCHER, 0, None, "w")
+    v = judge(r, MATCHER, 0)
     assert (v.action, v.rule, v.target) == ("graft", "tenants.w.connect[1]", r.addr)
 
 
 def test_unmatched_goes_to_the_default():
-    v = judge(req(wire.OP_CONNECT, "192.0.2.1", 1), MATCHER, 0, None, "w")
+    v = judge(req(wire.OP_CONNECT, "192.0.2.1", 1), MATCHER, 0)
     assert (v.action, v.rule) == ("container", "tenants.w.default")
 
 
 def test_published_bind_keeps_the_apps_family():
-    v = judge(req(wire.OP_BIND, "0.0.0.0", 80), MATCHER, 0, None, "w")
+    v = judge(req(wire.OP_BIND, "0.0.0.0", 80), MATCHER, 0)
     assert str(v.target) == "127.0.0.1:8080"
-    v6 = judge(req(wire.OP_BIND, "::", 80), MATCHER, 0, None, "w")
+    v6 = judge(req(wire.OP_BIND, "::", 80), MATCHER, 0)
     assert (v6.target.family, str(v6.target)) == (socket.AF_INET6, "[::ffff:7f00:1]:8080")
 
 
 def test_host_without_port_keeps_the_apps_port_and_v6_host_refuses_a_v4_socket():
-    v = judge(req(wire.OP_BIND, "::", 81), MATCHER, 0, None, "w")
+    v = judge(req(wire.OP_BIND, "::", 81), MATCHER, 0)
     assert str(v.target) == "[::1]:81"
-    v4 = judge(req(wire.OP_BIND, "0.0.0.0", 81), MATCHER, 0, None, "w")
+    v4 = judge(req(wire.OP_BIND, "0.0.0.0", 81), MATCHER, 0)
     assert (v4.action, v4.errno) == ("deny", errno.EAFNOSUPPORT)
 
 
 def test_uid_allowlist_comes_first():
-    v = judge(req(wire.OP_CONNECT, "127.0.0.1", 1), MATCHER, 1000, frozenset({0}), "w")
-    assert (v.action, v.rule, v.errno) == ("deny", "tenants.w.uids", errno.EPERM)
-    assert judge(req(wire.OP_CONNECT, "127.0.0.1", 1), MATCHER, 0, frozenset({0}), "w").action == "graft"
+    matcher = compile_policy(parse_policy('version = 1\n[tenants."a.b"]\nuids = [0]\n'))["a.b"]
+    v = judge(req(wire.OP_CONNECT, "127.0.0.1", 1), matcher, 1000)
+    assert (v.action, v.rule, v.errno) == ("deny", 'tenants."a.b".uids', errno.EPERM)
+    assert judge(req(wire.OP_CONNECT, "127.0.0.1", 1), matcher, 0).action == "container"
