@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: confinement = \"required\" but this broker has no BPF confinement yet")
         return 2
     socket_dir = args.socket_dir or Path(policy.broker.socket_dir)
-    audit = AuditLog(args.audit_log or policy.broker.audit_log)
+    try:
+        audit = AuditLog(args.audit_log or policy.broker.audit_log)
+    except OSError as e:
+        log.error("refusing to start: cannot open the audit log: %s", e)
+        return 2
     log.info("confinement: off (policy asks %r; kernel confinement is not built yet)", confinement)
     try:
         trio.run(_serve, policy, socket_dir, audit, args.policy)

@@ -113,8 +113,9 @@ class Broker:
         listeners and connections and take the new rules at once.
         """
         matchers = compile_policy(policy)
-        if policy.broker.socket_dir != self.policy.broker.socket_dir:
-            log.warning("broker.socket_dir changed in the policy; it takes effect at the next restart")
+        for key in ("socket_dir", "audit_log", "confinement"):
+            if getattr(policy.broker, key) != getattr(self.policy.broker, key):
+                log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
         for name in list(self.tenants):
             if name not in policy.tenants:
                 self.tenants.pop(name).cancel_scope.cancel()
@@ -281,6 +282,7 @@ class Broker:
             action=verdict.action,
             rule=verdict.rule,
             errno=verdict.errno,
+            **({"reason": os.strerror(verdict.errno)} if verdict.action == "error" else {}),
         )
 
     def _audit_refusal(self, tenant: TenantState, peer: Peer, e: wire.WireError) -> None:

@@ -82,7 +82,7 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
             continue
-        if not _BARE_KEY.match(part):
+        if not _BARE_KEY.fullmatch(part):
             part = '"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
         out += "." + part if out else part
     return out
@@ -265,7 +265,7 @@ def _some_uid(value: list | None) -> list | None:
 
 
 def _tenant_name(value: str) -> str:
-    if not _TENANT_NAME.match(value):
+    if not _TENANT_NAME.fullmatch(value):
         raise _fail(
             "graft_tenant_name",
             f"invalid tenant name {show(value)}: it becomes the socket file <name>.sock, so it must be 1-64 "

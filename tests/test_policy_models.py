@@ -433,3 +433,10 @@ def test_json_schema():
     }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable
+
+
+def test_tenant_name_with_a_trailing_newline_is_refused():
+    """A socket file name must be exactly the validated name: `$` would admit "web\\n"."""
+    with pytest.raises(PolicyError) as e:
+        parse_policy('version = 1\n[tenants."web\\n"]\n')
+    assert any(i.loc.startswith("tenants.") for i in e.value.errors)
