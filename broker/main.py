@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="graft-broker: %(levelname)s %(message)s"
     )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
     try:
         policy = load_policy(args.policy, check_env=True)
     except PolicyError as e:

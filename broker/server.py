@@ -62,7 +62,8 @@ class TenantState:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
-    refreshed_at: float = float("-inf")
+    refreshing: trio.Event | None = None  # set when the running liveness dump ends
+    full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
 
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
@@ -239,20 +240,36 @@ class Broker:
         return sock, reply, verdict
 
     async def _has_room(self, tenant: TenantState) -> bool:
-        """Whether the tenant is below max_sockets, counting only sockets still alive."""
+        """Whether the tenant is below max_sockets, counting only sockets still alive.
+
+        The count only grows here; sockets the apps closed are pruned by a
+        sock_diag dump when the count reaches the limit. One dump runs at a
+        time per tenant and concurrent requests wait for its result; a dump
+        that finds the tenant still full is trusted for
+        LIVENESS_REFRESH_INTERVAL, so a tenant hammering at its limit cannot
+        make the broker dump on every request.
+        """
         if len(tenant.live) < tenant.config.max_sockets:
             return True
-        now = time.monotonic()
-        if now - tenant.refreshed_at < LIVENESS_REFRESH_INTERVAL:
+        if tenant.refreshing is not None:
+            await tenant.refreshing.wait()
+            return len(tenant.live) < tenant.config.max_sockets
+        if time.monotonic() < tenant.full_until:
             return False
-        tenant.refreshed_at = now
+        tenant.refreshing = trio.Event()
         try:
             alive = await tenant.namespace.live_inodes()
         except OSError as e:
             log.error("tenant %s: sock_diag dump failed: %s", tenant.name, e)
             return False
+        finally:
+            tenant.refreshing.set()
+            tenant.refreshing = None
         tenant.live &= alive
-        return len(tenant.live) < tenant.config.max_sockets
+        if len(tenant.live) < tenant.config.max_sockets:
+            return True
+        tenant.full_until = time.monotonic() + LIVENESS_REFRESH_INTERVAL
+        return False
 
     async def _send(self, conn, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
         anc = []

@@ -33,7 +33,6 @@ def start_broker(short_tmp):
 
     def start(policy_text: str, tenant: str = "t", *extra: str) -> BrokerProcess:
         b = BrokerProcess(short_tmp / f"b{len(started)}", policy_text, tenant)
-        b.dir.mkdir()
         started.append(b)
         return b.start(*extra)
 

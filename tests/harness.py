@@ -77,6 +77,7 @@ class BrokerProcess:
 
     def __init__(self, tmp: Path, policy_text: str, tenant: str = "t"):
         self.dir = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.policy_path = tmp / "policy.toml"
         self.policy_path.write_text(policy_text)
         self.socket_dir = tmp / "sock"

@@ -1,0 +1,36 @@
+/*
+ * broker_conn.h: the shim's connections to graft-broker, and one
+ * request/reply round trip over them.
+ *
+ * Connections are AF_UNIX SOCK_SEQPACKET sockets to $GRAFT_SOCKET, kept in a
+ * small lock-free pool so that many threads can graft at once. A pooled
+ * connection is only ever used by the process that opened it.
+ */
+#ifndef GRAFT_BROKER_CONN_H
+#define GRAFT_BROKER_CONN_H
+
+#include "graft_wire.h"
+
+/* Seconds a connect/send/receive to the broker may take. */
+#define BROKER_TIMEOUT_SEC 10
+
+/* Sets the broker's socket path and installs the fork handler. Call once. */
+void broker_init(const char *path);
+
+/* The socket path, for messages. */
+const char *broker_path(void);
+
+/*
+ * Sends req and receives a validated reply. Returns 0, with *hostfd the fd
+ * attached to a GRAFT reply (O_CLOEXEC; the caller owns it) or -1; or an
+ * errno value saying why the broker is unreachable (the reply is then
+ * unset and no fd is returned). A failed pooled connection is retried once
+ * on a fresh one. Its send and receive are cancellation points: a caller
+ * holding state that a cancellation would leak must disable cancellation.
+ */
+int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd);
+
+/* Human-readable reason for a broker_roundtrip error. */
+const char *broker_strerror(int err);
+
+#endif /* GRAFT_BROKER_CONN_H */

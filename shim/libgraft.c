@@ -1,0 +1,845 @@
+/*
+ * libgraft.c: the interposers of libgraft.so and the graft logic.
+ *
+ * The library is preloaded into unmodified programs in a container.
+ * socket() registers each TCP/UDP socket as a placeholder (fdtable.c). The
+ * first connect(), bind() or listen() on a placeholder asks graft-broker
+ * (broker_conn.c), which answers with a host socket (the shim puts it on the
+ * application's fd number with dup3), with "run it in the container", or
+ * with a denial. From then on the fd is an ordinary socket: the data path
+ * never enters the shim.
+ *
+ * Towards the caller each interposer behaves like the libc function: on
+ * success errno is what it was on entry, on failure it is exactly the errno
+ * the design documents for that case, and whenever the shim does not graft,
+ * the real function runs with the caller's own arguments so that the kernel
+ * produces the native result.
+ */
+
+/*
+ * Deliberately not _GNU_SOURCE: with it glibc declares the sockaddr
+ * parameters of connect() and bind() as transparent unions, and the
+ * definitions below implement the plain POSIX prototypes.
+ */
+#define _DEFAULT_SOURCE
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/close_range.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "broker_conn.h"
+#include "fdtable.h"
+#include "graft_wire.h"
+#include "log.h"
+#include "real.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+#define DEFAULT_SOCKET "/run/graft/graft.sock"
+
+/* Internal return value: "run the real function on the placeholder". */
+#define GO_NATIVE INT_MIN
+
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71 /* Linux 5.14 */
+#endif
+
+/* An application's IPv4 or IPv6 address, copied once out of its memory. */
+union inet_sockaddr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
+
+_Static_assert(sizeof(union inet_sockaddr) <= GRAFT_ADDR_MAX,
+               "sockaddr_in and sockaddr_in6 must fit the wire's address field");
+_Static_assert(sizeof(struct timeval) <= GRAFT_OPT_VAL_MAX,
+               "SO_RCVTIMEO/SO_SNDTIMEO values must be recordable options");
+_Static_assert(sizeof(struct linger) <= GRAFT_OPT_VAL_MAX, "SO_LINGER must be a recordable option");
+
+/* ---- configuration, read once ---- */
+
+static bool fallback_container; /* GRAFT_FALLBACK=container */
+static _Atomic pid_t fallback_warned;
+static _Atomic pid_t unreachable_warned;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+static void read_fallback(void)
+{
+    const char *v = getenv("GRAFT_FALLBACK");
+    if (v == NULL || *v == '\0' || strcmp(v, "fail") == 0)
+        return;
+    if (strcmp(v, "container") == 0) {
+        fallback_container = true;
+        return;
+    }
+    log_once(&fallback_warned,
+             "unrecognised GRAFT_FALLBACK=\"%s\" (expected \"fail\" or \"container\"); using fail", v);
+}
+
+static void init(void)
+{
+    graft_real_init();
+    const char *debug = getenv("GRAFT_DEBUG");
+    log_init(debug != NULL && strcmp(debug, "1") == 0);
+    const char *path = getenv("GRAFT_SOCKET");
+    broker_init(path != NULL && *path != '\0' ? path : DEFAULT_SOCKET);
+    read_fallback();
+    fdt_init();
+}
+
+/*
+ * The constructor runs init before main() and, normally, before any thread
+ * exists; every interposer calls graft_init too, for calls made by other
+ * libraries' constructors that run before ours. init itself must not call
+ * an interposed function (pthread_once would deadlock on itself).
+ */
+static void graft_init(void)
+{
+    pthread_once(&init_once, init);
+}
+
+__attribute__((constructor)) static void graft_ctor(void)
+{
+    graft_init();
+}
+
+/* ---- small helpers ---- */
+
+static int fail(int err)
+{
+    errno = err;
+    return -1;
+}
+
+static int succeed(int saved_errno)
+{
+    errno = saved_errno;
+    return 0;
+}
+
+/*
+ * The sockets the policy can speak about: TCP and UDP. Other protocols on
+ * the same socket types (ping sockets are SOCK_DGRAM/IPPROTO_ICMP; SCTP,
+ * MPTCP) are never tracked and stay in the container's stack.
+ */
+static bool graftable(int domain, int type, int protocol)
+{
+    if (domain != AF_INET && domain != AF_INET6)
+        return false;
+    if (type == SOCK_STREAM)
+        return protocol == 0 || protocol == IPPROTO_TCP;
+    if (type == SOCK_DGRAM)
+        return protocol == 0 || protocol == IPPROTO_UDP;
+    return false;
+}
+
+static socklen_t inet_addr_size(int family)
+{
+    if (family == AF_INET)
+        return sizeof(struct sockaddr_in);
+    if (family == AF_INET6)
+        return sizeof(struct sockaddr_in6);
+    return 0;
+}
+
+/*
+ * Copies an address the broker can judge: AF_INET/AF_INET6 with at least
+ * the full struct. The copy also keeps another thread of the app from
+ * changing the address between our decision and the request. (Like most
+ * interposers we read the app's memory directly: a bad pointer faults here
+ * instead of giving EFAULT.)
+ */
+static bool copy_inet_addr(const struct sockaddr *addr, socklen_t len, union inet_sockaddr *out)
+{
+    if (addr == NULL || len < sizeof addr->sa_family)
+        return false;
+    socklen_t size = inet_addr_size(addr->sa_family);
+    if (size == 0 || len < size)
+        return false;
+    memset(out, 0, sizeof *out);
+    memcpy(out, addr, size);
+    return true;
+}
+
+static in_port_t port_of(const union inet_sockaddr *a)
+{
+    return a->sa.sa_family == AF_INET ? a->in.sin_port : a->in6.sin6_port;
+}
+
+static const char *proto_name(const struct fdt_sock *s)
+{
+    return s->type == SOCK_STREAM ? "tcp" : "udp";
+}
+
+/* Disables cancellation, returning the old state for cancel_restore. */
+static int cancel_off(void)
+{
+    int old;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
+    return old;
+}
+
+static void cancel_restore(int old)
+{
+    pthread_setcancelstate(old, NULL);
+}
+
+/* ---- adopting sockets the shim did not see created ---- */
+
+static bool sockopt_int(int fd, int name, int *out)
+{
+    socklen_t len = sizeof *out;
+    return getsockopt(fd, SOL_SOCKET, name, out, &len) == 0 && len == sizeof *out;
+}
+
+static bool netns_cookie(int fd, uint64_t *cookie)
+{
+    socklen_t len = sizeof *cookie;
+    return getsockopt(fd, SOL_SOCKET, SO_NETNS_COOKIE, cookie, &len) == 0 && len == sizeof *cookie;
+}
+
+/* The calling thread's network namespace is where a new socket lives. */
+static bool own_netns_cookie(uint64_t *cookie)
+{
+    int probe = graft_real.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (probe < 0)
+        return false;
+    bool ok = netns_cookie(probe, cookie);
+    graft_real.close(probe);
+    return ok;
+}
+
+/* Before Linux 5.14. SIOCGSKNS needs CAP_NET_ADMIN over the socket's netns. */
+static bool same_netns_by_inode(int fd)
+{
+    int ns = ioctl(fd, SIOCGSKNS); /* the kernel opens it O_CLOEXEC */
+    if (ns < 0)
+        return false;
+    struct stat theirs, ours;
+    bool same = fstat(ns, &theirs) == 0 && stat("/proc/thread-self/ns/net", &ours) == 0 &&
+                theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino;
+    graft_real.close(ns);
+    return same;
+}
+
+/*
+ * Compares netns cookies where the kernel has them: unlike SIOCGSKNS, that
+ * needs no privilege, and most applications in a container run without
+ * CAP_NET_ADMIN.
+ */
+static bool in_own_netns(int fd)
+{
+    uint64_t theirs, ours;
+    if (netns_cookie(fd, &theirs) && own_netns_cookie(&ours))
+        return theirs == ours;
+    return same_netns_by_inode(fd);
+}
+
+/* An adopted socket may have been bound natively (a deferred bind before exec). */
+static void remember_native_bind(int fd, struct fdt_sock *sock)
+{
+    union inet_sockaddr local;
+    socklen_t len = sizeof local;
+    if (getsockname(fd, &local.sa, &len) != 0 || local.sa.sa_family != sock->family ||
+        port_of(&local) == 0)
+        return;
+    sock->bound = true;
+    sock->bound_len = inet_addr_size(sock->family);
+    memcpy(sock->bound_addr, &local, sock->bound_len);
+}
+
+/*
+ * A socket created where the shim could not see it (before an exec, or by a
+ * raw system call) is adopted as a placeholder, without recorded options,
+ * if it is what socket() would have tracked and still undecided: an
+ * unconnected, non-listening TCP/UDP socket in the caller's own network
+ * namespace. A grafted host socket lives in another namespace and so always
+ * passes through. Returns the adopted entry claimed.
+ */
+static bool adopt_socket(int fd, ino_t ino, struct fdt_sock *sock)
+{
+    int domain, type, protocol, listening;
+    if (!sockopt_int(fd, SO_DOMAIN, &domain) || !sockopt_int(fd, SO_TYPE, &type) ||
+        !sockopt_int(fd, SO_PROTOCOL, &protocol) || !sockopt_int(fd, SO_ACCEPTCONN, &listening))
+        return false;
+    if (!graftable(domain, type, protocol) || listening)
+        return false;
+
+    union inet_sockaddr peer;
+    socklen_t len = sizeof peer;
+    if (getpeername(fd, &peer.sa, &len) == 0 || errno != ENOTCONN)
+        return false;
+    if (!in_own_netns(fd))
+        return false;
+
+    memset(sock, 0, sizeof *sock);
+    sock->family = domain;
+    sock->type = type;
+    sock->protocol = protocol;
+    remember_native_bind(fd, sock);
+    if (!fdt_adopt(fd, ino, sock))
+        return false;
+    log_debug("adopted fd %d: unconnected %s socket of this network namespace", fd,
+              proto_name(sock));
+    return true;
+}
+
+/*
+ * Claims fd for a decision if it is a placeholder (or, with may_adopt, can
+ * become one). The inode lets the table spot an entry left behind by an fd
+ * that was closed where the shim could not see it.
+ */
+static bool claim_socket(int fd, bool may_adopt, struct fdt_sock *sock)
+{
+    struct stat st;
+    if (!fdt_in_range(fd) || fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return false;
+    switch (fdt_claim(fd, st.st_ino, sock)) {
+    case FDT_CLAIMED:
+        return true;
+    case FDT_UNTRACKED:
+        return may_adopt && adopt_socket(fd, st.st_ino, sock);
+    default:
+        return false;
+    }
+}
+
+/* ---- asking the broker ---- */
+
+/* The app's view of its fd, which the host socket must take over. */
+struct app_fd {
+    bool cloexec;
+    bool nonblock;
+    int timeout_ms; /* SO_SNDTIMEO: what bounds a blocking connect; -1 for none */
+};
+
+enum outcome_kind {
+    OUT_NATIVE,  /* run the real call on the placeholder */
+    OUT_FAILED,  /* fail the call with errno = error */
+    OUT_GRAFTED, /* the host socket is on the app's fd */
+};
+
+struct outcome {
+    enum outcome_kind kind;
+    int error;         /* FAILED: errno for the call; GRAFTED: errno of the broker's connect/bind */
+    struct app_fd app; /* GRAFTED */
+};
+
+/* One decision about a claimed placeholder. */
+struct attempt {
+    const char *call; /* "connect", "bind" or "listen", for messages */
+    uint16_t op;      /* GRAFT_OP_* */
+    int fd;
+    int unreachable_errno; /* the error under GRAFT_FALLBACK=fail */
+    const struct fdt_sock *sock;
+    const union inet_sockaddr *addr; /* what to connect or bind to */
+};
+
+static void build_request(struct graft_request *req, const struct attempt *a)
+{
+    memset(req, 0, sizeof *req); /* no stack garbage goes to the broker */
+    req->magic = GRAFT_WIRE_MAGIC;
+    req->version = GRAFT_WIRE_VERSION;
+    req->op = a->op;
+    req->family = a->sock->family;
+    req->type = a->sock->type;
+    req->protocol = a->sock->protocol;
+    req->flags = 0;
+    req->addr_len = inet_addr_size(a->addr->sa.sa_family);
+    memcpy(req->addr, a->addr, req->addr_len);
+    req->n_opts = a->sock->n_opts;
+    memcpy(req->opts, a->sock->opts, sizeof req->opts[0] * a->sock->n_opts);
+}
+
+/* GRAFT_DEBUG: "connect tcp 127.0.0.1:8080 -> graft" plus an optional "(detail)". */
+static void debug_verdict(const struct attempt *a, const char *verdict, const char *detail)
+{
+    if (!log_debug_on())
+        return;
+    char addr[LOG_ADDRSTR_MAX];
+    log_format_addr(addr, sizeof addr, &a->addr->sa);
+    log_debug("%s %s %s -> %s%s%s%s", a->call, proto_name(a->sock), addr, verdict,
+              detail != NULL ? " (" : "", detail != NULL ? detail : "", detail != NULL ? ")" : "");
+}
+
+static void debug_graft(const struct attempt *a, const struct graft_reply *rep)
+{
+    if (!log_debug_on())
+        return;
+    char detail[LOG_ADDRSTR_MAX + 8] = "";
+    union inet_sockaddr host;
+    memset(&host, 0, sizeof host);
+    memcpy(&host, rep->addr, rep->addr_len); /* addr_len <= GRAFT_ADDR_MAX: checked */
+    if (rep->error != 0 && rep->error != EINPROGRESS) {
+        snprintf(detail, sizeof detail, "%s", log_errstr(rep->error));
+    } else if (a->op == GRAFT_OP_BIND && inet_addr_size(host.sa.sa_family) != 0 &&
+               rep->addr_len >= inet_addr_size(host.sa.sa_family)) {
+        char addr[LOG_ADDRSTR_MAX];
+        log_format_addr(addr, sizeof addr, &host.sa);
+        snprintf(detail, sizeof detail, "host %s", addr);
+    }
+    debug_verdict(a, "graft", detail[0] != '\0' ? detail : NULL);
+}
+
+static void read_verdict(const struct attempt *a, const struct graft_reply *rep, struct outcome *o)
+{
+    switch (rep->verdict) {
+    case GRAFT_V_GRAFT:
+        o->kind = OUT_GRAFTED;
+        o->error = rep->error;
+        debug_graft(a, rep);
+        break;
+    case GRAFT_V_CONTAINER:
+        o->kind = OUT_NATIVE;
+        debug_verdict(a, "container", NULL);
+        break;
+    case GRAFT_V_DENY:
+        o->kind = OUT_FAILED;
+        o->error = rep->error;
+        debug_verdict(a, "deny", log_errstr(rep->error));
+        break;
+    default: /* GRAFT_V_ERROR; broker_roundtrip rejects unknown verdicts */
+        o->kind = OUT_FAILED;
+        o->error = rep->error;
+        debug_verdict(a, "error", log_errstr(rep->error));
+        break;
+    }
+}
+
+static void on_unreachable(const struct attempt *a, int reason, struct outcome *o)
+{
+    log_once(&unreachable_warned, "broker unreachable at %s (%s); connect/bind %s (GRAFT_FALLBACK=%s)",
+             broker_path(), broker_strerror(reason),
+             fallback_container ? "run in the container" : "fail",
+             fallback_container ? "container" : "fail");
+    debug_verdict(a, "broker unreachable", broker_strerror(reason));
+    o->kind = fallback_container ? OUT_NATIVE : OUT_FAILED;
+    o->error = a->unreachable_errno;
+}
+
+/* ---- putting the host socket on the app's fd ---- */
+
+static int timeval_ms(const struct timeval *tv)
+{
+    if (tv->tv_sec == 0 && tv->tv_usec == 0)
+        return -1;
+    if (tv->tv_sec >= INT_MAX / 1000 - 1)
+        return INT_MAX;
+    return (int)(tv->tv_sec * 1000 + (tv->tv_usec + 999) / 1000);
+}
+
+static int read_app_fd(int fd, struct app_fd *app)
+{
+    struct timeval sndtimeo;
+    socklen_t len = sizeof sndtimeo;
+    int fd_flags = fcntl(fd, F_GETFD);
+    int fl_flags = fcntl(fd, F_GETFL);
+    if (fd_flags < 0 || fl_flags < 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &sndtimeo, &len) < 0)
+        return errno;
+    app->cloexec = fd_flags & FD_CLOEXEC;
+    app->nonblock = fl_flags & O_NONBLOCK;
+    app->timeout_ms = timeval_ms(&sndtimeo);
+    return 0;
+}
+
+/*
+ * The broker hands out a non-blocking socket. File status flags belong to
+ * the open file description, which dup3 shares, so setting them on hostfd
+ * before the dup3 leaves no moment where the app's fd has the wrong mode.
+ */
+static int match_nonblock(int hostfd, bool nonblock)
+{
+    int flags = fcntl(hostfd, F_GETFL);
+    if (flags < 0)
+        return errno;
+    int want = nonblock ? flags | O_NONBLOCK : flags & ~O_NONBLOCK;
+    if (want != flags && fcntl(hostfd, F_SETFL, want) < 0)
+        return errno;
+    return 0;
+}
+
+struct dup_args {
+    int hostfd;
+    int fd;
+    int flags;
+};
+
+static int dup_onto_app_fd(void *arg)
+{
+    const struct dup_args *d = arg;
+    return graft_real.dup3(d->hostfd, d->fd, d->flags) < 0 ? errno : 0;
+}
+
+/* Replaces the placeholder on fd with hostfd (consumed). 0 or an errno. */
+static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *app)
+{
+    struct stat st;
+    int err = read_app_fd(fd, app);
+    if (err == 0)
+        err = match_nonblock(hostfd, app->nonblock);
+    if (err == 0 && fstat(hostfd, &st) < 0)
+        err = errno;
+    if (err == 0) {
+        struct dup_args d = {hostfd, fd, app->cloexec ? O_CLOEXEC : 0};
+        err = fdt_commit(fd, gen, st.st_ino, dup_onto_app_fd, &d);
+    } else {
+        fdt_release(fd, gen, FDT_PLACEHOLDER);
+    }
+    graft_real.close(hostfd);
+    return err;
+}
+
+/* Applies an outcome to the claimed entry, ending the claim. */
+static void settle(const struct attempt *a, struct outcome *o, int hostfd)
+{
+    switch (o->kind) {
+    case OUT_NATIVE:
+        fdt_release(a->fd, a->sock->gen, FDT_NATIVE);
+        break;
+    case OUT_FAILED: /* still undecided: the app may try again */
+        fdt_release(a->fd, a->sock->gen, FDT_PLACEHOLDER);
+        break;
+    case OUT_GRAFTED: {
+        int err = install_host_socket(a->fd, a->sock->gen, hostfd, &o->app);
+        if (err != 0) {
+            o->kind = OUT_FAILED;
+            o->error = err;
+        }
+        break;
+    }
+    }
+}
+
+/*
+ * Asks the broker about a claimed placeholder and settles the claim. No
+ * lock is held meanwhile: other threads' calls on other fds proceed, and a
+ * call on this fd sees it BUSY and passes through to the kernel.
+ */
+static void decide(const struct attempt *a, struct outcome *o)
+{
+    struct graft_request req;
+    struct graft_reply rep;
+    int hostfd;
+
+    build_request(&req, a);
+    int reason = broker_roundtrip(&req, &rep, &hostfd);
+    if (reason != 0)
+        on_unreachable(a, reason, o);
+    else
+        read_verdict(a, &rep, o);
+    settle(a, o, hostfd);
+}
+
+/* ---- socket() and setsockopt() ---- */
+
+EXPORT int socket(int domain, int type, int protocol)
+{
+    graft_init();
+    int saved = errno;
+    int fd = graft_real.socket(domain, type, protocol);
+    int base_type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0 || !graftable(domain, base_type, protocol))
+        return fd;
+
+    struct stat st;
+    if (fstat(fd, &st) == 0) {
+        struct fdt_sock desc;
+        memset(&desc, 0, sizeof desc);
+        desc.family = domain;
+        desc.type = base_type;
+        desc.protocol = protocol;
+        fdt_track(fd, st.st_ino, &desc);
+    }
+    errno = saved;
+    return fd;
+}
+
+/*
+ * The real call runs first, so the kernel validates the option and the
+ * placeholder carries it; only what the kernel accepted is recorded, to be
+ * replayed by the broker on a host socket as its allowlist admits.
+ */
+EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    graft_init();
+    int rc = graft_real.setsockopt(fd, level, name, val, len);
+    if (rc != 0)
+        return rc;
+    int saved = errno;
+    switch (fdt_record_opt(fd, level, name, val, len)) {
+    case FDT_OPT_TOO_LONG:
+        log_debug("setsockopt fd %d level %d name %d: %u-byte value not recorded (limit %d)", fd,
+                  level, name, (unsigned)len, GRAFT_OPT_VAL_MAX);
+        break;
+    case FDT_OPT_TOO_MANY:
+        log_debug("setsockopt fd %d level %d name %d: not recorded (%d options already)", fd, level,
+                  name, GRAFT_MAX_OPTS);
+        break;
+    default:
+        break;
+    }
+    errno = saved;
+    return rc;
+}
+
+/* ---- connect() ---- */
+
+static void graft_connect(int fd, const union inet_sockaddr *target, struct outcome *o)
+{
+    struct fdt_sock sock;
+    o->kind = OUT_NATIVE;
+    if (!claim_socket(fd, true, &sock))
+        return;
+    if (sock.family != target->sa.sa_family) { /* the kernel has the native errno */
+        fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+        return;
+    }
+    struct attempt a = {"connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target};
+    decide(&a, o);
+}
+
+/*
+ * The broker's connect was non-blocking; a blocking app socket waits here,
+ * as connect(2) would, bounded by SO_SNDTIMEO. A signal interrupts the wait
+ * with EINTR and a timeout gives EINPROGRESS, as for a native connect; the
+ * connection attempt continues in the background either way.
+ */
+static int wait_connected(int fd, int timeout_ms, int saved)
+{
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    int n = poll(&p, 1, timeout_ms);
+    if (n < 0)
+        return -1;
+    if (n == 0)
+        return fail(EINPROGRESS);
+
+    int err;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return -1;
+    return err != 0 ? fail(err) : succeed(saved);
+}
+
+static int connect_result(int fd, const struct outcome *o, int saved)
+{
+    if (o->kind == OUT_FAILED)
+        return fail(o->error);
+    if (o->error == 0)
+        return succeed(saved);
+    if (o->error != EINPROGRESS || o->app.nonblock)
+        return fail(o->error);
+    return wait_connected(fd, o->app.timeout_ms, saved);
+}
+
+EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    graft_init();
+    int saved = errno;
+    union inet_sockaddr target;
+    if (copy_inet_addr(addr, len, &target)) {
+        struct outcome o;
+        /* A cancellation mid-decision would leak the claim, a broker
+         * connection or the received fd; the wait after it stays a
+         * cancellation point, as in connect(2). */
+        int cancel = cancel_off();
+        graft_connect(fd, &target, &o);
+        cancel_restore(cancel);
+        if (o.kind != OUT_NATIVE)
+            return connect_result(fd, &o, saved);
+    }
+    errno = saved;
+    return graft_real.connect(fd, addr, len);
+}
+
+/* ---- bind() and listen() ---- */
+
+static int bind_result(const struct outcome *o, int saved)
+{
+    switch (o->kind) {
+    case OUT_NATIVE:
+        return GO_NATIVE;
+    case OUT_FAILED:
+        return fail(o->error);
+    default:
+        return o->error != 0 ? fail(o->error) : succeed(saved);
+    }
+}
+
+/*
+ * bind() to port 0 only reserves a local port for a later connect or
+ * listen, so it runs natively on the placeholder (errors and getsockname()
+ * are native) and the broker is asked when the socket's use is known: a
+ * connect is judged by the connect rules, a listen asks for the bind.
+ */
+static int bind_ephemeral(int fd, const struct fdt_sock *sock, const union inet_sockaddr *local,
+                          const struct sockaddr *addr, socklen_t len, int saved)
+{
+    errno = saved;
+    int rc = graft_real.bind(fd, addr, len);
+    int err = errno;
+    if (rc == 0)
+        fdt_release_bound(fd, sock->gen, local, inet_addr_size(local->sa.sa_family));
+    else
+        fdt_release(fd, sock->gen, FDT_PLACEHOLDER);
+    if (rc == 0 && log_debug_on()) {
+        struct attempt a = {"bind", GRAFT_OP_BIND, fd, 0, sock, local};
+        debug_verdict(&a, "deferred", "port 0 bound in the container; the broker decides at connect or listen");
+    }
+    errno = err;
+    return rc;
+}
+
+static int graft_bind(int fd, const union inet_sockaddr *local, const struct sockaddr *addr,
+                      socklen_t len, int saved)
+{
+    struct fdt_sock sock;
+    if (!claim_socket(fd, true, &sock))
+        return GO_NATIVE;
+    /* A mismatched family, or a second bind (EINVAL), is the kernel's to answer. */
+    if (sock.family != local->sa.sa_family || sock.bound) {
+        fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+        return GO_NATIVE;
+    }
+    if (port_of(local) == 0)
+        return bind_ephemeral(fd, &sock, local, addr, len, saved);
+
+    struct attempt a = {"bind", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, local};
+    struct outcome o;
+    decide(&a, &o);
+    return bind_result(&o, saved);
+}
+
+EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    graft_init();
+    int saved = errno;
+    union inet_sockaddr local;
+    if (copy_inet_addr(addr, len, &local)) {
+        int cancel = cancel_off();
+        int rc = graft_bind(fd, &local, addr, len, saved);
+        cancel_restore(cancel);
+        if (rc != GO_NATIVE)
+            return rc;
+    }
+    errno = saved;
+    return graft_real.bind(fd, addr, len);
+}
+
+/*
+ * What a listen on a placeholder asks the broker to bind: the address of
+ * its deferred bind, else the wildcard address with port 0, because
+ * listen() on an unbound socket binds it that way.
+ */
+static void listen_address(const struct fdt_sock *sock, union inet_sockaddr *out)
+{
+    memset(out, 0, sizeof *out); /* INADDR_ANY and in6addr_any are all zeros */
+    if (sock->bound)
+        memcpy(out, sock->bound_addr, sock->bound_len);
+    else
+        out->sa.sa_family = (sa_family_t)sock->family;
+}
+
+static int graft_listen(int fd, int backlog, int saved)
+{
+    struct fdt_sock sock;
+    if (!claim_socket(fd, false, &sock))
+        return GO_NATIVE;
+    if (sock.type != SOCK_STREAM) { /* EOPNOTSUPP, from the kernel */
+        fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+        return GO_NATIVE;
+    }
+    union inet_sockaddr local;
+    listen_address(&sock, &local);
+    struct attempt a = {"listen", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, &local};
+    struct outcome o;
+    decide(&a, &o);
+    int rc = bind_result(&o, saved);
+    if (rc != 0 || o.kind != OUT_GRAFTED)
+        return rc;
+    return graft_real.listen(fd, backlog);
+}
+
+EXPORT int listen(int fd, int backlog)
+{
+    graft_init();
+    int saved = errno;
+    int cancel = cancel_off();
+    int rc = graft_listen(fd, backlog, saved);
+    cancel_restore(cancel);
+    if (rc != GO_NATIVE)
+        return rc;
+    errno = saved;
+    return graft_real.listen(fd, backlog);
+}
+
+/* ---- the close family: async-signal-safe, see fdtable.h ---- */
+
+/* Forget first: once closed, another thread's socket() may reuse the number. */
+EXPORT int close(int fd)
+{
+    graft_init();
+    int saved = errno;
+    fdt_drop(fd);
+    errno = saved;
+    return graft_real.close(fd);
+}
+
+/* Forget after: newfd is occupied throughout, so no other socket can take it. */
+EXPORT int dup2(int oldfd, int newfd)
+{
+    graft_init();
+    int rc = graft_real.dup2(oldfd, newfd);
+    if (rc >= 0 && oldfd != newfd) {
+        int saved = errno;
+        fdt_drop(newfd);
+        errno = saved;
+    }
+    return rc;
+}
+
+EXPORT int dup3(int oldfd, int newfd, int flags)
+{
+    graft_init();
+    int rc = graft_real.dup3(oldfd, newfd, flags);
+    if (rc >= 0) {
+        int saved = errno;
+        fdt_drop(newfd);
+        errno = saved;
+    }
+    return rc;
+}
+
+/*
+ * Entries are forgotten before the real call, as for close(), when the call
+ * will close the range: valid flags without CLOSE_RANGE_CLOEXEC. It can
+ * then only fail on ENOMEM/EMFILE (CLOSE_RANGE_UNSHARE) or ENOSYS; the
+ * sockets it leaves open are merely untracked, and are adopted again at
+ * their next connect or bind.
+ */
+EXPORT int close_range(unsigned int first, unsigned int last, int flags)
+{
+    graft_init();
+    int saved = errno;
+    if (first <= last && ((unsigned int)flags & ~CLOSE_RANGE_UNSHARE) == 0)
+        fdt_drop_range(first, last);
+    errno = saved;
+    return graft_real.close_range(first, last, flags);
+}
