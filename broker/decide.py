@@ -19,14 +19,17 @@ from graft.policy.models import format_loc
 from .wire import OP_BIND, Request, SockAddr
 
 DENY_ERRNO = {"connect": errno.EPERM, "bind": errno.EACCES}
+# When the tenant's namespace is gone: what the shim answers when the broker is.
+UNREACHABLE_ERRNO = {"connect": errno.ENETUNREACH, "bind": errno.EADDRNOTAVAIL}
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    action: str  # "graft" | "container" | "deny"
+    action: str  # "graft" | "container" | "deny" | "error"
     rule: str  # the deciding place in the policy file
-    errno: int = 0  # for "deny"
+    errno: int = 0  # for "deny" and "error"
     target: SockAddr | None = None  # for "graft": the host address to bind/connect
+    reason: str | None = None  # for "error": what went wrong, for the audit log
 
 
 def tenant_loc(tenant: str, key: str) -> str:

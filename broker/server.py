@@ -37,8 +37,8 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .audit import AuditLog
-from .decide import Verdict, judge, tenant_loc
-from .netns import Namespace
+from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
+from .netns import Namespace, NetnsError
 from .sockopts import apply_options, split_options
 
 log = logging.getLogger("graft.broker")
@@ -212,8 +212,12 @@ class Broker:
             return None, wire.encode_reply(wire.V_DENY, v.errno), v
         try:
             sock = await tenant.namespace.socket(req.family, req.type, req.protocol)
+        except NetnsError as e:
+            v = Verdict("error", verdict.rule, UNREACHABLE_ERRNO[req.op_name], verdict.target, e.strerror)
+            log.error("tenant %s: %s", tenant.name, e.strerror)
+            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
         except OSError as e:
-            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target)
+            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, f"socket(): {e.strerror}")
             log.error("tenant %s: cannot open a socket: %s", tenant.name, e)
             return None, wire.encode_reply(wire.V_ERROR, v.errno), v
         try:
@@ -232,7 +236,7 @@ class Broker:
                 reply = wire.encode_reply(wire.V_GRAFT, 0, verdict.target)
         except OSError as e:
             sock.close()
-            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target)
+            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, e.strerror)
             return None, wire.encode_reply(wire.V_ERROR, v.errno), v
         tenant.live.add(os.fstat(sock.fileno()).st_ino)
         if err not in (0, errno.EINPROGRESS):
@@ -299,7 +303,7 @@ class Broker:
             action=verdict.action,
             rule=verdict.rule,
             errno=verdict.errno,
-            **({"reason": os.strerror(verdict.errno)} if verdict.action == "error" else {}),
+            **({"reason": verdict.reason} if verdict.reason else {}),
         )
 
     def _audit_refusal(self, tenant: TenantState, peer: Peer, e: wire.WireError) -> None:

@@ -56,17 +56,25 @@ def need_program(name: str) -> str:
 @contextmanager
 def network_namespace(prefix: str = "graft-t"):
     """A fresh network namespace with only `lo`, up; removed on exit."""
-    from pyroute2 import NetNS, netns
+    from pyroute2 import netns
 
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    netns.create(name)
+    create_namespace(name)
     try:
-        with NetNS(name) as ns:
-            (lo,) = ns.link_lookup(ifname="lo")
-            ns.link("set", index=lo, state="up")
         yield name
     finally:
-        netns.remove(name)
+        if os.path.exists(f"/run/netns/{name}"):  # a test may have removed it itself
+            netns.remove(name)
+
+
+def create_namespace(name: str) -> None:
+    """Create /run/netns/NAME with its `lo` up."""
+    from pyroute2 import NetNS, netns
+
+    netns.create(name)
+    with NetNS(name) as ns:
+        (lo,) = ns.link_lookup(ifname="lo")
+        ns.link("set", index=lo, state="up")
 
 
 # ---- the broker --------------------------------------------------------------
