@@ -177,7 +177,13 @@ def http_server(directory: Path, host: str = "127.0.0.1", port: int = 0):
         daemon_threads = True
 
     handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
-    srv = Server((host, port), handler)
+    with serving(Server((host, port), handler)) as port:
+        yield port
+
+
+@contextmanager
+def serving(srv):
+    """Run a socketserver (already bound and listening) in a thread; yield its port."""
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
@@ -237,12 +243,5 @@ def echo_server(host: str = "127.0.0.1"):
         daemon_threads = True
         request_queue_size = 256
 
-    srv = Server((host, 0), Echo)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join()
+    with serving(Server((host, 0), Echo)) as port:
+        yield port
