@@ -9,7 +9,7 @@ APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nfta
 # The commands those packages provide; apt runs only if one is missing.
 APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make
 
-.PHONY: all build deps venv demo test clean
+.PHONY: all build deps venv demo test clean install-service
 
 all: build
 
@@ -39,3 +39,12 @@ test: deps build
 clean:
 	$(MAKE) -C shim clean
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Render and install the systemd unit (docs/systemd.md). Run as root.
+UNIT_DIR ?= /etc/systemd/system
+POLICY   ?= /etc/graft/policy.toml
+install-service: build
+	sed -e 's|@GRAFT_BROKER@|$(CURDIR)/$(VENV)/bin/graft-broker|' -e 's|@POLICY@|$(POLICY)|' \
+		packaging/graft-broker.service.in > $(UNIT_DIR)/graft-broker.service
+	systemctl daemon-reload 2>/dev/null || true
+	@echo "installed $(UNIT_DIR)/graft-broker.service; next: systemctl enable --now graft-broker"
