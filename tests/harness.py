@@ -245,3 +245,65 @@ def echo_server(host: str = "127.0.0.1"):
 
     with serving(Server((host, 0), Echo)) as port:
         yield port
+
+
+# ---- speaking the wire format directly (no shim) --------------------------------
+
+REPLY_ANC_SPACE = socket.CMSG_SPACE(4 * 4)
+
+
+def reply_from_msg(data: bytes, ancdata) -> tuple:
+    """(Reply, socket or None) from one received message; (None, None) at EOF."""
+    import array
+
+    from graft.broker import wire
+
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    assert len(fds) <= 1, f"a reply carried {len(fds)} fds"
+    sock = socket.socket(fileno=fds[0]) if fds else None
+    if not data:
+        assert sock is None
+        return None, None
+    return wire.decode_reply(data), sock
+
+
+class WireClient:
+    """A blocking connection to a tenant socket, speaking graft_wire.h like the shim."""
+
+    def __init__(self, path: Path, timeout: float = 10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+
+    def send(self, raw: bytes, fds=()) -> None:
+        import array
+
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([raw], anc)
+
+    def reply(self) -> tuple:
+        from graft.broker import wire
+
+        data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, REPLY_ANC_SPACE)
+        return reply_from_msg(data, anc)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def eventually(condition, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll condition until it holds or timeout passes; return whether it held.
+
+    For state another process reaches asynchronously with no signal to wait
+    on (a broker closing a connection after its client hung up). The test
+    asserts the result, so a condition that never holds fails.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -21,7 +21,7 @@ from graft.broker import server, wire
 from graft.broker.audit import AuditLog
 from graft.broker.server import Broker
 from graft.policy import parse_policy
-from harness import free_port
+from harness import REPLY_ANC_SPACE, free_port, reply_from_msg
 
 POLICY = """
 version = 1
@@ -67,15 +67,8 @@ class Client:
 
     async def reply(self) -> tuple[wire.Reply | None, socket.socket | None]:
         """The next reply and its fd; (None, None) once the broker closed."""
-        data, anc, _, _ = await self.sock.recvmsg(wire.REPLY_SIZE + 1, socket.CMSG_SPACE(4 * 4))
-        fds = array.array("i")
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload)
-        assert len(fds) <= 1
-        if not data:
-            return None, None
-        return wire.decode_reply(data), (socket.socket(fileno=fds[0]) if fds else None)
+        data, anc, _, _ = await self.sock.recvmsg(wire.REPLY_SIZE + 1, REPLY_ANC_SPACE)
+        return reply_from_msg(data, anc)
 
     async def ask(self, op: int, a: wire.SockAddr, **kw):
         await self.send(wire.encode_request(op, a, **kw))
