@@ -101,6 +101,7 @@ class BrokerProcess:
 
     def start(self, *extra: str) -> "BrokerProcess":
         notify_path = self.dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)  # from an earlier start of this broker
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._notify.bind(str(notify_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
@@ -145,6 +146,7 @@ class BrokerProcess:
                 self.proc.wait()
         if self._notify is not None:
             self._notify.close()
+            self._notify = None
         return self.proc.returncode
 
     def stderr(self) -> str:
