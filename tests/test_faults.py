@@ -1,0 +1,89 @@
+"""Faults: the broker dies at each point of a request; the broker is killed
+under load. The app gets the documented errno within a bounded time, never
+hangs, and leaks no fd."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from harness import GRAFT, echo_server, graft_cmd
+
+pytestmark = pytest.mark.netns
+PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
+# The shim's bound on one broker exchange is 10 s; a dead broker is noticed at once.
+PROMPT = 2.0
+
+
+def fault_client(socket_path, ns, port: int, fallback: str | None = None) -> list[str]:
+    env = dict(os.environ)
+    env.pop("GRAFT_FALLBACK", None)
+    if fallback:
+        env["GRAFT_FALLBACK"] = fallback
+    r = subprocess.run([GRAFT, "run", "--socket", str(socket_path), "--netns", ns, "--", sys.executable,
+                        os.path.join(PROGRAMS, "fault_client.py"), "127.0.0.1", str(port)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split() + [r.stderr]
+
+
+@pytest.mark.parametrize("point", ["accept", "request", "socket"])
+def test_broker_killed_before_its_reply(netns, short_tmp, point):
+    path = short_tmp / "t.sock"
+    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), point],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        result, took, before, after, stderr = fault_client(path, netns, 9)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert fake.returncode == -signal.SIGKILL
+    assert result == "ENETUNREACH" and float(took) < PROMPT and before == after
+    assert stderr.count("broker unreachable") == 1
+
+
+def test_broker_killed_right_after_its_reply(netns, short_tmp):
+    """The reply arrived: the graft stands (here the socket is unconnected, so connect fails natively)."""
+    path = short_tmp / "t.sock"
+    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), "reply"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        result, took, before, after, _ = fault_client(path, netns, 9)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert float(took) < PROMPT and before == after
+    assert result == "OK"  # reply said error 0: the shim trusts the broker's connect result
+
+
+def test_fallback_container_when_the_broker_dies(netns, short_tmp):
+    path = short_tmp / "t.sock"
+    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), "request"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        result, took, before, after, _ = fault_client(path, netns, 9, fallback="container")
+    finally:
+        fake.kill()
+        fake.wait()
+    assert result == "ECONNREFUSED" and before == after  # the namespace's own 127.0.0.1:9
+
+
+def test_real_broker_sigkilled_then_restarted(netns, start_broker):
+    with echo_server() as port:
+        broker = start_broker(f'version = 1\n[tenants.t]\n[[tenants.t.connect]]\nports = [{port}]\n')
+        ok = fault_client(broker.socket_path, netns, port)
+        assert ok[0] == "OK"
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        assert broker.socket_path.exists()  # SIGKILL leaves the socket file behind
+        down = fault_client(broker.socket_path, netns, port)
+        assert down[0] == "ENETUNREACH" and float(down[1]) < PROMPT and down[2] == down[3]
+        broker.start()  # finds the stale socket file, sees nobody answers, replaces it
+        again = fault_client(broker.socket_path, netns, port)
+        assert again[0] == "OK"
