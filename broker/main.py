@@ -8,6 +8,12 @@ Runs in the foreground. A policy that does not validate is refused at start
 and the errors are logged. SIGTERM and SIGINT stop the broker cleanly: the
 tenant sockets are removed; grafted sockets belong to the apps and live on.
 READY=1 / RELOADING=1 / STOPPING=1 go to $NOTIFY_SOCKET for systemd.
+
+Confinement (broker.confinement in the policy; docs/security.md): "auto"
+locks grafted sockets with cgroup-BPF when the kernel allows it and logs
+which mode is in force; "required" refuses to start (exit 2) without it;
+"off" never loads it. It is put in place before anything else is served,
+because it moves the broker into its own cgroup.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import trio
 
 from graft.policy import PolicyError, load_policy
 
+from . import confine
 from .audit import AuditLog
+from .confine import Confinement
 from .notify import sd_notify
 from .server import Broker
 
@@ -50,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyError as e:
         log.error("refusing to start: the policy does not validate\n%s", e)
         return 2
-    confinement = policy.broker.confinement
-    if confinement == "required":
-        log.error("refusing to start: confinement = \"required\" but this broker has no BPF confinement yet")
+    confinement, status = establish_confinement(policy.broker.confinement)
+    if status is not None:
+        log.error("%s", status)
         return 2
     socket_dir = args.socket_dir or Path(policy.broker.socket_dir)
     try:
@@ -60,21 +68,49 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         log.error("refusing to start: cannot open the audit log: %s", e)
         return 2
-    log.info("confinement: off (policy asks %r; kernel confinement is not built yet)", confinement)
     try:
-        trio.run(_serve, policy, socket_dir, audit, args.policy)
+        trio.run(_serve, policy, socket_dir, audit, args.policy, confinement)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled below
         pass
     finally:
         audit.close()
+        if confinement is not None:
+            confinement.close()  # the pins keep programs, map and marks alive for the next broker
     return 0
 
 
-async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path) -> None:
+def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
+    """Put kernel confinement in place as the policy's mode asks.
+
+    Returns (confinement or None, None), or (None, why) when a "required"
+    broker must refuse to start. Logs which mode is in force either way.
+    """
+    if mode == "off":
+        log.info('confinement: OFF (policy: confinement = "off"); grafted sockets are not locked by the kernel')
+        return None, None
+    try:
+        confinement = confine.establish()
+    except confine.Unavailable as e:
+        if mode == "required":
+            return None, (
+                'refusing to start: confinement = "required" but kernel confinement (cgroup2 + BPF) cannot be '
+                f"put in place: {e}"
+            )
+        log.warning(
+            'confinement: OFF (policy: confinement = "auto", and it is unavailable here: %s); grafted sockets '
+            "can be re-pointed by raw system calls", e,
+        )
+        return None, None
+    log.info("confinement: ON (policy: confinement = %r; %s)", mode, confinement.describe())
+    return confinement, None
+
+
+async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path,
+                 confinement: Confinement | None = None) -> None:
     # The signal receiver exists before READY=1, so an early SIGTERM is a clean stop.
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            broker = Broker(policy, socket_dir, audit)
+            broker = Broker(policy, socket_dir, audit, confinement=confinement)
             await nursery.start(broker.run)
             sd_notify("READY=1")
             log.info("ready: %d tenant(s), sockets in %s", len(policy.tenants), socket_dir)

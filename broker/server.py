@@ -37,6 +37,7 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .audit import AuditLog
+from .confine import Confinement
 from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
 from .netns import Namespace, NetnsError
 from .sockopts import apply_options, split_options
@@ -80,8 +81,12 @@ class Peer:
 
 
 class Broker:
-    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog):
+    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog, confinement: Confinement | None = None):
         self.policy = policy
+        # Kernel confinement (confine.py): every grafted socket is marked before it is sent.
+        # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
+        self.confinement = confinement
+        self.confinement_state = "on" if confinement is not None else "off"
         self.socket_dir = Path(socket_dir)
         self.audit = audit
         self.tenants: dict[str, TenantState] = {}
@@ -227,7 +232,16 @@ class Broker:
             for o, e in apply_options(sock, opts.admitted):
                 log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
             target = verdict.target.to_python()
-            if req.op == wire.OP_CONNECT:
+            if req.flags & wire.REQF_SENDTO:
+                # Judged as a connect to the first destination, but left
+                # unconnected: a connected UDP socket would drop datagrams
+                # from any other peer. Bound here (wildcard, port 0) so it
+                # has its local port before the app's first send, and so
+                # sock_diag sees it for max_sockets.
+                sock.bind(("::", 0, 0, 0) if req.family == socket.AF_INET6 else ("0.0.0.0", 0))
+                err = 0
+                reply = wire.encode_reply(wire.V_GRAFT, 0)
+            elif req.op == wire.OP_CONNECT:
                 err = sock.connect_ex(target)
                 reply = wire.encode_reply(wire.V_GRAFT, err)
             else:
@@ -238,10 +252,37 @@ class Broker:
             sock.close()
             v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, e.strerror)
             return None, wire.encode_reply(wire.V_ERROR, v.errno), v
+        if self.confinement is not None:
+            # Locked after the broker's own bind/connect, before the fd leaves: from here on the
+            # kernel refuses re-pointing. A grafted UDP server may answer any peer.
+            try:
+                self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
+                                      dest=target if req.op == wire.OP_CONNECT else None)
+            except OSError as e:  # fail closed: an unlocked socket is not handed out
+                sock.close()
+                log.error("tenant %s: cannot lock a grafted socket: %s", tenant.name, e)
+                v = Verdict("error", verdict.rule, errno.EPERM, verdict.target, f"confinement: {e.strerror}")
+                return None, wire.encode_reply(wire.V_ERROR, v.errno), v
         tenant.live.add(os.fstat(sock.fileno()).st_ino)
         if err not in (0, errno.EINPROGRESS):
             verdict = Verdict("graft", verdict.rule, err, verdict.target)
         return sock, reply, verdict
+
+    @staticmethod
+    def _may_send_anywhere(tenant: TenantState, req: wire.Request) -> bool:
+        """Whether the kernel may let this grafted socket send to any peer.
+
+        A grafted UDP server answers whoever wrote to it. A UDP socket
+        grafted by its first sendto was judged for that destination only;
+        the kernel cannot consult the policy for later ones, so it may send
+        anywhere only if the policy grafts every UDP destination anyway, and
+        otherwise only to the first (docs/security.md).
+        """
+        if req.type != socket.SOCK_DGRAM:
+            return False
+        if req.op == wire.OP_BIND:
+            return True
+        return bool(req.flags & wire.REQF_SENDTO) and tenant.matcher.grafts_everything("connect", "udp")
 
     async def _has_room(self, tenant: TenantState) -> bool:
         """Whether the tenant is below max_sockets, counting only sockets still alive.
@@ -303,6 +344,7 @@ class Broker:
             action=verdict.action,
             rule=verdict.rule,
             errno=verdict.errno,
+            confinement=self.confinement_state,
             **({"reason": verdict.reason} if verdict.reason else {}),
         )
 
@@ -321,6 +363,7 @@ class Broker:
             action="error",
             rule=None,
             errno=e.errno,
+            confinement=self.confinement_state,
             reason=e.reason,
         )
 

@@ -4,6 +4,7 @@
     graft policy check FILE
     graft policy schema
     graft shim-path
+    graft confinement status|remove
 """
 from __future__ import annotations
 
@@ -78,6 +79,27 @@ def _cmd_policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_confinement(args: argparse.Namespace) -> int:
+    """List, or detach and unpin, the confinement programs that graft-broker left in bpffs."""
+    from graft.broker import confine
+
+    found = confine.installed()
+    if not found:
+        print("no graft confinement is installed (nothing under <bpffs>/graft)")
+        return 0
+    for cgroup, pin_dir in found:
+        if args.confinement_command == "status":
+            print(f"cgroup {cgroup}: pins in {pin_dir}")
+            continue
+        try:
+            for line in confine.remove(cgroup, pin_dir):
+                print(line)
+        except OSError as e:
+            print(f"graft confinement remove: {pin_dir}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Graft container sockets onto the host network stack.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_policy_check)
     schema = pol.add_parser("schema", help="print the policy's JSON Schema")
     schema.set_defaults(func=_cmd_policy_schema)
+
+    conf = sub.add_parser("confinement", help="graft-broker's kernel confinement (BPF) on this host")
+    conf_sub = conf.add_subparsers(dest="confinement_command", required=True)
+    conf_sub.add_parser("status", help="list installed confinement: cgroups and bpffs pins").set_defaults(
+        func=_cmd_confinement)
+    conf_sub.add_parser(
+        "remove", help="detach the programs, unpin them and the map, remove the broker cgroups (stop the broker first)"
+    ).set_defaults(func=_cmd_confinement)
     return p
 
 

@@ -171,6 +171,23 @@ class TenantMatcher:
             return Decision("graft", host[1], (host[0], port))
         return self._default
 
+    def grafts_everything(self, op: Literal["connect", "bind"], proto: Literal["tcp", "udp"]) -> bool:
+        """Whether every ``op`` of ``proto`` is grafted, whatever its address and port.
+
+        True when the first rule for ``proto`` that matches any address and
+        any port grafts, and every rule for ``proto`` before it grafts too.
+        The broker uses it to decide whether the kernel may let a UDP socket
+        grafted for one destination send to any other.
+        """
+        for addrs, ports, protos, decision, _host in self._rules[op]:
+            if proto not in protos:
+                continue
+            if (decision.action if decision is not None else "graft") != "graft":
+                return False
+            if addrs is None and ports is None:
+                return True
+        return False
+
     def __repr__(self) -> str:
         n_c, n_b = len(self._rules["connect"]), len(self._rules["bind"])
         return f"<TenantMatcher {self.name!r}: {n_c} connect, {n_b} bind rules, default {self.default}>"

@@ -80,10 +80,73 @@ def create_namespace(name: str) -> None:
 # ---- the broker --------------------------------------------------------------
 
 
-class BrokerProcess:
-    """graft-broker as a subprocess, started and judged ready via sd_notify."""
+# ---- cgroups for brokers ---------------------------------------------------------
 
-    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t"):
+
+def cgroup2_dir(cgroup: str) -> str | None:
+    """The directory of a cgroup2 path, or None without cgroup2."""
+    from graft.broker import confine
+
+    try:
+        return os.path.normpath(confine.cgroup2_mount() + "/" + cgroup)
+    except confine.Unavailable:
+        return None
+
+
+def make_test_cgroup() -> str | None:
+    """A fresh cgroup under this process's own, for one test's brokers; None without cgroup2.
+
+    A broker with confinement moves itself into <it>/graft-broker and attaches
+    its programs there, so each test's confinement is its own and removable.
+    """
+    from graft.broker import confine
+
+    try:
+        path = os.path.join(confine.own_cgroup(), f"graft-test-{uuid.uuid4().hex[:8]}")
+    except (confine.Unavailable, OSError):
+        return None
+    d = cgroup2_dir(path)
+    if d is None:
+        return None
+    try:
+        os.mkdir(d)
+    except OSError:
+        return None
+    return path
+
+
+def remove_test_cgroup(cgroup: str) -> None:
+    """Detach and unpin every confinement under cgroup, then remove the cgroups (processes gone)."""
+    from graft.broker import confine
+
+    for cg, pin_dir in confine.installed():
+        if cg == cgroup or cg.startswith(cgroup.rstrip("/") + "/"):
+            confine.remove(cg, pin_dir)
+    d = cgroup2_dir(cgroup)
+    if d is None or not os.path.isdir(d):
+        return
+    for sub, _dirs, _files in sorted(os.walk(d), key=lambda w: -len(w[0])):
+        os.rmdir(sub)  # bottom-up; fails loudly if a process was left behind
+
+
+def in_cgroup(cgroup_dir: str | None, cmd: list[str]) -> list[str]:
+    """cmd, started inside cgroup_dir (a shell moves itself in, then execs: same pid)."""
+    if cgroup_dir is None:
+        return cmd
+    return ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', os.path.join(cgroup_dir, "cgroup.procs"), *cmd]
+
+
+class BrokerProcess:
+    """graft-broker as a subprocess, started and judged ready via sd_notify.
+
+    It runs in a cgroup of its own test (``cgroup``, made here unless given:
+    a restarted broker shares its predecessor's), removed with every BPF
+    program and pin in it by ``stop()`` when this object made it.
+    """
+
+    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None):
+        self.cgroup = cgroup
+        self._owns_cgroup = cgroup is None
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.policy_path = tmp / "policy.toml"
@@ -105,9 +168,12 @@ class BrokerProcess:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._notify.bind(str(notify_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        if self.cgroup is None and self._owns_cgroup:
+            self.cgroup = make_test_cgroup()
+        cg_dir = cgroup2_dir(self.cgroup) if self.cgroup else None
         self.proc = subprocess.Popen(
-            [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
-             "--audit-log", str(self.audit_path), "--log-level", "debug", *extra],
+            in_cgroup(cg_dir, [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
+                               "--audit-log", str(self.audit_path), "--log-level", "debug", *extra]),
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
         )
         self.expect_notify("READY=1")
@@ -135,19 +201,24 @@ class BrokerProcess:
         self.expect_notify("READY=1")
 
     def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._notify is not None:
-            self._notify.close()
-            self._notify = None
-        return self.proc.returncode
+        try:
+            if self.proc is None:
+                return 0
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            if self._notify is not None:
+                self._notify.close()
+                self._notify = None
+            return self.proc.returncode
+        finally:
+            if self._owns_cgroup and self.cgroup is not None:
+                remove_test_cgroup(self.cgroup)
+                self.cgroup = None
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""

@@ -66,7 +66,8 @@ def test_shim_exports_only_interposed_symbols():
     lib = graft("shim-path").stdout.strip()
     out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if line.split()[1] in "TtWi"}
-    assert exported == {"socket", "connect", "bind", "listen", "setsockopt", "close", "dup2", "dup3", "close_range"}
+    assert exported == {"socket", "connect", "bind", "listen", "setsockopt", "close", "dup", "dup2", "dup3",
+                        "fcntl", "fcntl64", "close_range", "sendto", "sendmsg", "sendmmsg", "getsockname"}
 
 
 def test_broker_refuses_a_broken_policy_at_start(tmp_path):
@@ -92,7 +93,8 @@ def test_broker_lifecycle_reload_and_stop(start_broker):
 
 
 def test_second_broker_on_the_same_sockets_refuses(start_broker, short_tmp):
-    first = start_broker('version = 1\n[tenants.t]\n')
+    # confinement off: the second broker runs outside the test's cgroup and must leave no BPF state behind
+    first = start_broker('version = 1\n[broker]\nconfinement = "off"\n[tenants.t]\n')
     r = subprocess.run([GRAFT_BROKER, "--policy", str(first.policy_path), "--socket-dir", str(first.socket_dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "running broker" in r.stderr

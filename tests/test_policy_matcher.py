@@ -397,3 +397,19 @@ def test_single_cidr_equals_reference(net, addr):
     )
     got = compile_policy(policy)["t"].decide("connect", "tcp", addr, 1).action == "graft"
     assert got == ref_net_contains(net, addr)
+
+
+def test_grafts_everything_only_when_no_rule_before_the_catch_all_decides_otherwise():
+    from graft.policy import compile_policy, parse_policy
+
+    def m(rules: str):
+        return compile_policy(parse_policy('version = 1\n[tenants.t]\n' + rules))["t"]
+
+    assert m('[[tenants.t.connect]]\nproto = "udp"\n').grafts_everything("connect", "udp")
+    assert not m('[[tenants.t.connect]]\nproto = "udp"\n').grafts_everything("connect", "tcp")
+    assert not m('[[tenants.t.connect]]\nports = [53]\n').grafts_everything("connect", "udp")
+    deny_first = '[[tenants.t.connect]]\nto = ["10.0.0.0/8"]\naction = "deny"\n[[tenants.t.connect]]\n'
+    assert not m(deny_first).grafts_everything("connect", "udp")
+    tcp_deny_first = '[[tenants.t.connect]]\nproto = "tcp"\naction = "deny"\n[[tenants.t.connect]]\n'
+    assert m(tcp_deny_first).grafts_everything("connect", "udp")
+    assert not m("").grafts_everything("connect", "udp")

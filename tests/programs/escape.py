@@ -1,0 +1,144 @@
+"""An untrusted program under graft that tries to re-point its grafted sockets.
+
+    escape.py TCP_PORT UDP_PORT PUBLISHED_PORT FORBIDDEN_TCP FORBIDDEN_UDP [--wait]
+
+It gets its sockets the ordinary way (through the shim: connect, bind,
+listen, accept), checks they carry traffic, then re-points them with raw
+system calls made through libc's ``syscall()``, which the shim does not
+interpose. Each attempt is reported as 0 (it worked: an escape) or the errno
+the kernel gave. After each refused attempt it checks that the allowed
+traffic on the same socket still flows. One JSON object on stdout.
+
+With --wait it grafts, prints "ready", and makes its attempts only after a
+line on stdin (tests restart the broker in between).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import platform
+import socket
+import struct
+import sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+NR = {
+    "x86_64": {"connect": 42, "sendto": 44, "bind": 49, "listen": 50},
+    "aarch64": {"connect": 203, "sendto": 206, "bind": 200, "listen": 201},
+}[platform.machine()]
+HOST = "127.0.0.1"
+
+
+def sockaddr(ip: str | None, port: int = 0) -> bytes:
+    if ip is None:  # AF_UNSPEC: "dissolve the association"
+        return bytes(16)
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(ip) + bytes(8)
+
+
+def raw(call: str, fd: int, *args) -> int:
+    """A raw system call; 0 (or a byte count) for success, else the errno."""
+    ret = libc.syscall(NR[call], fd, *args)
+    return 0 if ret >= 0 else ctypes.get_errno()
+
+
+def raw_connect(fd: int, ip: str | None, port: int = 0) -> int:
+    a = sockaddr(ip, port)
+    return raw("connect", fd, a, len(a))
+
+
+def raw_bind(fd: int, ip: str, port: int) -> int:
+    a = sockaddr(ip, port)
+    return raw("bind", fd, a, len(a))
+
+
+def raw_sendto(fd: int, data: bytes, ip: str, port: int) -> int:
+    a = sockaddr(ip, port)
+    return raw("sendto", fd, data, len(data), 0, a, len(a))
+
+
+def echo_ok(s: socket.socket, token: bytes) -> bool:
+    try:
+        s.sendall(token)
+        got = b""
+        while len(got) < len(token):
+            chunk = s.recv(len(token) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        return got == token
+    except OSError:
+        return False
+
+
+def main() -> int:
+    tcp_port, udp_port, published, bad_tcp, bad_udp = map(int, sys.argv[1:6])
+    wait = "--wait" in sys.argv
+    out: dict = {"attempts": {}, "flows": {}}
+    att, flows = out["attempts"], out["flows"]
+
+    # --- get grafted sockets, the way an ordinary program does -------------------
+    client = socket.create_connection((HOST, tcp_port), timeout=10)
+    victim_bind = socket.create_connection((HOST, tcp_port), timeout=10)
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 80))  # published as HOST:published
+    listener.listen(8)
+    peer = socket.create_connection((HOST, published), timeout=10)
+    accepted, _ = listener.accept()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.connect((HOST, udp_port))
+    for s in (client, victim_bind, listener, accepted, peer, udp):
+        # Blocking, so raw connect()s complete in the call; kernel timeouts keep a failure from hanging.
+        s.settimeout(None)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+    flows["tcp_before"] = echo_ok(client, b"before")
+    accepted.sendall(b"hello")
+    flows["accepted_before"] = peer.recv(5) == b"hello"
+    udp.send(b"ping")
+    flows["udp_before"] = udp.recv(16) == b"ping"
+    if wait:
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+    # --- a grafted, connected TCP socket --------------------------------------------
+    att["tcp_unspec"] = raw_connect(client.fileno(), None)
+    att["tcp_connect_forbidden"] = raw_connect(client.fileno(), HOST, bad_tcp)
+    if att["tcp_connect_forbidden"] != 0:  # refused: the allowed destination still works
+        flows["tcp_after"] = raw_connect(client.fileno(), HOST, tcp_port) == 0 and echo_ok(client, b"after")
+
+    # --- the grafted listener ----------------------------------------------------------
+    att["listener_unspec"] = raw_connect(listener.fileno(), None)
+    att["listener_connect_forbidden"] = raw_connect(listener.fileno(), HOST, bad_tcp)
+    if att["listener_connect_forbidden"] != 0:  # refused: what it accepted still flows
+        accepted.sendall(b"still")
+        flows["accepted_after_listener"] = peer.recv(5) == b"still"
+
+    # --- a socket accepted from the grafted listener -----------------------------------
+    att["accepted_unspec"] = raw_connect(accepted.fileno(), None)
+    att["accepted_connect_forbidden"] = raw_connect(accepted.fileno(), HOST, bad_tcp)
+
+    # --- bind to another address (after a disconnect, the socket is unbound) ----------
+    raw_connect(victim_bind.fileno(), None)
+    att["bind_other"] = raw_bind(victim_bind.fileno(), HOST, 0)
+
+    # --- UDP: connect re-point and sendto a forbidden destination ---------------------
+    att["udp_connect_forbidden"] = raw_connect(udp.fileno(), HOST, bad_udp)
+    if att["udp_connect_forbidden"] != 0:
+        udp.send(b"still")
+        flows["udp_after_connect"] = udp.recv(16) == b"still"
+    att["udp_sendto_forbidden"] = raw_sendto(udp.fileno(), b"escaped", HOST, bad_udp)
+    if att["udp_sendto_forbidden"] != 0 and att["udp_connect_forbidden"] != 0:
+        udp.send(b"again")
+        flows["udp_after_sendto"] = udp.recv(16) == b"again"
+    raw_connect(udp.fileno(), None)
+    att["udp_unspec_sendto_forbidden"] = raw_sendto(udp.fileno(), b"escaped", HOST, bad_udp)
+
+    out["errnames"] = {k: errno.errorcode.get(v, "OK") for k, v in att.items()}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Kernel confinement: grafted sockets cannot be re-pointed, even by raw system calls.
+
+tests/programs/escape.py runs under graft in a namespace with only `lo` and
+re-points its grafted sockets with raw syscall()s the shim never sees. With
+confinement on, every attempt fails with EPERM and the allowed traffic on
+the same sockets keeps flowing; with it off, every attempt succeeds (so the
+suite tests something). Each broker runs in a cgroup of its own test, removed
+with every program and pin in it at the end (harness.BrokerProcess).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+
+import pytest
+
+from harness import (
+    GRAFT_BROKER,
+    BrokerProcess,
+    free_port,
+    graft_cmd,
+    make_test_cgroup,
+    need,
+    need_root_and_netns,
+    remove_test_cgroup,
+    run_grafted,
+)
+
+from graft.broker import bpf, confine
+
+PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
+ESCAPE = os.path.join(PROGRAMS, "escape.py")
+PY = sys.executable
+
+pytestmark = pytest.mark.netns
+
+ATTEMPTS = [
+    "tcp_unspec",  # the disconnect itself is allowed: it is not a re-point
+    "tcp_connect_forbidden",
+    "listener_unspec",
+    "listener_connect_forbidden",
+    "accepted_unspec",
+    "accepted_connect_forbidden",
+    "bind_other",
+    "udp_connect_forbidden",
+    "udp_sendto_forbidden",
+    "udp_unspec_sendto_forbidden",
+]
+ESCAPES = [a for a in ATTEMPTS if not a.endswith("_unspec")]
+
+
+def need_confinement() -> None:
+    need_root_and_netns()
+    try:
+        confine.cgroup2_mount()
+        ok = True
+    except confine.Unavailable:
+        ok = False
+    need(ok, "needs cgroup2 for confinement")
+
+
+def policy(mode: str, tcp: int, udp: int, published: int) -> str:
+    return f"""version = 1
+[broker]
+confinement = "{mode}"
+[tenants.t]
+default = "deny"
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{tcp}, {published}]
+proto = "tcp"
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{udp}]
+proto = "udp"
+[[tenants.t.bind]]
+addr = ["0.0.0.0/32"]
+ports = [80]
+host = "127.0.0.1:{published}"
+proto = "tcp"
+"""
+
+
+@contextmanager
+def echo_server():
+    """A TCP echo server on 127.0.0.1; the escapes reset connections, which it takes quietly."""
+    import socketserver
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                while data := self.request.recv(65536):
+                    self.request.sendall(data)
+            except OSError:
+                pass
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", 0), Echo)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
+
+
+@contextmanager
+def udp_echo():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                data, peer = s.recvfrom(2048)
+            except OSError:
+                return
+            if data != b"stop":
+                s.sendto(data, peer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield s.getsockname()[1]
+    finally:
+        stop.set()
+        s.sendto(b"stop", s.getsockname())  # wakes the thread: no sleeps
+        t.join()
+        s.close()
+
+
+@contextmanager
+def forbidden_servers():
+    """A TCP listener and a UDP socket on host-only ports the policy forbids; they count arrivals."""
+    t = socket.socket()
+    t.bind(("127.0.0.1", 0))
+    t.listen(64)
+    t.setblocking(False)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    u.setblocking(False)
+
+    def arrivals() -> tuple[int, int]:
+        conns = dgrams = 0
+        while True:
+            try:
+                c, _ = t.accept()
+            except BlockingIOError:
+                break
+            c.close()
+            conns += 1
+        while True:
+            try:
+                u.recv(2048)
+            except BlockingIOError:
+                break
+            dgrams += 1
+        return conns, dgrams
+
+    try:
+        yield t.getsockname()[1], u.getsockname()[1], arrivals
+    finally:
+        t.close()
+        u.close()
+
+
+@contextmanager
+def escape_setup(tmp, mode: str, cgroup: str | None = None):
+    with echo_server() as tcp, udp_echo() as udp, forbidden_servers() as (bad_tcp, bad_udp, arrivals):
+        published = free_port()
+        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published), cgroup=cgroup)
+        try:
+            yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp)], arrivals
+        finally:
+            rc = broker.stop()
+            assert rc == 0, broker.stderr()
+
+
+def run_escape(broker, netns, args) -> dict:
+    r = run_grafted(broker, netns, PY, ESCAPE, *args, timeout=60)
+    assert r.returncode == 0, f"escape.py failed:\n{r.stdout}\n{r.stderr}\nbroker:\n{broker.stderr()}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
+    need_confinement()
+    with escape_setup(short_tmp / "b", "required") as (broker, args, arrivals):
+        broker.start()
+        out = run_escape(broker, netns, args)
+        assert arrivals() == (0, 0), "something reached the forbidden ports"
+        stderr = broker.stderr()
+        audit = broker.audit()
+    refused = {a: out["errnames"][a] for a in ESCAPES}
+    assert refused == {a: "EPERM" for a in ESCAPES}, out
+    assert all(out["flows"].values()) and len(out["flows"]) == 7, f"allowed traffic stopped: {out['flows']}"
+    assert "confinement: ON" in stderr
+    grafts = [a for a in audit if a["action"] == "graft"]
+    assert len(grafts) == 5 and {a["confinement"] for a in audit} == {"on"}, audit
+
+
+def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):
+    """The control: the same program escapes when the kernel does not hold it."""
+    need_root_and_netns()
+    with escape_setup(short_tmp / "b", "off") as (broker, args, arrivals):
+        broker.start()
+        out = run_escape(broker, netns, args)
+        conns, dgrams = arrivals()
+        stderr = broker.stderr()
+        audit = broker.audit()
+    assert {a: out["attempts"][a] for a in ATTEMPTS} == {a: 0 for a in ATTEMPTS}, out
+    assert conns == 3 and dgrams >= 2, (conns, dgrams)  # tcp, listener, accepted; sendto (x2 datagrams)
+    assert "confinement: OFF" in stderr
+    assert {a["confinement"] for a in audit} == {"off"}
+
+
+def test_restart_keeps_earlier_sockets_confined_and_does_not_stack(netns, short_tmp):
+    """Sockets grafted before a restart stay locked, even when the broker's cgroup is recreated."""
+    need_confinement()
+    cgroup = make_test_cgroup()
+    assert cgroup is not None
+    try:
+        with escape_setup(short_tmp / "b1", "required", cgroup) as (broker, args, arrivals):
+            broker.start()
+            proc = subprocess.Popen(graft_cmd(broker, netns, PY, ESCAPE, *args, "--wait"), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+                assert broker.stop() == 0, broker.stderr()
+                # As systemd does on a restart: the old (now empty) broker cgroup goes, a new one comes.
+                os.rmdir(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME)
+                broker.start()
+                assert "reused pinned programs" in broker.stderr()
+                out_text, err = proc.communicate("go\n", timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 0, err
+            out = json.loads(out_text.strip().splitlines()[-1])
+            assert arrivals() == (0, 0)
+            # a third start in the same cgroup finds everything attached: one program per hook
+            assert broker.stop() == 0
+            broker.start()
+            cg_fd = os.open(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME, os.O_RDONLY)
+            try:
+                counts = {n: len(bpf.prog_query(cg_fd, t)) for n, (_, _, t) in confine.PROGRAMS.items()}
+            finally:
+                os.close(cg_fd)
+        assert {a: out["errnames"][a] for a in ESCAPES} == {a: "EPERM" for a in ESCAPES}, out
+        assert all(out["flows"].values()), out["flows"]
+        assert counts == {n: 1 for n in confine.PROGRAMS}, counts
+    finally:
+        remove_test_cgroup(cgroup)
+    assert not [cg for cg, _ in confine.installed() if cg.startswith(cgroup)]
+
+
+def test_required_without_cgroup2_fails_at_start_with_a_clear_message(short_tmp):
+    """In a mount namespace without cgroup2 nothing can be attached: "required" refuses to start."""
+    need_confinement()
+    unshare = shutil.which("unshare")
+    need(unshare is not None, "needs unshare (util-linux)")
+    mount = confine.cgroup2_mount()
+    pol = short_tmp / "p.toml"
+    pol.write_text('version = 1\n[broker]\nconfinement = "required"\n[tenants.t]\n')
+    cmd = [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", 'umount -l "$0" && exec "$@"', mount,
+           GRAFT_BROKER, "--policy", str(pol), "--socket-dir", str(short_tmp / "s"), "--audit-log", "off"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert 'refusing to start: confinement = "required"' in r.stderr
+    assert "cgroup2 is not mounted" in r.stderr
+    assert not (short_tmp / "s" / "t.sock").exists()
+
+
+def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    need(gcc is not None and os.path.exists("/usr/include/linux/bpf.h"), "needs a C compiler and linux/bpf.h")
+    checks = {
+        "BPF_MAP_CREATE": bpf.MAP_CREATE, "BPF_MAP_LOOKUP_ELEM": bpf.MAP_LOOKUP_ELEM,
+        "BPF_MAP_UPDATE_ELEM": bpf.MAP_UPDATE_ELEM, "BPF_MAP_DELETE_ELEM": bpf.MAP_DELETE_ELEM,
+        "BPF_PROG_LOAD": bpf.PROG_LOAD, "BPF_OBJ_PIN": bpf.OBJ_PIN, "BPF_OBJ_GET": bpf.OBJ_GET,
+        "BPF_PROG_ATTACH": bpf.PROG_ATTACH, "BPF_PROG_DETACH": bpf.PROG_DETACH,
+        "BPF_OBJ_GET_INFO_BY_FD": bpf.OBJ_GET_INFO_BY_FD, "BPF_PROG_QUERY": bpf.PROG_QUERY,
+        "BPF_BTF_LOAD": bpf.BTF_LOAD, "BPF_MAP_TYPE_SK_STORAGE": bpf.MAP_TYPE_SK_STORAGE,
+        "BPF_PROG_TYPE_CGROUP_SOCK_ADDR": bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+        "BPF_CGROUP_INET4_BIND": bpf.CGROUP_INET4_BIND, "BPF_CGROUP_INET6_BIND": bpf.CGROUP_INET6_BIND,
+        "BPF_CGROUP_INET4_CONNECT": bpf.CGROUP_INET4_CONNECT, "BPF_CGROUP_INET6_CONNECT": bpf.CGROUP_INET6_CONNECT,
+        "BPF_CGROUP_UDP4_SENDMSG": bpf.CGROUP_UDP4_SENDMSG, "BPF_CGROUP_UDP6_SENDMSG": bpf.CGROUP_UDP6_SENDMSG,
+        "BPF_F_NO_PREALLOC": bpf.F_NO_PREALLOC, "BPF_F_CLONE": bpf.F_CLONE, "BPF_F_ALLOW_MULTI": bpf.F_ALLOW_MULTI,
+        "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET,
+        "offsetof(struct bpf_sock_addr, user_ip4)": confine.CTX_USER_IP4,
+        "offsetof(struct bpf_sock_addr, user_ip6)": confine.CTX_USER_IP6,
+        "offsetof(struct bpf_sock_addr, user_port)": confine.CTX_USER_PORT,
+        "offsetof(struct bpf_sock_addr, sk)": confine.CTX_SK,
+    }
+    fields = {
+        "graft_bpf_map_create": ("map_type", "map_flags", "map_name", "btf_fd", "btf_value_type_id", "map_extra"),
+        "graft_bpf_map_elem": ("map_fd", "key", "value", "flags"),
+        "graft_bpf_prog_load": ("insns", "license", "log_buf", "prog_name", "expected_attach_type"),
+        "graft_bpf_obj": ("pathname", "bpf_fd", "file_flags"),
+        "graft_bpf_attach": ("target_fd", "attach_bpf_fd", "attach_type", "attach_flags", "replace_bpf_fd"),
+        "graft_bpf_query": ("attach_type", "attach_flags", "prog_ids", "prog_cnt"),
+        "graft_bpf_info": ("bpf_fd", "info_len", "info"),
+        "graft_bpf_btf_load": ("btf", "btf_log_buf", "btf_size", "btf_log_size", "btf_log_level"),
+    }
+    kernel_name = {"graft_bpf_query": "query.", "graft_bpf_info": "info."}
+    for struct_name, names in fields.items():
+        for f in names:
+            checks[f"offsetof(union bpf_attr, {kernel_name.get(struct_name, '')}{f})"] = bpf.ffi.offsetof(
+                f"struct {struct_name}", f)
+    for f in ("id", "nr_map_ids", "map_ids", "name"):
+        checks[f"offsetof(struct bpf_prog_info, {f})"] = bpf.ffi.offsetof("struct graft_bpf_prog_info", f)
+    for f in ("type", "id", "value_size", "map_flags", "name"):
+        checks[f"offsetof(struct bpf_map_info, {f})"] = bpf.ffi.offsetof("struct graft_bpf_map_info", f)
+    src = tmp_path / "c.c"
+    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <linux/bpf.h>\nint main(void){\n"
+                   + "".join(f'printf("%ld\\n", (long)({expr}));\n' for expr in checks) + "return 0;}\n")
+    subprocess.run([gcc, str(src), "-o", str(tmp_path / "c")], check=True)
+    got = subprocess.run([str(tmp_path / "c")], capture_output=True, text=True, check=True).stdout.split()
+    assert dict(zip(checks, map(int, got))) == checks
+
+
+def test_programs_are_attached_only_to_the_broker_cgroup(short_tmp):
+    """Other processes' sockets never run the programs: nothing is attached above the broker."""
+    need_confinement()
+    with echo_server() as tcp, udp_echo() as udp:
+        broker = BrokerProcess(short_tmp / "b", policy("required", tcp, udp, free_port()))
+        try:
+            broker.start()
+            pid = broker.proc.pid
+            assert confine.own_cgroup(pid) == broker.cgroup + "/" + confine.CGROUP_NAME
+            mount = confine.cgroup2_mount()
+            for cg in (broker.cgroup, confine.own_cgroup()):
+                fd = os.open(mount + cg, os.O_RDONLY)
+                try:
+                    assert all(bpf.prog_query(fd, t) == [] for _, _, t in confine.PROGRAMS.values()), cg
+                finally:
+                    os.close(fd)
+            s = socket.create_connection(("127.0.0.1", tcp), timeout=5)  # this process: untouched
+            s.close()
+        finally:
+            assert broker.stop() == 0, broker.stderr()
