@@ -15,6 +15,22 @@
  * check it without the lock. Every lock is taken with all signals blocked:
  * a signal handler that calls close() on a tracked fd can then never
  * interrupt its own thread while that thread holds the same stripe.
+ *
+ * Rings of duplicates. dup() of a placeholder gives a second fd number for
+ * the same socket. A graft must then move *both* numbers to the host
+ * socket (the app may connect through one and read through the other), so
+ * the entries of duplicates are linked in a doubly linked ring (by fd
+ * number, entries are never freed) and every state change applies to the
+ * whole ring. A link is changed only with ring_lock held and the stripes of
+ * every entry involved, so:
+ *   - holding an entry's stripe keeps its "alone" status and links stable:
+ *     an alone entry (the common case) needs its stripe only, as before;
+ *   - holding ring_lock keeps every ring's membership stable, so the set of
+ *     stripes a ring needs can be computed and then locked.
+ * Lock order: ring_lock, then stripes in ascending index. A thread holding
+ * a stripe without ring_lock never waits for another lock.
+ * Invariant: ring members are PLACEHOLDER or BUSY; a decided or forgotten
+ * entry is alone. Exactly one member of a BUSY ring is the claimant.
  */
 #include "fdtable.h"
 
@@ -33,17 +49,24 @@
 #define N_STRIPES  64
 
 _Static_assert(FD_LIMIT == 1u << 30, "fds below 2^30 are tracked, larger ones pass through");
+_Static_assert(N_STRIPES <= 64, "a set of stripes is a 64-bit mask");
 
 struct entry {
-    _Atomic int state; /* enum fdt_state */
-    ino_t ino;         /* the socket's inode while state != FDT_NONE */
+    _Atomic int state;       /* enum fdt_state */
+    _Atomic bool has_names;  /* GRAFTED with a translated address in names */
+    int fd;                  /* the fd number this entry belongs to, for life */
+    int next, prev;          /* ring of duplicates (fd numbers); fd itself when alone */
+    bool claimant;           /* BUSY: this member's claim is the one in progress */
+    ino_t ino;               /* the socket's inode while state != FDT_NONE */
     struct fdt_sock sock;
+    struct fdt_names names;
 };
 
 typedef _Atomic(struct entry *) slot_t;
 
 static _Atomic(slot_t *) top[TOP_SLOTS];
 static pthread_mutex_t stripes[N_STRIPES] = {[0 ... N_STRIPES - 1] = PTHREAD_MUTEX_INITIALIZER};
+static pthread_mutex_t ring_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The process whose fds the table describes (see owned()). */
 static _Atomic pid_t owner;
@@ -59,62 +82,6 @@ static sigset_t fork_saved_mask;
 static bool owned(void)
 {
     return getpid() == atomic_load_explicit(&owner, memory_order_relaxed);
-}
-
-/* ---- locking ---- */
-
-struct held {
-    pthread_mutex_t *mutex;
-    sigset_t saved;
-};
-
-static void lock_fd(int fd, struct held *h)
-{
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &h->saved);
-    h->mutex = &stripes[(unsigned)fd % N_STRIPES];
-    pthread_mutex_lock(h->mutex);
-}
-
-static void unlock_fd(struct held *h)
-{
-    pthread_mutex_unlock(h->mutex);
-    pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
-}
-
-/*
- * fork() with a stripe held by another thread would leave it locked forever
- * in the child: take them all across the fork.
- */
-static void fork_prepare(void)
-{
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    for (int i = 0; i < N_STRIPES; i++)
-        pthread_mutex_lock(&stripes[i]);
-    fork_saved_mask = saved; /* written only while holding every stripe */
-}
-
-static void fork_unlock_all(void)
-{
-    sigset_t saved = fork_saved_mask;
-    for (int i = N_STRIPES - 1; i >= 0; i--)
-        pthread_mutex_unlock(&stripes[i]);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-}
-
-static void fork_child(void)
-{
-    atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
-    fork_unlock_all();
-}
-
-void fdt_init(void)
-{
-    atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
-    pthread_atfork(fork_prepare, fork_unlock_all, fork_child);
 }
 
 /* ---- lookup ---- */
@@ -180,6 +147,7 @@ static struct entry *entry_create(int fd)
     struct entry *fresh = calloc(1, sizeof *fresh);
     if (fresh == NULL)
         return NULL;
+    fresh->fd = fresh->next = fresh->prev = fd; /* alone */
     if (atomic_compare_exchange_strong_explicit(slot, &e, fresh, memory_order_acq_rel,
                                                 memory_order_acquire))
         return fresh;
@@ -187,29 +155,223 @@ static struct entry *entry_create(int fd)
     return e;
 }
 
-/* ---- state changes (all with the entry's stripe held) ---- */
+/* ---- rings (links are read with the entry's stripe or ring_lock held) ---- */
+
+static bool alone(const struct entry *e)
+{
+    return e->next == e->fd;
+}
+
+/* Ring members always have entries: they were tracked. */
+static struct entry *ring_next(const struct entry *e)
+{
+    return entry_of(e->next);
+}
+
+static unsigned int stripe_of(int fd)
+{
+    return (unsigned)fd % N_STRIPES;
+}
+
+/* The stripes of e's ring; ring_lock held. Bounded by the number of fds. */
+static uint64_t ring_mask(const struct entry *e)
+{
+    uint64_t mask = 0;
+    const struct entry *m = e;
+    for (unsigned int n = 0; n < FD_LIMIT; n++) {
+        mask |= UINT64_C(1) << stripe_of(m->fd);
+        m = ring_next(m);
+        if (m == e)
+            break;
+    }
+    return mask;
+}
+
+/* Links n (alone) into a's ring, after a. */
+static void link_after(struct entry *a, struct entry *n)
+{
+    struct entry *b = ring_next(a);
+    n->next = a->next;
+    n->prev = a->fd;
+    b->prev = n->fd;
+    a->next = n->fd;
+}
+
+static void unlink_entry(struct entry *e)
+{
+    if (alone(e))
+        return;
+    entry_of(e->prev)->next = e->next;
+    entry_of(e->next)->prev = e->prev;
+    e->next = e->prev = e->fd;
+}
+
+/* ---- locking ---- */
+
+struct held {
+    uint64_t mask; /* stripes held */
+    bool ring;     /* ring_lock held */
+    sigset_t saved;
+};
+
+static void block_signals(struct held *h)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &h->saved);
+}
+
+static void lock_mask(uint64_t mask)
+{
+    for (unsigned int i = 0; i < N_STRIPES; i++)
+        if (mask & (UINT64_C(1) << i))
+            pthread_mutex_lock(&stripes[i]);
+}
+
+static void unlock_mask(uint64_t mask)
+{
+    for (unsigned int i = N_STRIPES; i-- > 0;)
+        if (mask & (UINT64_C(1) << i))
+            pthread_mutex_unlock(&stripes[i]);
+}
+
+/*
+ * Locks fd's entry e (may be NULL) and, if it is in a ring, every member.
+ * An alone entry takes only its stripe; a ring member drops it and starts
+ * over in lock order. Callers re-read the state afterwards either way.
+ */
+static void lock_group(int fd, const struct entry *e, struct held *h)
+{
+    block_signals(h);
+    h->mask = UINT64_C(1) << stripe_of(fd);
+    h->ring = false;
+    pthread_mutex_lock(&stripes[stripe_of(fd)]);
+    if (e == NULL || alone(e))
+        return;
+    pthread_mutex_unlock(&stripes[stripe_of(fd)]);
+    pthread_mutex_lock(&ring_lock);
+    h->ring = true;
+    h->mask = ring_mask(e);
+    lock_mask(h->mask);
+}
+
+/* Locks the rings of two entries (for dup). */
+static void lock_pair(const struct entry *a, const struct entry *b, struct held *h)
+{
+    block_signals(h);
+    pthread_mutex_lock(&ring_lock);
+    h->ring = true;
+    h->mask = ring_mask(a) | ring_mask(b);
+    lock_mask(h->mask);
+}
+
+static void unlock_group(struct held *h)
+{
+    unlock_mask(h->mask);
+    if (h->ring)
+        pthread_mutex_unlock(&ring_lock);
+    pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
+}
+
+/*
+ * fork() with a lock held by another thread would leave it locked forever
+ * in the child: take them all across the fork.
+ */
+static void fork_prepare(void)
+{
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    pthread_mutex_lock(&ring_lock);
+    lock_mask(~UINT64_C(0));
+    fork_saved_mask = saved; /* written only while holding every lock */
+}
+
+static void fork_unlock_all(void)
+{
+    sigset_t saved = fork_saved_mask;
+    unlock_mask(~UINT64_C(0));
+    pthread_mutex_unlock(&ring_lock);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+}
+
+static void fork_child(void)
+{
+    atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
+    fork_unlock_all();
+}
+
+void fdt_init(void)
+{
+    atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
+    pthread_atfork(fork_prepare, fork_unlock_all, fork_child);
+}
+
+/* ---- state changes (all with the entry's group locked) ---- */
+
+static int state_of(const struct entry *e)
+{
+    return atomic_load_explicit(&e->state, memory_order_relaxed);
+}
+
+static void set_state(struct entry *e, enum fdt_state state)
+{
+    atomic_store_explicit(&e->state, state, memory_order_release);
+}
+
+/* Sets every member of e's ring (e included) to state; a claim ends. */
+static void ring_set_state(struct entry *e, enum fdt_state state)
+{
+    struct entry *m = e;
+    do {
+        m->claimant = false;
+        set_state(m, state);
+        m = ring_next(m);
+    } while (m != e);
+}
+
+/*
+ * Takes e out of its ring. If e held the ring's claim, the claim dies with
+ * it (the claimant's commit finds it gone): the other members become
+ * placeholders again, free to be decided anew.
+ */
+static void detach(struct entry *e)
+{
+    if (alone(e))
+        return;
+    struct entry *rest = ring_next(e);
+    bool was_claimant = e->claimant && state_of(e) == FDT_BUSY;
+    unlink_entry(e);
+    if (was_claimant)
+        ring_set_state(rest, FDT_PLACEHOLDER);
+}
 
 /* A new use of the fd number: new identity, new contents. */
 static void reset(struct entry *e, ino_t ino, const struct fdt_sock *desc, enum fdt_state state)
 {
+    detach(e);
     uint64_t gen = e->sock.gen + 1;
     e->sock = *desc;
     e->sock.gen = gen;
     e->ino = ino;
-    atomic_store_explicit(&e->state, state, memory_order_release);
+    e->claimant = false;
+    atomic_store_explicit(&e->has_names, false, memory_order_relaxed);
+    set_state(e, state);
 }
 
 static void forget(struct entry *e)
 {
+    detach(e);
     e->sock.gen++;
-    atomic_store_explicit(&e->state, FDT_NONE, memory_order_release);
+    e->claimant = false;
+    atomic_store_explicit(&e->has_names, false, memory_order_relaxed);
+    set_state(e, FDT_NONE);
 }
 
 /* The entry still holds the claim identified by gen. */
 static bool claim_held(const struct entry *e, uint64_t gen)
 {
-    return e != NULL && e->sock.gen == gen &&
-           atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_BUSY;
+    return e != NULL && e->sock.gen == gen && state_of(e) == FDT_BUSY && e->claimant;
 }
 
 void fdt_track(int fd, ino_t ino, const struct fdt_sock *desc)
@@ -220,9 +382,9 @@ void fdt_track(int fd, ino_t ino, const struct fdt_sock *desc)
     if (e == NULL)
         return; /* out of memory: the socket stays untracked, like a large fd */
     struct held h;
-    lock_fd(fd, &h);
+    lock_group(fd, e, &h);
     reset(e, ino, desc, FDT_PLACEHOLDER);
-    unlock_fd(&h);
+    unlock_group(&h);
 }
 
 bool fdt_adopt(int fd, ino_t ino, struct fdt_sock *desc)
@@ -234,13 +396,14 @@ bool fdt_adopt(int fd, ino_t ino, struct fdt_sock *desc)
         return false;
     struct held h;
     bool adopted = false;
-    lock_fd(fd, &h);
-    if (atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_NONE) {
+    lock_group(fd, e, &h);
+    if (state_of(e) == FDT_NONE) { /* then alone, by the invariant */
         reset(e, ino, desc, FDT_BUSY);
+        e->claimant = true;
         desc->gen = e->sock.gen;
         adopted = true;
     }
-    unlock_fd(&h);
+    unlock_group(&h);
     return adopted;
 }
 
@@ -275,10 +438,18 @@ enum fdt_opt fdt_record_opt(int fd, int level, int name, const void *val, sockle
 
     struct held h;
     enum fdt_opt r = FDT_OPT_IGNORED;
-    lock_fd(fd, &h);
-    if (atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_PLACEHOLDER)
-        r = record_locked(&e->sock, level, name, val, len);
-    unlock_fd(&h);
+    lock_group(fd, e, &h);
+    if (state_of(e) == FDT_PLACEHOLDER) {
+        /* One socket, so one set of options for all its fd numbers. */
+        struct entry *m = e;
+        do {
+            enum fdt_opt rm = record_locked(&m->sock, level, name, val, len);
+            if (m == e)
+                r = rm;
+            m = ring_next(m);
+        } while (m != e);
+    }
+    unlock_group(&h);
     return r;
 }
 
@@ -290,8 +461,8 @@ enum fdt_claim fdt_claim(int fd, ino_t ino, struct fdt_sock *out)
 
     struct held h;
     enum fdt_claim r;
-    lock_fd(fd, &h);
-    int state = atomic_load_explicit(&e->state, memory_order_relaxed);
+    lock_group(fd, e, &h);
+    int state = state_of(e);
     if (state == FDT_NONE) {
         r = FDT_UNTRACKED;
     } else if (e->ino != ino) {
@@ -300,62 +471,168 @@ enum fdt_claim fdt_claim(int fd, ino_t ino, struct fdt_sock *out)
     } else if (state != FDT_PLACEHOLDER) {
         r = FDT_DECIDED;
     } else {
-        atomic_store_explicit(&e->state, FDT_BUSY, memory_order_relaxed);
+        ring_set_state(e, FDT_BUSY); /* a duplicate is not decided twice at once */
+        e->claimant = true;
         *out = e->sock;
         r = FDT_CLAIMED;
     }
-    unlock_fd(&h);
+    unlock_group(&h);
     return r;
+}
+
+/* Ends the ring: every member alone in state. */
+static void dissolve(struct entry *e, enum fdt_state state)
+{
+    while (!alone(e)) {
+        struct entry *m = ring_next(e);
+        unlink_entry(m);
+        m->claimant = false;
+        set_state(m, state);
+    }
+    e->claimant = false;
+    set_state(e, state);
 }
 
 void fdt_release(int fd, uint64_t gen, enum fdt_state state)
 {
     struct entry *e = entry_of(fd);
     struct held h;
-    lock_fd(fd, &h);
-    if (claim_held(e, gen))
-        atomic_store_explicit(&e->state, state, memory_order_release);
-    unlock_fd(&h);
+    lock_group(fd, e, &h);
+    if (claim_held(e, gen)) {
+        if (state == FDT_PLACEHOLDER)
+            ring_set_state(e, state); /* undecided: still duplicates of one placeholder */
+        else
+            dissolve(e, state);
+    }
+    unlock_group(&h);
 }
 
 void fdt_release_bound(int fd, uint64_t gen, const void *addr, socklen_t len)
 {
     struct entry *e = entry_of(fd);
     struct held h;
-    lock_fd(fd, &h);
+    lock_group(fd, e, &h);
     if (claim_held(e, gen)) {
-        e->sock.bound = true;
-        e->sock.bound_len = len < GRAFT_ADDR_MAX ? len : GRAFT_ADDR_MAX;
-        memcpy(e->sock.bound_addr, addr, e->sock.bound_len);
-        atomic_store_explicit(&e->state, FDT_PLACEHOLDER, memory_order_release);
+        struct entry *m = e;
+        do {
+            m->sock.bound = true;
+            m->sock.bound_len = len < GRAFT_ADDR_MAX ? len : GRAFT_ADDR_MAX;
+            memcpy(m->sock.bound_addr, addr, m->sock.bound_len);
+            m = ring_next(m);
+        } while (m != e);
+        ring_set_state(e, FDT_PLACEHOLDER);
     }
-    unlock_fd(&h);
+    unlock_group(&h);
 }
 
-int fdt_commit(int fd, uint64_t gen, ino_t ino, int (*install)(void *), void *arg)
+static void set_grafted(struct entry *e, ino_t ino, const struct fdt_names *names)
+{
+    e->ino = ino;
+    if (names != NULL)
+        e->names = *names;
+    atomic_store_explicit(&e->has_names, names != NULL, memory_order_relaxed);
+    e->claimant = false;
+    set_state(e, FDT_GRAFTED);
+}
+
+int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
+               fdt_install_fn install, void *arg)
 {
     struct entry *e = entry_of(fd);
     struct held h;
     int err = EBADF; /* the app closed fd while the broker was deciding */
-    lock_fd(fd, &h);
+    lock_group(fd, e, &h);
     if (claim_held(e, gen)) {
-        err = install(arg);
-        if (err == 0)
-            e->ino = ino;
-        atomic_store_explicit(&e->state, err == 0 ? FDT_GRAFTED : FDT_PLACEHOLDER,
-                              memory_order_release);
+        err = install(fd, e->ino, arg);
+        if (err != 0) {
+            ring_set_state(e, FDT_PLACEHOLDER);
+        } else {
+            /* The duplicates: every fd number of the socket moves to the host. */
+            while (!alone(e)) {
+                struct entry *m = ring_next(e);
+                unlink_entry(m);
+                if (install(m->fd, m->ino, arg) == 0) {
+                    set_grafted(m, ino, names);
+                } else {
+                    m->sock.gen++;
+                    m->claimant = false;
+                    set_state(m, FDT_NONE);
+                }
+            }
+            set_grafted(e, ino, names);
+        }
     }
-    unlock_fd(&h);
+    unlock_group(&h);
     return err;
+}
+
+bool fdt_is_placeholder(int fd)
+{
+    struct entry *e = live_entry(fd);
+    return e != NULL && atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_PLACEHOLDER;
+}
+
+bool fdt_is_tracked(int fd)
+{
+    return live_entry(fd) != NULL;
+}
+
+bool fdt_get_names(int fd, struct fdt_names *out)
+{
+    struct entry *e = live_entry(fd);
+    if (e == NULL || !atomic_load_explicit(&e->has_names, memory_order_relaxed))
+        return false;
+    struct held h;
+    bool found = false;
+    lock_group(fd, e, &h);
+    if (state_of(e) == FDT_GRAFTED && atomic_load_explicit(&e->has_names, memory_order_relaxed)) {
+        *out = e->names;
+        found = true;
+    }
+    unlock_group(&h);
+    return found;
+}
+
+void fdt_dup(int oldfd, int newfd, ino_t ino)
+{
+    if (oldfd == newfd || !fdt_in_range(newfd) || !owned())
+        return;
+    struct entry *o = live_entry(oldfd);
+    if (o == NULL)
+        return; /* untracked: the lock-free common case */
+    struct entry *n = entry_create(newfd);
+    if (n == NULL)
+        return;
+
+    struct held h;
+    lock_pair(o, n, &h);
+    forget(n); /* whatever newfd was is gone (this may end a claim on o's ring) */
+    int state = state_of(o);
+    if (state != FDT_NONE && o->ino == ino) {
+        uint64_t gen = n->sock.gen;
+        n->sock = o->sock;
+        n->sock.gen = gen;
+        n->ino = o->ino;
+        if (state == FDT_PLACEHOLDER || state == FDT_BUSY) {
+            link_after(o, n); /* BUSY: the claim in progress will graft it too */
+        } else {
+            n->names = o->names;
+            atomic_store_explicit(&n->has_names,
+                                  atomic_load_explicit(&o->has_names, memory_order_relaxed),
+                                  memory_order_relaxed);
+        }
+        set_state(n, state);
+    }
+    unlock_group(&h);
 }
 
 static void drop_entry(int fd, struct entry *e)
 {
     struct held h;
-    lock_fd(fd, &h);
-    if (atomic_load_explicit(&e->state, memory_order_relaxed) != FDT_NONE)
+    lock_group(fd, e, &h);
+    if (state_of(e) != FDT_NONE)
         forget(e);
-    unlock_fd(&h);
+    unlock_group(&h);
 }
 
 void fdt_drop(int fd)

@@ -9,12 +9,20 @@
  * the snapshot's generation number, which any close, reuse or re-creation of
  * the fd in the meantime changes.
  *
+ * Duplicates (dup, dup2, dup3, fcntl F_DUPFD*) of an undecided placeholder
+ * refer to the same socket, so their entries are linked in a ring that
+ * shares one fate: claiming any of them claims all, and a graft puts the
+ * host socket on every fd number in the ring (see fdt_commit). Duplicates
+ * of a decided fd get a copy of its entry.
+ *
  * Safe from signal handlers and vfork children: fdt_drop and fdt_drop_range
  * (the close family) never allocate or free, hold a lock only with all
  * signals blocked, and leave the table alone in a process that does not own
  * it (a vfork/CLONE_VM child shares the parent's memory but not its fds).
- * Only fdt_track and fdt_adopt allocate (calloc, on first use of a page or
- * an fd number), so socket() from a signal handler is not async-signal-safe.
+ * Only fdt_track, fdt_adopt and fdt_dup allocate (calloc, on first use of a
+ * page or an fd number), so socket(), and dup of a *tracked* socket, from a
+ * signal handler are not async-signal-safe; dup2 of any other fd (the usual
+ * case in handlers and fork children) only does a lock-free lookup.
  */
 #ifndef GRAFT_FDTABLE_H
 #define GRAFT_FDTABLE_H
@@ -45,6 +53,16 @@ struct fdt_sock {
     uint8_t bound_addr[GRAFT_ADDR_MAX];
     uint32_t n_opts;
     struct graft_sockopt opts[GRAFT_MAX_OPTS];
+};
+
+/*
+ * A grafted socket whose host address differs from the address the app
+ * bound (a bind rule with `host`): getsockname translates it back.
+ */
+struct fdt_names {
+    socklen_t len;                /* size of both addresses */
+    uint8_t app[GRAFT_ADDR_MAX];  /* what the app passed to bind() */
+    uint8_t host[GRAFT_ADDR_MAX]; /* what the host socket is bound to */
 };
 
 enum fdt_claim {
@@ -93,12 +111,37 @@ void fdt_release(int fd, uint64_t gen, enum fdt_state state);
 void fdt_release_bound(int fd, uint64_t gen, const void *addr, socklen_t len);
 
 /*
- * Settles a claim as GRAFTED by running install(arg) (the dup3 onto fd)
- * under the entry's lock, so a concurrent close() of fd is ordered entirely
- * before it (then install is not run: EBADF) or after it. Returns 0 or an
- * errno value; if install fails, the entry is a PLACEHOLDER again.
+ * Puts the host socket on one fd number (the dup3); placeholder_ino is the
+ * inode the entry expects on that fd now. Returns 0 or an errno value.
  */
-int fdt_commit(int fd, uint64_t gen, ino_t ino, int (*install)(void *), void *arg);
+typedef int (*fdt_install_fn)(int fd, ino_t placeholder_ino, void *arg);
+
+/*
+ * Settles a claim as GRAFTED by running install on fd, and then on every
+ * other fd in its ring, under the entries' locks, so a concurrent close()
+ * of any of them is ordered entirely before it (that fd is then skipped;
+ * for fd itself: EBADF) or after it. ino is the host socket's inode; names,
+ * if not NULL, is recorded for getsockname. Returns 0 or an errno value: if
+ * install fails on fd, the ring is PLACEHOLDER again; a duplicate it fails
+ * on is forgotten (it keeps the placeholder and is adopted again later).
+ */
+int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
+               fdt_install_fn install, void *arg);
+
+/* Lock-free hints: fd is a placeholder now / is tracked at all (claim to be sure). */
+bool fdt_is_placeholder(int fd);
+bool fdt_is_tracked(int fd);
+
+/* The names of a grafted fd whose host address was translated; false if none. */
+bool fdt_get_names(int fd, struct fdt_names *out);
+
+/*
+ * newfd (whose inode is ino) was made a duplicate of oldfd by dup, dup2,
+ * dup3 or fcntl(F_DUPFD*): newfd joins oldfd's ring if that is undecided,
+ * or gets a copy of its decided entry. Nothing happens if oldfd is
+ * untracked or its entry is stale (another inode).
+ */
+void fdt_dup(int oldfd, int newfd, ino_t ino);
 
 /* fd was closed or now refers to another file. Lock-free when untracked. */
 void fdt_drop(int fd);

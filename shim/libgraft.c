@@ -9,6 +9,13 @@
  * with a denial. From then on the fd is an ordinary socket: the data path
  * never enters the shim.
  *
+ * UDP adds a fourth first use: a sendto/sendmsg/sendmmsg with a
+ * destination on an unbound, unconnected placeholder. These functions are
+ * on the data path, so their interposers cost one lock-free table lookup
+ * when the fd is anything but a placeholder. dup/dup3/fcntl(F_DUPFD*) keep
+ * duplicates of a placeholder together (fdtable.h), and getsockname shows
+ * the app the address it bound when a bind rule published it elsewhere.
+ *
  * Towards the caller each interposer behaves like the libc function: on
  * success errno is what it was on entry, on failure it is exactly the errno
  * the design documents for that case, and whenever the shim does not graft,
@@ -31,6 +38,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -257,7 +265,7 @@ static void remember_native_bind(int fd, struct fdt_sock *sock)
 {
     union inet_sockaddr local;
     socklen_t len = sizeof local;
-    if (getsockname(fd, &local.sa, &len) != 0 || local.sa.sa_family != sock->family ||
+    if (graft_real.getsockname(fd, &local.sa, &len) != 0 || local.sa.sa_family != sock->family ||
         port_of(&local) == 0)
         return;
     sock->bound = true;
@@ -344,12 +352,18 @@ struct outcome {
 
 /* One decision about a claimed placeholder. */
 struct attempt {
-    const char *call; /* "connect", "bind" or "listen", for messages */
+    const char *call; /* "connect", "bind", "listen" or "sendto", for messages */
     uint16_t op;      /* GRAFT_OP_* */
     int fd;
     int unreachable_errno; /* the error under GRAFT_FALLBACK=fail */
     const struct fdt_sock *sock;
     const union inet_sockaddr *addr; /* what to connect or bind to */
+    uint32_t flags;                  /* GRAFT_REQF_* */
+    /*
+     * bind() with a non-zero port: the address the app asked for, which
+     * getsockname shows it if the host socket is bound elsewhere.
+     */
+    const union inet_sockaddr *app_bound;
 };
 
 static void build_request(struct graft_request *req, const struct attempt *a)
@@ -361,7 +375,7 @@ static void build_request(struct graft_request *req, const struct attempt *a)
     req->family = a->sock->family;
     req->type = a->sock->type;
     req->protocol = a->sock->protocol;
-    req->flags = 0;
+    req->flags = a->flags;
     req->addr_len = inet_addr_size(a->addr->sa.sa_family);
     memcpy(req->addr, a->addr, req->addr_len);
     req->n_opts = a->sock->n_opts;
@@ -449,8 +463,8 @@ static int read_app_fd(int fd, struct app_fd *app)
 {
     struct timeval sndtimeo;
     socklen_t len = sizeof sndtimeo;
-    int fd_flags = fcntl(fd, F_GETFD);
-    int fl_flags = fcntl(fd, F_GETFL);
+    int fd_flags = graft_real.fcntl(fd, F_GETFD);
+    int fl_flags = graft_real.fcntl(fd, F_GETFL);
     if (fd_flags < 0 || fl_flags < 0 ||
         getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &sndtimeo, &len) < 0)
         return errno;
@@ -467,29 +481,77 @@ static int read_app_fd(int fd, struct app_fd *app)
  */
 static int match_nonblock(int hostfd, bool nonblock)
 {
-    int flags = fcntl(hostfd, F_GETFL);
+    int flags = graft_real.fcntl(hostfd, F_GETFL);
     if (flags < 0)
         return errno;
     int want = nonblock ? flags | O_NONBLOCK : flags & ~O_NONBLOCK;
-    if (want != flags && fcntl(hostfd, F_SETFL, want) < 0)
+    if (want != flags && graft_real.fcntl(hostfd, F_SETFL, want) < 0)
         return errno;
     return 0;
 }
 
-struct dup_args {
-    int hostfd;
-    int fd;
-    int flags;
-};
-
-static int dup_onto_app_fd(void *arg)
+/*
+ * Runs under the fd's entry lock (fdt_commit), once for the claimed fd and
+ * once for each duplicate of the placeholder. The inode check keeps a
+ * duplicate's number that was closed behind the shim's back and reused
+ * from being overwritten. FD_CLOEXEC is per fd number, so each keeps its
+ * own; O_NONBLOCK was set on the shared file description beforehand.
+ */
+static int dup_onto_app_fd(int fd, ino_t placeholder_ino, void *arg)
 {
-    const struct dup_args *d = arg;
-    return graft_real.dup3(d->hostfd, d->fd, d->flags) < 0 ? errno : 0;
+    const int *hostfd = arg;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode) || st.st_ino != placeholder_ino)
+        return EBADF;
+    int fd_flags = graft_real.fcntl(fd, F_GETFD);
+    if (fd_flags < 0)
+        return errno;
+    return graft_real.dup3(*hostfd, fd, fd_flags & FD_CLOEXEC ? O_CLOEXEC : 0) < 0 ? errno : 0;
 }
 
-/* Replaces the placeholder on fd with hostfd (consumed). 0 or an errno. */
-static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *app)
+static bool same_inet_addr(const union inet_sockaddr *a, const union inet_sockaddr *b)
+{
+    if (a->sa.sa_family != b->sa.sa_family)
+        return false;
+    if (a->sa.sa_family == AF_INET)
+        return a->in.sin_port == b->in.sin_port && a->in.sin_addr.s_addr == b->in.sin_addr.s_addr;
+    return a->in6.sin6_port == b->in6.sin6_port &&
+           memcmp(&a->in6.sin6_addr, &b->in6.sin6_addr, sizeof a->in6.sin6_addr) == 0 &&
+           a->in6.sin6_scope_id == b->in6.sin6_scope_id;
+}
+
+/*
+ * The container's view of a published bind: when the host socket is bound
+ * to another address than the app asked bind() for (a bind rule with
+ * `host`), remember both, so that getsockname() gives the app back what it
+ * bound, byte for byte as the kernel would have (flowinfo 0, sin_zero 0).
+ * The host side is read from the socket itself rather than the reply, so
+ * it is exactly what the kernel's getsockname returns later.
+ */
+static const struct fdt_names *published_names(const union inet_sockaddr *app_bound, int hostfd,
+                                                struct fdt_names *names)
+{
+    union inet_sockaddr host, app;
+    socklen_t len = sizeof host;
+    if (app_bound == NULL)
+        return NULL;
+    memset(&host, 0, sizeof host);
+    if (graft_real.getsockname(hostfd, &host.sa, &len) != 0 ||
+        len != inet_addr_size(app_bound->sa.sa_family) || same_inet_addr(app_bound, &host))
+        return NULL;
+    app = *app_bound;
+    if (app.sa.sa_family == AF_INET6)
+        app.in6.sin6_flowinfo = 0;
+    memset(names, 0, sizeof *names);
+    names->len = len;
+    memcpy(names->app, &app, len);
+    memcpy(names->host, &host, len);
+    return names;
+}
+
+/* Replaces the placeholder on fd, and its duplicates, with hostfd (consumed). 0 or an errno. */
+static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *app,
+                               const union inet_sockaddr *app_bound)
 {
     struct stat st;
     int err = read_app_fd(fd, app);
@@ -498,8 +560,9 @@ static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *
     if (err == 0 && fstat(hostfd, &st) < 0)
         err = errno;
     if (err == 0) {
-        struct dup_args d = {hostfd, fd, app->cloexec ? O_CLOEXEC : 0};
-        err = fdt_commit(fd, gen, st.st_ino, dup_onto_app_fd, &d);
+        struct fdt_names names;
+        err = fdt_commit(fd, gen, st.st_ino, published_names(app_bound, hostfd, &names),
+                         dup_onto_app_fd, &hostfd);
     } else {
         fdt_release(fd, gen, FDT_PLACEHOLDER);
     }
@@ -518,7 +581,7 @@ static void settle(const struct attempt *a, struct outcome *o, int hostfd)
         fdt_release(a->fd, a->sock->gen, FDT_PLACEHOLDER);
         break;
     case OUT_GRAFTED: {
-        int err = install_host_socket(a->fd, a->sock->gen, hostfd, &o->app);
+        int err = install_host_socket(a->fd, a->sock->gen, hostfd, &o->app, a->app_bound);
         if (err != 0) {
             o->kind = OUT_FAILED;
             o->error = err;
@@ -612,7 +675,7 @@ static void graft_connect(int fd, const union inet_sockaddr *target, struct outc
         fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
         return;
     }
-    struct attempt a = {"connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target};
+    struct attempt a = {"connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target, 0, NULL};
     decide(&a, o);
 }
 
@@ -700,7 +763,7 @@ static int bind_ephemeral(int fd, const struct fdt_sock *sock, const union inet_
     else
         fdt_release(fd, sock->gen, FDT_PLACEHOLDER);
     if (rc == 0 && log_debug_on()) {
-        struct attempt a = {"bind", GRAFT_OP_BIND, fd, 0, sock, local};
+        struct attempt a = {"bind", GRAFT_OP_BIND, fd, 0, sock, local, 0, NULL};
         debug_verdict(&a, "deferred", "port 0 bound in the container; the broker decides at connect or listen");
     }
     errno = err;
@@ -721,7 +784,7 @@ static int graft_bind(int fd, const union inet_sockaddr *local, const struct soc
     if (port_of(local) == 0)
         return bind_ephemeral(fd, &sock, local, addr, len, saved);
 
-    struct attempt a = {"bind", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, local};
+    struct attempt a = {"bind", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, local, 0, local};
     struct outcome o;
     decide(&a, &o);
     return bind_result(&o, saved);
@@ -768,7 +831,8 @@ static int graft_listen(int fd, int backlog, int saved)
     }
     union inet_sockaddr local;
     listen_address(&sock, &local);
-    struct attempt a = {"listen", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, &local};
+    /* No app_bound: the app asked for "any port", so the host's port is its answer. */
+    struct attempt a = {"listen", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, &local, 0, NULL};
     struct outcome o;
     decide(&a, &o);
     int rc = bind_result(&o, saved);
@@ -790,6 +854,156 @@ EXPORT int listen(int fd, int backlog)
     return graft_real.listen(fd, backlog);
 }
 
+/* ---- sendto(), sendmsg(), sendmmsg(): UDP's implicit first use ---- */
+
+/*
+ * An AF_INET6 UDP socket may send to an AF_INET address (as if to its
+ * v4-mapped form, unless IPV6_V6ONLY); the request names the socket's own
+ * family, and an IPv4 CIDR matches the mapped address.
+ */
+static bool dest_for_family(int family, const union inet_sockaddr *dest, union inet_sockaddr *out)
+{
+    if (dest->sa.sa_family == family) {
+        *out = *dest;
+        return true;
+    }
+    if (family != AF_INET6 || dest->sa.sa_family != AF_INET)
+        return false;
+    memset(out, 0, sizeof *out);
+    out->in6.sin6_family = AF_INET6;
+    out->in6.sin6_port = dest->in.sin_port;
+    out->in6.sin6_addr.s6_addr[10] = 0xff;
+    out->in6.sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&out->in6.sin6_addr.s6_addr[12], &dest->in.sin_addr, 4);
+    return true;
+}
+
+/*
+ * A datagram with a destination, on a UDP placeholder that is neither
+ * connected nor bound (a deferred port-0 bind counts as unbound: it only
+ * reserved a container port), is the socket's first use: the brief judges
+ * it as a connect to that destination, with GRAFT_REQF_SENDTO. On graft
+ * the broker leaves the host socket unconnected (bound to the wildcard
+ * address, port 0), so the app may later send anywhere its confinement
+ * allows and receive from any peer, as with a native unconnected socket.
+ *
+ * Returns 0 to go on with the real call (on the host socket after a graft,
+ * on the placeholder for a container verdict, or because the shim has
+ * nothing to decide) or -1 with errno: a denial (EPERM) sends nothing.
+ *
+ * Not judged: sends on grafted or native sockets, whatever their
+ * destination (the shim stays off the data path; on grafted sockets the
+ * kernel confinement is what limits destinations), untracked fds (no
+ * adoption here: it would cost system calls on every send of an untracked
+ * socket), and TCP (MSG_FASTOPEN on a placeholder runs natively).
+ */
+static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    if (addr == NULL || !fdt_is_placeholder(fd)) /* the fast path: one atomic load */
+        return 0;
+    union inet_sockaddr given, dest;
+    if (!copy_inet_addr(addr, len, &given))
+        return 0; /* not an address the kernel would take: its errno */
+
+    struct outcome o = {.kind = OUT_NATIVE};
+    struct fdt_sock sock;
+    int cancel = cancel_off();
+    if (claim_socket(fd, false, &sock)) {
+        if (sock.type != SOCK_DGRAM || !dest_for_family(sock.family, &given, &dest)) {
+            fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+        } else {
+            struct attempt a = {"sendto", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, &dest,
+                                GRAFT_REQF_SENDTO, NULL};
+            decide(&a, &o);
+        }
+    }
+    cancel_restore(cancel);
+    if (o.kind == OUT_FAILED || (o.kind == OUT_GRAFTED && o.error != 0))
+        return fail(o.error);
+    return 0;
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
+                      socklen_t len)
+{
+    graft_init();
+    int saved = errno;
+    if (graft_sendto(fd, addr, len) < 0)
+        return -1;
+    errno = saved;
+    return graft_real.sendto(fd, buf, n, flags, addr, len);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    graft_init();
+    int saved = errno;
+    if (msg != NULL && graft_sendto(fd, msg->msg_name, msg->msg_namelen) < 0)
+        return -1;
+    errno = saved;
+    return graft_real.sendmsg(fd, msg, flags);
+}
+
+/* struct mmsghdr, which <sys/socket.h> declares only with _GNU_SOURCE. */
+struct graft_mmsghdr {
+    struct msghdr msg_hdr;
+    unsigned int msg_len;
+};
+
+/*
+ * The first message's destination decides, as a first sendto would; the
+ * rest of the batch then goes out on whatever socket that left on fd.
+ */
+EXPORT int sendmmsg(int fd, struct graft_mmsghdr *vec, unsigned int vlen, int flags)
+{
+    graft_init();
+    int saved = errno;
+    if (vec != NULL && vlen > 0 &&
+        graft_sendto(fd, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen) < 0)
+        return -1;
+    errno = saved;
+    return graft_real.sendmmsg(fd, vec, vlen, flags);
+}
+
+/* ---- getsockname(): the container's view of a published bind ---- */
+
+/*
+ * Only a grafted socket bound by bind() to another host address than the
+ * app asked for (a bind rule with `host`) is translated; the check is a
+ * lock-free load for every other fd. The real getsockname runs first and
+ * the translation applies only if it returns exactly the recorded host
+ * address, so an entry left stale by a close behind the shim's back can
+ * never make up an answer. Copy semantics are the kernel's: min(*len,
+ * size) bytes are copied and *len is set to the full size.
+ *
+ * Known limit: sockets accept()ed from a published listener are not
+ * tracked (accept stays native, off the shim), so their getsockname shows
+ * the host address (e.g. 127.0.0.1:8080, not :80). getpeername is native.
+ */
+EXPORT int getsockname(int fd, struct sockaddr *restrict addr, socklen_t *restrict len)
+{
+    graft_init();
+    struct fdt_names names;
+    if (addr == NULL || len == NULL || !fdt_get_names(fd, &names))
+        return graft_real.getsockname(fd, addr, len);
+    if ((int)*len < 0) /* the kernel's EINVAL */
+        return graft_real.getsockname(fd, addr, len);
+
+    int saved = errno;
+    union inet_sockaddr real;
+    socklen_t size = sizeof real;
+    memset(&real, 0, sizeof real);
+    if (graft_real.getsockname(fd, &real.sa, &size) < 0)
+        return -1;
+    const void *src = &real;
+    if (size == names.len && memcmp(&real, names.host, names.len) == 0)
+        src = names.app;
+    memcpy(addr, src, *len < size ? *len : size);
+    *len = size;
+    errno = saved;
+    return 0;
+}
+
 /* ---- the close family: async-signal-safe, see fdtable.h ---- */
 
 /* Forget first: once closed, another thread's socket() may reuse the number. */
@@ -802,6 +1016,39 @@ EXPORT int close(int fd)
     return graft_real.close(fd);
 }
 
+/*
+ * The dup family. A duplicate of a placeholder is the same socket under a
+ * second number, so it joins the placeholder's ring (fdtable.h): the first
+ * connect/bind/listen/sendto on either number decides the one socket, and
+ * a graft dup3's the host socket onto every number in the ring. A
+ * duplicate of a grafted or native fd gets a copy of its entry (the same
+ * state, and the same getsockname translation). An untracked oldfd costs a
+ * lock-free lookup only, so dup2 of pipes and files stays signal-safe.
+ */
+static void track_dup(int oldfd, int newfd)
+{
+    if (!fdt_is_tracked(oldfd))
+        return;
+    int saved = errno;
+    struct stat st;
+    if (fstat(newfd, &st) == 0 && S_ISSOCK(st.st_mode))
+        fdt_dup(oldfd, newfd, st.st_ino);
+    errno = saved;
+}
+
+EXPORT int dup(int oldfd)
+{
+    graft_init();
+    int fd = graft_real.dup(oldfd);
+    if (fd >= 0) {
+        int saved = errno;
+        fdt_drop(fd); /* a stale entry from a close the shim did not see */
+        errno = saved;
+        track_dup(oldfd, fd);
+    }
+    return fd;
+}
+
 /* Forget after: newfd is occupied throughout, so no other socket can take it. */
 EXPORT int dup2(int oldfd, int newfd)
 {
@@ -811,6 +1058,7 @@ EXPORT int dup2(int oldfd, int newfd)
         int saved = errno;
         fdt_drop(newfd);
         errno = saved;
+        track_dup(oldfd, newfd);
     }
     return rc;
 }
@@ -823,8 +1071,46 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
         int saved = errno;
         fdt_drop(newfd);
         errno = saved;
+        track_dup(oldfd, newfd);
     }
     return rc;
+}
+
+/*
+ * fcntl's third argument is an int or a pointer depending on cmd; like
+ * glibc's own fcntl we take it as a pointer-sized vararg and pass it on
+ * unchanged. Only F_DUPFD and F_DUPFD_CLOEXEC concern the shim.
+ */
+static int after_fcntl(int fd, int cmd, int rc)
+{
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
+        int saved = errno;
+        fdt_drop(rc);
+        errno = saved;
+        track_dup(fd, rc);
+    }
+    return rc;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+    graft_init();
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return after_fcntl(fd, cmd, graft_real.fcntl(fd, cmd, arg));
+}
+
+/* Programs built with _FILE_OFFSET_BITS=64 call fcntl64 (glibc >= 2.28). */
+EXPORT int fcntl64(int fd, int cmd, ...)
+{
+    graft_init();
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return after_fcntl(fd, cmd, graft_real.fcntl64(fd, cmd, arg));
 }
 
 /*

@@ -47,4 +47,11 @@ void graft_real_init(void)
     RESOLVE(dup2);
     RESOLVE(dup3);
     RESOLVE(close_range);
+    RESOLVE(sendto);
+    RESOLVE(sendmsg);
+    RESOLVE(sendmmsg);
+    RESOLVE(getsockname);
+    RESOLVE(dup);
+    RESOLVE(fcntl);
+    RESOLVE(fcntl64);
 }

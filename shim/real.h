@@ -11,6 +11,7 @@
 #define GRAFT_REAL_H
 
 #include <sys/socket.h>
+#include <sys/types.h>
 
 struct graft_real_fns {
     int (*socket)(int domain, int type, int protocol);
@@ -22,6 +23,14 @@ struct graft_real_fns {
     int (*dup2)(int oldfd, int newfd);
     int (*dup3)(int oldfd, int newfd, int flags);
     int (*close_range)(unsigned int first, unsigned int last, int flags);
+    ssize_t (*sendto)(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
+                      socklen_t len);
+    ssize_t (*sendmsg)(int fd, const struct msghdr *msg, int flags);
+    int (*sendmmsg)(int fd, void *msgvec, unsigned int vlen, int flags); /* struct mmsghdr * */
+    int (*getsockname)(int fd, struct sockaddr *addr, socklen_t *len);
+    int (*dup)(int fd);
+    int (*fcntl)(int fd, int cmd, ...);
+    int (*fcntl64)(int fd, int cmd, ...);
 };
 
 extern struct graft_real_fns graft_real;

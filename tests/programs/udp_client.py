@@ -1,0 +1,53 @@
+"""UDP client modes for tests/test_e2e_udp.py; prints one JSON object.
+
+connect HOST PORT         connect(), send, recv: the connected-client path
+sendto HOST PORT PORT2    unconnected: sendto PORT (grafts), recvfrom; then sendmsg to PORT2, recvfrom;
+                          replies may come from any port (the server answers from a second socket);
+                          if the second send is refused: {"first": ..., "second_send": ERRNO}
+deny HOST PORT            a sendto the policy denies: errno, and whether the socket got a local port
+"""
+import errno
+import json
+import socket
+import sys
+
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.settimeout(10)
+out = {}
+try:
+    if mode == "connect":
+        s.connect((host, port))
+        s.send(b"hello connected")
+        data, peer = s.recvfrom(2048)
+        out = {"data": data.decode(), "peer": list(peer[:2]), "getpeername": list(s.getpeername()[:2])}
+    elif mode == "sendto":
+        port2 = int(sys.argv[4])
+        s.sendto(b"one", (host, port))
+        d1, p1 = s.recvfrom(2048)
+        try:
+            s.sendmsg([b"two"], [], 0, (host, port2))
+        except OSError as e:  # confinement: a socket judged for one destination only
+            print(json.dumps({"first": [d1.decode(), list(p1[:2])], "second_send": errno.errorcode[e.errno]}))
+            raise SystemExit(0)
+        d2, p2 = s.recvfrom(2048)
+        try:
+            s.getpeername()
+            connected = True
+        except OSError as e:
+            connected = errno.errorcode[e.errno]
+        out = {"replies": [[d1.decode(), list(p1[:2])], [d2.decode(), list(p2[:2])]],
+               "connected": connected, "local_port": s.getsockname()[1]}
+    elif mode == "deny":
+        try:
+            s.sendto(b"must not leave", (host, port))
+            out["sendto"] = "OK"
+        except OSError as e:
+            out["sendto"] = errno.errorcode[e.errno]
+        out["local_port"] = s.getsockname()[1]  # a datagram that left would have autobound it
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+except socket.timeout:
+    out["error"] = "timeout"
+print(json.dumps(out), flush=True)
