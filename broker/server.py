@@ -25,9 +25,10 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 import time
+from collections import Counter
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,16 +37,18 @@ import trio
 from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
+from .admin import ADMIN_SOCKET, serve_admin
+from .unixsock import bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
 from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
 from .netns import Namespace, NetnsError
+from .ratelimit import TokenBucket
 from .sockopts import apply_options, split_options
 
 log = logging.getLogger("graft.broker")
 
 MAX_CLIENTS_PER_TENANT = 256
-LISTEN_BACKLOG = 512
 # After a sock_diag refresh finds a tenant still at max_sockets, further
 # requests are refused without another dump for this long.
 LIVENESS_REFRESH_INTERVAL = 0.1
@@ -65,12 +68,18 @@ class TenantState:
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
     refreshing: trio.Event | None = None  # set when the running liveness dump ends
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
+    bucket: TokenBucket | None = None  # max_rate
+    counts: Counter = field(default_factory=Counter)  # requests by audited action, for graft status
 
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
         self.config, self.matcher = config, matcher
         if self.namespace.netns != config.netns:
             self.namespace = Namespace(config.netns)
+        if config.max_rate is None:
+            self.bucket = None
+        elif self.bucket is None or self.bucket.rate != config.max_rate:
+            self.bucket = TokenBucket(config.max_rate, time.monotonic())
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,8 @@ class Broker:
         self.audit = audit
         self.tenants: dict[str, TenantState] = {}
         self._nursery: trio.Nursery | None = None
+        self.generation = 1  # of the policy in force: 1 at start, +1 per reload
+        self.loaded_at = time.time()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -102,6 +113,7 @@ class Broker:
             matchers = compile_policy(self.policy)
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
+            await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
             task_status.started()
 
     async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
@@ -135,6 +147,33 @@ class Broker:
                 state.configure(config, matchers[name])
                 os.chmod(state.path, config.socket_mode_int)
         self.policy = policy
+        self.generation += 1
+        self.loaded_at = time.time()
+
+    async def status(self) -> dict:
+        """What `graft status` shows: tenants, live grafted sockets, counters, confinement."""
+        tenants = {}
+        for name, t in self.tenants.items():
+            try:
+                t.live &= await t.namespace.live_inodes()
+                live, exact = len(t.live), True
+            except OSError:
+                live, exact = len(t.live), False  # an upper bound: not pruned
+            tenants[name] = {
+                "socket": str(t.path),
+                "netns": t.config.netns,
+                "live_sockets": live,
+                "live_exact": exact,
+                "max_sockets": t.config.max_sockets,
+                "max_rate": t.config.max_rate,
+                "counts": {a: t.counts[a] for a in ("graft", "container", "deny", "error")},
+            }
+        return {
+            "policy": {"version": self.policy.version, "generation": self.generation,
+                       "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat()},
+            "confinement": self.confinement_state,
+            "tenants": tenants,
+        }
 
     # ---- per tenant ------------------------------------------------------
 
@@ -191,7 +230,10 @@ class Broker:
             await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), None, tenant, peer)
             return False
 
-        verdict = judge(req, tenant.matcher, peer.uid)
+        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
+            verdict = Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
+        else:
+            verdict = judge(req, tenant.matcher, peer.uid)
         host_sock, reply = None, None
         if verdict.action == "graft":
             host_sock, reply, verdict = await self._graft(tenant, req, verdict)
@@ -330,6 +372,8 @@ class Broker:
     # ---- audit -----------------------------------------------------------
 
     def _audit(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict) -> None:
+        """Write the request's audit record and count it for graft status."""
+        tenant.counts[verdict.action] += 1
         host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
         self.audit.write(
             tenant=tenant.name,
@@ -349,6 +393,7 @@ class Broker:
         )
 
     def _audit_refusal(self, tenant: TenantState, peer: Peer, e: wire.WireError) -> None:
+        tenant.counts["error"] += 1
         log.warning("tenant %s: malformed request from pid %d: %s", tenant.name, peer.pid, e.reason)
         self.audit.write(
             tenant=tenant.name,
@@ -385,29 +430,3 @@ def prepare_socket_dir(path: Path) -> None:
     """Create the socket directory, mode 0700: host users must not reach tenants' sockets."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-async def bind_unix_listener(sock, path: Path, mode: int) -> None:
-    """Bind and listen at path, replacing a stale socket file but never a live broker's."""
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        with probe:
-            try:
-                await probe.connect(str(path))
-            except OSError:
-                path.unlink()  # nobody answers: left over from a broker that died
-            else:
-                raise RuntimeError(f"{path} is served by a running broker")
-    await sock.bind(str(path))
-    os.chmod(path, mode)
-    sock.listen(LISTEN_BACKLOG)
-
-
-def unlink_if_socket(path: Path) -> None:
-    try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass

@@ -5,6 +5,7 @@
     graft policy schema
     graft shim-path
     graft confinement status|remove
+    graft status [--socket-dir DIR] [--json]
 """
 from __future__ import annotations
 
@@ -100,6 +101,37 @@ def _cmd_confinement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Ask a running broker over its root-only admin socket."""
+    import socket
+
+    from graft.broker.admin import ADMIN_SOCKET
+
+    path = os.path.join(args.socket_dir, ADMIN_SOCKET)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            raw = b"".join(iter(lambda: s.recv(65536), b""))
+        status = json.loads(raw)
+    except (OSError, ValueError) as e:
+        print(f"graft status: no broker answers at {path}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    pol = status["policy"]
+    print(f"policy version {pol['version']}, generation {pol['generation']} (loaded {pol['loaded_at']})"
+          f"  confinement {status['confinement']}")
+    print(f"{'tenant':<20} {'live':>6} {'max':>6} {'graft':>8} {'container':>9} {'deny':>7} {'error':>6}  netns")
+    for name, t in status["tenants"].items():
+        live = f"{t['live_sockets']}{'' if t['live_exact'] else '?'}"
+        c = t["counts"]
+        print(f"{name:<20} {live:>6} {t['max_sockets']:>6} {c['graft']:>8} {c['container']:>9} {c['deny']:>7}"
+              f" {c['error']:>6}  {t['netns']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Graft container sockets onto the host network stack.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_policy_check)
     schema = pol.add_parser("schema", help="print the policy's JSON Schema")
     schema.set_defaults(func=_cmd_policy_schema)
+
+    status = sub.add_parser("status", help="a running broker's tenants, live sockets and counters")
+    status.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, help=f"default: {DEFAULT_SOCKET_DIR}")
+    status.add_argument("--json", action="store_true", help="the same, as JSON")
+    status.set_defaults(func=_cmd_status)
 
     conf = sub.add_parser("confinement", help="graft-broker's kernel confinement (BPF) on this host")
     conf_sub = conf.add_subparsers(dest="confinement_command", required=True)

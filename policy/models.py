@@ -347,6 +347,10 @@ class Tenant(_Strict):
     socket_mode: str = Field("0666", description="mode of <socket_dir>/<tenant>.sock, an octal string",
                              pattern=SOCKET_MODE_RE)
     max_sockets: int = Field(1024, ge=1, description="grafted sockets open at once")
+    # Our addition to the v1 keys: requests per second the broker answers for this tenant
+    # (a token bucket with a burst of one second's worth), so a flooding tenant cannot take
+    # the broker from the others.  Absent = no limit.
+    max_rate: int | None = Field(None, ge=1, description="requests per second; absent = no limit")
     # Our addition to the v1 keys: an optional allowlist of the peer uids the broker reads with
     # SO_PEERCRED, i.e. uids as the host sees them (a container's root under user namespaces is
     # its mapped host uid).  Absent = any uid that can reach the socket.

@@ -29,11 +29,16 @@ def _rule_line(op: str, index: int, rule: ConnectRule | BindRule, width: int) ->
     return "    " + "  ".join(parts)
 
 
+def _rate(rate: int | None) -> str:
+    return "none" if rate is None else f"{rate}/s"
+
+
 def _tenant_lines(name: str, tenant: Tenant, socket_dir: str) -> list[str]:
     lines = [
         f"  tenant {format_loc((name,))}  socket {socket_dir.rstrip('/')}/{name}.sock",
         f"    netns {tenant.netns}  default {tenant.default}  socket_mode {tenant.socket_mode}"
-        f"  max_sockets {tenant.max_sockets}  uids {'any' if tenant.uids is None else _join(tenant.uids)}",
+        f"  max_sockets {tenant.max_sockets}  max_rate {_rate(tenant.max_rate)}"
+        f"  uids {'any' if tenant.uids is None else _join(tenant.uids)}",
     ]
     rules = [("connect", i, r) for i, r in enumerate(tenant.connect)]
     rules += [("bind", i, r) for i, r in enumerate(tenant.bind)]

@@ -297,3 +297,44 @@ async def test_max_sockets_counts_live_sockets_only(env, monkeypatch):
 async def test_tenant_socket_mode_and_directory_mode(env):
     assert oct(env.path.stat().st_mode & 0o777) == "0o666"
     assert oct((env.dir / "sock").stat().st_mode & 0o777) == "0o700"
+
+
+async def admin_status(env) -> dict:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with s:
+        await s.connect(str(env.dir / "sock" / "_admin.sock"))
+        chunks = []
+        while chunk := await s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+async def test_status_counts_and_live_sockets(env):
+    c = await env.client()
+    rep, sock = await c.ask(wire.OP_CONNECT, addr("127.0.0.1", env.port))
+    await c.ask(wire.OP_CONNECT, addr("127.0.0.1", 1))  # deny
+    await c.ask(wire.OP_CONNECT, addr("127.0.0.2", 1))  # container
+    peer, _ = env.listener.accept()
+    st = await admin_status(env)
+    t = st["tenants"]["t"]
+    assert t["counts"] == {"graft": 1, "container": 1, "deny": 1, "error": 0}
+    assert (t["live_sockets"], t["live_exact"]) == (1, True)
+    assert st["confinement"] == "off" and st["policy"]["generation"] == 1
+    sock.close()
+    peer.close()
+    assert (await admin_status(env))["tenants"]["t"]["live_sockets"] == 0
+    await env.broker.reload(parse_policy(POLICY.format(port=env.port, host_port=free_port())))
+    assert (await admin_status(env))["policy"]["generation"] == 2
+    assert oct((env.dir / "sock" / "_admin.sock").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_max_rate_refuses_with_eagain_and_audits(env):
+    await env.broker.reload(parse_policy(POLICY.format(port=env.port, host_port=free_port()).replace(
+        'default = "deny"', 'default = "deny"\nmax_rate = 5')))
+    c = await env.client()
+    verdicts = [(await c.ask(wire.OP_CONNECT, addr("127.0.0.1", 1)))[0] for _ in range(8)]
+    # A burst of one second's worth (5) is judged; the rest are refused. The 8
+    # requests take far less than the 200 ms that would refill one token.
+    assert [(v.verdict, v.error) for v in verdicts] == [(wire.V_DENY, errno.EPERM)] * 5 + \
+        [(wire.V_DENY, errno.EAGAIN)] * 3
+    assert env.audit()[-1]["rule"] == "tenants.t.max_rate"

@@ -99,3 +99,17 @@ def test_second_broker_on_the_same_sockets_refuses(start_broker, short_tmp):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "running broker" in r.stderr
     assert first.socket_path.is_socket()
+
+
+def test_graft_status_human_and_json(start_broker):
+    broker = start_broker('version = 1\n[tenants.t]\nmax_rate = 100\n')
+    human = graft("status", "--socket-dir", str(broker.socket_dir))
+    assert human.returncode == 0, human.stderr
+    assert "generation 1" in human.stdout and any(line.startswith("t ") for line in human.stdout.splitlines())
+    st = json.loads(graft("status", "--socket-dir", str(broker.socket_dir), "--json").stdout)
+    assert st["tenants"]["t"]["max_rate"] == 100 and st["confinement"] in ("on", "off")
+
+
+def test_graft_status_without_a_broker(tmp_path):
+    r = graft("status", "--socket-dir", str(tmp_path))
+    assert r.returncode == 1 and "no broker answers" in r.stderr

@@ -277,6 +277,7 @@ def test_one_error_is_singular():
         ('[tenants.web]\nsocket_mode = "06666"', "tenants.web.socket_mode", "not an octal mode"),
         ("[tenants.web]\nmax_sockets = 0", "tenants.web.max_sockets", "greater than or equal to 1"),
         ('[tenants.web]\nmax_sockets = "10"', "tenants.web.max_sockets", "must be an integer"),
+        ("[tenants.web]\nmax_rate = 0", "tenants.web.max_rate", "greater than or equal to 1"),
         ("[tenants.web]\nuids = []", "tenants.web.uids", "omit the key to allow any uid"),
         ("[tenants.web]\nuids = [-1]", "tenants.web.uids[0]", "greater than or equal to 0"),
         ("[tenants.web]\nuids = [4294967295]", "tenants.web.uids[0]", "less than or equal"),
@@ -429,7 +430,7 @@ def test_json_schema():
     tenant = schema["$defs"]["Tenant"]
     assert tenant["additionalProperties"] is False
     assert set(tenant["properties"]) == {
-        "netns", "default", "socket_mode", "max_sockets", "uids", "connect", "bind"
+        "netns", "default", "socket_mode", "max_sockets", "max_rate", "uids", "connect", "bind"
     }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable

@@ -1,0 +1,50 @@
+"""The admin socket: `graft status` reads the broker's state from it.
+
+<socket_dir>/_admin.sock, mode 0600 inside the 0700 socket directory, so
+only root reaches it. The name cannot clash with a tenant's socket: tenant
+names start with a letter or digit. Each connection gets one JSON document
+and is closed; there are no commands, so nothing here can change the broker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from .unixsock import bind_unix_listener, unlink_if_socket
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+ADMIN_SOCKET = "_admin.sock"
+ADMIN_TIMEOUT = 5.0  # a reader that does not read cannot hold a task for longer
+
+log = logging.getLogger("graft.broker")
+
+
+async def serve_admin(broker: "Broker", path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with listener:
+        await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
+        try:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(_answer, broker, conn)
+        finally:
+            unlink_if_socket(path)
+
+
+async def _answer(broker: "Broker", conn) -> None:
+    with conn, trio.move_on_after(ADMIN_TIMEOUT):
+        data = (json.dumps(await broker.status()) + "\n").encode()
+        try:
+            while data:
+                sent = await conn.send(data)
+                data = data[sent:]
+        except OSError as e:
+            log.debug("admin client went away: %s", e)
