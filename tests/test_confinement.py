@@ -24,6 +24,7 @@ import pytest
 from harness import (
     GRAFT_BROKER,
     BrokerProcess,
+    echo_server,
     free_port,
     graft_cmd,
     make_test_cgroup,
@@ -86,34 +87,6 @@ ports = [80]
 host = "127.0.0.1:{published}"
 proto = "tcp"
 """
-
-
-@contextmanager
-def echo_server():
-    """A TCP echo server on 127.0.0.1; the escapes reset connections, which it takes quietly."""
-    import socketserver
-
-    class Echo(socketserver.BaseRequestHandler):
-        def handle(self):
-            try:
-                while data := self.request.recv(65536):
-                    self.request.sendall(data)
-            except OSError:
-                pass
-
-    class Server(socketserver.ThreadingTCPServer):
-        allow_reuse_address = True
-        daemon_threads = True
-
-    srv = Server(("127.0.0.1", 0), Echo)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join()
 
 
 @contextmanager
