@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import errno
 import os
 import queue
 import re
@@ -465,3 +466,37 @@ def test_asyncio_client(netns, start_broker):
         r = run_grafted(broker, netns, *program("asyncio_echo.py", "client", "127.0.0.1", port, "hello asyncio"))
     assert (r.returncode, r.stdout) == (0, "hello asyncio\n"), r.stderr
     assert len(grafts(broker, "connect", "tcp")) == 1
+
+
+# ---- every program, under a policy that denies its path ------------------------------
+
+DENIED = {
+    # name: (command builder (port) -> argv, op, errno, what the program says)
+    "redis-server bind": (lambda port: ["redis-server", "--port", "6379", "--bind", "0.0.0.0", "--save", "",
+                                        "--appendonly", "no"], "bind", errno.EACCES, "Permission denied"),
+    "iperf3 client": (lambda port: ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1"], "connect",
+                      errno.EPERM, "Operation not permitted"),
+    "socat tcp": (lambda port: ["socat", "-", f"TCP:127.0.0.1:{port}"], "connect", errno.EPERM,
+                  "Operation not permitted"),
+    "socat udp sendto": (lambda port: ["sh", "-c", f"echo x | socat - UDP-SENDTO:127.0.0.1:{port}"], "connect",
+                         errno.EPERM, "Operation not permitted"),
+    "asyncio client": (lambda port: program("asyncio_echo.py", "client", "127.0.0.1", port, "x"), "connect",
+                       errno.EPERM, "Operation not permitted"),
+    "sockperf tcp": (lambda port: ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port), "-t", "1"],
+                     "connect", errno.EPERM, None),
+}
+
+
+@pytest.mark.parametrize("name", list(DENIED))
+def test_denied_path_fails_with_the_documented_errno(netns, start_broker, name):
+    """default = "deny" and no rule: each program's first bind or connect is refused."""
+    argv, op, err, says = DENIED[name]
+    need_program("socat" if name.startswith("socat") else argv(0)[0])
+    broker = start_broker(rules())
+    r = run_grafted(broker, netns, *argv(free_port()), timeout=60)
+    output = r.stdout + r.stderr
+    if says is not None:
+        assert says in output, output
+        assert r.returncode != 0, output
+    refused = [a for a in broker.audit() if a["action"] == "deny"]
+    assert refused and (refused[0]["op"], refused[0]["errno"]) == (op, err), broker.audit()
