@@ -229,3 +229,16 @@ class TestBrokerDown:
         r = self.run(netns, short_tmp, "container", "127.0.0.1:9", "bind:80")
         assert r.stdout.split() == ["ECONNREFUSED", "OK"]  # native results inside the namespace
         assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_posix_spawn_and_vfork_children(netns, start_broker):
+    with echo_server() as port:
+        broker = start_broker(policy(connect_port=port))
+        r = run_grafted(broker, netns, *program("spawn_chain.py", "127.0.0.1", port))
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert [(who, echo) for who, _, echo in lines] == [
+        ("parent", "parent"), ("spawned", "spawned"), ("vforked", "vforked"), ("parent-again", "parent-again")]
+    pids = [int(pid) for _, pid, _ in lines]
+    assert pids[0] == pids[3] and len(set(pids)) == 3
+    assert [a["pid"] for a in broker.audit()] == pids  # each graft from its own process's connection
