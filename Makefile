@@ -9,7 +9,7 @@ APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nfta
 # The commands those packages provide; apt runs only if one is missing.
 APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make systemd-analyze
 
-.PHONY: all build deps venv demo test clean install-service
+.PHONY: all build deps venv demo test clean install-service bench bench-deps
 
 all: build
 
@@ -35,6 +35,27 @@ demo: deps build
 
 test: deps build
 	CI=$${CI:-} $(VPY) -m pytest
+
+# make bench [QUICK=1]: host vs nat vs graft, see docs/benchmarks.md. Run as root.
+# Extra Debian packages the benchmarks run, and the commands they provide.
+BENCH_APT  := wrk
+BENCH_CMDS := wrk
+QUICK      ?=
+bench-deps: deps
+	@missing=""; for c in $(BENCH_CMDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_APT) >/dev/null; \
+	fi
+
+$(VENV)/.bench-installed: $(VENV)/.installed setup.py constraints.txt
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+# broker_load.py first: run.py's nginx-close leaves TIME-WAIT sockets that slow the broker's prune.
+bench: bench-deps build $(VENV)/.bench-installed
+	$(VPY) bench/broker_load.py $(if $(QUICK),--quick,--profile 10)
+	$(VPY) bench/run.py $(if $(QUICK),--quick)
 
 clean:
 	$(MAKE) -C shim clean

@@ -43,7 +43,11 @@ setup(
         "pyroute2>=0.9",
         "pydantic>=2.6",
     ],
-    extras_require={"test": ["pytest", "pytest-trio", "hypothesis"]},
+    extras_require={
+        "test": ["pytest", "pytest-trio", "hypothesis"],
+        # make bench: figures (Agg backend) and the broker profile (docs/benchmarks.md)
+        "bench": ["matplotlib", "py-spy"],
+    },
     entry_points={
         "console_scripts": [
             "graft = graft.cli:main",
