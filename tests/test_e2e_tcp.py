@@ -242,3 +242,31 @@ def test_posix_spawn_and_vfork_children(netns, start_broker):
     pids = [int(pid) for _, pid, _ in lines]
     assert pids[0] == pids[3] and len(set(pids)) == 3
     assert [a["pid"] for a in broker.audit()] == pids  # each graft from its own process's connection
+
+
+def test_dual_stack_listener_accepts_ipv4_clients(netns, start_broker):
+    """bind([::]:80) with IPV6_V6ONLY off, published on the host's [::]: v4 and v6 clients both get in."""
+    host_port = free_port("::")
+    broker = start_broker(f'version = 1\n[tenants.t]\ndefault = "deny"\n[[tenants.t.bind]]\naddr = ["::/128"]\n'
+                          f'ports = [80]\nhost = "[::]:{host_port}"\n')
+    server = subprocess.Popen(graft_cmd(broker, netns, *program("dualstack.py", "server", 2)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+        seen_v4 = read_all(("127.0.0.1", host_port))
+        seen_v6 = read_all(("::1", host_port))
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert (seen_v4, seen_v6) == ("::ffff:127.0.0.1\n", "::1\n")
+
+
+def test_v4_mapped_destination_is_matched_by_an_ipv4_rule(netns, start_broker):
+    with echo_server() as port:
+        broker = start_broker(policy(connect_port=port))  # to = 127.0.0.1/32: an IPv4 CIDR
+        r = run_grafted(broker, netns, *program("dualstack.py", "client", "127.0.0.1", port))
+    assert (r.returncode, r.stdout.strip()) == (0, "mapped"), r.stderr
+    (rec,) = broker.audit()
+    assert (rec["family"], rec["addr"], rec["rule"]) == ("inet6", "::ffff:7f00:1", "tenants.t.connect[0]")
