@@ -49,6 +49,11 @@ from .sockopts import apply_options, split_options
 log = logging.getLogger("graft.broker")
 
 MAX_CLIENTS_PER_TENANT = 256
+# Requests of one tenant the broker works on at once. A tenant's other ready
+# connections wait for a turn off trio's run queue, so however many
+# connections a flooding tenant keeps busy, another tenant's request has at
+# most this many of them ahead of it.
+TURNS_PER_TENANT = 1
 # After a sock_diag refresh finds a tenant still at max_sockets, further
 # requests are refused without another dump for this long.
 LIVENESS_REFRESH_INTERVAL = 0.1
@@ -65,6 +70,7 @@ class TenantState:
     path: Path
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
+    turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(TURNS_PER_TENANT))
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
     refreshing: trio.Event | None = None  # set when the running liveness dump ends
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
@@ -203,17 +209,37 @@ class Broker:
 
     async def _serve_client(self, tenant: TenantState, conn: trio.socket.SocketType, token: object) -> None:
         try:
-            with conn:
-                peer = Peer(*_PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)))
-                while await self._exchange(tenant, conn, peer):
+            # The exchange loop drives the non-blocking socket itself: one
+            # wait for readability per request, then plain recvmsg/sendmsg,
+            # instead of trio's socket methods' extra scheduling points.
+            with socket.socket(fileno=conn.detach()) as sock:
+                sock.setblocking(False)
+                peer = Peer(*_PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)))
+                while await self._take_turn(tenant, sock, peer):
                     pass
         finally:
             tenant.slots.release_on_behalf_of(token)
 
-    async def _exchange(self, tenant: TenantState, conn: trio.socket.SocketType, peer: Peer) -> bool:
-        """Serve one request on conn. Returns whether to keep the connection."""
+    async def _take_turn(self, tenant: TenantState, conn: socket.socket, peer: Peer) -> bool:
+        """Wait for a request on conn, then serve it in one of the tenant's turns.
+
+        The turn is taken only once the connection is readable: idle
+        connections (the shim keeps a pool of them) hold nothing.
+        """
+        await trio.lowlevel.wait_readable(conn)
+        async with tenant.turns:
+            # Yield once holding the turn: the tenant's other ready
+            # connections then find it taken and wait off the run queue,
+            # so each tenant gets about one request per scheduling round.
+            await trio.lowlevel.checkpoint()
+            return await self._exchange(tenant, conn, peer)
+
+    async def _exchange(self, tenant: TenantState, conn: socket.socket, peer: Peer) -> bool:
+        """Serve one request on conn (readable). Returns whether to keep the connection."""
         try:
-            data, ancdata, msg_flags, _ = await conn.recvmsg(wire.REQUEST_SIZE + 1, _ANC_SPACE)
+            data, ancdata, msg_flags, _ = conn.recvmsg(wire.REQUEST_SIZE + 1, _ANC_SPACE)
+        except BlockingIOError:
+            return True  # woken without a message after all: wait again
         except OSError:
             return False  # the client reset the connection: nothing to answer
         stray = close_passed_fds(ancdata)
@@ -358,16 +384,19 @@ class Broker:
         tenant.full_until = time.monotonic() + LIVENESS_REFRESH_INTERVAL
         return False
 
-    async def _send(self, conn, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
+    async def _send(self, conn: socket.socket, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
         anc = []
         if host_sock is not None:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host_sock.fileno()]))]
-        try:
-            await conn.sendmsg([reply], anc)
-        except OSError as e:
-            log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
-            return False
-        return True
+        while True:
+            try:
+                conn.sendmsg([reply], anc)
+                return True
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(conn)
+            except OSError as e:
+                log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
+                return False
 
     # ---- audit -----------------------------------------------------------
 
