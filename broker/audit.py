@@ -1,15 +1,19 @@
 """The audit log: one JSON object per line, for every request the broker judges.
 
 Fields are fixed by the design (ts, tenant, pid, uid, op, proto, family, addr,
-port, host_addr, action, rule, errno); ``reason`` is added when a request was
+port, host_addr, action, rule, errno); ``confinement`` says whether the
+socket was locked by the kernel, and ``reason`` is added when a request was
 refused as malformed or failed on the host, so an operator sees why.
+
+Each record is one write(2) of a whole line, unbuffered, so `tail -f` and
+log shippers see each decision at once and lines never interleave.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
-from typing import TextIO
 
 
 class AuditLog:
@@ -17,24 +21,23 @@ class AuditLog:
 
     def __init__(self, target: str):
         self.target = target
-        self._stream: TextIO | None
+        self._fd: int | None = None
         self._owned = False
-        if target == "off":
-            self._stream = None
-        elif target == "stderr":
-            self._stream = sys.stderr
-        else:
-            self._stream = open(target, "a", buffering=1, encoding="utf-8")
+        if target == "stderr":
+            self._fd = sys.stderr.fileno()
+        elif target != "off":
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._owned = True
 
     def write(self, **record) -> None:
-        if self._stream is None:
+        if self._fd is None:
             return
-        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="microseconds"), **record}
-        self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        ts = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        line = (json.dumps({"ts": ts, **record}, separators=(",", ":")) + "\n").encode()
+        while line:  # a pipe may take less than a whole line (beyond PIPE_BUF)
+            line = line[os.write(self._fd, line):]
 
     def close(self) -> None:
-        if self._owned and self._stream is not None:
-            self._stream.close()
-        self._stream = None
+        if self._owned and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
