@@ -59,6 +59,7 @@ TURNS_PER_TENANT = 1
 LIVENESS_REFRESH_INTERVAL = 0.1
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
+STRAY_FD_CLOSERS = 4  # worker threads closing fds clients passed, at most this many at once
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Broker:
         self.audit = audit
         self.tenants: dict[str, TenantState] = {}
         self._nursery: trio.Nursery | None = None
+        self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
         self.loaded_at = time.time()
 
@@ -232,7 +234,11 @@ class Broker:
             # connections then find it taken and wait off the run queue,
             # so each tenant gets about one request per scheduling round.
             await trio.lowlevel.checkpoint()
-            return await self._exchange(tenant, conn, peer)
+            try:
+                return await self._exchange(tenant, conn, peer)
+            except Exception:  # a bug must cost one client its connection, never the broker
+                log.exception("tenant %s: internal error serving pid %d; connection dropped", tenant.name, peer.pid)
+                return False
 
     async def _exchange(self, tenant: TenantState, conn: socket.socket, peer: Peer) -> bool:
         """Serve one request on conn (readable). Returns whether to keep the connection."""
@@ -242,11 +248,15 @@ class Broker:
             return True  # woken without a message after all: wait again
         except OSError:
             return False  # the client reset the connection: nothing to answer
-        stray = close_passed_fds(ancdata)
+        stray = passed_fds(ancdata)
+        if stray:
+            # Closing the last reference to a socket with SO_LINGER set can
+            # block for as long as the sender chose: never on the event loop.
+            await trio.to_thread.run_sync(close_all, stray, limiter=self._closers)
         if not data and not ancdata:
             return False  # orderly close
         try:
-            if stray or msg_flags & socket.MSG_CTRUNC:
+            if stray or ancdata or msg_flags & socket.MSG_CTRUNC:
                 raise wire.WireError(errno.EBADMSG, "request carried ancillary data")
             if msg_flags & socket.MSG_TRUNC:
                 raise wire.WireError(errno.EMSGSIZE, "request longer than a graft_request")
@@ -267,8 +277,8 @@ class Broker:
             reply = wire.encode_reply(wire.V_CONTAINER)
         else:
             reply = wire.encode_reply(wire.V_DENY, verdict.errno)
-        self._audit(tenant, peer, req, verdict)
         try:
+            self._audit(tenant, peer, req, verdict)
             return await self._send(conn, reply, host_sock, tenant, peer)
         finally:
             if host_sock is not None:
@@ -320,6 +330,9 @@ class Broker:
             sock.close()
             v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, e.strerror)
             return None, wire.encode_reply(wire.V_ERROR, v.errno), v
+        except BaseException:
+            sock.close()
+            raise
         if self.confinement is not None:
             # Locked after the broker's own bind/connect, before the fd leaves: from here on the
             # kernel refuses re-pointing. A grafted UDP server may answer any peer.
@@ -388,15 +401,18 @@ class Broker:
         anc = []
         if host_sock is not None:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host_sock.fileno()]))]
-        while True:
-            try:
-                conn.sendmsg([reply], anc)
-                return True
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(conn)
-            except OSError as e:
-                log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
-                return False
+        try:
+            conn.sendmsg([reply], anc)
+            return True
+        except BlockingIOError:
+            # The shim has one request in flight per connection and reads
+            # its reply; a client whose replies pile up is not a shim, and
+            # waiting for it would hold the tenant's turn.
+            log.warning("tenant %s: pid %d does not read its replies; connection dropped", tenant.name, peer.pid)
+            return False
+        except OSError as e:
+            log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
+            return False
 
     # ---- audit -----------------------------------------------------------
 
@@ -442,17 +458,18 @@ class Broker:
         )
 
 
-def close_passed_fds(ancdata) -> int:
-    """Close every fd a client passed us (clients must pass none); count them."""
-    n = 0
+def passed_fds(ancdata) -> list[int]:
+    """The fds a client passed in SCM_RIGHTS (clients must pass none)."""
+    fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            for fd in fds:
-                os.close(fd)
-            n += len(fds)
-    return n or len(ancdata)
+    return list(fds)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def prepare_socket_dir(path: Path) -> None:

@@ -59,6 +59,7 @@ _PROTOCOLS = {
     socket.SOCK_DGRAM: (0, socket.IPPROTO_UDP),
 }
 _SOCKADDR_SIZE = {socket.AF_INET: 16, socket.AF_INET6: 28}
+FLOWLABEL_MASK = 0xFFFFF
 _FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -141,7 +142,10 @@ def decode_sockaddr(raw: bytes) -> SockAddr:
         port, packed = struct.unpack_from("!H4s", raw, 2)
         return SockAddr(family, ipaddress.IPv4Address(packed), port)
     port, flowinfo, packed, scope_id = struct.unpack_from("!HI16s", raw, 2) + struct.unpack_from("=I", raw, 24)
-    return SockAddr(family, ipaddress.IPv6Address(packed), port, flowinfo, scope_id)
+    # Only the 20-bit flow label is an address property (the traffic class
+    # bits above it are not, and the kernel ignores both for connect and
+    # bind unless IPV6_FLOWINFO_SEND is set); apps often leave it garbage.
+    return SockAddr(family, ipaddress.IPv6Address(packed), port, flowinfo & FLOWLABEL_MASK, scope_id)
 
 
 def encode_sockaddr(addr: SockAddr) -> bytes:

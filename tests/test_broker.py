@@ -338,3 +338,47 @@ async def test_max_rate_refuses_with_eagain_and_audits(env):
     assert [(v.verdict, v.error) for v in verdicts] == [(wire.V_DENY, errno.EPERM)] * 5 + \
         [(wire.V_DENY, errno.EAGAIN)] * 3
     assert env.audit()[-1]["rule"] == "tenants.t.max_rate"
+
+
+async def test_ipv6_flowinfo_garbage_is_not_fatal(env):
+    """An app that leaves sin6_flowinfo uninitialised must not take the broker down."""
+    await env.broker.reload(parse_policy('version = 1\n[tenants.t]\n[[tenants.t.connect]]\nto = ["::1/128"]\n'))
+    v6 = socket.socket(socket.AF_INET6)
+    v6.bind(("::1", 0))
+    v6.listen(4)
+    c = await env.client()
+    a = wire.SockAddr(socket.AF_INET6, ipaddress.ip_address("::1"), v6.getsockname()[1], flowinfo=0xDEADBEEF)
+    rep, sock = await c.ask(wire.OP_CONNECT, a)
+    assert rep.verdict == wire.V_GRAFT
+    sock.close()
+    v6.close()
+
+
+async def test_client_that_does_not_read_its_replies_is_dropped(env):
+    """Replies piling up mean it is not a shim: drop it rather than hold the tenant's turn."""
+    flooder = await env.client()
+    req = wire.encode_request(wire.OP_CONNECT, addr("127.0.0.1", 1))
+    hung_up = False
+    with trio.fail_after(10):
+        while not hung_up:  # until the broker hangs up on us
+            try:
+                await flooder.send(req)
+            except OSError:
+                hung_up = True
+    other = await env.client()
+    with trio.fail_after(5):  # the tenant's turn is free again
+        rep, _ = await other.ask(wire.OP_CONNECT, addr("127.0.0.1", 1))
+    assert rep.verdict == wire.V_DENY
+
+
+async def test_unwritable_audit_log_drops_records_not_the_broker(env):
+    os.close(env.broker.audit._fd)
+    r = os.open("/dev/null", os.O_RDONLY)
+    env.broker.audit._fd = r  # a read-only fd: every write fails with EBADF
+    c = await env.client()
+    rep, sock = await c.ask(wire.OP_CONNECT, addr("127.0.0.1", env.port))
+    assert rep.verdict == wire.V_GRAFT and env.broker.audit.dropped == 1
+    sock.close()
+    env.listener.accept()[0].close()
+    env.broker.audit._fd = None
+    os.close(r)
