@@ -28,23 +28,30 @@ log = logging.getLogger("graft.broker")
 async def serve_admin(broker: "Broker", path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     with listener:
-        await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
+        identity = await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
         try:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 while True:
-                    conn, _ = await listener.accept()
+                    try:
+                        conn, _ = await listener.accept()
+                    except OSError as e:  # out of fds: status can wait, the broker must not die
+                        log.error("admin socket: accept failed: %s", e)
+                        await trio.sleep(0.1)
+                        continue
                     nursery.start_soon(_answer, broker, conn)
         finally:
-            unlink_if_socket(path)
+            unlink_if_socket(path, identity)
 
 
 async def _answer(broker: "Broker", conn) -> None:
     with conn, trio.move_on_after(ADMIN_TIMEOUT):
-        data = (json.dumps(await broker.status()) + "\n").encode()
         try:
+            data = (json.dumps(await broker.status()) + "\n").encode()
             while data:
                 sent = await conn.send(data)
                 data = data[sent:]
         except OSError as e:
             log.debug("admin client went away: %s", e)
+        except Exception:  # status is a convenience: it must never take the broker down
+            log.exception("admin socket: cannot answer")

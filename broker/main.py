@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr, format="graft-broker: %(levelname)s %(message)s"
     )
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
+    raise_fd_limit()
     try:
         policy = load_policy(args.policy, check_env=True)
     except PolicyError as e:
@@ -77,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if confinement is not None:
             confinement.close()  # the pins keep programs, map and marks alive for the next broker
     return 0
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every client connection and
+    every socket in flight is an fd, and the usual soft limit is 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("RLIMIT_NOFILE raised from %d to %d", soft, hard)
 
 
 def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
@@ -132,7 +143,13 @@ async def _reload(broker: Broker, policy_path: Path) -> None:
     except PolicyError as e:
         log.error("reload refused; the old policy stays in force\n%s", e)
         return
-    await broker.reload(policy)
+    try:
+        await broker.reload(policy)
+    except (OSError, RuntimeError) as e:
+        # Tenants whose listener could not start are not served; the rest
+        # run the new policy. The next successful reload completes it.
+        log.error("reload applied only in part: %s", e)
+        return
     log.info("policy reloaded from %s", policy_path)
 
 

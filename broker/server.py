@@ -38,7 +38,7 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .admin import ADMIN_SOCKET, serve_admin
-from .unixsock import bind_unix_listener, unlink_if_socket
+from .unixsock import bind_unix_listener, check_socket_path, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
 from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
@@ -49,6 +49,10 @@ from .sockopts import apply_options, split_options
 log = logging.getLogger("graft.broker")
 
 MAX_CLIENTS_PER_TENANT = 256
+# A client connection idle this long is closed, so processes that graft once
+# and live on do not keep the tenant's slots; the shim's pooled connection
+# then fails on its next call and it retries on a fresh one.
+IDLE_TIMEOUT = 60.0
 # Requests of one tenant the broker works on at once. A tenant's other ready
 # connections wait for a turn off trio's run queue, so however many
 # connections a flooding tenant keeps busy, another tenant's request has at
@@ -128,8 +132,8 @@ class Broker:
         assert self._nursery is not None
         state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock")
         state.configure(config, matcher)
-        self.tenants[name] = state
         await self._nursery.start(self._serve_tenant, state)
+        self.tenants[name] = state  # only once it listens: a failed start leaves no half tenant
 
     async def reload(self, policy: PolicyFile) -> None:
         """Apply a validated policy: new decisions for new requests only.
@@ -139,6 +143,8 @@ class Broker:
         listeners and connections and take the new rules at once.
         """
         matchers = compile_policy(policy)
+        for name in policy.tenants.keys() - self.tenants.keys():
+            check_socket_path(self.socket_dir / f"{name}.sock")  # before anything changes
         for key in ("socket_dir", "audit_log", "confinement"):
             if getattr(policy.broker, key) != getattr(self.policy.broker, key):
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
@@ -153,7 +159,10 @@ class Broker:
                 log.info("tenant %s added", name)
             else:
                 state.configure(config, matchers[name])
-                os.chmod(state.path, config.socket_mode_int)
+                try:
+                    os.chmod(state.path, config.socket_mode_int)
+                except OSError as e:
+                    log.error("tenant %s: cannot set the mode of %s: %s", name, state.path, e)
         self.policy = policy
         self.generation += 1
         self.loaded_at = time.time()
@@ -161,9 +170,9 @@ class Broker:
     async def status(self) -> dict:
         """What `graft status` shows: tenants, live grafted sockets, counters, confinement."""
         tenants = {}
-        for name, t in self.tenants.items():
+        for name, t in list(self.tenants.items()):
             try:
-                t.live &= await t.namespace.live_inodes()
+                await self._prune(t)
                 live, exact = len(t.live), True
             except OSError:
                 live, exact = len(t.live), False  # an upper bound: not pruned
@@ -188,7 +197,7 @@ class Broker:
     async def _serve_tenant(self, tenant: TenantState, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         with listener, tenant.cancel_scope:
-            await bind_unix_listener(listener, tenant.path, tenant.config.socket_mode_int)
+            identity = await bind_unix_listener(listener, tenant.path, tenant.config.socket_mode_int)
             try:
                 task_status.started()
                 log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
@@ -207,7 +216,7 @@ class Broker:
                             raise
                         clients.start_soon(self._serve_client, tenant, conn, token)
             finally:
-                unlink_if_socket(tenant.path)
+                unlink_if_socket(tenant.path, identity)
 
     async def _serve_client(self, tenant: TenantState, conn: trio.socket.SocketType, token: object) -> None:
         try:
@@ -228,7 +237,10 @@ class Broker:
         The turn is taken only once the connection is readable: idle
         connections (the shim keeps a pool of them) hold nothing.
         """
-        await trio.lowlevel.wait_readable(conn)
+        with trio.move_on_after(IDLE_TIMEOUT) as idle:
+            await trio.lowlevel.wait_readable(conn)
+        if idle.cancelled_caught:
+            return False  # idle: free the tenant's slot; the shim reconnects on its next call
         async with tenant.turns:
             # Yield once holding the turn: the tenant's other ready
             # connections then find it taken and wait off the run queue,
@@ -384,18 +396,28 @@ class Broker:
             return False
         tenant.refreshing = trio.Event()
         try:
-            alive = await tenant.namespace.live_inodes()
+            await self._prune(tenant)
         except OSError as e:
             log.error("tenant %s: sock_diag dump failed: %s", tenant.name, e)
             return False
         finally:
             tenant.refreshing.set()
             tenant.refreshing = None
-        tenant.live &= alive
         if len(tenant.live) < tenant.config.max_sockets:
             return True
         tenant.full_until = time.monotonic() + LIVENESS_REFRESH_INTERVAL
         return False
+
+    @staticmethod
+    async def _prune(tenant: TenantState) -> None:
+        """Forget handed-out sockets the apps have closed (a sock_diag dump).
+
+        Sockets handed out while the dump ran are kept: the dump may have
+        been taken before they existed.
+        """
+        before = set(tenant.live)
+        alive = await tenant.namespace.live_inodes()
+        tenant.live = (before & alive) | (tenant.live - before)
 
     async def _send(self, conn: socket.socket, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
         anc = []

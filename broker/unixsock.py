@@ -16,11 +16,19 @@ import trio
 LISTEN_BACKLOG = 512
 
 
-async def bind_unix_listener(sock, path: Path, mode: int, kind: int = socket.SOCK_SEQPACKET) -> None:
-    """Bind and listen at path, replacing a stale socket file but never a live broker's."""
+def check_socket_path(path: Path) -> None:
+    """Refuse a path a listener may not take: something other than a socket is there."""
+    if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(path.lstat().st_mode):
+        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+
+
+async def bind_unix_listener(sock, path: Path, mode: int, kind: int = socket.SOCK_SEQPACKET) -> tuple[int, int]:
+    """Bind and listen at path, replacing a stale socket file but never a live broker's.
+
+    Returns the socket file's (st_dev, st_ino), for unlink_if_socket.
+    """
+    check_socket_path(path)
     if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
         probe = trio.socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         with probe:
             try:
@@ -32,11 +40,19 @@ async def bind_unix_listener(sock, path: Path, mode: int, kind: int = socket.SOC
     await sock.bind(str(path))
     os.chmod(path, mode)
     sock.listen(LISTEN_BACKLOG)
+    st = path.lstat()
+    return st.st_dev, st.st_ino
 
 
-def unlink_if_socket(path: Path) -> None:
+def unlink_if_socket(path: Path, identity: tuple[int, int] | None = None) -> None:
+    """Remove the socket file at path, if it is (still) the one identity names.
+
+    A tenant removed and re-added by quick reloads may have a new listener
+    at the same path by the time the old one is torn down.
+    """
     try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) and (identity is None or identity == (st.st_dev, st.st_ino)):
             path.unlink()
     except FileNotFoundError:
         pass

@@ -37,6 +37,6 @@ def start_broker(short_tmp):
         return b.start(*extra)
 
     yield start
-    for b in started:
-        rc = b.stop()
+    codes = [(b.stop(), b) for b in started]  # stop every broker before judging any
+    for rc, b in codes:
         assert rc == 0, f"broker exited {rc}:\n{b.stderr()}"

@@ -72,9 +72,13 @@ def create_namespace(name: str) -> None:
     from pyroute2 import NetNS, netns
 
     netns.create(name)
-    with NetNS(name) as ns:
-        (lo,) = ns.link_lookup(ifname="lo")
-        ns.link("set", index=lo, state="up")
+    try:
+        with NetNS(name) as ns:
+            (lo,) = ns.link_lookup(ifname="lo")
+            ns.link("set", index=lo, state="up")
+    except BaseException:
+        netns.remove(name)
+        raise
 
 
 # ---- the broker --------------------------------------------------------------

@@ -382,3 +382,20 @@ async def test_unwritable_audit_log_drops_records_not_the_broker(env):
     env.listener.accept()[0].close()
     env.broker.audit._fd = None
     os.close(r)
+
+
+async def test_reload_that_cannot_add_a_tenant_changes_nothing(env):
+    (env.dir / "sock" / "u.sock").write_text("not a socket")
+    c = await env.client()
+    with pytest.raises(RuntimeError, match="not a socket"):
+        await env.broker.reload(parse_policy('version = 1\n[tenants.t]\ndefault = "container"\n[tenants.u]\n'))
+    assert set(env.broker.tenants) == {"t"}
+    rep, _ = await c.ask(wire.OP_CONNECT, addr("127.0.0.3", 7))
+    assert rep.verdict == wire.V_DENY  # the old policy, on the same connection
+
+
+async def test_idle_client_connections_are_closed(env, monkeypatch):
+    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.05)
+    c = await env.client()
+    with trio.fail_after(5):
+        assert await c.reply() == (None, None)  # the broker hung up on the idle connection
