@@ -30,47 +30,41 @@ def fault_client(socket_path, ns, port: int, fallback: str | None = None) -> lis
     return r.stdout.split() + [r.stderr]
 
 
-@pytest.mark.parametrize("point", ["accept", "request", "socket"])
-def test_broker_killed_before_its_reply(netns, short_tmp, point):
+def against_dying_broker(ns, short_tmp, point: str, fallback: str | None = None):
+    """Run fault_client against a fake broker that SIGKILLs itself at point.
+
+    Returns (the fake's exit status, fault_client's fields).
+    """
     path = short_tmp / "t.sock"
     fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), point],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert fake.stdout.readline().strip() == "ready"
-        result, took, before, after, stderr = fault_client(path, netns, 9)
+        result = fault_client(path, ns, 9, fallback)
     finally:
         fake.kill()
         fake.wait()
-    assert fake.returncode == -signal.SIGKILL
+    return fake.returncode, result
+
+
+@pytest.mark.parametrize("point", ["accept", "request", "socket"])
+def test_broker_killed_before_its_reply(netns, short_tmp, point):
+    status, (result, took, before, after, stderr) = against_dying_broker(netns, short_tmp, point)
+    assert status == -signal.SIGKILL
     assert result == "ENETUNREACH" and float(took) < PROMPT and before == after
     assert stderr.count("broker unreachable") == 1
 
 
 def test_broker_killed_right_after_its_reply(netns, short_tmp):
-    """The reply arrived: the graft stands (here the socket is unconnected, so connect fails natively)."""
-    path = short_tmp / "t.sock"
-    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), "reply"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert fake.stdout.readline().strip() == "ready"
-        result, took, before, after, _ = fault_client(path, netns, 9)
-    finally:
-        fake.kill()
-        fake.wait()
+    """The reply arrived: the graft stands; the broker's reply said its connect succeeded."""
+    status, (result, took, before, after, _) = against_dying_broker(netns, short_tmp, "reply")
+    assert status == -signal.SIGKILL
     assert float(took) < PROMPT and before == after
     assert result == "OK"  # reply said error 0: the shim trusts the broker's connect result
 
 
 def test_fallback_container_when_the_broker_dies(netns, short_tmp):
-    path = short_tmp / "t.sock"
-    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), "request"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert fake.stdout.readline().strip() == "ready"
-        result, took, before, after, _ = fault_client(path, netns, 9, fallback="container")
-    finally:
-        fake.kill()
-        fake.wait()
+    _, (result, _, before, after, _) = against_dying_broker(netns, short_tmp, "request", fallback="container")
     assert result == "ECONNREFUSED" and before == after  # the namespace's own 127.0.0.1:9
 
 
