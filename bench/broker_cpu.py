@@ -12,7 +12,6 @@ graft. Audit log to a file, confinement as the machine allows ("auto").
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, WireClient  # noqa: E402
+from harness import BrokerProcess, WireClient, connect_request  # noqa: E402
 
 from graft.broker import wire  # noqa: E402
 
@@ -67,12 +66,10 @@ def main() -> int:
 
     acceptor = threading.Thread(target=accept_and_close, daemon=True)
     acceptor.start()
-    policy = f'version = 1\n[tenants.t]\nmax_sockets = 1000000\n[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\n'
+    policy = 'version = 1\n[tenants.t]\nmax_sockets = 1000000\n[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\n'
     kinds = {
-        "udp connect": wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(
-            "127.0.0.1"), 9), type=socket.SOCK_DGRAM),
-        "tcp connect": wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(
-            "127.0.0.1"), port)),
+        "udp connect": connect_request(9, udp=True),
+        "tcp connect": connect_request(port),
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="graft-cpu-", dir="/tmp") as tmp:

@@ -14,9 +14,7 @@ exits 1 if any graft failed or was wrong. Results: docs/reliability.md.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import multiprocessing
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, WireClient  # noqa: E402
+from harness import BrokerProcess, WireClient, connect_request  # noqa: E402
 
 from graft.broker import wire  # noqa: E402
 
@@ -44,8 +42,7 @@ def policy(tenants: int) -> str:
 
 def client(path: str, port: int, deadline: float, out: list) -> None:
     want = ("127.0.0.1", port)
-    req = wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(want[0]), port),
-                              type=socket.SOCK_DGRAM)
+    req = connect_request(port, want[0], udp=True)
     ok = failed = wrong = 0
     lat = []
     c = WireClient(Path(path), timeout=30)

@@ -356,20 +356,21 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
         return [ids[i] for i in range(attr.prog_cnt)]
 
 
-def prog_info(prog_fd: int):
-    info = ffi.new("struct graft_bpf_prog_info *")
+def _obj_info(fd: int, info_type: str):
+    """BPF_OBJ_GET_INFO_BY_FD into a new struct of info_type."""
+    info = ffi.new(info_type)
     attr = ffi.new("struct graft_bpf_info *")
-    attr.bpf_fd, attr.info_len, attr.info = prog_fd, ffi.sizeof(info[0]), _addr(info)
+    attr.bpf_fd, attr.info_len, attr.info = fd, ffi.sizeof(info[0]), _addr(info)
     _bpf(OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
     return info
+
+
+def prog_info(prog_fd: int):
+    return _obj_info(prog_fd, "struct graft_bpf_prog_info *")
 
 
 def map_info(map_fd: int):
-    info = ffi.new("struct graft_bpf_map_info *")
-    attr = ffi.new("struct graft_bpf_info *")
-    attr.bpf_fd, attr.info_len, attr.info = map_fd, ffi.sizeof(info[0]), _addr(info)
-    _bpf(OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
-    return info
+    return _obj_info(map_fd, "struct graft_bpf_map_info *")
 
 
 # ---- bpffs --------------------------------------------------------------------

@@ -41,7 +41,6 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import bpf
 

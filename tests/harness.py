@@ -387,3 +387,13 @@ def eventually(condition, timeout: float = 5.0, interval: float = 0.01) -> bool:
             return False
         time.sleep(interval)
     return True
+
+
+def connect_request(port: int, host: str = "127.0.0.1", udp: bool = False) -> bytes:
+    """A wire request for a connect to host:port, as the shim would send it (IPv4)."""
+    import ipaddress
+
+    from graft.broker import wire
+
+    return wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(host), port),
+                               type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)

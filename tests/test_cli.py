@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import GRAFT, GRAFT_BROKER, REPO, BrokerProcess
+from harness import GRAFT, GRAFT_BROKER, REPO
 
 EXAMPLES = sorted((REPO / "policy" / "examples").glob("*.toml"))
 

@@ -9,7 +9,6 @@ with every program and pin in it at the end (harness.BrokerProcess).
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil

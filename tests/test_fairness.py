@@ -11,10 +11,8 @@ room for the machine's noise.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import multiprocessing
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +20,7 @@ import time
 from pathlib import Path
 
 from graft.broker import wire
-from harness import GRAFT, REPO, WireClient, eventually
+from harness import GRAFT, REPO, WireClient, connect_request, eventually
 
 sys.path.insert(0, str(REPO / "bench"))
 import load_tenants  # noqa: E402  (the flooding clients)
@@ -33,8 +31,7 @@ REQUESTS = 1500
 
 def grant_latencies(path: Path, port: int, n: int = REQUESTS) -> tuple[float, float]:
     """(p50, p99) in seconds of n sequential UDP connect grafts on one connection."""
-    req = wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), port),
-                              type=socket.SOCK_DGRAM)
+    req = connect_request(port, udp=True)
     c = WireClient(path)
     lat = []
     try:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import GRAFT, echo_server, graft_cmd
+from harness import GRAFT, echo_server
 
 pytestmark = pytest.mark.netns
 PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")

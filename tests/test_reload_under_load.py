@@ -2,13 +2,11 @@
 decisions apply at once, and no request fails because of the reload."""
 from __future__ import annotations
 
-import ipaddress
-import socket
 import threading
 import time
 
 from graft.broker import wire
-from harness import WireClient, eventually
+from harness import WireClient, connect_request, eventually
 
 RATE_PER_CLIENT = 250  # x 4 clients = 1,000 requests a second
 CLIENTS = 4
@@ -27,8 +25,7 @@ action = "{action}"
 
 
 def request() -> bytes:
-    return wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), 9),
-                               type=socket.SOCK_DGRAM)
+    return connect_request(9, udp=True)
 
 
 def load(path, stop: threading.Event, seen: list, problems: list) -> None:

@@ -12,7 +12,6 @@ import os
 import resource
 import select
 import socket
-import struct
 import subprocess
 import sys
 from contextlib import ExitStack

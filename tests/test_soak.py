@@ -1,13 +1,11 @@
 """100,000 grafts: the broker's fd count and memory stay flat."""
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import threading
 
 from graft.broker import wire
-from harness import WireClient, eventually
+from harness import WireClient, connect_request, eventually
 
 GRAFTS = 100_000
 BATCH = 10_000
@@ -31,8 +29,7 @@ def fds(pid: int) -> int:
 
 def graft_udp(path, n: int, errors: list) -> None:
     """n UDP connect grafts on one connection (UDP: no TIME_WAIT to run out of ports)."""
-    req = wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), 9),
-                              type=socket.SOCK_DGRAM)
+    req = connect_request(9, udp=True)
     c = WireClient(path)
     try:
         for _ in range(n):

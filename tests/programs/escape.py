@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import os
 import platform
 import socket
 import struct
