@@ -16,7 +16,10 @@
        in the confined cgroup vs socket+connect+close without programs;
      - a UDP sendto() naming the granted destination on a marked socket (the
        program runs and compares the address) vs on an unconfined socket;
-       send() without an address does not run the program at all.
+       send() without an address does not run the program at all;
+     - a 1-byte TCP round trip on a marked connected socket vs an unconfined
+       one: the ingress program runs for every packet a grafted socket
+       receives (it stops after reading the socket's state).
 Everything the bench creates (cgroups, programs, pins) is removed at the end.
 """
 from __future__ import annotations
@@ -65,6 +68,27 @@ def udp_sends(n: int, s: socket.socket, addr, with_addr: bool) -> float:
         for _ in range(n):
             s.send(b"x")
     return (time.perf_counter() - t0) / n
+
+
+def tcp_round_trips(n: int, a: socket.socket, b: socket.socket) -> float:
+    """Seconds per 1-byte a -> b -> a round trip; a is the socket under test."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.send(b"x")
+        b.recv(1)
+        b.send(b"x")
+        a.recv(1)
+    return (time.perf_counter() - t0) / n
+
+
+def tcp_pair(addr, lsn: socket.socket) -> tuple[socket.socket, socket.socket]:
+    a = socket.create_connection(addr)
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    lsn.setblocking(True)
+    b = lsn.accept()[0]
+    lsn.setblocking(False)
+    b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
 
 
 def detach_all(cgroup_dir: str, conf) -> None:
@@ -121,7 +145,8 @@ def main() -> int:
         conf = confine._load_or_reuse(confined, mount + confined, pin_dir)
         load_fd = os.open(mount + load, os.O_RDONLY)
         results: dict[str, list[float]] = {k: [] for k in ("none", "graft", "shared", "c_off", "c_on", "u_off",
-                                                          "u_on", "u_off_noaddr", "u_on_noaddr", "mark")}
+                                                          "u_on", "u_off_noaddr", "u_on_noaddr", "mark",
+                                                          "t_off", "t_on")}
         n = args.n
         for r in range(args.rounds):
             # -- 1. other processes' sockets, in a different order each round --------
@@ -143,7 +168,8 @@ def main() -> int:
             for f in order[r % 3:] + order[: r % 3]:
                 f()
                 drain()
-            # -- 2. grafted sockets: the broker's side, and UDP sends ------------------
+            # -- 2. grafted sockets: the broker's side, UDP sends, TCP round trips --------
+            confine._attach(conf)
             u_plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u_plain.connect(uaddr)
             def c_off():
@@ -175,6 +201,17 @@ def main() -> int:
             results["u_on_noaddr"].append(udp_sends(n, u_marked, uaddr, False)); drain()
             u_plain.close()
             u_marked.close()
+            t_plain = tcp_pair(addr, lsn)
+            move_to(mount + confined)
+            t_marked = tcp_pair(addr, lsn)
+            conf.mark(t_marked[0], False, addr)
+            move_to(mount + load)
+            for key, pair in ((("t_on", t_marked), ("t_off", t_plain)) if r % 2 else
+                              (("t_off", t_plain), ("t_on", t_marked))):
+                results[key].append(tcp_round_trips(n, *pair))
+            for sock in (*t_plain, *t_marked):
+                sock.close()
+            detach_all(mount + confined, conf)
         os.close(load_fd)
     finally:
         move_to(mount + origin)
@@ -204,7 +241,8 @@ def main() -> int:
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     print(f"   {'of which the mark (one bpf map update)':<52} {'':>8} {med['mark'] * 1e6:>8.2f}")
-    rows = (("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),)
+    rows = (("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),
+            ("TCP 1-byte round trip (ingress program per packet)", "t_off", "t_on"))
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     return 0

@@ -6,9 +6,10 @@ TCP socket or a listener, then a second ``connect`` goes anywhere; a UDP
 ``sendto`` names its destination on every call. Confinement closes that in
 the kernel, with no module:
 
-* Six cgroup ``sock_addr`` programs (connect4/6, sendmsg4/6, bind4/6) are
-  attached to the broker's cgroup. They run for sockets *created* by a
-  process of that cgroup, whoever calls connect() later: the grafted sockets.
+* Six cgroup ``sock_addr`` programs (connect4/6, sendmsg4/6, bind4/6) and a
+  ``cgroup_skb`` ingress program are attached to the broker's cgroup. They
+  run for sockets *created* by a process of that cgroup, whoever calls
+  connect() later: the grafted sockets.
 * A ``BPF_MAP_TYPE_SK_STORAGE`` map (``BPF_F_CLONE``: accepted sockets inherit
   their listener's entry) holds a mark for each grafted socket, set by the
   broker after its own bind/connect and before the fd leaves it.
@@ -17,6 +18,14 @@ the kernel, with no module:
   broker connected it to; sendmsg with an address likewise, or to anyone if
   the mark says "any peer" (a grafted UDP server replying to its clients).
   Refused means the system call fails with EPERM.
+* ``listen()`` has no sock_addr hook, and a connected TCP socket dissolved by
+  ``connect(AF_UNSPEC)`` loses its kernel-chosen port, so ``listen()`` would
+  bind a fresh ephemeral port on the host's wildcard address. The ingress
+  program closes that: a socket the broker *connected* (its mark has a
+  destination) that is found listening has every packet dropped, so the
+  listen succeeds but nothing can ever reach it. Grafted listeners carry no
+  destination and are untouched; for every other packet the program costs a
+  null check and one load of the socket's state.
 
 Where things live, for a broker whose cgroup is ``C`` (from /proc/self/cgroup):
 
@@ -69,6 +78,10 @@ CTX_USER_IP4 = 4
 CTX_USER_IP6 = 8
 CTX_USER_PORT = 24
 CTX_SK = 64
+# __sk_buff and bpf_sock offsets, for the ingress program (checked likewise)
+SKB_SK = 168
+SOCK_STATE = 72
+TCP_LISTEN = 10  # BPF_TCP_LISTEN
 # mark offsets
 M_FLAGS, M_PORT, M_IP4, M_IP6 = 0, 4, 8, 12
 
@@ -130,7 +143,9 @@ class Asm:
 
 
 def program(kind: str, v6: bool, map_fd: int) -> bytes:
-    """The program for kind "connect" | "sendmsg" | "bind", IPv4 or IPv6."""
+    """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "ingress"."""
+    if kind == "ingress":
+        return ingress_program(map_fd)
     a = Asm()
     a.mov_reg(6, 1)  # r6 = ctx
     a.ldx_dw(2, 1, CTX_SK)  # r2 = ctx->sk
@@ -175,6 +190,33 @@ def program(kind: str, v6: bool, map_fd: int) -> bytes:
     return a.assemble()
 
 
+def ingress_program(map_fd: int) -> bytes:
+    """cgroup_skb ingress: drop what arrives at a listener the broker had connected."""
+    a = Asm()
+    a.ldx_dw(1, 1, SKB_SK)  # r1 = skb->sk (sock_common, or NULL)
+    a.jeq_imm(1, 0, "allow")
+    a.ldx_w(2, 1, SOCK_STATE)
+    a.jne_imm(2, TCP_LISTEN, "allow")  # the data path stops here
+    a.call(bpf.FUNC_SK_FULLSOCK)  # sk_storage_get wants a full socket
+    a.jeq_imm(0, 0, "allow")
+    a.mov_reg(2, 0)
+    a.ld_map_fd(1, map_fd)
+    a.mov_imm(3, 0)
+    a.mov_imm(4, 0)
+    a.call(bpf.FUNC_SK_STORAGE_GET)
+    a.jeq_imm(0, 0, "allow")  # not a grafted socket
+    a.ldx_w(1, 0, M_FLAGS)
+    a.and_imm(1, F_HAS_DEST)
+    a.jne_imm(1, 0, "deny")  # connected by the broker, so never a listener
+    a.label("allow")
+    a.mov_imm(0, 1)
+    a.exit()
+    a.label("deny")
+    a.mov_imm(0, 0)
+    a.exit()
+    return a.assemble()
+
+
 # name in bpffs -> (kind, v6, attach type); bpf program names are "graft_" + name
 PROGRAMS = {
     "connect4": ("connect", False, bpf.CGROUP_INET4_CONNECT),
@@ -183,7 +225,12 @@ PROGRAMS = {
     "sendmsg6": ("sendmsg", True, bpf.CGROUP_UDP6_SENDMSG),
     "bind4": ("bind", False, bpf.CGROUP_INET4_BIND),
     "bind6": ("bind", True, bpf.CGROUP_INET6_BIND),
+    "ingress": ("ingress", False, bpf.CGROUP_INET_INGRESS),
 }
+
+
+def prog_type(kind: str) -> int:
+    return bpf.PROG_TYPE_CGROUP_SKB if kind == "ingress" else bpf.PROG_TYPE_CGROUP_SOCK_ADDR
 
 
 def mark_btf() -> bytes:
@@ -380,7 +427,7 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
                 conf.prog_fds[name] = bpf.obj_get(path)
             else:
                 conf.reused = False
-                conf.prog_fds[name] = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, program(kind, v6, map_fd),
+                conf.prog_fds[name] = bpf.prog_load(prog_type(kind), program(kind, v6, map_fd),
                                                     LICENSE, f"graft_{name}", attach_type)
                 bpf.obj_pin(conf.prog_fds[name], path)
         if not reused:

@@ -4,7 +4,10 @@ tests/programs/escape.py runs under graft in a namespace with only `lo` and
 re-points its grafted sockets with raw syscall()s the shim never sees. With
 confinement on, every attempt fails with EPERM and the allowed traffic on
 the same sockets keeps flowing; with it off, every attempt succeeds (so the
-suite tests something). Each broker runs in a cgroup of its own test, removed
+suite tests something). One escape has no system call to refuse: listen() on
+a disconnected socket, which takes a fresh port on the host; there the test
+connects from the host, and with confinement on the connection never
+arrives. Each broker runs in a cgroup of its own test, removed
 with every program and pin in it at the end (harness.BrokerProcess).
 """
 from __future__ import annotations
@@ -30,7 +33,6 @@ from harness import (
     need,
     need_root_and_netns,
     remove_test_cgroup,
-    run_grafted,
 )
 
 from graft.broker import bpf, confine
@@ -52,8 +54,14 @@ ATTEMPTS = [
     "udp_connect_forbidden",
     "udp_sendto_forbidden",
     "udp_unspec_sendto_forbidden",
+    "tcp_fastopen_forbidden",
+    "listen_unspec",
+    "listen_after_unspec",  # allowed by the kernel too: listen() has no hook; what matters is...
+    "listen_reached",  # ...whether a connection from the host reaches it
 ]
 ESCAPES = [a for a in ATTEMPTS if not a.endswith("_unspec")]
+# Refused how: a dropped SYN never arrives (EAGAIN from the program's accept); the rest, EPERM.
+REFUSED = {a: "EAGAIN" if a == "listen_reached" else "EPERM" for a in ESCAPES}
 
 
 def need_confinement() -> None:
@@ -161,10 +169,49 @@ def escape_setup(tmp, mode: str, cgroup: str | None = None):
             assert rc == 0, broker.stderr()
 
 
-def run_escape(broker, netns, args) -> dict:
-    r = run_grafted(broker, netns, PY, ESCAPE, *args, timeout=60)
-    assert r.returncode == 0, f"escape.py failed:\n{r.stdout}\n{r.stderr}\nbroker:\n{broker.stderr()}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def host_connects(port: int) -> bool:
+    """Whether a connection from the host to 127.0.0.1:port completes.
+
+    A confined listener drops the SYN, so "no" shows only as a timeout: one
+    second, before the first retransmission; an open one on loopback answers
+    in microseconds.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def run_escape(broker, netns, args, between=None) -> dict:
+    """Run escape.py and answer its prompts; with between, pass --wait and call it once grafted."""
+    cmd = graft_cmd(broker, netns, PY, ESCAPE, *args, *(["--wait"] if between else []))
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a hung program fails the test instead of hanging it
+    watchdog.start()
+    out = None
+    try:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                between()
+                proc.stdin.write("go\n")
+            elif line.startswith("listening "):
+                port = int(line.split()[1])
+                assert port != 0, "listen() on the disconnected socket failed"
+                host_connects(port)
+                proc.stdin.write("tried\n")
+            elif line.startswith("{"):
+                out = json.loads(line)
+            proc.stdin.flush()
+        err = proc.stderr.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out is not None, f"escape.py failed:\n{err}\nbroker:\n{broker.stderr()}"
+    return out
 
 
 def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
@@ -175,12 +222,11 @@ def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
         assert arrivals() == (0, 0), "something reached the forbidden ports"
         stderr = broker.stderr()
         audit = broker.audit()
-    refused = {a: out["errnames"][a] for a in ESCAPES}
-    assert refused == {a: "EPERM" for a in ESCAPES}, out
+    assert {a: out["errnames"][a] for a in ESCAPES} == REFUSED, out
     assert all(out["flows"].values()) and len(out["flows"]) == 7, f"allowed traffic stopped: {out['flows']}"
     assert "confinement: ON" in stderr
     grafts = [a for a in audit if a["action"] == "graft"]
-    assert len(grafts) == 5 and {a["confinement"] for a in audit} == {"on"}, audit
+    assert len(grafts) == 7 and {a["confinement"] for a in audit} == {"on"}, audit
 
 
 def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):
@@ -193,7 +239,8 @@ def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):
         stderr = broker.stderr()
         audit = broker.audit()
     assert {a: out["attempts"][a] for a in ATTEMPTS} == {a: 0 for a in ATTEMPTS}, out
-    assert conns == 3 and dgrams >= 2, (conns, dgrams)  # tcp, listener, accepted; sendto (x2 datagrams)
+    # tcp, listener, accepted, fast open; sendto (x2 datagrams)
+    assert conns == 4 and dgrams >= 2, (conns, dgrams)
     assert "confinement: OFF" in stderr
     assert {a["confinement"] for a in audit} == {"off"}
 
@@ -206,22 +253,15 @@ def test_restart_keeps_earlier_sockets_confined_and_does_not_stack(netns, short_
     try:
         with escape_setup(short_tmp / "b1", "required", cgroup) as (broker, args, arrivals):
             broker.start()
-            proc = subprocess.Popen(graft_cmd(broker, netns, PY, ESCAPE, *args, "--wait"), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+
+            def restart():
                 assert broker.stop() == 0, broker.stderr()
                 # As systemd does on a restart: the old (now empty) broker cgroup goes, a new one comes.
                 os.rmdir(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME)
                 broker.start()
                 assert "reused pinned programs" in broker.stderr()
-                out_text, err = proc.communicate("go\n", timeout=60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            assert proc.returncode == 0, err
-            out = json.loads(out_text.strip().splitlines()[-1])
+
+            out = run_escape(broker, netns, args, between=restart)
             assert arrivals() == (0, 0)
             # a third start in the same cgroup finds everything attached: one program per hook
             assert broker.stop() == 0
@@ -231,7 +271,7 @@ def test_restart_keeps_earlier_sockets_confined_and_does_not_stack(netns, short_
                 counts = {n: len(bpf.prog_query(cg_fd, t)) for n, (_, _, t) in confine.PROGRAMS.items()}
             finally:
                 os.close(cg_fd)
-        assert {a: out["errnames"][a] for a in ESCAPES} == {a: "EPERM" for a in ESCAPES}, out
+        assert {a: out["errnames"][a] for a in ESCAPES} == REFUSED, out
         assert all(out["flows"].values()), out["flows"]
         assert counts == {n: 1 for n in confine.PROGRAMS}, counts
     finally:
@@ -271,7 +311,10 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
         "BPF_CGROUP_INET4_CONNECT": bpf.CGROUP_INET4_CONNECT, "BPF_CGROUP_INET6_CONNECT": bpf.CGROUP_INET6_CONNECT,
         "BPF_CGROUP_UDP4_SENDMSG": bpf.CGROUP_UDP4_SENDMSG, "BPF_CGROUP_UDP6_SENDMSG": bpf.CGROUP_UDP6_SENDMSG,
         "BPF_F_NO_PREALLOC": bpf.F_NO_PREALLOC, "BPF_F_CLONE": bpf.F_CLONE, "BPF_F_ALLOW_MULTI": bpf.F_ALLOW_MULTI,
-        "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET,
+        "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET, "BPF_FUNC_sk_fullsock": bpf.FUNC_SK_FULLSOCK,
+        "BPF_PROG_TYPE_CGROUP_SKB": bpf.PROG_TYPE_CGROUP_SKB, "BPF_CGROUP_INET_INGRESS": bpf.CGROUP_INET_INGRESS,
+        "BPF_TCP_LISTEN": confine.TCP_LISTEN,
+        "offsetof(struct __sk_buff, sk)": confine.SKB_SK, "offsetof(struct bpf_sock, state)": confine.SOCK_STATE,
         "offsetof(struct bpf_sock_addr, user_ip4)": confine.CTX_USER_IP4,
         "offsetof(struct bpf_sock_addr, user_ip6)": confine.CTX_USER_IP6,
         "offsetof(struct bpf_sock_addr, user_port)": confine.CTX_USER_PORT,

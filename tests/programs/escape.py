@@ -9,6 +9,12 @@ interpose. Each attempt is reported as 0 (it worked: an escape) or the errno
 the kernel gave. After each refused attempt it checks that the allowed
 traffic on the same socket still flows. One JSON object on stdout.
 
+One attempt needs a peer on the host: after a disconnect, a connected
+socket is made to listen (the kernel gives it a fresh port on the host's
+wildcard address); the program prints "listening PORT" and reads a line from
+stdin once the test has tried to connect to it from the host, then reports
+whether that connection arrived.
+
 With --wait it grafts, prints "ready", and makes its attempts only after a
 line on stdin (tests restart the broker in between).
 """
@@ -24,10 +30,11 @@ import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 NR = {
-    "x86_64": {"connect": 42, "sendto": 44, "bind": 49, "listen": 50},
-    "aarch64": {"connect": 203, "sendto": 206, "bind": 200, "listen": 201},
+    "x86_64": {"connect": 42, "sendto": 44, "bind": 49, "listen": 50, "getsockname": 51},
+    "aarch64": {"connect": 203, "sendto": 206, "bind": 200, "listen": 201, "getsockname": 204},
 }[platform.machine()]
 HOST = "127.0.0.1"
+MSG_FASTOPEN = 0x20000000
 
 
 def sockaddr(ip: str | None, port: int = 0) -> bytes:
@@ -52,9 +59,18 @@ def raw_bind(fd: int, ip: str, port: int) -> int:
     return raw("bind", fd, a, len(a))
 
 
-def raw_sendto(fd: int, data: bytes, ip: str, port: int) -> int:
+def raw_sendto(fd: int, data: bytes, ip: str, port: int, flags: int = 0) -> int:
     a = sockaddr(ip, port)
-    return raw("sendto", fd, data, len(data), 0, a, len(a))
+    return raw("sendto", fd, data, len(data), flags, a, len(a))
+
+
+def raw_port(fd: int) -> int:
+    """The socket's real local port (the shim would translate getsockname)."""
+    a = ctypes.create_string_buffer(16)
+    n = ctypes.c_uint32(16)
+    if raw("getsockname", fd, a, ctypes.byref(n)) != 0:
+        return 0
+    return struct.unpack("!H", a.raw[2:4])[0]
 
 
 def echo_ok(s: socket.socket, token: bytes) -> bool:
@@ -80,6 +96,8 @@ def main() -> int:
     # --- get grafted sockets, the way an ordinary program does -------------------
     client = socket.create_connection((HOST, tcp_port), timeout=10)
     victim_bind = socket.create_connection((HOST, tcp_port), timeout=10)
+    victim_listen = socket.create_connection((HOST, tcp_port), timeout=10)
+    victim_fastopen = socket.create_connection((HOST, tcp_port), timeout=10)
     listener = socket.socket()
     listener.bind(("0.0.0.0", 80))  # published as HOST:published
     listener.listen(8)
@@ -87,7 +105,7 @@ def main() -> int:
     accepted, _ = listener.accept()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.connect((HOST, udp_port))
-    for s in (client, victim_bind, listener, accepted, peer, udp):
+    for s in (client, victim_bind, victim_listen, victim_fastopen, listener, accepted, peer, udp):
         # Blocking, so raw connect()s complete in the call; kernel timeouts keep a failure from hanging.
         s.settimeout(None)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
@@ -121,6 +139,22 @@ def main() -> int:
     # --- bind to another address (after a disconnect, the socket is unbound) ----------
     raw_connect(victim_bind.fileno(), None)
     att["bind_other"] = raw_bind(victim_bind.fileno(), HOST, 0)
+
+    # --- TCP Fast Open: a sendto() with an address connects, like connect() ----------
+    raw_connect(victim_fastopen.fileno(), None)
+    att["tcp_fastopen_forbidden"] = raw_sendto(victim_fastopen.fileno(), b"escaped", HOST, bad_tcp, MSG_FASTOPEN)
+
+    # --- listen() on a disconnected socket takes a fresh port on the host ------------
+    att["listen_unspec"] = raw_connect(victim_listen.fileno(), None)
+    att["listen_after_unspec"] = raw("listen", victim_listen.fileno(), 8)  # allowed: no hook, no address
+    print(f"listening {raw_port(victim_listen.fileno()) if att['listen_after_unspec'] == 0 else 0}", flush=True)
+    sys.stdin.readline()  # the test has connected from the host, or given up
+    victim_listen.setblocking(False)
+    try:
+        victim_listen.accept()[0].close()
+        att["listen_reached"] = 0
+    except OSError as e:
+        att["listen_reached"] = e.errno
 
     # --- UDP: connect re-point and sendto a forbidden destination ---------------------
     att["udp_connect_forbidden"] = raw_connect(udp.fileno(), HOST, bad_udp)
