@@ -6,7 +6,8 @@
 Runs in the foreground. A policy that does not validate is refused at start
 (exit 2). SIGHUP reloads the policy: on any error the old one stays in force
 and the errors are logged. SIGTERM and SIGINT stop the broker cleanly: the
-tenant sockets are removed; grafted sockets belong to the apps and live on.
+tenant sockets are removed, unless systemd's fd store keeps them for the
+next broker (fdstore.py); grafted sockets belong to the apps and live on.
 READY=1 / RELOADING=1 / STOPPING=1 go to $NOTIFY_SOCKET for systemd.
 
 Confinement (broker.confinement in the policy; docs/security.md): "auto"
@@ -31,6 +32,7 @@ from graft.policy import PolicyError, load_policy
 from . import confine
 from .audit import AuditLog
 from .confine import Confinement
+from .fdstore import FdStore
 from .notify import sd_notify
 from .server import Broker
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
     raise_fd_limit()
+    fdstore = FdStore.from_environment()  # first: the passed-in fds must not leak into anything else
     try:
         policy = load_policy(args.policy, check_env=True)
     except PolicyError as e:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: cannot open the audit log: %s", e)
         return 2
     try:
-        trio.run(_serve, policy, socket_dir, audit, args.policy, confinement)
+        trio.run(_serve, policy, socket_dir, audit, args.policy, confinement, fdstore)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled below
         pass
     finally:
@@ -117,11 +120,11 @@ def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
 
 
 async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path,
-                 confinement: Confinement | None = None) -> None:
+                 confinement: Confinement | None = None, fdstore: FdStore | None = None) -> None:
     # The signal receiver exists before READY=1, so an early SIGTERM is a clean stop.
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            broker = Broker(policy, socket_dir, audit, confinement=confinement)
+            broker = Broker(policy, socket_dir, audit, confinement=confinement, fdstore=fdstore)
             await nursery.start(broker.run)
             sd_notify("READY=1")
             log.info("ready: %d tenant(s), sockets in %s", len(policy.tenants), socket_dir)

@@ -4,7 +4,8 @@
       └─ _serve_tenant  × tenant    (own cancel scope: removed on reload)
            └─ _serve_client × connection  (bounded by the tenant's slots)
 
-Each tenant has one SOCK_SEQPACKET listener at <socket_dir>/<tenant>.sock;
+Each tenant has one SOCK_SEQPACKET listener at <socket_dir>/<tenant>.sock
+(bound here, or adopted from systemd's fd store across a restart: fdstore.py);
 the tenant is known from the listener a connection arrived on, the peer's
 pid and uid from SO_PEERCRED. A client connection carries any number of
 request/reply exchanges in turn. ``_exchange`` is the one place a request
@@ -38,10 +39,11 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .admin import ADMIN_SOCKET, serve_admin
-from .unixsock import bind_unix_listener, check_socket_path, unlink_if_socket
+from .unixsock import adopt_unix_listener, bind_unix_listener, check_socket_path, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
 from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
+from .fdstore import FdStore
 from .netns import Namespace, NetnsError
 from .ratelimit import TokenBucket
 from .sockopts import apply_options, split_options
@@ -74,6 +76,8 @@ class TenantState:
     namespace: Namespace
     path: Path
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    removed: bool = False  # by a reload: its socket goes too (a stop leaves a stored one in place)
+    done: trio.Event = field(default_factory=trio.Event)  # its task has ended, socket torn down
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
     turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(TURNS_PER_TENANT))
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
@@ -101,8 +105,10 @@ class Peer:
 
 
 class Broker:
-    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog, confinement: Confinement | None = None):
+    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog, confinement: Confinement | None = None,
+                 fdstore: FdStore | None = None):
         self.policy = policy
+        self.fdstore = fdstore if fdstore is not None else FdStore(enabled=False)
         # Kernel confinement (confine.py): every grafted socket is marked before it is sent.
         # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
         self.confinement = confinement
@@ -125,6 +131,7 @@ class Broker:
             matchers = compile_policy(self.policy)
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
+            self._drop_leftover_listeners()
             await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
             task_status.started()
 
@@ -150,7 +157,10 @@ class Broker:
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
         for name in list(self.tenants):
             if name not in policy.tenants:
-                self.tenants.pop(name).cancel_scope.cancel()
+                gone = self.tenants.pop(name)
+                gone.removed = True
+                gone.cancel_scope.cancel()
+                await gone.done.wait()  # READY=1 after a reload means the removal is complete
                 log.info("tenant %s removed", name)
         for name, config in policy.tenants.items():
             state = self.tenants.get(name)
@@ -194,10 +204,45 @@ class Broker:
 
     # ---- per tenant ------------------------------------------------------
 
-    async def _serve_tenant(self, tenant: TenantState, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    def _drop_leftover_listeners(self) -> None:
+        """Stored listeners of tenants no longer in the policy: out of the store, file removed."""
+        for name, sock in self.fdstore.leftovers().items():
+            with sock:
+                bound = sock.getsockname() if sock.family == socket.AF_UNIX else ""
+            self.fdstore.remove(name)
+            path = Path(bound) if isinstance(bound, str) and bound else None
+            if path is not None and path.parent == self.socket_dir:
+                unlink_if_socket(path)
+            log.info("tenant %s is not in the policy: its stored listener is closed", name)
+
+    async def _open_listener(self, tenant: TenantState) -> tuple[trio.socket.SocketType, tuple[int, int], bool]:
+        """The tenant's listener: adopted from the fd store, or bound (and stored).
+
+        Returns (listener, socket file identity, whether the fd store holds it).
+        """
+        mode = tenant.config.socket_mode_int
+        inherited = self.fdstore.take(tenant.name)
+        if inherited is not None:
+            try:
+                identity = adopt_unix_listener(inherited, tenant.path, mode)
+            except (ValueError, OSError) as e:
+                log.warning("tenant %s: the stored listener cannot be used (%s); binding a new one", tenant.name, e)
+                inherited.close()
+                self.fdstore.remove(tenant.name)
+            else:
+                log.info("tenant %s: listener adopted from the service manager's fd store", tenant.name)
+                return trio.socket.from_stdlib_socket(inherited), identity, True
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            identity = await bind_unix_listener(listener, tenant.path, mode)
+        except BaseException:
+            listener.close()
+            raise
+        return listener, identity, self.fdstore.push(tenant.name, listener)
+
+    async def _serve_tenant(self, tenant: TenantState, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener, identity, stored = await self._open_listener(tenant)
         with listener, tenant.cancel_scope:
-            identity = await bind_unix_listener(listener, tenant.path, tenant.config.socket_mode_int)
             try:
                 task_status.started()
                 log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
@@ -216,7 +261,11 @@ class Broker:
                             raise
                         clients.start_soon(self._serve_client, tenant, conn, token)
             finally:
-                unlink_if_socket(tenant.path, identity)
+                if tenant.removed and stored:
+                    self.fdstore.remove(tenant.name)
+                if tenant.removed or not stored:
+                    unlink_if_socket(tenant.path, identity)
+                tenant.done.set()
 
     async def _serve_client(self, tenant: TenantState, conn: trio.socket.SocketType, token: object) -> None:
         try:

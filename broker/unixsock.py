@@ -2,7 +2,8 @@
 
 A socket file left by a broker that died (SIGKILL) is replaced; one that a
 live broker still answers on is not: two brokers must never share a socket
-directory.
+directory. A listener handed over by the service manager (fdstore.py) is
+adopted only if it is still the one at its path.
 """
 from __future__ import annotations
 
@@ -41,6 +42,30 @@ async def bind_unix_listener(sock, path: Path, mode: int, kind: int = socket.SOC
     os.chmod(path, mode)
     sock.listen(LISTEN_BACKLOG)
     st = path.lstat()
+    return st.st_dev, st.st_ino
+
+
+def adopt_unix_listener(sock: socket.socket, path: Path, mode: int, kind: int = socket.SOCK_SEQPACKET) -> tuple[int, int]:
+    """Take over a listener bound and listening at path by an earlier broker.
+
+    Returns the socket file's (st_dev, st_ino), like bind_unix_listener;
+    raises ValueError if sock is not such a listener, or path is no longer a
+    socket file (then sock is not ours to serve on).
+    """
+    if sock.family != socket.AF_UNIX or sock.type != kind:
+        raise ValueError(f"not an AF_UNIX socket of type {kind}")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError("not listening")
+    bound = sock.getsockname()
+    if bound != str(path):
+        raise ValueError(f"bound to {bound!r}, not {str(path)!r}")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise ValueError(f"{path} no longer exists") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{path} is no longer a socket file")
+    os.chmod(path, mode)
     return st.st_dev, st.st_ino
 
 

@@ -6,7 +6,9 @@ socket that is already listening), never a sleep.
 """
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import http.server
 import json
 import os
@@ -146,9 +148,16 @@ class BrokerProcess:
     It runs in a cgroup of its own test (``cgroup``, made here unless given:
     a restarted broker shares its predecessor's), removed with every BPF
     program and pin in it by ``stop()`` when this object made it.
+
+    With ``fdstore=True`` this object also plays systemd's file descriptor
+    store: it keeps the fds the broker pushes (FDSTORE=1 / FDNAME=), drops
+    them on FDSTOREREMOVE=1, and passes them to the next start as systemd
+    does (fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID). ``stored`` maps
+    names to this process's copies; ``release_store()`` closes them.
     """
 
-    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None):
+    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None,
+                 fdstore: bool = False):
         self.cgroup = cgroup
         self._owns_cgroup = cgroup is None
         self.dir = tmp
@@ -161,6 +170,7 @@ class BrokerProcess:
         self.tenant = tenant
         self.proc: subprocess.Popen | None = None
         self._notify: socket.socket | None = None
+        self.stored: dict[str, int] | None = {} if fdstore else None
 
     @property
     def socket_path(self) -> Path:
@@ -175,13 +185,60 @@ class BrokerProcess:
         if self.cgroup is None and self._owns_cgroup:
             self.cgroup = make_test_cgroup()
         cg_dir = cgroup2_dir(self.cgroup) if self.cgroup else None
-        self.proc = subprocess.Popen(
-            in_cgroup(cg_dir, [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
-                               "--audit-log", str(self.audit_path), "--log-level", "debug", *extra]),
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
-        )
+        cmd = [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
+               "--audit-log", str(self.audit_path), "--log-level", "debug", *extra]
+        passed: list[int] = []
+        try:
+            if self.stored is not None:
+                env["FDSTORE"] = "64"
+                cmd, passed = self._pass_stored(cmd, env)
+            self.proc = subprocess.Popen(
+                in_cgroup(cg_dir, cmd), env=env, pass_fds=passed, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
+            )
+        finally:
+            for fd in passed:
+                os.close(fd)
         self.expect_notify("READY=1")
         return self
+
+    def _pass_stored(self, cmd: list[str], env: dict) -> tuple[list[str], list[int]]:
+        """cmd wrapped to receive the stored fds as systemd passes them; the fds to pass."""
+        if not self.stored:
+            return cmd, []
+        names = list(self.stored)
+        # Copies far above 3.. so that moving them into place clobbers none of them.
+        high = [fcntl.fcntl(self.stored[n], fcntl.F_DUPFD_CLOEXEC, 200) for n in names]
+        env["LISTEN_FDS"], env["LISTEN_FDNAMES"] = str(len(names)), ":".join(names)
+        moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(high))
+        # bash, not sh: dash takes only one-digit fd numbers in redirections
+        return ["/bin/bash", "-c", f'exec {moves}; export LISTEN_PID=$$; exec "$@"', "bash", *cmd], high
+
+    def _take_notify(self) -> str:
+        """One notify datagram; fds in it are kept (FDSTORE=1) or closed, as a service manager would."""
+        msg, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+        fds = array.array("i")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
+        name = fields.get("FDNAME")
+        if self.stored is not None and name and fields.get("FDSTORE") == "1" and len(fds) == 1:
+            old = self.stored.pop(name, None)
+            if old is not None:
+                os.close(old)
+            self.stored[name] = fds.pop()
+        elif self.stored is not None and name and fields.get("FDSTOREREMOVE") == "1" and name in self.stored:
+            os.close(self.stored.pop(name))
+        for fd in fds:
+            os.close(fd)
+        return msg.decode()
+
+    def release_store(self) -> None:
+        for fd in (self.stored or {}).values():
+            os.close(fd)
+        if self.stored:
+            self.stored.clear()
 
     def expect_notify(self, state: str, timeout: float = STARTUP_TIMEOUT) -> None:
         assert self._notify is not None and self.proc is not None
@@ -192,7 +249,7 @@ class BrokerProcess:
                 raise AssertionError(f"broker did not send {state} (exit {self.proc.poll()}):\n{self.stderr()}")
             self._notify.settimeout(left)
             try:
-                msg = self._notify.recv(4096).decode()
+                msg = self._take_notify()
             except socket.timeout:
                 continue
             if state in msg.split("\n"):
@@ -359,8 +416,6 @@ class WireClient:
         self.sock.connect(str(path))
 
     def send(self, raw: bytes, fds=()) -> None:
-        import array
-
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([raw], anc)
 
