@@ -147,7 +147,9 @@ class Broker:
 
         Grafted sockets belong to the apps and are not touched. Removed
         tenants stop listening; added tenants start; the rest keep their
-        listeners and connections and take the new rules at once.
+        listeners and connections and take the new rules at once. If some
+        added tenants cannot start, everything else is applied and then
+        RuntimeError names them.
         """
         matchers = compile_policy(policy)
         for name in policy.tenants.keys() - self.tenants.keys():
@@ -162,20 +164,28 @@ class Broker:
                 gone.cancel_scope.cancel()
                 await gone.done.wait()  # READY=1 after a reload means the removal is complete
                 log.info("tenant %s removed", name)
-        for name, config in policy.tenants.items():
-            state = self.tenants.get(name)
-            if state is None:
-                await self._add_tenant(name, config, matchers[name])
+        # Existing tenants take their new rules first, so that a new tenant
+        # whose listener cannot start leaves none of them on the old ones.
+        added = [name for name in policy.tenants if name not in self.tenants]
+        for name, state in self.tenants.items():
+            config = policy.tenants[name]
+            state.configure(config, matchers[name])
+            try:
+                os.chmod(state.path, config.socket_mode_int)
+            except OSError as e:
+                log.error("tenant %s: cannot set the mode of %s: %s", name, state.path, e)
+        failed = []
+        for name in added:
+            try:
+                await self._add_tenant(name, policy.tenants[name], matchers[name])
                 log.info("tenant %s added", name)
-            else:
-                state.configure(config, matchers[name])
-                try:
-                    os.chmod(state.path, config.socket_mode_int)
-                except OSError as e:
-                    log.error("tenant %s: cannot set the mode of %s: %s", name, state.path, e)
+            except (OSError, RuntimeError) as e:
+                failed.append(f"tenant {name}: {e}")
         self.policy = policy
         self.generation += 1
         self.loaded_at = time.time()
+        if failed:
+            raise RuntimeError("; ".join(failed))
 
     async def status(self) -> dict:
         """What `graft status` shows: tenants, live grafted sockets, counters, confinement."""

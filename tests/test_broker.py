@@ -394,6 +394,23 @@ async def test_reload_that_cannot_add_a_tenant_changes_nothing(env):
     assert rep.verdict == wire.V_DENY  # the old policy, on the same connection
 
 
+async def test_reload_applies_everything_but_a_tenant_that_cannot_start(env):
+    """A new tenant whose socket is taken by a live listener fails alone; the others take the new policy."""
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    squatter.bind(str(env.dir / "sock" / "u.sock"))
+    squatter.listen(1)
+    c = await env.client()
+    try:
+        with pytest.raises(RuntimeError, match="tenant u: .* served by a running broker"):
+            await env.broker.reload(parse_policy('version = 1\n[tenants.u]\n[tenants.t]\ndefault = "container"\n'
+                                                 '[tenants.w]\n'))
+    finally:
+        squatter.close()
+    assert set(env.broker.tenants) == {"t", "w"}
+    rep, _ = await c.ask(wire.OP_CONNECT, addr("127.0.0.3", 7))
+    assert rep.verdict == wire.V_CONTAINER  # the new rules, though u came first and failed
+
+
 async def test_idle_client_connections_are_closed(env, monkeypatch):
     monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.05)
     c = await env.client()
