@@ -80,6 +80,11 @@ ffi.cdef(
         uint32_t prog_cnt;
         uint32_t pad0;
     };
+    struct graft_bpf_get_id {            /* BPF_PROG_GET_FD_BY_ID */
+        uint32_t prog_id;
+        uint32_t next_id;
+        uint32_t open_flags;
+    };
     struct graft_bpf_info {              /* BPF_OBJ_GET_INFO_BY_FD */
         uint32_t bpf_fd;
         uint32_t info_len;
@@ -129,6 +134,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_ATTACH = 8
 PROG_DETACH = 9
+PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 BTF_LOAD = 18
@@ -153,7 +159,8 @@ ANY = 0  # BPF_ANY for map updates
 FUNC_SK_STORAGE_GET = 107  # enum bpf_func_id
 FUNC_SK_FULLSOCK = 95
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+# Little-endian machines only: Asm packs instructions little-endian.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
 LOG_SIZE = 1 << 20
 
 
@@ -357,6 +364,22 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
                 continue
             raise
         return [ids[i] for i in range(attr.prog_cnt)]
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """An fd for the loaded program with this id (ENOENT once it is gone)."""
+    attr = ffi.new("struct graft_bpf_get_id *")
+    attr.prog_id = prog_id
+    return _bpf(PROG_GET_FD_BY_ID, attr, "BPF_PROG_GET_FD_BY_ID")
+
+
+def prog_name(prog_fd: int) -> str:
+    return ffi.string(prog_info(prog_fd).name).decode(errors="replace")
+
+
+def prog_tag(prog_fd: int) -> bytes:
+    """The kernel's hash of the program's instructions (map references left out)."""
+    return bytes(prog_info(prog_fd).tag)
 
 
 def _obj_info(fd: int, info_type: str):

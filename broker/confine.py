@@ -70,6 +70,11 @@ MARK = struct.Struct("=II4s16sI")
 MARK_SIZE = MARK.size  # 32
 F_HAS_DEST = 1
 F_ANY_PEER = 2
+# The destination has an IPv4 form (IPv4, or v4-mapped IPv6). Without it
+# the IPv4 programs match no destination: a dual-stack IPv6 UDP socket runs
+# them for an AF_INET address, and an ip4 of 0.0.0.0 would otherwise admit
+# 0.0.0.0, which the kernel delivers to 127.0.0.1.
+F_DEST_V4 = 4
 
 # ---- the programs ---------------------------------------------------------------
 
@@ -160,8 +165,9 @@ def program(kind: str, v6: bool, map_fd: int) -> bytes:
             a.mov_reg(2, 1)
             a.and_imm(2, F_ANY_PEER)
             a.jne_imm(2, 0, "allow")
-        a.and_imm(1, F_HAS_DEST)
-        a.jeq_imm(1, 0, "deny")
+        need = F_HAS_DEST if v6 else F_HAS_DEST | F_DEST_V4  # a destination, in this hook's family
+        a.and_imm(1, need)
+        a.jne_imm(1, need, "deny")
         # only the destination the broker connected it to
         a.ldx_w(2, 6, CTX_USER_PORT)
         a.ldx_w(3, 0, M_PORT)
@@ -263,9 +269,11 @@ def encode_mark(dest: tuple | None, any_peer: bool) -> bytes:
             ip6 = socket.inet_pton(socket.AF_INET6, host)
             if ip6[:12] == _V4_MAPPED:  # a v6 socket sending to a mapped address runs the v4 hook
                 ip4 = ip6[12:]
+                flags |= F_DEST_V4
         else:
             ip4 = socket.inet_pton(socket.AF_INET, host)
             ip6 = _V4_MAPPED + ip4
+            flags |= F_DEST_V4
     return MARK.pack(flags, port, ip4, ip6, 0)
 
 
@@ -403,7 +411,11 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     reused = os.path.exists(map_path)
     if reused:
         map_fd = bpf.obj_get(map_path)
-        info = bpf.map_info(map_fd)
+        try:
+            info = bpf.map_info(map_fd)
+        except BaseException:
+            os.close(map_fd)
+            raise
         if (info.type, info.value_size, info.map_flags & bpf.F_CLONE) != (bpf.MAP_TYPE_SK_STORAGE, MARK_SIZE,
                                                                          bpf.F_CLONE):
             os.close(map_fd)
@@ -417,19 +429,8 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
             os.close(btf_fd)
     conf = Confinement(cgroup, cgroup_dir, pin_dir, map_fd, reused=reused)
     try:
-        if not reused:
-            # Programs pinned next to another map would not see our marks.
-            for name in PROGRAMS:
-                _unlink(os.path.join(pin_dir, name))
         for name, (kind, v6, attach_type) in PROGRAMS.items():
-            path = os.path.join(pin_dir, name)
-            if os.path.exists(path):
-                conf.prog_fds[name] = bpf.obj_get(path)
-            else:
-                conf.reused = False
-                conf.prog_fds[name] = bpf.prog_load(prog_type(kind), program(kind, v6, map_fd),
-                                                    LICENSE, f"graft_{name}", attach_type)
-                bpf.obj_pin(conf.prog_fds[name], path)
+            conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, reused)
         if not reused:
             bpf.obj_pin(map_fd, map_path)  # last: a map pin means the set is complete
     except BaseException:
@@ -438,15 +439,69 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     return conf
 
 
+def _load_or_reuse_program(conf: Confinement, name: str, kind: str, v6: bool, attach_type: int,
+                           map_reused: bool) -> int:
+    """The pinned program if it is the one this broker would load, else the fresh one, pinned.
+
+    Programs are always assembled and loaded (cheap), and the kernel's tags
+    compared: a broker upgraded to changed programs replaces the pinned
+    ones (the old are detached by _attach). Programs pinned next to another
+    map would not see our marks: without a reused map, nothing is reused.
+    """
+    path = os.path.join(conf.pin_dir, name)
+    fresh = bpf.prog_load(prog_type(kind), program(kind, v6, conf.map_fd), LICENSE, f"graft_{name}", attach_type)
+    try:
+        if map_reused and os.path.exists(path):
+            pinned = bpf.obj_get(path)
+            if bpf.prog_tag(pinned) == bpf.prog_tag(fresh):
+                os.close(fresh)
+                return pinned
+            os.close(pinned)
+            log.info("confinement: %s changed since it was pinned; replacing it", name)
+        conf.reused = False
+        _unlink(path)
+        bpf.obj_pin(fresh, path)
+    except BaseException:
+        os.close(fresh)
+        raise
+    return fresh
+
+
 def _attach(conf: Confinement) -> None:
+    """Attach our programs where they are not yet, and detach any other graft program there.
+
+    Others are programs of an earlier broker: replaced by an upgrade, or
+    left attached but unpinned by one that died between the two steps.
+    Only programs named graft_* are touched; the cgroup is graft's own.
+    """
     fd = os.open(conf.cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name, (_, _, attach_type) in PROGRAMS.items():
             prog_id = bpf.prog_info(conf.prog_fds[name]).id
-            if prog_id not in bpf.prog_query(fd, attach_type):
+            attached = bpf.prog_query(fd, attach_type)
+            if prog_id not in attached:
                 bpf.prog_attach(fd, conf.prog_fds[name], attach_type, bpf.F_ALLOW_MULTI)
+            for other in attached:
+                if other != prog_id:
+                    _detach_if_graft(fd, other, attach_type)
     finally:
         os.close(fd)
+
+
+def _detach_if_graft(cgroup_fd: int, prog_id: int, attach_type: int) -> None:
+    try:
+        prog_fd = bpf.prog_get_fd_by_id(prog_id)
+    except bpf.BpfError as e:
+        if e.errno == errno.ENOENT:  # gone meanwhile
+            return
+        raise
+    try:
+        name = bpf.prog_name(prog_fd)
+        if name.startswith("graft_"):
+            bpf.prog_detach(cgroup_fd, prog_fd, attach_type)
+            log.info("confinement: detached an earlier %s (id %d)", name, prog_id)
+    finally:
+        os.close(prog_fd)
 
 
 def _unlink(path: str) -> None:

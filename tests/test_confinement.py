@@ -58,6 +58,8 @@ ATTEMPTS = [
     "listen_unspec",
     "listen_after_unspec",  # allowed by the kernel too: listen() has no hook; what matters is...
     "listen_reached",  # ...whether a connection from the host reaches it
+    "udp6_sendto_v4_wildcard",
+    "udp6_connect_v4_wildcard",
 ]
 ESCAPES = [a for a in ATTEMPTS if not a.endswith("_unspec")]
 # Refused how: a dropped SYN never arrives (EAGAIN from the program's accept); the rest, EPERM.
@@ -74,7 +76,7 @@ def need_confinement() -> None:
     need(ok, "needs cgroup2 for confinement")
 
 
-def policy(mode: str, tcp: int, udp: int, published: int) -> str:
+def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9) -> str:
     return f"""version = 1
 [broker]
 confinement = "{mode}"
@@ -88,6 +90,10 @@ proto = "tcp"
 to = ["127.0.0.1/32"]
 ports = [{udp}]
 proto = "udp"
+[[tenants.t.connect]]
+to = ["::1/128"]
+ports = [{udp6}]
+proto = "udp"
 [[tenants.t.bind]]
 addr = ["0.0.0.0/32"]
 ports = [80]
@@ -96,10 +102,20 @@ proto = "tcp"
 """
 
 
+def udp_socket(host: str, port: int = 0) -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 @contextmanager
-def udp_echo():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
+def udp_echo(sock: socket.socket | None = None):
+    """Echo datagrams on sock (default: a new one on 127.0.0.1) from a thread; yield its port."""
+    s = sock or udp_socket("127.0.0.1")
     stop = threading.Event()
 
     def serve():
@@ -122,16 +138,30 @@ def udp_echo():
         s.close()
 
 
+def v6_and_v4_twin() -> tuple[socket.socket, socket.socket]:
+    """UDP sockets on [::1]:P and 127.0.0.1:P, one port P: a grant for the first must not reach the second."""
+    for _ in range(20):  # bounded: a port free in v4 and taken in v6 is rare
+        twin = udp_socket("127.0.0.1")
+        try:
+            return udp_socket("::1", twin.getsockname()[1]), twin
+        except OSError:
+            twin.close()
+    raise AssertionError("no UDP port free on both 127.0.0.1 and ::1")
+
+
 @contextmanager
-def forbidden_servers():
-    """A TCP listener and a UDP socket on host-only ports the policy forbids; they count arrivals."""
+def forbidden_servers(*more_udp: socket.socket):
+    """A TCP listener and a UDP socket on host-only ports the policy forbids; they count arrivals.
+
+    Datagrams arriving at more_udp (owned by the caller) count too.
+    """
     t = socket.socket()
     t.bind(("127.0.0.1", 0))
     t.listen(64)
     t.setblocking(False)
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.bind(("127.0.0.1", 0))
-    u.setblocking(False)
+    u = udp_socket("127.0.0.1")
+    for s in (u, *more_udp):
+        s.setblocking(False)
 
     def arrivals() -> tuple[int, int]:
         conns = dgrams = 0
@@ -142,12 +172,13 @@ def forbidden_servers():
                 break
             c.close()
             conns += 1
-        while True:
-            try:
-                u.recv(2048)
-            except BlockingIOError:
-                break
-            dgrams += 1
+        for s in (u, *more_udp):
+            while True:
+                try:
+                    s.recv(2048)
+                except BlockingIOError:
+                    break
+                dgrams += 1
         return conns, dgrams
 
     try:
@@ -159,11 +190,13 @@ def forbidden_servers():
 
 @contextmanager
 def escape_setup(tmp, mode: str, cgroup: str | None = None):
-    with echo_server() as tcp, udp_echo() as udp, forbidden_servers() as (bad_tcp, bad_udp, arrivals):
+    v6, twin = v6_and_v4_twin()
+    with (v6, twin, echo_server() as tcp, udp_echo() as udp, udp_echo(v6) as udp6,
+          forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
         published = free_port()
-        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published), cgroup=cgroup)
+        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6), cgroup=cgroup)
         try:
-            yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp)], arrivals
+            yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp, udp6)], arrivals
         finally:
             rc = broker.stop()
             assert rc == 0, broker.stderr()
@@ -223,10 +256,10 @@ def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
         stderr = broker.stderr()
         audit = broker.audit()
     assert {a: out["errnames"][a] for a in ESCAPES} == REFUSED, out
-    assert all(out["flows"].values()) and len(out["flows"]) == 7, f"allowed traffic stopped: {out['flows']}"
+    assert all(out["flows"].values()) and len(out["flows"]) == 9, f"allowed traffic stopped: {out['flows']}"
     assert "confinement: ON" in stderr
     grafts = [a for a in audit if a["action"] == "graft"]
-    assert len(grafts) == 7 and {a["confinement"] for a in audit} == {"on"}, audit
+    assert len(grafts) == 8 and {a["confinement"] for a in audit} == {"on"}, audit
 
 
 def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):
@@ -239,8 +272,8 @@ def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):
         stderr = broker.stderr()
         audit = broker.audit()
     assert {a: out["attempts"][a] for a in ATTEMPTS} == {a: 0 for a in ATTEMPTS}, out
-    # tcp, listener, accepted, fast open; sendto (x2 datagrams)
-    assert conns == 4 and dgrams >= 2, (conns, dgrams)
+    # tcp, listener, accepted, fast open; sendto (x2 datagrams), and IPv6's sendto to 0.0.0.0
+    assert conns == 4 and dgrams >= 3, (conns, dgrams)
     assert "confinement: OFF" in stderr
     assert {a["confinement"] for a in audit} == {"off"}
 
@@ -367,3 +400,68 @@ def test_programs_are_attached_only_to_the_broker_cgroup(short_tmp):
             s.close()
         finally:
             assert broker.stop() == 0, broker.stderr()
+
+
+def allow_all_program() -> bytes:
+    a = confine.Asm()
+    a.mov_imm(0, 1)
+    a.exit()
+    return a.assemble()
+
+
+def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp):
+    """Pinned programs are reused only if the kernel's tag says they are this broker's programs."""
+    need_confinement()
+    cgroup = make_test_cgroup()
+    assert cgroup is not None
+    stray = None
+    try:
+        broker = BrokerProcess(short_tmp / "b", policy("required", 9, 9, free_port()), cgroup=cgroup)
+        broker.start()
+        assert broker.stop() == 0
+        target = cgroup + "/" + confine.CGROUP_NAME
+        cg_fd = os.open(confine.cgroup2_mount() + target, os.O_RDONLY)
+        pin_dir = confine.pin_dir_for(confine.bpffs_mount(create=False), target)
+        def pinned_ids() -> dict[str, int]:
+            ids = {}
+            for n in confine.PROGRAMS:
+                fd = bpf.obj_get(os.path.join(pin_dir, n))
+                ids[n] = bpf.prog_info(fd).id
+                os.close(fd)
+            return ids
+
+        try:
+            before = pinned_ids()
+            # What an older broker would have left: a different connect4, pinned and attached...
+            current = bpf.obj_get(os.path.join(pin_dir, "connect4"))
+            old = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), confine.LICENSE,
+                                "graft_connect4", bpf.CGROUP_INET4_CONNECT)
+            bpf.prog_attach(cg_fd, old, bpf.CGROUP_INET4_CONNECT)
+            bpf.prog_detach(cg_fd, current, bpf.CGROUP_INET4_CONNECT)
+            os.unlink(os.path.join(pin_dir, "connect4"))
+            bpf.obj_pin(old, os.path.join(pin_dir, "connect4"))
+            old_id = bpf.prog_info(old).id
+            for fd in (current, old):
+                os.close(fd)
+            # ...and a graft program attached but pinned nowhere (a broker died between the steps).
+            stray = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), confine.LICENSE,
+                                  "graft_bind4", bpf.CGROUP_INET4_BIND)
+            bpf.prog_attach(cg_fd, stray, bpf.CGROUP_INET4_BIND)
+            stray_id = bpf.prog_info(stray).id
+
+            broker.start()
+            assert "connect4 changed since it was pinned; replacing it" in broker.stderr()
+            attached = {n: bpf.prog_query(cg_fd, t) for n, (_, _, t) in confine.PROGRAMS.items()}
+            pinned = pinned_ids()
+        finally:
+            os.close(cg_fd)
+            assert broker.stop() == 0
+        assert attached == {n: [pinned[n]] for n in confine.PROGRAMS}, (attached, pinned)
+        assert old_id not in attached["connect4"] and stray_id not in attached["bind4"]
+        # the unchanged programs were reused, not loaded again
+        assert {n: i for n, i in pinned.items() if n != "connect4"} == {n: i for n, i in before.items()
+                                                                       if n != "connect4"}
+    finally:
+        if stray is not None:
+            os.close(stray)
+        remove_test_cgroup(cgroup)

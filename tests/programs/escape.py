@@ -1,6 +1,6 @@
 """An untrusted program under graft that tries to re-point its grafted sockets.
 
-    escape.py TCP_PORT UDP_PORT PUBLISHED_PORT FORBIDDEN_TCP FORBIDDEN_UDP [--wait]
+    escape.py TCP_PORT UDP_PORT PUBLISHED_PORT FORBIDDEN_TCP FORBIDDEN_UDP UDP6_PORT [--wait]
 
 It gets its sockets the ordinary way (through the shim: connect, bind,
 listen, accept), checks they carry traffic, then re-points them with raw
@@ -38,6 +38,7 @@ MSG_FASTOPEN = 0x20000000
 
 
 def sockaddr(ip: str | None, port: int = 0) -> bytes:
+    """An AF_INET address (or AF_UNSPEC), whatever the socket's family: raw calls take any."""
     if ip is None:  # AF_UNSPEC: "dissolve the association"
         return bytes(16)
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(ip) + bytes(8)
@@ -88,7 +89,7 @@ def echo_ok(s: socket.socket, token: bytes) -> bool:
 
 
 def main() -> int:
-    tcp_port, udp_port, published, bad_tcp, bad_udp = map(int, sys.argv[1:6])
+    tcp_port, udp_port, published, bad_tcp, bad_udp, udp6_port = map(int, sys.argv[1:7])
     wait = "--wait" in sys.argv
     out: dict = {"attempts": {}, "flows": {}}
     att, flows = out["attempts"], out["flows"]
@@ -105,7 +106,9 @@ def main() -> int:
     accepted, _ = listener.accept()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.connect((HOST, udp_port))
-    for s in (client, victim_bind, victim_listen, victim_fastopen, listener, accepted, peer, udp):
+    udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # dual-stack: it takes AF_INET addresses too
+    udp6.connect(("::1", udp6_port))
+    for s in (client, victim_bind, victim_listen, victim_fastopen, listener, accepted, peer, udp, udp6):
         # Blocking, so raw connect()s complete in the call; kernel timeouts keep a failure from hanging.
         s.settimeout(None)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
@@ -115,6 +118,8 @@ def main() -> int:
     flows["accepted_before"] = peer.recv(5) == b"hello"
     udp.send(b"ping")
     flows["udp_before"] = udp.recv(16) == b"ping"
+    udp6.send(b"ping6")
+    flows["udp6_before"] = udp6.recv(16) == b"ping6"
     if wait:
         print("ready", flush=True)
         sys.stdin.readline()
@@ -167,6 +172,13 @@ def main() -> int:
         flows["udp_after_sendto"] = udp.recv(16) == b"again"
     raw_connect(udp.fileno(), None)
     att["udp_unspec_sendto_forbidden"] = raw_sendto(udp.fileno(), b"escaped", HOST, bad_udp)
+
+    # --- an IPv6 UDP socket, given an IPv4 address: 0.0.0.0 reaches the host's 127.0.0.1 -
+    att["udp6_sendto_v4_wildcard"] = raw_sendto(udp6.fileno(), b"escaped", "0.0.0.0", udp6_port)
+    att["udp6_connect_v4_wildcard"] = raw_connect(udp6.fileno(), "0.0.0.0", udp6_port)
+    if att["udp6_connect_v4_wildcard"] != 0:
+        udp6.send(b"still6")
+        flows["udp6_after"] = udp6.recv(16) == b"still6"
 
     out["errnames"] = {k: errno.errorcode.get(v, "OK") for k, v in att.items()}
     print(json.dumps(out), flush=True)
