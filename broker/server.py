@@ -321,9 +321,10 @@ class Broker:
             return False  # the client reset the connection: nothing to answer
         stray = passed_fds(ancdata)
         if stray:
-            # Closing the last reference to a socket with SO_LINGER set can
-            # block for as long as the sender chose: never on the event loop.
-            await trio.to_thread.run_sync(close_all, stray, limiter=self._closers)
+            # close_all defuses lingering sockets; another kind of fd may
+            # still block in close (a hung NFS file): never on the event
+            # loop, and never holding up the broker's shutdown.
+            await trio.to_thread.run_sync(close_all, stray, limiter=self._closers, abandon_on_cancel=True)
         if not data and not ancdata:
             return False  # orderly close
         try:
@@ -548,9 +549,27 @@ def passed_fds(ancdata) -> list[int]:
     return list(fds)
 
 
+_NO_LINGER = struct.pack("ii", 1, 0)
+
+
 def close_all(fds: list[int]) -> None:
+    """Close fds a client passed.
+
+    Closing the last reference to a socket with SO_LINGER set blocks for as
+    long as its sender chose (an hour, behind a zero window): each socket
+    gets SO_LINGER {1, 0} first, so its close is immediate.
+    """
     for fd in fds:
-        os.close(fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            continue
+        with sock:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+            except OSError:
+                pass  # not one that lingers (a Unix socket)
 
 
 def prepare_socket_dir(path: Path) -> None:

@@ -3,14 +3,20 @@ under load. The app gets the documented errno within a bounded time, never
 hangs, and leaks no fd."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
-from harness import GRAFT, echo_server
+from harness import GRAFT, WireClient, connect_request, echo_server
+
+from graft.broker import wire
 
 pytestmark = pytest.mark.netns
 PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
@@ -81,3 +87,44 @@ def test_real_broker_sigkilled_then_restarted(netns, start_broker):
         broker.start()  # finds the stale socket file, sees nobody answers, replaces it
         again = fault_client(broker.socket_path, netns, port)
         assert again[0] == "OK"
+
+
+def test_a_lingering_socket_passed_by_a_client_cannot_stall_the_broker(start_broker):
+    """A client passes a TCP socket with SO_LINGER of an hour and data stuck behind a zero window.
+
+    The broker closes what clients pass; closing that last reference would
+    block for the hour. The broker must answer, keep serving, and stop at once.
+    """
+    broker = start_broker('version = 1\n[tenants.t]\ndefault = "deny"\n')
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stuck.connect(lsn.getsockname())
+    sink, _ = lsn.accept()  # never reads: its window closes
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.setblocking(False)
+    for _ in range(10_000):  # bounded: until the send buffer is full too
+        try:
+            stuck.send(bytes(4096))
+        except BlockingIOError:
+            break
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    c = WireClient(broker.socket_path)
+    try:
+        c.send(connect_request(9), fds=[stuck.fileno()])
+        stuck.close()  # the broker now holds the last reference
+        rep, _ = c.reply()
+        assert (rep.verdict, rep.error) == (wire.V_ERROR, errno.EBADMSG)
+        other = WireClient(broker.socket_path)
+        other.send(connect_request(9))
+        assert other.reply()[0].verdict == wire.V_DENY  # still serving
+        other.close()
+        t0 = time.monotonic()
+        assert broker.stop() == 0, broker.stderr()
+        assert time.monotonic() - t0 < 5
+    finally:
+        c.close()
+        sink.close()
+        lsn.close()
