@@ -38,58 +38,74 @@ LISTEN_FDS_START = 3
 class FdStore:
     """The broker's view of the store: listeners passed in at start, and pushes and removals."""
 
-    def __init__(self, enabled: bool, inherited: dict[str, socket.socket] | None = None):
-        self.enabled = enabled
-        self._inherited = inherited or {}  # tenant name -> listener passed in at start
+    def __init__(self, capacity: int = 0, inherited: dict[str, list[socket.socket]] | None = None):
+        self.capacity = capacity  # $FDSTORE: how many fds the service manager keeps; 0: no store
+        self.enabled = capacity > 0
+        # tenant name -> listeners passed in at start under its name (normally one)
+        self._inherited = inherited or {}
 
     @classmethod
     def from_environment(cls) -> "FdStore":
         """Read (and unset) what the service manager passed; close what is not a tenant listener."""
         env = os.environ
         try:
-            enabled = int(env.get("FDSTORE", "0")) > 0 and bool(env.get("NOTIFY_SOCKET"))
+            capacity = int(env.get("FDSTORE", "0")) if env.get("NOTIFY_SOCKET") else 0
         except ValueError:
-            enabled = False
-        inherited: dict[str, socket.socket] = {}
+            capacity = 0
+        store = cls(max(capacity, 0))
         for fd, name in _listen_fds(env):
-            os.set_inheritable(fd, False)
             if name.startswith(FDNAME_PREFIX) and _is_socket(fd):
-                inherited[name[len(FDNAME_PREFIX):]] = socket.socket(fileno=fd)
-            else:
-                log.warning("closing fd %d passed in as %r: not a tenant listener", fd, name)
+                os.set_inheritable(fd, False)
+                store._inherited.setdefault(name[len(FDNAME_PREFIX):], []).append(socket.socket(fileno=fd))
+                continue
+            log.warning("fd %d passed in as %r is not a tenant listener: closed, and dropped from the store",
+                        fd, name)
+            try:
                 os.close(fd)
-        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            except OSError:  # LISTEN_FDS counted more fds than were passed
+                pass
+            store._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", "drop a stray fd")
+        for var in ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             env.pop(var, None)
-        if inherited and not enabled:
+        if store._inherited and not store.enabled:
             log.warning("listeners were passed in but $FDSTORE is not set: adopting them, storing no new ones")
-        return cls(enabled, inherited)
+        return store
 
-    def take(self, tenant: str) -> socket.socket | None:
-        """The listener passed in for tenant, once."""
-        return self._inherited.pop(tenant, None)
+    def take(self, tenant: str) -> list[socket.socket]:
+        """The listeners passed in under tenant's name (normally one), once."""
+        return self._inherited.pop(tenant, [])
 
-    def leftovers(self) -> dict[str, socket.socket]:
+    def leftovers(self) -> dict[str, list[socket.socket]]:
         """Listeners passed in that no tenant took (removed from the policy meanwhile), handed over."""
         left, self._inherited = self._inherited, {}
         return left
 
+    def check_capacity(self, tenants: int) -> None:
+        if self.enabled and tenants > self.capacity:
+            log.warning("%d tenants but the fd store keeps %d ($FDSTORE, FileDescriptorStoreMax=): the "
+                        "listeners beyond it will not survive a restart", tenants, self.capacity)
+
     def push(self, tenant: str, sock) -> bool:
-        """Have the service manager keep sock for the next broker; whether it was sent."""
-        if not self.enabled:
-            return False
-        try:
-            return sd_notify(f"FDSTORE=1\nFDNAME={FDNAME_PREFIX}{tenant}", (sock.fileno(),))
-        except OSError as e:
-            log.warning("tenant %s: cannot store the listener with the service manager: %s", tenant, e)
-            return False
+        """Have the service manager keep sock, and only it, under tenant's name; whether it was sent.
+
+        systemd keeps every fd pushed under a name: the old ones go first.
+        """
+        name = FDNAME_PREFIX + tenant
+        return (self._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", f"tenant {tenant}: replace the stored listener")
+                and self._notify(f"FDSTORE=1\nFDNAME={name}", f"tenant {tenant}: store the listener",
+                                 (sock.fileno(),)))
 
     def remove(self, tenant: str) -> None:
+        self._notify(f"FDSTOREREMOVE=1\nFDNAME={FDNAME_PREFIX}{tenant}", f"tenant {tenant}: drop the stored listener")
+
+    def _notify(self, state: str, what: str, fds: tuple[int, ...] = ()) -> bool:
         if not self.enabled:
-            return
+            return False
         try:
-            sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FDNAME_PREFIX}{tenant}")
+            return sd_notify(state, fds)
         except OSError as e:
-            log.warning("tenant %s: cannot drop the stored listener: %s", tenant, e)
+            log.warning("%s with the service manager: %s", what, e)
+            return False
 
 
 def _listen_fds(env) -> list[tuple[int, str]]:

@@ -39,7 +39,7 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import wire
 from .admin import ADMIN_SOCKET, serve_admin
-from .unixsock import adopt_unix_listener, bind_unix_listener, check_socket_path, unlink_if_socket
+from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
 from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
@@ -108,7 +108,7 @@ class Broker:
     def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog, confinement: Confinement | None = None,
                  fdstore: FdStore | None = None):
         self.policy = policy
-        self.fdstore = fdstore if fdstore is not None else FdStore(enabled=False)
+        self.fdstore = fdstore if fdstore is not None else FdStore()
         # Kernel confinement (confine.py): every grafted socket is marked before it is sent.
         # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
         self.confinement = confinement
@@ -129,6 +129,7 @@ class Broker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             matchers = compile_policy(self.policy)
+            self.fdstore.check_capacity(len(self.policy.tenants))
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
             self._drop_leftover_listeners()
@@ -152,8 +153,7 @@ class Broker:
         RuntimeError names them.
         """
         matchers = compile_policy(policy)
-        for name in policy.tenants.keys() - self.tenants.keys():
-            check_socket_path(self.socket_dir / f"{name}.sock")  # before anything changes
+        self.fdstore.check_capacity(len(policy.tenants))
         for key in ("socket_dir", "audit_log", "confinement"):
             if getattr(policy.broker, key) != getattr(self.policy.broker, key):
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
@@ -216,41 +216,52 @@ class Broker:
 
     def _drop_leftover_listeners(self) -> None:
         """Stored listeners of tenants no longer in the policy: out of the store, file removed."""
-        for name, sock in self.fdstore.leftovers().items():
-            with sock:
-                bound = sock.getsockname() if sock.family == socket.AF_UNIX else ""
+        for name, socks in self.fdstore.leftovers().items():
             self.fdstore.remove(name)
-            path = Path(bound) if isinstance(bound, str) and bound else None
-            if path is not None and path.parent == self.socket_dir:
-                unlink_if_socket(path)
+            for sock in socks:
+                with sock:
+                    bound = sock.getsockname() if sock.family == socket.AF_UNIX else ""
+                path = Path(bound) if isinstance(bound, str) and bound else None
+                if path is not None and path.parent == self.socket_dir:
+                    unlink_if_socket(path)
             log.info("tenant %s is not in the policy: its stored listener is closed", name)
 
     async def _open_listener(self, tenant: TenantState) -> tuple[trio.socket.SocketType, tuple[int, int], bool]:
-        """The tenant's listener: adopted from the fd store, or bound (and stored).
+        """The tenant's listener: adopted from the fd store, or bound; stored either way.
 
         Returns (listener, socket file identity, whether the fd store holds it).
         """
         mode = tenant.config.socket_mode_int
-        inherited = self.fdstore.take(tenant.name)
-        if inherited is not None:
+        adopted, identity = None, None
+        for sock in self.fdstore.take(tenant.name):
+            if adopted is None:
+                try:
+                    identity = adopt_unix_listener(sock, tenant.path, mode)
+                    adopted = sock
+                    continue
+                except (ValueError, OSError) as e:
+                    log.warning("tenant %s: a stored listener cannot be used (%s)", tenant.name, e)
+            sock.close()
+        if adopted is not None:
+            log.info("tenant %s: listener adopted from the service manager's fd store", tenant.name)
+            listener = trio.socket.from_stdlib_socket(adopted)
+        else:
+            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
-                identity = adopt_unix_listener(inherited, tenant.path, mode)
-            except (ValueError, OSError) as e:
-                log.warning("tenant %s: the stored listener cannot be used (%s); binding a new one", tenant.name, e)
-                inherited.close()
-                self.fdstore.remove(tenant.name)
-            else:
-                log.info("tenant %s: listener adopted from the service manager's fd store", tenant.name)
-                return trio.socket.from_stdlib_socket(inherited), identity, True
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            identity = await bind_unix_listener(listener, tenant.path, mode)
-        except BaseException:
-            listener.close()
-            raise
+                identity = await bind_unix_listener(listener, tenant.path, mode)
+            except BaseException:
+                listener.close()
+                raise
+        # Pushed again when adopted too: that leaves exactly this one stored under the name.
         return listener, identity, self.fdstore.push(tenant.name, listener)
 
     async def _serve_tenant(self, tenant: TenantState, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._listen(tenant, task_status)
+        finally:
+            tenant.done.set()
+
+    async def _listen(self, tenant: TenantState, task_status) -> None:
         listener, identity, stored = await self._open_listener(tenant)
         with listener, tenant.cancel_scope:
             try:
@@ -275,7 +286,6 @@ class Broker:
                     self.fdstore.remove(tenant.name)
                 if tenant.removed or not stored:
                     unlink_if_socket(tenant.path, identity)
-                tenant.done.set()
 
     async def _serve_client(self, tenant: TenantState, conn: trio.socket.SocketType, token: object) -> None:
         try:

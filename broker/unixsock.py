@@ -13,8 +13,11 @@ import stat
 from pathlib import Path
 
 import trio
+from pyroute2 import DiagSocket
+from pyroute2.netlink.diag import UDIAG_SHOW_VFS
 
 LISTEN_BACKLOG = 512
+_LISTENING = 1 << 10  # TCP_LISTEN, as unix_diag counts states
 
 
 def check_socket_path(path: Path) -> None:
@@ -65,8 +68,24 @@ def adopt_unix_listener(sock: socket.socket, path: Path, mode: int, kind: int = 
         raise ValueError(f"{path} no longer exists") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ValueError(f"{path} is no longer a socket file")
+    # getsockname() keeps the path after the file was removed and another
+    # socket bound there: only the file's inode says whom connects reach.
+    if bound_file_inode(sock) != st.st_ino:
+        raise ValueError(f"{path} now belongs to another socket")
     os.chmod(path, mode)
     return st.st_dev, st.st_ino
+
+
+def bound_file_inode(sock: socket.socket) -> int | None:
+    """The inode of the file a listening Unix socket is bound to (sock_diag), or None."""
+    ino = os.fstat(sock.fileno()).st_ino
+    with DiagSocket() as ds:
+        ds.bind()
+        for msg in ds.get_sock_stats(family=socket.AF_UNIX, states=_LISTENING, show=UDIAG_SHOW_VFS):
+            if msg["udiag_ino"] == ino:
+                vfs = msg.get_attr("UNIX_DIAG_VFS")
+                return vfs["udiag_vfs_ino"] if vfs else None
+    return None
 
 
 def unlink_if_socket(path: Path, identity: tuple[int, int] | None = None) -> None:

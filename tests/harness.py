@@ -152,8 +152,10 @@ class BrokerProcess:
     With ``fdstore=True`` this object also plays systemd's file descriptor
     store: it keeps the fds the broker pushes (FDSTORE=1 / FDNAME=), drops
     them on FDSTOREREMOVE=1, and passes them to the next start as systemd
-    does (fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID). ``stored`` maps
-    names to this process's copies; ``release_store()`` closes them.
+    does (fds 3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID). Like systemd it
+    keeps every fd pushed under a name (but one per file) until a removal.
+    ``stored`` maps names to this process's copies; ``release_store()``
+    closes them.
     """
 
     def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None,
@@ -170,7 +172,7 @@ class BrokerProcess:
         self.tenant = tenant
         self.proc: subprocess.Popen | None = None
         self._notify: socket.socket | None = None
-        self.stored: dict[str, int] | None = {} if fdstore else None
+        self.stored: dict[str, list[int]] | None = {} if fdstore else None
 
     @property
     def socket_path(self) -> Path:
@@ -182,6 +184,8 @@ class BrokerProcess:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._notify.bind(str(notify_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        for var in ("FDSTORE", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(var, None)  # only this object plays the service manager
         if self.cgroup is None and self._owns_cgroup:
             self.cgroup = make_test_cgroup()
         cg_dir = cgroup2_dir(self.cgroup) if self.cgroup else None
@@ -206,9 +210,9 @@ class BrokerProcess:
         """cmd wrapped to receive the stored fds as systemd passes them; the fds to pass."""
         if not self.stored:
             return cmd, []
-        names = list(self.stored)
+        names = [n for n, fds in self.stored.items() for _ in fds]
         # Copies far above 3.. so that moving them into place clobbers none of them.
-        high = [fcntl.fcntl(self.stored[n], fcntl.F_DUPFD_CLOEXEC, 200) for n in names]
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 200) for fds in self.stored.values() for fd in fds]
         env["LISTEN_FDS"], env["LISTEN_FDNAMES"] = str(len(names)), ":".join(names)
         moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(high))
         # bash, not sh: dash takes only one-digit fd numbers in redirections
@@ -223,20 +227,22 @@ class BrokerProcess:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
         name = fields.get("FDNAME")
-        if self.stored is not None and name and fields.get("FDSTORE") == "1" and len(fds) == 1:
-            old = self.stored.pop(name, None)
-            if old is not None:
-                os.close(old)
-            self.stored[name] = fds.pop()
-        elif self.stored is not None and name and fields.get("FDSTOREREMOVE") == "1" and name in self.stored:
-            os.close(self.stored.pop(name))
+        if self.stored is not None and name and fields.get("FDSTORE") == "1":
+            kept = self.stored.setdefault(name, [])
+            for fd in fds:
+                if os.fstat(fd).st_ino not in {os.fstat(k).st_ino for k in kept}:
+                    kept.append(os.dup(fd))
+        elif self.stored is not None and name and fields.get("FDSTOREREMOVE") == "1":
+            for fd in self.stored.pop(name, []):
+                os.close(fd)
         for fd in fds:
             os.close(fd)
         return msg.decode()
 
     def release_store(self) -> None:
-        for fd in (self.stored or {}).values():
-            os.close(fd)
+        for fds in (self.stored or {}).values():
+            for fd in fds:
+                os.close(fd)
         if self.stored:
             self.stored.clear()
 

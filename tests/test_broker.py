@@ -384,14 +384,15 @@ async def test_unwritable_audit_log_drops_records_not_the_broker(env):
     os.close(r)
 
 
-async def test_reload_that_cannot_add_a_tenant_changes_nothing(env):
+async def test_reload_with_a_new_tenant_path_taken_by_a_file_applies_the_rest(env):
     (env.dir / "sock" / "u.sock").write_text("not a socket")
     c = await env.client()
-    with pytest.raises(RuntimeError, match="not a socket"):
+    with pytest.raises(RuntimeError, match="tenant u: .*not a socket"):
         await env.broker.reload(parse_policy('version = 1\n[tenants.t]\ndefault = "container"\n[tenants.u]\n'))
     assert set(env.broker.tenants) == {"t"}
+    assert (env.dir / "sock" / "u.sock").read_text() == "not a socket"  # left alone
     rep, _ = await c.ask(wire.OP_CONNECT, addr("127.0.0.3", 7))
-    assert rep.verdict == wire.V_DENY  # the old policy, on the same connection
+    assert rep.verdict == wire.V_CONTAINER  # the new rules, on the same connection
 
 
 async def test_reload_applies_everything_but_a_tenant_that_cannot_start(env):

@@ -22,7 +22,9 @@ TWO_TENANTS = POLICY + '[tenants.u]\n'
 
 
 def stored_path(broker: BrokerProcess, name: str) -> str:
-    with socket.socket(fileno=os.dup(broker.stored[name])) as s:
+    """Where the one listener stored under name is bound."""
+    (fd,) = broker.stored[name]
+    with socket.socket(fileno=os.dup(fd)) as s:
         return s.getsockname()
 
 
@@ -124,8 +126,39 @@ def test_a_stored_listener_for_another_path_is_replaced(stored_broker, short_tmp
     assert broker.stop() == 0
     other = short_tmp / "other"
     broker.start("--socket-dir", str(other))  # argparse: the last --socket-dir wins
-    assert "the stored listener cannot be used" in broker.stderr()
+    assert "a stored listener cannot be used" in broker.stderr()
     assert stored_path(broker, "tenant.t") == str(other / "t.sock")
     c = WireClient(other / "t.sock")
+    assert ask(c) == wire.V_GRAFT
+    c.close()
+
+
+def test_a_stored_listener_whose_path_was_rebound_is_not_adopted(stored_broker):
+    """getsockname() still names the path after the file was replaced: the inode decides."""
+    broker = stored_broker.start()
+    assert broker.stop() == 0
+    broker.socket_path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as other:
+        other.bind(str(broker.socket_path))  # a new file at the path, whose socket is gone again
+    broker.start()
+    assert "now belongs to another socket" in broker.stderr()
+    c = WireClient(broker.socket_path)
+    assert ask(c) == wire.V_GRAFT
+    c.close()
+    assert stored_path(broker, "tenant.t") == str(broker.socket_path)
+
+
+def test_duplicates_under_a_name_end_as_one(stored_broker, short_tmp):
+    """systemd keeps every fd pushed under a name: the broker leaves exactly its listener there."""
+    broker = stored_broker.start()
+    assert broker.stop() == 0
+    stale_path = short_tmp / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(stale_path))
+    stale.listen(1)
+    broker.stored["tenant.t"].insert(0, stale.detach())  # e.g. a removal that was lost
+    broker.start()
+    assert stored_path(broker, "tenant.t") == str(broker.socket_path)
+    c = WireClient(broker.socket_path)
     assert ask(c) == wire.V_GRAFT
     c.close()
