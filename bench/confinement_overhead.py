@@ -18,8 +18,9 @@
        program runs and compares the address) vs on an unconfined socket;
        send() without an address does not run the program at all;
      - a 1-byte TCP round trip on a marked connected socket vs an unconfined
-       one: the ingress program runs for every packet a grafted socket
-       receives (it stops after reading the socket's state).
+       one: the listen guard (a locked classic BPF socket filter on each TCP
+       socket the broker connects) runs for every packet it receives.
+       Grafted listeners and their accepted sockets carry none.
 Everything the bench creates (cgroups, programs, pins) is removed at the end.
 """
 from __future__ import annotations
@@ -242,7 +243,7 @@ def main() -> int:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     print(f"   {'of which the mark (one bpf map update)':<52} {'':>8} {med['mark'] * 1e6:>8.2f}")
     rows = (("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),
-            ("TCP 1-byte round trip (ingress program per packet)", "t_off", "t_on"))
+            ("TCP 1-byte round trip (listen guard per packet)", "t_off", "t_on"))
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     return 0

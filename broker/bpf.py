@@ -141,9 +141,8 @@ BTF_LOAD = 18
 
 # enum bpf_map_type, enum bpf_prog_type, enum bpf_attach_type
 MAP_TYPE_SK_STORAGE = 24
+PROG_TYPE_SOCKET_FILTER = 1
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
-PROG_TYPE_CGROUP_SKB = 8
-CGROUP_INET_INGRESS = 0
 CGROUP_INET4_BIND = 8
 CGROUP_INET6_BIND = 9
 CGROUP_INET4_CONNECT = 10
@@ -157,7 +156,6 @@ F_CLONE = 1 << 9  # map_flags: an accepted socket gets a copy of its listener's 
 F_ALLOW_MULTI = 1 << 1  # attach_flags: coexist with other programs on the cgroup
 ANY = 0  # BPF_ANY for map updates
 FUNC_SK_STORAGE_GET = 107  # enum bpf_func_id
-FUNC_SK_FULLSOCK = 95
 
 # Little-endian machines only: Asm packs instructions little-endian.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}

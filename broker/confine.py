@@ -6,10 +6,9 @@ TCP socket or a listener, then a second ``connect`` goes anywhere; a UDP
 ``sendto`` names its destination on every call. Confinement closes that in
 the kernel, with no module:
 
-* Six cgroup ``sock_addr`` programs (connect4/6, sendmsg4/6, bind4/6) and a
-  ``cgroup_skb`` ingress program are attached to the broker's cgroup. They
-  run for sockets *created* by a process of that cgroup, whoever calls
-  connect() later: the grafted sockets.
+* Six cgroup ``sock_addr`` programs (connect4/6, sendmsg4/6, bind4/6) are
+  attached to the broker's cgroup. They run for sockets *created* by a
+  process of that cgroup, whoever calls connect() later: the grafted sockets.
 * A ``BPF_MAP_TYPE_SK_STORAGE`` map (``BPF_F_CLONE``: accepted sockets inherit
   their listener's entry) holds a mark for each grafted socket, set by the
   broker after its own bind/connect and before the fd leaves it.
@@ -20,12 +19,13 @@ the kernel, with no module:
   Refused means the system call fails with EPERM.
 * ``listen()`` has no sock_addr hook, and a connected TCP socket dissolved by
   ``connect(AF_UNSPEC)`` loses its kernel-chosen port, so ``listen()`` would
-  bind a fresh ephemeral port on the host's wildcard address. The ingress
-  program closes that: a socket the broker *connected* (its mark has a
-  destination) that is found listening has every packet dropped, so the
-  listen succeeds but nothing can ever reach it. Grafted listeners carry no
-  destination and are untouched; for every other packet the program costs a
-  null check and one load of the socket's state.
+  bind a fresh ephemeral port on the host's wildcard address. Each TCP
+  socket the broker *connects* therefore gets a locked socket filter
+  (``SO_ATTACH_BPF`` + ``SO_LOCK_FILTER``, which the app cannot undo)
+  that drops segments with SYN set and ACK clear: a connected socket never
+  needs one, and a listener gets nothing else, so the escaped listen
+  succeeds but no connection ever reaches it. Grafted listeners and the
+  sockets they accept carry no filter and pay nothing.
 
 Where things live, for a broker whose cgroup is ``C`` (from /proc/self/cgroup):
 
@@ -83,10 +83,6 @@ CTX_USER_IP4 = 4
 CTX_USER_IP6 = 8
 CTX_USER_PORT = 24
 CTX_SK = 64
-# __sk_buff and bpf_sock offsets, for the ingress program (checked likewise)
-SKB_SK = 168
-SOCK_STATE = 72
-TCP_LISTEN = 10  # BPF_TCP_LISTEN
 # mark offsets
 M_FLAGS, M_PORT, M_IP4, M_IP6 = 0, 4, 8, 12
 
@@ -119,6 +115,9 @@ class Asm:
     def ldx_dw(self, dst, src, off):
         self._emit(0x79, dst, src, off)  # BPF_LDX | BPF_MEM | BPF_DW
 
+    def ld_abs_b(self, off):
+        self._emit(0x30, 0, 0, 0, off)  # BPF_LD | BPF_ABS | BPF_B: r0 = packet byte (skb in r6)
+
     def ld_map_fd(self, dst, fd):
         self._emit(0x18, dst, 1, 0, fd)  # BPF_LD | BPF_IMM | BPF_DW, src = BPF_PSEUDO_MAP_FD
         self._emit(0x00)
@@ -148,9 +147,7 @@ class Asm:
 
 
 def program(kind: str, v6: bool, map_fd: int) -> bytes:
-    """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "ingress"."""
-    if kind == "ingress":
-        return ingress_program(map_fd)
+    """The program for kind "connect" | "sendmsg" | "bind", IPv4 or IPv6."""
     a = Asm()
     a.mov_reg(6, 1)  # r6 = ctx
     a.ldx_dw(2, 1, CTX_SK)  # r2 = ctx->sk
@@ -196,33 +193,6 @@ def program(kind: str, v6: bool, map_fd: int) -> bytes:
     return a.assemble()
 
 
-def ingress_program(map_fd: int) -> bytes:
-    """cgroup_skb ingress: drop what arrives at a listener the broker had connected."""
-    a = Asm()
-    a.ldx_dw(1, 1, SKB_SK)  # r1 = skb->sk (sock_common, or NULL)
-    a.jeq_imm(1, 0, "allow")
-    a.ldx_w(2, 1, SOCK_STATE)
-    a.jne_imm(2, TCP_LISTEN, "allow")  # the data path stops here
-    a.call(bpf.FUNC_SK_FULLSOCK)  # sk_storage_get wants a full socket
-    a.jeq_imm(0, 0, "allow")
-    a.mov_reg(2, 0)
-    a.ld_map_fd(1, map_fd)
-    a.mov_imm(3, 0)
-    a.mov_imm(4, 0)
-    a.call(bpf.FUNC_SK_STORAGE_GET)
-    a.jeq_imm(0, 0, "allow")  # not a grafted socket
-    a.ldx_w(1, 0, M_FLAGS)
-    a.and_imm(1, F_HAS_DEST)
-    a.jne_imm(1, 0, "deny")  # connected by the broker, so never a listener
-    a.label("allow")
-    a.mov_imm(0, 1)
-    a.exit()
-    a.label("deny")
-    a.mov_imm(0, 0)
-    a.exit()
-    return a.assemble()
-
-
 # name in bpffs -> (kind, v6, attach type); bpf program names are "graft_" + name
 PROGRAMS = {
     "connect4": ("connect", False, bpf.CGROUP_INET4_CONNECT),
@@ -231,12 +201,36 @@ PROGRAMS = {
     "sendmsg6": ("sendmsg", True, bpf.CGROUP_UDP6_SENDMSG),
     "bind4": ("bind", False, bpf.CGROUP_INET4_BIND),
     "bind6": ("bind", True, bpf.CGROUP_INET6_BIND),
-    "ingress": ("ingress", False, bpf.CGROUP_INET_INGRESS),
 }
 
 
-def prog_type(kind: str) -> int:
-    return bpf.PROG_TYPE_CGROUP_SKB if kind == "ingress" else bpf.PROG_TYPE_CGROUP_SOCK_ADDR
+# The listen guard, a socket filter: for TCP the kernel runs it with the
+# packet starting at the TCP header (v4 and v6 alike), so byte 13 holds the
+# flags. A SYN without ACK is dropped, anything else kept whole. Loaded once
+# per broker; attaching it to a socket is a reference, not a copy.
+_TCP_FLAGS, _SYN, _ACK = 13, 0x02, 0x10
+SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)
+SO_LOCK_FILTER = getattr(socket, "SO_LOCK_FILTER", 44)
+
+
+def listen_guard_program() -> bytes:
+    a = Asm()
+    a.mov_reg(6, 1)  # the packet loads below take the skb in r6
+    a.ld_abs_b(_TCP_FLAGS)  # r0 = flags
+    a.and_imm(0, _SYN | _ACK)
+    a.jeq_imm(0, _SYN, "drop")
+    a.mov_imm(0, -1)  # keep the whole packet
+    a.exit()
+    a.label("drop")
+    a.mov_imm(0, 0)
+    a.exit()
+    return a.assemble()
+
+
+def guard_against_listening(sock: socket.socket, guard_fd: int) -> None:
+    """Attach the listen guard to a connected TCP socket and lock it (the app cannot remove it)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, guard_fd)
+    sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
 
 
 def mark_btf() -> bytes:
@@ -346,6 +340,7 @@ class Confinement:
     map_fd: int
     prog_fds: dict[str, int] = field(default_factory=dict)
     reused: bool = False
+    guard_fd: int = -1  # the listen guard (a socket filter), loaded by each broker
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -356,17 +351,20 @@ class Confinement:
         """Lock sock: from now on the kernel refuses to re-point it (EPERM).
 
         dest: the address the broker connected it to (connect and sendmsg to
-        it stay allowed); allow_any_peer: sendmsg to any address stays allowed.
+        it stay allowed; a TCP socket also gets the listen guard);
+        allow_any_peer: sendmsg to any address stays allowed.
         """
         if self._updater is None:
             self._updater = bpf.MapUpdater(self.map_fd, 4, MARK_SIZE)
         self._updater.update(struct.pack("=i", sock.fileno()), encode_mark(dest, allow_any_peer))
+        if dest is not None and sock.type == socket.SOCK_STREAM:
+            guard_against_listening(sock, self.guard_fd)
 
     def close(self) -> None:
-        for fd in [self.map_fd, *self.prog_fds.values()]:
+        for fd in [self.map_fd, *self.prog_fds.values(), *([self.guard_fd] if self.guard_fd >= 0 else [])]:
             os.close(fd)
         self.prog_fds.clear()
-        self.map_fd = -1
+        self.map_fd = self.guard_fd = -1
 
 
 def establish(move_self: bool = True) -> Confinement:
@@ -431,6 +429,7 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     try:
         for name, (kind, v6, attach_type) in PROGRAMS.items():
             conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, reused)
+        conf.guard_fd = bpf.prog_load(bpf.PROG_TYPE_SOCKET_FILTER, listen_guard_program(), LICENSE, "graft_lguard")
         if not reused:
             bpf.obj_pin(map_fd, map_path)  # last: a map pin means the set is complete
     except BaseException:
@@ -449,7 +448,8 @@ def _load_or_reuse_program(conf: Confinement, name: str, kind: str, v6: bool, at
     map would not see our marks: without a reused map, nothing is reused.
     """
     path = os.path.join(conf.pin_dir, name)
-    fresh = bpf.prog_load(prog_type(kind), program(kind, v6, conf.map_fd), LICENSE, f"graft_{name}", attach_type)
+    fresh = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, program(kind, v6, conf.map_fd), LICENSE, f"graft_{name}",
+                          attach_type)
     try:
         if map_reused and os.path.exists(path):
             pinned = bpf.obj_get(path)

@@ -344,10 +344,9 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
         "BPF_CGROUP_INET4_CONNECT": bpf.CGROUP_INET4_CONNECT, "BPF_CGROUP_INET6_CONNECT": bpf.CGROUP_INET6_CONNECT,
         "BPF_CGROUP_UDP4_SENDMSG": bpf.CGROUP_UDP4_SENDMSG, "BPF_CGROUP_UDP6_SENDMSG": bpf.CGROUP_UDP6_SENDMSG,
         "BPF_F_NO_PREALLOC": bpf.F_NO_PREALLOC, "BPF_F_CLONE": bpf.F_CLONE, "BPF_F_ALLOW_MULTI": bpf.F_ALLOW_MULTI,
-        "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET, "BPF_FUNC_sk_fullsock": bpf.FUNC_SK_FULLSOCK,
-        "BPF_PROG_TYPE_CGROUP_SKB": bpf.PROG_TYPE_CGROUP_SKB, "BPF_CGROUP_INET_INGRESS": bpf.CGROUP_INET_INGRESS,
-        "BPF_TCP_LISTEN": confine.TCP_LISTEN,
-        "offsetof(struct __sk_buff, sk)": confine.SKB_SK, "offsetof(struct bpf_sock, state)": confine.SOCK_STATE,
+        "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET,
+        "SO_ATTACH_BPF": confine.SO_ATTACH_BPF, "SO_LOCK_FILTER": confine.SO_LOCK_FILTER,
+        "BPF_PROG_TYPE_SOCKET_FILTER": bpf.PROG_TYPE_SOCKET_FILTER,
         "offsetof(struct bpf_sock_addr, user_ip4)": confine.CTX_USER_IP4,
         "offsetof(struct bpf_sock_addr, user_ip6)": confine.CTX_USER_IP6,
         "offsetof(struct bpf_sock_addr, user_port)": confine.CTX_USER_PORT,
@@ -373,7 +372,8 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
     for f in ("type", "id", "value_size", "map_flags", "name"):
         checks[f"offsetof(struct bpf_map_info, {f})"] = bpf.ffi.offsetof("struct graft_bpf_map_info", f)
     src = tmp_path / "c.c"
-    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <linux/bpf.h>\nint main(void){\n"
+    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <sys/socket.h>\n#include <linux/bpf.h>\n"
+                   "int main(void){\n"
                    + "".join(f'printf("%ld\\n", (long)({expr}));\n' for expr in checks) + "return 0;}\n")
     subprocess.run([gcc, str(src), "-o", str(tmp_path / "c")], check=True)
     got = subprocess.run([str(tmp_path / "c")], capture_output=True, text=True, check=True).stdout.split()

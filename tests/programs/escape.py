@@ -30,8 +30,8 @@ import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 NR = {
-    "x86_64": {"connect": 42, "sendto": 44, "bind": 49, "listen": 50, "getsockname": 51},
-    "aarch64": {"connect": 203, "sendto": 206, "bind": 200, "listen": 201, "getsockname": 204},
+    "x86_64": {"connect": 42, "sendto": 44, "bind": 49, "listen": 50, "getsockname": 51, "setsockopt": 54},
+    "aarch64": {"connect": 203, "sendto": 206, "bind": 200, "listen": 201, "getsockname": 204, "setsockopt": 208},
 }[platform.machine()]
 HOST = "127.0.0.1"
 MSG_FASTOPEN = 0x20000000
@@ -151,6 +151,9 @@ def main() -> int:
 
     # --- listen() on a disconnected socket takes a fresh port on the host ------------
     att["listen_unspec"] = raw_connect(victim_listen.fileno(), None)
+    # whatever filter the broker may have put on the socket: off with it (SO_DETACH_FILTER)
+    zero = ctypes.c_int(0)
+    out["detach_filter"] = raw("setsockopt", victim_listen.fileno(), socket.SOL_SOCKET, 27, ctypes.byref(zero), 4)
     att["listen_after_unspec"] = raw("listen", victim_listen.fileno(), 8)  # allowed: no hook, no address
     print(f"listening {raw_port(victim_listen.fileno()) if att['listen_after_unspec'] == 0 else 0}", flush=True)
     sys.stdin.readline()  # the test has connected from the host, or given up
