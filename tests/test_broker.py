@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from graft.broker import server, wire
+from graft.broker import server, unixsock, wire
 from graft.broker.audit import AuditLog
 from graft.broker.server import Broker
 from graft.policy import parse_policy
@@ -417,3 +417,33 @@ async def test_idle_client_connections_are_closed(env, monkeypatch):
     c = await env.client()
     with trio.fail_after(5):
         assert await c.reply() == (None, None)  # the broker hung up on the idle connection
+
+
+async def test_a_live_listener_with_a_full_backlog_is_not_taken_for_a_stale_file(short_tmp):
+    """Its connects would block (EAGAIN): that is a live broker, not a file to replace."""
+    path = short_tmp / "t.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    live.bind(str(path))
+    live.listen(0)
+    queued = []
+    try:
+        for _ in range(64):  # bounded: fill the backlog until connects would block
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.setblocking(False)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        else:
+            pytest.fail("the backlog never filled")
+        new = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with new, trio.fail_after(5):
+            with pytest.raises(RuntimeError, match="served by a running broker"):
+                await unixsock.bind_unix_listener(new, path, 0o600)
+        assert path.exists()
+    finally:
+        for c in queued:
+            c.close()
+        live.close()
