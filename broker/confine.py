@@ -361,8 +361,9 @@ class Confinement:
             guard_against_listening(sock, self.guard_fd)
 
     def close(self) -> None:
-        for fd in [self.map_fd, *self.prog_fds.values(), *([self.guard_fd] if self.guard_fd >= 0 else [])]:
-            os.close(fd)
+        for fd in [self.map_fd, *self.prog_fds.values(), self.guard_fd]:
+            if fd >= 0:
+                os.close(fd)
         self.prog_fds.clear()
         self.map_fd = self.guard_fd = -1
 

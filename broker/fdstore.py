@@ -38,11 +38,14 @@ LISTEN_FDS_START = 3
 class FdStore:
     """The broker's view of the store: listeners passed in at start, and pushes and removals."""
 
-    def __init__(self, capacity: int = 0, inherited: dict[str, list[socket.socket]] | None = None):
+    def __init__(self, capacity: int = 0):
         self.capacity = capacity  # $FDSTORE: how many fds the service manager keeps; 0: no store
-        self.enabled = capacity > 0
         # tenant name -> listeners passed in at start under its name (normally one)
-        self._inherited = inherited or {}
+        self._inherited: dict[str, list[socket.socket]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
 
     @classmethod
     def from_environment(cls) -> "FdStore":

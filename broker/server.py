@@ -233,15 +233,16 @@ class Broker:
         """
         mode = tenant.config.socket_mode_int
         adopted, identity = None, None
-        for sock in self.fdstore.take(tenant.name):
-            if adopted is None:
-                try:
-                    identity = adopt_unix_listener(sock, tenant.path, mode)
-                    adopted = sock
-                    continue
-                except (ValueError, OSError) as e:
-                    log.warning("tenant %s: a stored listener cannot be used (%s)", tenant.name, e)
-            sock.close()
+        for sock in self.fdstore.take(tenant.name):  # normally one; the first usable one wins
+            if adopted is not None:
+                sock.close()
+                continue
+            try:
+                identity = adopt_unix_listener(sock, tenant.path, mode)
+                adopted = sock
+            except (ValueError, OSError) as e:
+                log.warning("tenant %s: a stored listener cannot be used (%s)", tenant.name, e)
+                sock.close()
         if adopted is not None:
             log.info("tenant %s: listener adopted from the service manager's fd store", tenant.name)
             listener = trio.socket.from_stdlib_socket(adopted)

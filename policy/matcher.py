@@ -106,6 +106,11 @@ def _compile_rule(rule: ConnectRule | BindRule, loc: str) -> _Compiled:
     return (addrs, ports, _PROTOS[rule.proto], None, (target.addr, loc))
 
 
+def _within(value: int, ranges: tuple[tuple[int, int], ...] | None) -> bool:
+    """Whether value is in one of the inclusive (lo, hi) ranges; None means any value."""
+    return ranges is None or any(lo <= value <= hi for lo, hi in ranges)
+
+
 class TenantMatcher:
     """One tenant's compiled rules.  Immutable after construction; safe to share."""
 
@@ -152,20 +157,8 @@ class TenantMatcher:
             raise ValueError(f"port out of range: {port!r}")
         key = _addr_key(addr)
         for addrs, ports, protos, decision, host in rules:
-            if proto not in protos:
+            if proto not in protos or not _within(port, ports) or not _within(key, addrs):
                 continue
-            if ports is not None:
-                for lo, hi in ports:
-                    if lo <= port <= hi:
-                        break
-                else:
-                    continue
-            if addrs is not None:
-                for lo, hi in addrs:
-                    if lo <= key <= hi:
-                        break
-                else:
-                    continue
             if decision is not None:
                 return decision
             return Decision("graft", host[1], (host[0], port))

@@ -1024,14 +1024,17 @@ EXPORT int close(int fd)
  * duplicate of a grafted or native fd gets a copy of its entry (the same
  * state, and the same getsockname translation). An untracked oldfd costs a
  * lock-free lookup only, so dup2 of pipes and files stays signal-safe.
+ *
+ * note_dup: newfd now refers to oldfd's file. Whatever the table held for
+ * newfd goes first (a close the shim did not see, or what dup2/dup3
+ * replaced); then the copy is tracked if oldfd is. errno is left as it was.
  */
-static void track_dup(int oldfd, int newfd)
+static void note_dup(int oldfd, int newfd)
 {
-    if (!fdt_is_tracked(oldfd))
-        return;
     int saved = errno;
+    fdt_drop(newfd);
     struct stat st;
-    if (fstat(newfd, &st) == 0 && S_ISSOCK(st.st_mode))
+    if (fdt_is_tracked(oldfd) && fstat(newfd, &st) == 0 && S_ISSOCK(st.st_mode))
         fdt_dup(oldfd, newfd, st.st_ino);
     errno = saved;
 }
@@ -1040,12 +1043,8 @@ EXPORT int dup(int oldfd)
 {
     graft_init();
     int fd = graft_real.dup(oldfd);
-    if (fd >= 0) {
-        int saved = errno;
-        fdt_drop(fd); /* a stale entry from a close the shim did not see */
-        errno = saved;
-        track_dup(oldfd, fd);
-    }
+    if (fd >= 0)
+        note_dup(oldfd, fd);
     return fd;
 }
 
@@ -1054,12 +1053,8 @@ EXPORT int dup2(int oldfd, int newfd)
 {
     graft_init();
     int rc = graft_real.dup2(oldfd, newfd);
-    if (rc >= 0 && oldfd != newfd) {
-        int saved = errno;
-        fdt_drop(newfd);
-        errno = saved;
-        track_dup(oldfd, newfd);
-    }
+    if (rc >= 0 && oldfd != newfd)
+        note_dup(oldfd, newfd);
     return rc;
 }
 
@@ -1067,12 +1062,8 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
 {
     graft_init();
     int rc = graft_real.dup3(oldfd, newfd, flags);
-    if (rc >= 0) {
-        int saved = errno;
-        fdt_drop(newfd);
-        errno = saved;
-        track_dup(oldfd, newfd);
-    }
+    if (rc >= 0)
+        note_dup(oldfd, newfd);
     return rc;
 }
 
@@ -1083,12 +1074,8 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
  */
 static int after_fcntl(int fd, int cmd, int rc)
 {
-    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
-        int saved = errno;
-        fdt_drop(rc);
-        errno = saved;
-        track_dup(fd, rc);
-    }
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
+        note_dup(fd, rc);
     return rc;
 }
 

@@ -220,11 +220,10 @@ class BrokerProcess:
 
     def _take_notify(self) -> str:
         """One notify datagram; fds in it are kept (FDSTORE=1) or closed, as a service manager would."""
+        from graft.broker.server import passed_fds
+
         msg, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-        fds = array.array("i")
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        fds = passed_fds(anc)
         fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
         name = fields.get("FDNAME")
         if self.stored is not None and name and fields.get("FDSTORE") == "1":
@@ -397,14 +396,10 @@ REPLY_ANC_SPACE = socket.CMSG_SPACE(4 * 4)
 
 def reply_from_msg(data: bytes, ancdata) -> tuple:
     """(Reply, socket or None) from one received message; (None, None) at EOF."""
-    import array
-
     from graft.broker import wire
+    from graft.broker.server import passed_fds
 
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    fds = passed_fds(ancdata)
     assert len(fds) <= 1, f"a reply carried {len(fds)} fds"
     sock = socket.socket(fileno=fds[0]) if fds else None
     if not data:
