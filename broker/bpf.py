@@ -129,6 +129,7 @@ MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
@@ -140,8 +141,13 @@ PROG_QUERY = 16
 BTF_LOAD = 18
 
 # enum bpf_map_type, enum bpf_prog_type, enum bpf_attach_type
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_SK_STORAGE = 24
+MAP_TYPE_RINGBUF = 27
 PROG_TYPE_SOCKET_FILTER = 1
+PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 CGROUP_INET4_BIND = 8
 CGROUP_INET6_BIND = 9
@@ -149,13 +155,22 @@ CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
 CGROUP_UDP6_SENDMSG = 15
+CGROUP_INET_SOCK_RELEASE = 34
 
 # flags
 F_NO_PREALLOC = 1 << 0  # map_flags; required for SK_STORAGE
 F_CLONE = 1 << 9  # map_flags: an accepted socket gets a copy of its listener's entry
 F_ALLOW_MULTI = 1 << 1  # attach_flags: coexist with other programs on the cgroup
 ANY = 0  # BPF_ANY for map updates
-FUNC_SK_STORAGE_GET = 107  # enum bpf_func_id
+# enum bpf_func_id
+FUNC_MAP_LOOKUP_ELEM = 1
+FUNC_MAP_DELETE_ELEM = 3
+FUNC_GET_CURRENT_PID_TGID = 14
+FUNC_GET_CURRENT_UID_GID = 15
+FUNC_GET_SOCKET_COOKIE = 46
+FUNC_SK_STORAGE_GET = 107
+FUNC_RINGBUF_OUTPUT = 130
+RB_NO_WAKEUP = 1  # ringbuf_output flag: the consumer polls, no wakeup per record
 
 # Little-endian machines only: Asm packs instructions little-endian.
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
@@ -307,6 +322,38 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
 def map_delete(map_fd: int, key: bytes) -> None:
     attr, _k = _elem(map_fd, key)
     _bpf(MAP_DELETE_ELEM, attr, "BPF_MAP_DELETE_ELEM")
+
+
+def map_keys(map_fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map, as it stands (entries may come and go meanwhile)."""
+    keys: list[bytes] = []
+    nxt = ffi.new("char[]", key_size)
+    attr = ffi.new("struct graft_bpf_map_elem *")
+    attr.map_fd, attr.value = map_fd, _addr(nxt)  # value: where the next key goes
+    cur = None
+    while True:
+        attr.key = _addr(cur) if cur is not None else 0  # no key: the first one
+        try:
+            _bpf(MAP_GET_NEXT_KEY, attr, "BPF_MAP_GET_NEXT_KEY")
+        except BpfError as e:
+            if e.errno == 2:  # ENOENT: no more keys
+                return keys
+            raise
+        keys.append(bytes(ffi.buffer(nxt, key_size)))
+        cur = ffi.new("char[]", keys[-1])
+
+
+def map_clear(map_fd: int, key_size: int) -> int:
+    """Delete every entry of a hash map; returns how many were deleted."""
+    n = 0
+    for key in map_keys(map_fd, key_size):
+        try:
+            map_delete(map_fd, key)
+            n += 1
+        except BpfError as e:
+            if e.errno != 2:  # gone meanwhile
+                raise
+    return n
 
 
 # ---- programs -----------------------------------------------------------------

@@ -17,6 +17,17 @@ the kernel, with no module:
   broker connected it to; sendmsg with an address likewise, or to anyone if
   the mark says "any peer" (a grafted UDP server replying to its clients).
   Refused means the system call fails with EPERM.
+* The connect fast path: the broker may hand a shim unconnected TCP
+  sockets ahead of time, marked "pre-issued" with the tenant's id. Their
+  first connect is judged in the kernel against ``grants``, a hash of the
+  (tenant, destination) pairs the broker has answered "graft" for; a
+  granted connect locks the mark to that destination, as if the broker had
+  connected it, and leaves an audit record in the ``events`` ring buffer.
+  Anything else is refused (EPERM) and the shim asks the broker.
+* ``owned`` maps the cookie of every socket the broker handed out to its
+  tenant, and a ``sock_release`` program counts each one's close into
+  ``released``: ``max_sockets`` is counted exactly, pre-issued sockets
+  (which no socket dump sees) included.
 * ``listen()`` has no sock_addr hook, and a connected TCP socket dissolved by
   ``connect(AF_UNSPEC)`` loses its kernel-chosen port, so ``listen()`` would
   bind a fresh ephemeral port on the host's wildcard address. Each TCP
@@ -32,10 +43,12 @@ Where things live, for a broker whose cgroup is ``C`` (from /proc/self/cgroup):
 * cgroup ``C/graft-broker`` (or ``C`` itself if it already has that name): the
   broker moves itself in at start, and the programs are attached there with
   ``BPF_F_ALLOW_MULTI``, so no other process's sockets ever run them;
-* ``<bpffs>/graft/<that cgroup's path>/{marks,connect4,...}``: the map and the
-  programs, pinned. A restarted broker finds them and reuses them (and finds
-  them already attached), so nothing stacks, and sockets handed out before the
-  restart keep their marks and stay confined.
+* ``<bpffs>/graft/<that cgroup's path>/{marks,grants,...,connect4,...}``: the
+  maps and the programs, pinned. A restarted broker finds them and reuses
+  them (and finds them already attached), so nothing stacks, and sockets
+  handed out before the restart keep their marks and stay confined. It
+  empties ``grants`` (its policy may differ) and gives its tenants ids of a
+  new epoch, so no pre-issued socket of the old broker finds a grant.
 
 ``remove()`` undoes it all (``graft confinement remove``; docs/security.md).
 Instruction encodings follow <linux/bpf.h>; the programs are assembled here
@@ -63,9 +76,10 @@ MAP_NAME = "graft_marks"
 LICENSE = "Dual MIT/GPL"
 
 # The mark, one per grafted socket (struct graft_mark in the map's BTF):
-#   u32 flags; u32 port; u32 ip4; u32 ip6[4]; u32 reserved
+#   u32 flags; u32 port; u32 ip4; u32 ip6[4]; u32 tenant
 # port/ip4/ip6 hold the destination the broker connected the socket to, in
-# the same representation as bpf_sock_addr's user_port/user_ip4/user_ip6.
+# the same representation as bpf_sock_addr's user_port/user_ip4/user_ip6;
+# tenant is the tenant id of a pre-issued socket (0 otherwise).
 MARK = struct.Struct("=II4s16sI")
 MARK_SIZE = MARK.size  # 32
 F_HAS_DEST = 1
@@ -75,6 +89,25 @@ F_ANY_PEER = 2
 # them for an AF_INET address, and an ip4 of 0.0.0.0 would otherwise admit
 # 0.0.0.0, which the kernel delivers to 127.0.0.1.
 F_DEST_V4 = 4
+# Pre-issued: not connected by the broker; the first connect is judged by
+# the grants of the mark's tenant, and fixes the destination.
+F_PREISSUED = 8
+
+# grants: (tenant, family, user_port, address as in the hook: ip4 then zeros,
+# or ip6) -> (rule id, unused). LRU: a full map forgets old grants, and a
+# forgotten grant only sends a connect back to the broker.
+GRANT_KEY = struct.Struct("=III16s")
+GRANT_VALUE = struct.Struct("=II")
+GRANTS_MAX = 16384
+# owned: socket cookie -> tenant id; released: tenant id -> closes counted.
+OWNED_MAX = 1 << 20
+RELEASED_MAX = 65536
+# events: one record per connect judged in the kernel (the fast path's audit).
+EVENT = struct.Struct("=IIIII2s2x16s")  # tenant, rule, pid, uid, family, user_port (be16 in a u32), address
+EVENTS_SIZE = 1 << 20
+# state: a tiny array. [0] the epoch of the last broker, [1] audit records lost.
+STATE_EPOCH, STATE_EVENTS_LOST = 0, 1
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 
 # ---- the programs ---------------------------------------------------------------
 
@@ -84,7 +117,9 @@ CTX_USER_IP6 = 8
 CTX_USER_PORT = 24
 CTX_SK = 64
 # mark offsets
-M_FLAGS, M_PORT, M_IP4, M_IP6 = 0, 4, 8, 12
+M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = 0, 4, 8, 12, 28
+# v4-mapped prefix word 2 (bytes 00 00 ff ff) as a little-endian s32 immediate
+_MAPPED_WORD = -0x10000
 
 
 class Asm:
@@ -114,6 +149,31 @@ class Asm:
 
     def ldx_dw(self, dst, src, off):
         self._emit(0x79, dst, src, off)  # BPF_LDX | BPF_MEM | BPF_DW
+
+    def add_imm(self, dst, imm):
+        self._emit(0x07, dst, 0, 0, imm)  # BPF_ALU64 | BPF_ADD | BPF_K
+
+    def rsh_imm(self, dst, imm):
+        self._emit(0x77, dst, 0, 0, imm)  # BPF_ALU64 | BPF_RSH | BPF_K
+
+    def stx_w(self, dst, off, src):
+        self._emit(0x63, dst, src, off)  # BPF_STX | BPF_MEM | BPF_W
+
+    def stx_dw(self, dst, off, src):
+        self._emit(0x7B, dst, src, off)  # BPF_STX | BPF_MEM | BPF_DW
+
+    def st_w(self, dst, off, imm):
+        self._emit(0x62, dst, 0, off, imm)  # BPF_ST | BPF_MEM | BPF_W
+
+    def atomic_add_dw(self, dst, off, src):
+        self._emit(0xDB, dst, src, off, 0)  # BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD
+
+    def stack_ptr(self, dst, off):
+        self.mov_reg(dst, 10)
+        self.add_imm(dst, off)
+
+    def ja(self, target):
+        self._emit(0x05, 0, 0, 0, 0, target)
 
     def ld_abs_b(self, off):
         self._emit(0x30, 0, 0, 0, off)  # BPF_LD | BPF_ABS | BPF_B: r0 = packet byte (skb in r6)
@@ -146,50 +206,159 @@ class Asm:
         return out
 
 
-def program(kind: str, v6: bool, map_fd: int) -> bytes:
-    """The program for kind "connect" | "sendmsg" | "bind", IPv4 or IPv6."""
+def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
+    """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "release"."""
+    if kind == "release":
+        return release_program(maps)
     a = Asm()
     a.mov_reg(6, 1)  # r6 = ctx
     a.ldx_dw(2, 1, CTX_SK)  # r2 = ctx->sk
-    a.ld_map_fd(1, map_fd)
+    a.ld_map_fd(1, maps["marks"])
     a.mov_imm(3, 0)  # no value to create
     a.mov_imm(4, 0)  # flags 0: look up only
     a.call(bpf.FUNC_SK_STORAGE_GET)
     a.jeq_imm(0, 0, "allow")  # not a grafted socket: none of our business
-    if kind != "bind":
-        a.ldx_w(1, 0, M_FLAGS)
-        if kind == "sendmsg":
-            a.mov_reg(2, 1)
-            a.and_imm(2, F_ANY_PEER)
-            a.jne_imm(2, 0, "allow")
-        need = F_HAS_DEST if v6 else F_HAS_DEST | F_DEST_V4  # a destination, in this hook's family
-        a.and_imm(1, need)
-        a.jne_imm(1, need, "deny")
-        # only the destination the broker connected it to
-        a.ldx_w(2, 6, CTX_USER_PORT)
-        a.ldx_w(3, 0, M_PORT)
-        a.jne_reg(2, 3, "deny")
-        if v6:
-            for i in range(4):
-                a.ldx_w(2, 6, CTX_USER_IP6 + 4 * i)
-                a.ldx_w(3, 0, M_IP6 + 4 * i)
-                a.jne_reg(2, 3, "deny")
-        else:
-            a.ldx_w(2, 6, CTX_USER_IP4)
-            a.ldx_w(3, 0, M_IP4)
-            a.jne_reg(2, 3, "deny")
-        a.label("allow")
-        a.mov_imm(0, 1)
-        a.exit()
-        a.label("deny")
-        a.mov_imm(0, 0)
-        a.exit()
-    else:
+    if kind == "bind":
         a.mov_imm(0, 0)  # a grafted socket never binds again
         a.exit()
         a.label("allow")
         a.mov_imm(0, 1)
         a.exit()
+        return a.assemble()
+    a.mov_reg(7, 0)  # r7 = the mark
+    a.ldx_w(1, 7, M_FLAGS)
+    if kind == "sendmsg":
+        a.mov_reg(2, 1)
+        a.and_imm(2, F_ANY_PEER)
+        a.jne_imm(2, 0, "allow")
+    else:
+        a.mov_reg(2, 1)
+        a.and_imm(2, F_PREISSUED | F_HAS_DEST)
+        a.jeq_imm(2, F_PREISSUED, "first_connect")
+    need = F_HAS_DEST if v6 else F_HAS_DEST | F_DEST_V4  # a destination, in this hook's family
+    a.and_imm(1, need)
+    a.jne_imm(1, need, "deny")
+    # only the destination the broker connected it to
+    a.ldx_w(2, 6, CTX_USER_PORT)
+    a.ldx_w(3, 7, M_PORT)
+    a.jne_reg(2, 3, "deny")
+    if v6:
+        for i in range(4):
+            a.ldx_w(2, 6, CTX_USER_IP6 + 4 * i)
+            a.ldx_w(3, 7, M_IP6 + 4 * i)
+            a.jne_reg(2, 3, "deny")
+    else:
+        a.ldx_w(2, 6, CTX_USER_IP4)
+        a.ldx_w(3, 7, M_IP4)
+        a.jne_reg(2, 3, "deny")
+    a.label("allow")
+    a.mov_imm(0, 1)
+    a.exit()
+    a.label("deny")
+    a.mov_imm(0, 0)
+    a.exit()
+    if kind == "connect":
+        _first_connect(a, v6, maps)
+    return a.assemble()
+
+
+# Stack of the connect programs: the grant key, the audit record, a state key.
+_KEY_AT, _EVENT_AT, _STATE_KEY_AT = -32, -80, -84
+
+
+def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
+    """A pre-issued socket's first connect: allowed if granted, and then locked to it.
+
+    Entered with r6 = ctx, r7 = the mark; ends at the "allow"/"deny" labels.
+    """
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    a.label("first_connect")
+    # the grant key, as confine.grant_key() builds it
+    a.ldx_w(1, 7, M_TENANT)
+    a.stx_w(10, _KEY_AT, 1)
+    a.st_w(10, _KEY_AT + 4, family)
+    a.ldx_w(1, 6, CTX_USER_PORT)
+    a.stx_w(10, _KEY_AT + 8, 1)
+    for i in range(4):
+        if v6 or i == 0:
+            a.ldx_w(1, 6, (CTX_USER_IP6 + 4 * i) if v6 else CTX_USER_IP4)
+            a.stx_w(10, _KEY_AT + 12 + 4 * i, 1)
+        else:
+            a.st_w(10, _KEY_AT + 12 + 4 * i, 0)
+    a.ld_map_fd(1, maps["grants"])
+    a.stack_ptr(2, _KEY_AT)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "deny")
+    a.ldx_w(8, 0, 0)  # r8 = the rule id
+    # From now on this socket is what the broker would have connected.
+    a.ldx_w(1, 6, CTX_USER_PORT)
+    a.stx_w(7, M_PORT, 1)
+    if v6:
+        for i in range(4):
+            a.ldx_w(1, 6, CTX_USER_IP6 + 4 * i)
+            a.stx_w(7, M_IP6 + 4 * i, 1)
+        a.st_w(7, M_FLAGS, F_PREISSUED | F_HAS_DEST)
+    else:
+        a.ldx_w(1, 6, CTX_USER_IP4)
+        a.stx_w(7, M_IP4, 1)
+        a.st_w(7, M_IP6, 0)
+        a.st_w(7, M_IP6 + 4, 0)
+        a.st_w(7, M_IP6 + 8, _MAPPED_WORD)
+        a.stx_w(7, M_IP6 + 12, 1)
+        a.st_w(7, M_FLAGS, F_PREISSUED | F_HAS_DEST | F_DEST_V4)
+    # The audit record (EVENT). No wakeup: the broker drains the ring on a timer.
+    a.ldx_w(1, 7, M_TENANT)
+    a.stx_w(10, _EVENT_AT, 1)
+    a.stx_w(10, _EVENT_AT + 4, 8)
+    a.call(bpf.FUNC_GET_CURRENT_PID_TGID)
+    a.rsh_imm(0, 32)  # the tgid: the process id
+    a.stx_w(10, _EVENT_AT + 8, 0)
+    a.call(bpf.FUNC_GET_CURRENT_UID_GID)
+    a.stx_w(10, _EVENT_AT + 12, 0)  # the low half: the uid
+    a.st_w(10, _EVENT_AT + 16, family)
+    for i in range(5):  # user_port and the address, from the key
+        a.ldx_w(1, 10, _KEY_AT + 8 + 4 * i)
+        a.stx_w(10, _EVENT_AT + 20 + 4 * i, 1)
+    a.ld_map_fd(1, maps["events"])
+    a.stack_ptr(2, _EVENT_AT)
+    a.mov_imm(3, EVENT.size)
+    a.mov_imm(4, bpf.RB_NO_WAKEUP)
+    a.call(bpf.FUNC_RINGBUF_OUTPUT)
+    a.jeq_imm(0, 0, "allow")
+    # The ring is full: the connect goes ahead, and the loss is counted.
+    a.st_w(10, _STATE_KEY_AT, STATE_EVENTS_LOST)
+    a.ld_map_fd(1, maps["state"])
+    a.stack_ptr(2, _STATE_KEY_AT)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "allow")
+    a.mov_imm(1, 1)
+    a.atomic_add_dw(0, 0, 1)
+    a.ja("allow")
+
+
+def release_program(maps: dict[str, int]) -> bytes:
+    """cgroup sock_release: a socket the broker handed out is closed; count it for its tenant."""
+    a = Asm()
+    a.call(bpf.FUNC_GET_SOCKET_COOKIE)  # r1 = ctx already
+    a.stx_dw(10, -8, 0)
+    a.ld_map_fd(1, maps["owned"])
+    a.stack_ptr(2, -8)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "out")  # not handed out by the broker (an accepted socket, its own)
+    a.ldx_w(1, 0, 0)
+    a.stx_w(10, -16, 1)  # the tenant id
+    a.ld_map_fd(1, maps["owned"])
+    a.stack_ptr(2, -8)
+    a.call(bpf.FUNC_MAP_DELETE_ELEM)
+    a.ld_map_fd(1, maps["released"])
+    a.stack_ptr(2, -16)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "out")  # a tenant of an earlier broker or epoch: nobody counts it
+    a.mov_imm(1, 1)
+    a.atomic_add_dw(0, 0, 1)
+    a.label("out")
+    a.mov_imm(0, 1)
+    a.exit()
     return a.assemble()
 
 
@@ -201,7 +370,12 @@ PROGRAMS = {
     "sendmsg6": ("sendmsg", True, bpf.CGROUP_UDP6_SENDMSG),
     "bind4": ("bind", False, bpf.CGROUP_INET4_BIND),
     "bind6": ("bind", True, bpf.CGROUP_INET6_BIND),
+    "release": ("release", False, bpf.CGROUP_INET_SOCK_RELEASE),
 }
+
+
+def prog_type(kind: str) -> int:
+    return bpf.PROG_TYPE_CGROUP_SOCK if kind == "release" else bpf.PROG_TYPE_CGROUP_SOCK_ADDR
 
 
 # The listen guard, a socket filter: for TCP the kernel runs it with the
@@ -236,7 +410,7 @@ def guard_against_listening(sock: socket.socket, guard_fd: int) -> None:
 def mark_btf() -> bytes:
     """BTF for the map: key int, value struct graft_mark (SK_STORAGE requires BTF)."""
     u32 = 2
-    members = [("flags", u32, 0), ("port", u32, 32), ("ip4", u32, 64), ("ip6", 3, 96), ("reserved", u32, 224)]
+    members = [("flags", u32, 0), ("port", u32, 32), ("ip4", u32, 64), ("ip6", 3, 96), ("tenant", u32, 224)]
     return bpf.btf_blob(
         [("int", "int", 4, True), ("int", "__u32", 4, False), ("array", u32, u32, 4),
          ("struct", "graft_mark", MARK_SIZE, members)],
@@ -269,6 +443,37 @@ def encode_mark(dest: tuple | None, any_peer: bool) -> bytes:
             ip6 = _V4_MAPPED + ip4
             flags |= F_DEST_V4
     return MARK.pack(flags, port, ip4, ip6, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectEvent:
+    """A connect the kernel judged by a grant (the fast path's audit record)."""
+    tenant_id: int
+    rule_id: int
+    pid: int
+    uid: int
+    family: int
+    addr: str
+    port: int
+
+
+def decode_event(raw: bytes) -> ConnectEvent:
+    tenant_id, rule_id, pid, uid, family, port, addr = EVENT.unpack(raw[:EVENT.size])
+    host = socket.inet_ntop(family, addr[:4] if family == socket.AF_INET else addr)
+    return ConnectEvent(tenant_id, rule_id, pid, uid, family, host, struct.unpack("!H", port)[0])
+
+
+def encode_preissued_mark(tenant_id: int) -> bytes:
+    return MARK.pack(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
+
+
+def grant_key(tenant_id: int, family: int, host: str, port: int) -> bytes:
+    """The grants key the connect programs build for this destination (see _first_connect)."""
+    if family == socket.AF_INET:
+        addr = socket.inet_pton(socket.AF_INET, host) + bytes(12)
+    else:
+        addr = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+    return GRANT_KEY.pack(tenant_id, family, struct.unpack("=H", struct.pack("!H", port))[0], addr)
 
 
 # ---- where things are -----------------------------------------------------------
@@ -332,16 +537,44 @@ def pin_dir_for(bpffs: str, cgroup: str) -> str:
 # ---- the confinement in force -----------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MapSpec:
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+# The maps besides the marks (which need BTF; see _load_or_reuse), pinned by these names.
+MAPS = {
+    "grants": MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY.size, GRANT_VALUE.size, GRANTS_MAX),
+    "owned": MapSpec(bpf.MAP_TYPE_HASH, 8, 4, OWNED_MAX, bpf.F_NO_PREALLOC),
+    "released": MapSpec(bpf.MAP_TYPE_HASH, 4, 8, RELEASED_MAX, bpf.F_NO_PREALLOC),
+    "events": MapSpec(bpf.MAP_TYPE_RINGBUF, 0, 0, EVENTS_SIZE),
+    "state": MapSpec(bpf.MAP_TYPE_ARRAY, 4, 8, 2),
+}
+# Tenant ids: the broker's epoch in the high half, a count of its tenants in the low.
+_TENANT_BITS = 16
+
+
 @dataclass
 class Confinement:
     cgroup: str  # cgroup2 path, e.g. /system.slice/graft-broker.service/graft-broker
     cgroup_dir: str  # its directory under the cgroup2 mount
     pin_dir: str
-    map_fd: int
+    maps: dict[str, int]  # name -> fd: "marks" and MAPS
     prog_fds: dict[str, int] = field(default_factory=dict)
     reused: bool = False
     guard_fd: int = -1  # the listen guard (a socket filter), loaded by each broker
+    epoch: int = 0  # this broker's: tenant ids of earlier brokers never match its grants
+    _next_tenant: int = 0
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
+    _granter: bpf.MapUpdater | None = field(default=None, repr=False)
+
+    @property
+    def map_fd(self) -> int:
+        return self.maps["marks"]
 
     def describe(self) -> str:
         how = "reused pinned programs" if self.reused else "loaded programs"
@@ -354,18 +587,69 @@ class Confinement:
         it stay allowed; a TCP socket also gets the listen guard);
         allow_any_peer: sendmsg to any address stays allowed.
         """
-        if self._updater is None:
-            self._updater = bpf.MapUpdater(self.map_fd, 4, MARK_SIZE)
-        self._updater.update(struct.pack("=i", sock.fileno()), encode_mark(dest, allow_any_peer))
+        self._set_mark(sock, encode_mark(dest, allow_any_peer))
         if dest is not None and sock.type == socket.SOCK_STREAM:
             guard_against_listening(sock, self.guard_fd)
 
+    def mark_preissued(self, sock: socket.socket, tenant_id: int) -> None:
+        """Lock an unconnected TCP socket to the tenant's grants: it may connect to those only."""
+        self._set_mark(sock, encode_preissued_mark(tenant_id))
+        guard_against_listening(sock, self.guard_fd)
+
+    def _set_mark(self, sock: socket.socket, mark: bytes) -> None:
+        if self._updater is None:
+            self._updater = bpf.MapUpdater(self.map_fd, 4, MARK_SIZE)
+        self._updater.update(struct.pack("=i", sock.fileno()), mark)
+
+    # ---- the fast path's grants and the tenants' socket counts ----
+
+    def new_tenant_id(self) -> int:
+        """A tenant id unique to this broker; its close count starts at 0."""
+        self._next_tenant += 1
+        if self._next_tenant >= 1 << _TENANT_BITS:
+            raise OverflowError("tenant ids of this broker are used up (restart it)")
+        tenant_id = self.epoch << _TENANT_BITS | self._next_tenant
+        bpf.map_update(self.maps["released"], struct.pack("=I", tenant_id), bytes(8))
+        return tenant_id
+
+    def forget_tenant(self, tenant_id: int) -> None:
+        try:
+            bpf.map_delete(self.maps["released"], struct.pack("=I", tenant_id))
+        except bpf.BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    def grant(self, tenant_id: int, family: int, host: str, port: int, rule_id: int) -> None:
+        """Let the tenant's pre-issued sockets connect to (host, port) from now on."""
+        if self._granter is None:
+            self._granter = bpf.MapUpdater(self.maps["grants"], GRANT_KEY.size, GRANT_VALUE.size)
+        self._granter.update(grant_key(tenant_id, family, host, port), GRANT_VALUE.pack(rule_id, 0))
+
+    def revoke_grants(self) -> int:
+        """Forget every grant (a new policy): pre-issued sockets ask the broker again."""
+        return bpf.map_clear(self.maps["grants"], GRANT_KEY.size)
+
+    def own(self, sock: socket.socket, tenant_id: int) -> None:
+        """Count sock for the tenant until it is closed (released() counts the close)."""
+        cookie = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+        bpf.map_update(self.maps["owned"], cookie, struct.pack("=I", tenant_id))
+
+    def released(self, tenant_id: int) -> int:
+        """How many sockets owned by the tenant have been closed."""
+        raw = bpf.map_lookup(self.maps["released"], struct.pack("=I", tenant_id), 8)
+        return struct.unpack("=Q", raw)[0] if raw is not None else 0
+
+    def events_lost(self) -> int:
+        raw = bpf.map_lookup(self.maps["state"], struct.pack("=I", STATE_EVENTS_LOST), 8)
+        return struct.unpack("=Q", raw)[0] if raw is not None else 0
+
     def close(self) -> None:
-        for fd in [self.map_fd, *self.prog_fds.values(), self.guard_fd]:
+        for fd in [*self.maps.values(), *self.prog_fds.values(), self.guard_fd]:
             if fd >= 0:
                 os.close(fd)
         self.prog_fds.clear()
-        self.map_fd = self.guard_fd = -1
+        self.maps.clear()
+        self.guard_fd = -1
 
 
 def establish(move_self: bool = True) -> Confinement:
@@ -393,6 +677,11 @@ def establish(move_self: bool = True) -> Confinement:
         pin_dir = pin_dir_for(bpffs, target)
         os.makedirs(pin_dir, mode=0o700, exist_ok=True)
         conf = _load_or_reuse(target, cgroup_dir, pin_dir)
+        try:
+            _start_epoch(conf)
+        except BaseException:
+            conf.close()
+            raise
     except bpf.BpfError as e:
         raise Unavailable(f"BPF: {e}") from None
     except OSError as e:
@@ -407,8 +696,8 @@ def establish(move_self: bool = True) -> Confinement:
 
 def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     map_path = os.path.join(pin_dir, MAP_PIN)
-    reused = os.path.exists(map_path)
-    if reused:
+    marks_reused = os.path.exists(map_path)
+    if marks_reused:
         map_fd = bpf.obj_get(map_path)
         try:
             info = bpf.map_info(map_fd)
@@ -426,12 +715,17 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
                                     MAP_NAME, btf_fd, BTF_KEY_ID, BTF_VALUE_ID)
         finally:
             os.close(btf_fd)
-    conf = Confinement(cgroup, cgroup_dir, pin_dir, map_fd, reused=reused)
+    conf = Confinement(cgroup, cgroup_dir, pin_dir, {"marks": map_fd})
     try:
+        all_reused = marks_reused
+        for name, spec in MAPS.items():
+            conf.maps[name], reused = _load_or_reuse_map(pin_dir, name, spec)
+            all_reused = all_reused and reused
+        conf.reused = all_reused
         for name, (kind, v6, attach_type) in PROGRAMS.items():
-            conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, reused)
+            conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, all_reused)
         conf.guard_fd = bpf.prog_load(bpf.PROG_TYPE_SOCKET_FILTER, listen_guard_program(), LICENSE, "graft_lguard")
-        if not reused:
+        if not marks_reused:
             bpf.obj_pin(map_fd, map_path)  # last: a map pin means the set is complete
     except BaseException:
         conf.close()
@@ -439,20 +733,61 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     return conf
 
 
+def _load_or_reuse_map(pin_dir: str, name: str, spec: MapSpec) -> tuple[int, bool]:
+    """The pinned map if it has the shape this broker needs, else a new one, pinned. (fd, reused)."""
+    path = os.path.join(pin_dir, name)
+    if os.path.exists(path):
+        fd = bpf.obj_get(path)
+        try:
+            info = bpf.map_info(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (info.type, info.key_size, info.value_size, info.max_entries) == (
+                spec.map_type, spec.key_size, spec.value_size, spec.max_entries):
+            return fd, True
+        os.close(fd)
+        log.info("confinement: map %s changed shape since it was pinned; replacing it", name)
+        _unlink(path)
+    fd = bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags,
+                        f"graft_{name}")
+    try:
+        bpf.obj_pin(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, False
+
+
+def _start_epoch(conf: Confinement) -> None:
+    """This broker's epoch: one more than the last broker's. Grants and counts start empty.
+
+    Sockets an earlier broker pre-issued carry its tenant ids: with its
+    grants gone and no new grant ever made for those ids, they can connect
+    nowhere (the shim then asks this broker).
+    """
+    key = struct.pack("=I", STATE_EPOCH)
+    raw = bpf.map_lookup(conf.maps["state"], key, 8)
+    last = struct.unpack("=Q", raw)[0] if raw is not None else 0
+    conf.epoch = (last + 1) % (1 << (32 - _TENANT_BITS)) or 1
+    bpf.map_update(conf.maps["state"], key, struct.pack("=Q", conf.epoch))
+    conf.revoke_grants()
+    bpf.map_clear(conf.maps["released"], 4)
+
+
 def _load_or_reuse_program(conf: Confinement, name: str, kind: str, v6: bool, attach_type: int,
-                           map_reused: bool) -> int:
+                           maps_reused: bool) -> int:
     """The pinned program if it is the one this broker would load, else the fresh one, pinned.
 
     Programs are always assembled and loaded (cheap), and the kernel's tags
     compared: a broker upgraded to changed programs replaces the pinned
-    ones (the old are detached by _attach). Programs pinned next to another
-    map would not see our marks: without a reused map, nothing is reused.
+    ones (the old are detached by _attach). Programs pinned next to other
+    maps would not see ours: unless every map was reused, nothing is.
     """
     path = os.path.join(conf.pin_dir, name)
-    fresh = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, program(kind, v6, conf.map_fd), LICENSE, f"graft_{name}",
-                          attach_type)
+    fresh = bpf.prog_load(prog_type(kind), program(kind, v6, conf.maps), LICENSE, f"graft_{name}", attach_type)
     try:
-        if map_reused and os.path.exists(path):
+        if maps_reused and os.path.exists(path):
             pinned = bpf.obj_get(path)
             if bpf.prog_tag(pinned) == bpf.prog_tag(fresh):
                 os.close(fresh)
@@ -561,10 +896,11 @@ def remove(cgroup: str, pin_dir: str, rmdir_cgroup: bool = True) -> list[str]:
     finally:
         if cg_fd is not None:
             os.close(cg_fd)
-    map_path = os.path.join(pin_dir, MAP_PIN)
-    if os.path.exists(map_path):
-        os.unlink(map_path)
-        done.append(f"removed {map_path}")
+    for map_name in [*MAPS, MAP_PIN]:  # the marks last, as they were pinned last
+        map_path = os.path.join(pin_dir, map_name)
+        if os.path.exists(map_path):
+            os.unlink(map_path)
+            done.append(f"removed {map_path}")
     # empty pin directories, up to and including <bpffs>/graft
     root = pin_dir
     for _ in [c for c in cgroup.strip("/").split("/") if c]:

@@ -76,11 +76,25 @@ class Namespace:
 
     async def socket(self, family: int, type: int, proto: int) -> socket.socket:
         """A new non-blocking, close-on-exec socket in this namespace."""
+        return (await self.sockets(family, type, proto, 1))[0]
+
+    async def sockets(self, family: int, type: int, proto: int, n: int) -> list[socket.socket]:
+        """n of them, with one trip into the namespace; all or none (the OSError)."""
+
+        def make() -> list[socket.socket]:
+            out: list[socket.socket] = []
+            try:
+                for _ in range(n):
+                    out.append(socket.socket(family, type | _SOCK_FLAGS, proto))
+            except BaseException:
+                for s in out:
+                    s.close()
+                raise
+            return out
+
         if self.path is None:
-            return socket.socket(family, type | _SOCK_FLAGS, proto)
-        return await trio.to_thread.run_sync(
-            self._in_netns, lambda: socket.socket(family, type | _SOCK_FLAGS, proto)
-        )
+            return make()
+        return await trio.to_thread.run_sync(self._in_netns, make)
 
     async def live_inodes(self) -> set[int]:
         """Inodes of every TCP and UDP socket, v4 and v6, in this namespace."""

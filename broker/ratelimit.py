@@ -16,9 +16,12 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one; refill by elapsed time first."""
+        return self.take_up_to(1, now) == 1
+
+    def take_up_to(self, n: int, now: float) -> int:
+        """Spend up to n whole tokens; returns how many (0 if none is left)."""
         self.tokens = min(float(self.rate), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        got = min(n, int(self.tokens))
+        self.tokens -= got
+        return got

@@ -13,6 +13,13 @@ is decoded, judged (decide.judge), carried out on the host and audited; the
 reply goes back with the host socket attached, and the broker closes its
 own copy right after, so it never keeps a grafted socket open.
 
+With kernel confinement on, the broker also runs the connect fast path
+(docs/architecture.md): a shim may ask for unconnected TCP sockets ahead of
+time (PREISSUE, ``_preissue``), and each TCP connect the broker grafts
+becomes a grant in the kernel, so that those sockets may connect there
+without asking. The kernel's audit records of such connects are drained
+into the audit log by ``_drain_kernel_audit``, a task of the broker nursery.
+
 Every byte from a client is untrusted: a malformed message gets an error
 reply and the connection is closed; stray fds in ancillary data are closed;
 a client that vanishes costs nothing but its own connection. A tenant may
@@ -37,7 +44,7 @@ import trio
 
 from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
-from . import wire
+from . import confine, wire
 from .admin import ADMIN_SOCKET, serve_admin
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
@@ -46,6 +53,7 @@ from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
 from .fdstore import FdStore
 from .netns import Namespace, NetnsError
 from .ratelimit import TokenBucket
+from .ringbuf import RingReader
 from .sockopts import apply_options, split_options
 
 log = logging.getLogger("graft.broker")
@@ -66,6 +74,10 @@ LIVENESS_REFRESH_INTERVAL = 0.1
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
 STRAY_FD_CLOSERS = 4  # worker threads closing fds clients passed, at most this many at once
+# How often the kernel's audit records of fast-path connects are written out:
+# their lag in the audit log. The ring holds confine.EVENTS_SIZE bytes, about
+# 21,000 records: it would take 400,000 connects/s to overflow it in between.
+KERNEL_AUDIT_INTERVAL = 0.05
 
 
 @dataclass
@@ -80,7 +92,10 @@ class TenantState:
     done: trio.Event = field(default_factory=trio.Event)  # its task has ended, socket torn down
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
     turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(TURNS_PER_TENANT))
-    live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out
+    live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out (no confinement)
+    kid: int = 0  # tenant id in the kernel's maps (confinement on)
+    issued: int = 0  # sockets handed out and counted in the kernel (confinement on)
+    preissued: int = 0  # of those, pre-issued for the fast path
     refreshing: trio.Event | None = None  # set when the running liveness dump ends
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
     bucket: TokenBucket | None = None  # max_rate
@@ -120,6 +135,12 @@ class Broker:
         self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
         self.loaded_at = time.time()
+        # The fast path: grants are made only for verdicts of the rules in force (see reload).
+        self._grant_serial = 0
+        self._tenant_by_kid: dict[int, str] = {}
+        self._rule_ids: dict[str, int] = {}
+        self._rules: list[str] = []
+        self._events_lost = 0
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -133,6 +154,8 @@ class Broker:
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
             self._drop_leftover_listeners()
+            if self.confinement is not None:
+                nursery.start_soon(self._drain_kernel_audit)
             await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
             task_status.started()
 
@@ -140,7 +163,15 @@ class Broker:
         assert self._nursery is not None
         state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock")
         state.configure(config, matcher)
-        await self._nursery.start(self._serve_tenant, state)
+        if self.confinement is not None:
+            state.kid = self.confinement.new_tenant_id()
+            self._tenant_by_kid[state.kid] = name
+        try:
+            await self._nursery.start(self._serve_tenant, state)
+        except BaseException:
+            if self.confinement is not None:
+                self.confinement.forget_tenant(state.kid)
+            raise
         self.tenants[name] = state  # only once it listens: a failed start leaves no half tenant
 
     async def reload(self, policy: PolicyFile) -> None:
@@ -157,12 +188,19 @@ class Broker:
         for key in ("socket_dir", "audit_log", "confinement"):
             if getattr(policy.broker, key) != getattr(self.policy.broker, key):
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
+        # Grants were made under the old rules: none may outlive them. Verdicts
+        # judged before this point and still being carried out make none either.
+        self._grant_serial += 1
+        if self.confinement is not None:
+            self.confinement.revoke_grants()
         for name in list(self.tenants):
             if name not in policy.tenants:
                 gone = self.tenants.pop(name)
                 gone.removed = True
                 gone.cancel_scope.cancel()
                 await gone.done.wait()  # READY=1 after a reload means the removal is complete
+                if self.confinement is not None:
+                    self.confinement.forget_tenant(gone.kid)
                 log.info("tenant %s removed", name)
         # Existing tenants take their new rules first, so that a new tenant
         # whose listener cannot start leaves none of them on the old ones.
@@ -192,8 +230,7 @@ class Broker:
         tenants = {}
         for name, t in list(self.tenants.items()):
             try:
-                await self._prune(t)
-                live, exact = len(t.live), True
+                live, exact = await self._live_count(t), True
             except OSError:
                 live, exact = len(t.live), False  # an upper bound: not pruned
             tenants[name] = {
@@ -204,6 +241,7 @@ class Broker:
                 "max_sockets": t.config.max_sockets,
                 "max_rate": t.config.max_rate,
                 "counts": {a: t.counts[a] for a in ("graft", "container", "deny", "error")},
+                "preissued": t.preissued,
             }
         return {
             "policy": {"version": self.policy.version, "generation": self.generation,
@@ -346,23 +384,34 @@ class Broker:
             req = wire.decode_request(data)
         except wire.WireError as e:
             self._audit_refusal(tenant, peer, e)
-            await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), None, tenant, peer)
+            await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), [], tenant, peer)
             return False
+
+        if req.op == wire.OP_PREISSUE:
+            socks, reply = await self._preissue(tenant, req, peer)
+            try:
+                return await self._send(conn, reply, socks, tenant, peer)
+            finally:
+                for sock in socks:
+                    sock.close()
 
         if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
             verdict = Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
         else:
             verdict = judge(req, tenant.matcher, peer.uid)
+        serial = self._grant_serial
         host_sock, reply = None, None
         if verdict.action == "graft":
             host_sock, reply, verdict = await self._graft(tenant, req, verdict)
+            if host_sock is not None and serial == self._grant_serial:
+                self._grant(tenant, req, verdict)
         elif verdict.action == "container":
             reply = wire.encode_reply(wire.V_CONTAINER)
         else:
             reply = wire.encode_reply(wire.V_DENY, verdict.errno)
         try:
             self._audit(tenant, peer, req, verdict)
-            return await self._send(conn, reply, host_sock, tenant, peer)
+            return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
                 host_sock.close()
@@ -422,15 +471,110 @@ class Broker:
             try:
                 self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
                                       dest=target if req.op == wire.OP_CONNECT else None)
-            except OSError as e:  # fail closed: an unlocked socket is not handed out
+                self._own(tenant, sock)
+            except OSError as e:  # fail closed: an unlocked (or uncounted) socket is not handed out
                 sock.close()
                 log.error("tenant %s: cannot lock a grafted socket: %s", tenant.name, e)
                 v = Verdict("error", verdict.rule, errno.EPERM, verdict.target, f"confinement: {e.strerror}")
                 return None, wire.encode_reply(wire.V_ERROR, v.errno), v
-        tenant.live.add(os.fstat(sock.fileno()).st_ino)
+        else:
+            tenant.live.add(os.fstat(sock.fileno()).st_ino)
         if err not in (0, errno.EINPROGRESS):
             verdict = Verdict("graft", verdict.rule, err, verdict.target)
         return sock, reply, verdict
+
+    async def _preissue(self, tenant: TenantState, req: wire.Request, peer: Peer) -> tuple[list[socket.socket], bytes]:
+        """Unconnected TCP sockets for the shim's fast path: as many as max_sockets and max_rate allow.
+
+        They are issued only while the tenant holds fewer than half its
+        max_sockets, so sockets idling in the shims' pools never make a
+        real connect fail with ENOBUFS; beyond that the shims ask per connect.
+
+        Each is marked pre-issued for the tenant: the kernel lets it connect
+        only where the broker has granted (``_grant``). Issuing confers no
+        access, so it is not audited; the connects are, by the kernel.
+        """
+        if self.confinement is None:
+            return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)  # nothing would hold them to the policy
+        if not tenant.matcher.uid_allowed(peer.uid):
+            return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
+        # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
+        n = await self._room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
+        if n == 0:
+            return [], wire.encode_reply(wire.V_DENY, errno.ENOBUFS)
+        if tenant.bucket is not None:
+            n = tenant.bucket.take_up_to(n, time.monotonic())
+            if n == 0:
+                return [], wire.encode_reply(wire.V_DENY, errno.EAGAIN)
+        try:
+            socks = await tenant.namespace.sockets(req.family, req.type, req.protocol, n)
+        except OSError as e:
+            log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
+            return [], wire.encode_reply(wire.V_ERROR, e.errno or errno.EIO)
+        try:
+            for sock in socks:
+                self.confinement.mark_preissued(sock, tenant.kid)
+                self._own(tenant, sock)
+        except OSError as e:  # fail closed: none of them leaves
+            for sock in socks:
+                sock.close()
+            log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
+            return [], wire.encode_reply(wire.V_ERROR, errno.EPERM)
+        tenant.preissued += n
+        return socks, wire.encode_reply(wire.V_GRAFT, 0)
+
+    def _grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict) -> None:
+        """A TCP connect was grafted: the tenant's pre-issued sockets may connect there too.
+
+        The verdict depends on the tenant, protocol, address and port only
+        (the uid was checked when the sockets were issued), so it holds for
+        every later connect to the same place until the rules change.
+        """
+        if (self.confinement is None or req.op != wire.OP_CONNECT or req.type != socket.SOCK_STREAM
+                or verdict.action != "graft" or req.addr is None):
+            return
+        rule_id = self._rule_ids.get(verdict.rule)
+        if rule_id is None:
+            rule_id = self._rule_ids[verdict.rule] = len(self._rules)
+            self._rules.append(verdict.rule)
+        try:
+            self.confinement.grant(tenant.kid, req.family, str(req.addr.ip), req.addr.port, rule_id)
+        except OSError as e:  # the fast path only loses a destination: the broker still answers
+            log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
+
+    async def _drain_kernel_audit(self) -> None:
+        """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
+        assert self.confinement is not None
+        ring = RingReader(self.confinement.maps["events"], confine.EVENTS_SIZE)
+        try:
+            while True:
+                await trio.sleep(KERNEL_AUDIT_INTERVAL)
+                self._audit_kernel_events(ring)
+        finally:
+            self._audit_kernel_events(ring)  # what the last interval left, at shutdown
+            ring.close()
+
+    def _audit_kernel_events(self, ring: RingReader) -> None:
+        for raw in ring.drain():
+            ev = confine.decode_event(raw)
+            name = self._tenant_by_kid.get(ev.tenant_id)
+            if name is None:  # cannot be: grants are only ever made for this broker's ids
+                continue
+            tenant = self.tenants.get(name)
+            if tenant is not None and tenant.kid == ev.tenant_id:
+                tenant.counts["graft"] += 1
+            self.audit.write(
+                tenant=name, pid=ev.pid, uid=ev.uid, op="connect", proto="tcp", family=wire.family_name(ev.family),
+                addr=ev.addr, port=ev.port, host_addr=None, action="graft",
+                rule=self._rules[ev.rule_id] if ev.rule_id < len(self._rules) else None, errno=0,
+                confinement=self.confinement_state, via="kernel",
+            )
+        assert self.confinement is not None
+        lost = self.confinement.events_lost()
+        if lost > self._events_lost:
+            log.error("audit: %d record(s) of fast-path connects lost (the kernel's ring was full)",
+                      lost - self._events_lost)
+            self._events_lost = lost
 
     @staticmethod
     def _may_send_anywhere(tenant: TenantState, req: wire.Request) -> bool:
@@ -449,35 +593,56 @@ class Broker:
         return bool(req.flags & wire.REQF_SENDTO) and tenant.matcher.grafts_everything("connect", "udp")
 
     async def _has_room(self, tenant: TenantState) -> bool:
-        """Whether the tenant is below max_sockets, counting only sockets still alive.
+        return await self._room(tenant, 1) >= 1
 
-        The count only grows here; sockets the apps closed are pruned by a
-        sock_diag dump when the count reaches the limit. One dump runs at a
-        time per tenant and concurrent requests wait for its result; a dump
-        that finds the tenant still full is trusted for
-        LIVENESS_REFRESH_INTERVAL, so a tenant hammering at its limit cannot
-        make the broker dump on every request.
+    async def _room(self, tenant: TenantState, want: int, limit: int | None = None) -> int:
+        """How many of want more sockets the tenant may hold under max_sockets (or a lower limit).
+
+        With confinement, the kernel counts every close of a socket the
+        broker handed out (confine.Confinement.own): the count is exact and
+        costs one map lookup. Without, the count only grows here; sockets the
+        apps closed are pruned by a sock_diag dump when the count reaches the
+        limit. One dump runs at a time per tenant and concurrent requests
+        wait for its result; a dump that finds the tenant still full is
+        trusted for LIVENESS_REFRESH_INTERVAL, so a tenant hammering at its
+        limit cannot make the broker dump on every request.
         """
-        if len(tenant.live) < tenant.config.max_sockets:
-            return True
+        limit = tenant.config.max_sockets if limit is None else limit
+        if self.confinement is not None:
+            return max(0, min(want, limit - await self._live_count(tenant)))
+        if len(tenant.live) < limit:
+            return min(want, limit - len(tenant.live))
         if tenant.refreshing is not None:
             await tenant.refreshing.wait()
-            return len(tenant.live) < tenant.config.max_sockets
+            return max(0, min(want, limit - len(tenant.live)))
         if time.monotonic() < tenant.full_until:
-            return False
+            return 0
         tenant.refreshing = trio.Event()
         try:
             await self._prune(tenant)
         except OSError as e:
             log.error("tenant %s: sock_diag dump failed: %s", tenant.name, e)
-            return False
+            return 0
         finally:
             tenant.refreshing.set()
             tenant.refreshing = None
-        if len(tenant.live) < tenant.config.max_sockets:
-            return True
+        if len(tenant.live) < limit:
+            return min(want, limit - len(tenant.live))
         tenant.full_until = time.monotonic() + LIVENESS_REFRESH_INTERVAL
-        return False
+        return 0
+
+    async def _live_count(self, tenant: TenantState) -> int:
+        """Grafted sockets of the tenant still open (pruned first, without confinement)."""
+        if self.confinement is not None:
+            return tenant.issued - self.confinement.released(tenant.kid)
+        await self._prune(tenant)
+        return len(tenant.live)
+
+    def _own(self, tenant: TenantState, sock: socket.socket) -> None:
+        """Count a socket about to be handed out against max_sockets, until the app closes it."""
+        assert self.confinement is not None
+        self.confinement.own(sock, tenant.kid)
+        tenant.issued += 1
 
     @staticmethod
     async def _prune(tenant: TenantState) -> None:
@@ -490,10 +655,11 @@ class Broker:
         alive = await tenant.namespace.live_inodes()
         tenant.live = (before & alive) | (tenant.live - before)
 
-    async def _send(self, conn: socket.socket, reply: bytes, host_sock, tenant: TenantState, peer: Peer) -> bool:
+    async def _send(self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState,
+                    peer: Peer) -> bool:
         anc = []
-        if host_sock is not None:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host_sock.fileno()]))]
+        if socks:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))]
         try:
             conn.sendmsg([reply], anc)
             return True

@@ -41,6 +41,8 @@ OPT_VAL_MAX = _lib.GRAFT_OPT_VAL_MAX
 ADDR_MAX = _lib.GRAFT_ADDR_MAX
 OP_CONNECT = _lib.GRAFT_OP_CONNECT
 OP_BIND = _lib.GRAFT_OP_BIND
+OP_PREISSUE = _lib.GRAFT_OP_PREISSUE
+PREISSUE_MAX = _lib.GRAFT_PREISSUE_MAX
 REQF_SENDTO = _lib.GRAFT_REQF_SENDTO
 V_GRAFT = _lib.GRAFT_V_GRAFT
 V_CONTAINER = _lib.GRAFT_V_CONTAINER
@@ -50,7 +52,7 @@ V_ERROR = _lib.GRAFT_V_ERROR
 REQUEST_SIZE = ffi.sizeof("struct graft_request")
 REPLY_SIZE = ffi.sizeof("struct graft_reply")
 
-OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind"}
+OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue"}
 _KNOWN_FLAGS = REQF_SENDTO
 _PROTO_BY_TYPE = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 # What socket(2) accepts as protocol for each type: 0 means the default.
@@ -108,7 +110,7 @@ class Request:
     type: int
     protocol: int
     flags: int
-    addr: SockAddr
+    addr: SockAddr | None  # None for PREISSUE, which names no address
     opts: tuple[SockOpt, ...]
 
     @property
@@ -179,6 +181,12 @@ def decode_request(data: bytes) -> Request:
         raise WireError(errno.EINVAL, f"unknown flags {req.flags:#x}")
     if req.flags & REQF_SENDTO and (req.op != OP_CONNECT or req.type != socket.SOCK_DGRAM):
         raise WireError(errno.EINVAL, "the sendto flag needs a UDP connect")
+    if req.op == OP_PREISSUE:
+        if req.type != socket.SOCK_STREAM:
+            raise WireError(errno.ESOCKTNOSUPPORT, "only TCP sockets are pre-issued")
+        if req.flags or req.addr_len or req.n_opts:
+            raise WireError(errno.EINVAL, "a preissue request names no flags, address or options")
+        return Request(req.op, req.family, req.type, req.protocol, 0, None, ())
     if not 0 < req.addr_len <= ADDR_MAX:
         raise WireError(errno.EINVAL, f"addr_len {req.addr_len} out of range")
     addr = decode_sockaddr(bytes(ffi.buffer(req.addr, req.addr_len)))
@@ -199,7 +207,7 @@ def decode_request(data: bytes) -> Request:
 
 def encode_request(
     op: int,
-    addr: SockAddr,
+    addr: SockAddr | None,
     *,
     type: int = socket.SOCK_STREAM,
     protocol: int = 0,
@@ -210,9 +218,12 @@ def encode_request(
     """Build a request as the shim would; used by tests and benchmarks."""
     req = ffi.new("struct graft_request *")
     req.magic, req.version, req.op = MAGIC, VERSION, op
-    req.family = addr.family if family is None else family
+    if family is None:
+        assert addr is not None, "a request with no address names its family"
+        family = addr.family
+    req.family = family
     req.type, req.protocol, req.flags = type, protocol, flags
-    raw = encode_sockaddr(addr)
+    raw = encode_sockaddr(addr) if addr is not None else b""
     req.addr_len = len(raw)
     ffi.memmove(req.addr, raw, len(raw))
     req.n_opts = len(opts)

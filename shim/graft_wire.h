@@ -14,6 +14,14 @@
  * carries the host socket as one SCM_RIGHTS fd. All integers are in host
  * byte order (both ends run on the same machine); addresses are the raw
  * struct sockaddr_in / sockaddr_in6 bytes the application passed.
+ *
+ * PREISSUE (the connect fast path, docs/architecture.md): the request names
+ * family, type (SOCK_STREAM) and protocol only, with addr_len 0 and no
+ * options. A GRAFT reply carries 1..GRAFT_PREISSUE_MAX unconnected host
+ * sockets, each locked by the kernel so that its first connect() succeeds
+ * only to a destination the broker has already granted this tenant (a GRAFT
+ * reply to a TCP connect); anywhere else it fails with EPERM. Any other
+ * verdict carries no fd.
  */
 #ifndef GRAFT_WIRE_H
 #define GRAFT_WIRE_H
@@ -30,6 +38,10 @@
 /* Request ops. */
 #define GRAFT_OP_CONNECT 1
 #define GRAFT_OP_BIND    2
+#define GRAFT_OP_PREISSUE 3  /* unconnected TCP sockets ahead of time: see below */
+
+/* Sockets one PREISSUE reply carries at most. */
+#define GRAFT_PREISSUE_MAX 16
 
 /* Request flags. */
 #define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */

@@ -426,6 +426,16 @@ class WireClient:
         data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, REPLY_ANC_SPACE)
         return reply_from_msg(data, anc)
 
+    def preissue(self, family: int = socket.AF_INET) -> tuple:
+        """Ask for pre-issued TCP sockets: (Reply, [sockets])."""
+        from graft.broker import wire
+        from graft.broker.server import passed_fds
+
+        self.send(wire.encode_request(wire.OP_PREISSUE, None, family=family))
+        data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, socket.CMSG_SPACE(4 * wire.PREISSUE_MAX))
+        socks = [socket.socket(fileno=fd) for fd in passed_fds(anc)]
+        return wire.decode_reply(data), socks
+
     def close(self) -> None:
         self.sock.close()
 

@@ -78,6 +78,13 @@ def _mutate(raw: bytes, field: str, value) -> bytes:
 
 
 GOOD = wire.encode_request(wire.OP_CONNECT, V4)
+PREISSUE = wire.encode_request(wire.OP_PREISSUE, None, family=socket.AF_INET6)
+
+
+def test_preissue_request_names_only_the_socket():
+    req = wire.decode_request(PREISSUE)
+    assert (req.op_name, req.family, req.type, req.protocol, req.addr, req.opts) == (
+        "preissue", socket.AF_INET6, socket.SOCK_STREAM, 0, None, ())
 
 
 @pytest.mark.parametrize(
@@ -99,6 +106,11 @@ GOOD = wire.encode_request(wire.OP_CONNECT, V4)
         (_mutate(GOOD, "addr_len", 4), errno.EINVAL),
         (_mutate(GOOD, "addr_len", wire.ADDR_MAX + 1), errno.EINVAL),
         (_mutate(GOOD, "n_opts", wire.MAX_OPTS + 1), errno.EINVAL),
+        (_mutate(PREISSUE, "type", socket.SOCK_DGRAM), errno.ESOCKTNOSUPPORT),  # TCP only
+        (_mutate(PREISSUE, "addr_len", 16), errno.EINVAL),
+        (_mutate(PREISSUE, "n_opts", 1), errno.EINVAL),
+        (_mutate(PREISSUE, "flags", wire.REQF_SENDTO), errno.EINVAL),
+        (_mutate(PREISSUE, "family", socket.AF_UNIX), errno.EAFNOSUPPORT),
     ],
 )
 def test_bad_requests_are_refused_with_an_errno(raw, err):

@@ -1,0 +1,296 @@
+"""The connect fast path in the kernel: pre-issued sockets, grants, exact socket counts.
+
+These tests speak the wire format directly (harness.WireClient) and act as
+the app themselves: the test process holds the pre-issued sockets and calls
+connect() on them, so what is checked is what the kernel allows any program
+holding them, whatever it runs. The shim's use of them is in
+test_e2e_fastpath.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from contextlib import contextmanager
+
+import pytest
+
+from harness import (
+    BrokerProcess,
+    WireClient,
+    connect_request,
+    echo_server,
+    eventually,
+    free_port,
+    make_test_cgroup,
+    need,
+    need_root_and_netns,
+    remove_test_cgroup,
+)
+
+from graft.broker import confine, wire
+
+pytestmark = pytest.mark.netns
+
+
+def policy(port: int, *, max_sockets: int = 1024, confinement: str = "required", port6: int | None = None,
+           uids: str = "") -> str:
+    text = f"""version = 1
+[broker]
+confinement = "{confinement}"
+[tenants.t]
+default = "deny"
+max_sockets = {max_sockets}
+{uids}
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{port}]
+proto = "tcp"
+"""
+    if port6 is not None:
+        text += f"""[[tenants.t.connect]]
+to = ["::1/128"]
+ports = [{port6}]
+proto = "tcp"
+"""
+    return text
+
+
+def need_confinement() -> None:
+    need_root_and_netns()
+    try:
+        confine.cgroup2_mount()
+        ok = True
+    except confine.Unavailable:
+        ok = False
+    need(ok, "needs cgroup2 for confinement")
+
+
+@contextmanager
+def running(tmp, text: str, cgroup: str | None = None):
+    broker = BrokerProcess(tmp, text, cgroup=cgroup).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def connect_errno(sock: socket.socket, addr: tuple) -> int:
+    """connect() on a blocking copy of sock's settings: 0 or the errno."""
+    sock.setblocking(True)
+    sock.settimeout(5)
+    return sock.connect_ex(addr)
+
+
+def disconnect(sock: socket.socket) -> int:
+    """connect(AF_UNSPEC), which Python's socket module cannot express: 0 or the errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    unspec = struct.pack("=H14x", socket.AF_UNSPEC)
+    return 0 if libc.connect(sock.fileno(), unspec, len(unspec)) == 0 else ctypes.get_errno()
+
+
+def grant(client: WireClient, port: int) -> None:
+    """A CONNECT request the broker grafts: the grant the fast path needs."""
+    client.send(connect_request(port))
+    reply, sock = client.reply()
+    assert reply.verdict == wire.V_GRAFT, reply
+    sock.close()
+
+
+def echoes(sock: socket.socket) -> bool:
+    sock.sendall(b"ping")
+    return sock.recv(4) == b"ping"
+
+
+def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tmp):
+    need_confinement()
+    with echo_server() as port, echo_server() as other, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        reply, socks = client.preissue()
+        try:
+            assert reply.verdict == wire.V_GRAFT and len(socks) == wire.PREISSUE_MAX, reply
+            assert all(s.type == socket.SOCK_STREAM and fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK for s in socks)
+            assert connect_errno(socks[0], ("127.0.0.1", port)) == errno.EPERM  # allowed, not granted yet
+            grant(client, port)
+            assert connect_errno(socks[0], ("127.0.0.1", port)) == 0  # the EPERM left it usable
+            assert echoes(socks[0])
+            # from now on locked to it, like a socket the broker connected
+            assert disconnect(socks[0]) == 0
+            assert connect_errno(socks[0], ("127.0.0.1", other)) == errno.EPERM
+            assert connect_errno(socks[1], ("127.0.0.1", other)) == errno.EPERM  # never granted
+            assert connect_errno(socks[1], ("127.0.0.2", port)) == errno.EPERM  # another address
+            with pytest.raises(PermissionError):
+                socks[2].bind(("127.0.0.1", 0))
+            pid = os.getpid()
+            assert eventually(lambda: any(r.get("via") == "kernel" for r in broker.audit()))
+        finally:
+            for s in socks:
+                s.close()
+            client.close()
+    kernel = [r for r in broker.audit() if r.get("via") == "kernel"]
+    assert len(kernel) == 1, kernel
+    assert {k: kernel[0][k] for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action",
+                                       "rule", "errno")} == {
+        "tenant": "t", "pid": pid, "uid": os.getuid(), "op": "connect", "proto": "tcp", "family": "inet",
+        "addr": "127.0.0.1", "port": port, "action": "graft", "rule": "tenants.t.connect[0]", "errno": 0}
+
+
+def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
+    need_confinement()
+    with echo_server("::1") as port6, running(short_tmp / "b", policy(free_port(), port6=port6)) as broker:
+        client = WireClient(broker.socket_path)
+        reply, socks = client.preissue(socket.AF_INET6)
+        try:
+            assert reply.verdict == wire.V_GRAFT and socks and all(s.family == socket.AF_INET6 for s in socks)
+            assert connect_errno(socks[0], ("::1", port6)) == errno.EPERM
+            client.send(wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET6, ipaddress.ip_address("::1"),
+                                                                           port6)))
+            reply, sock = client.reply()
+            assert reply.verdict == wire.V_GRAFT, reply
+            sock.close()
+            assert connect_errno(socks[0], ("::1", port6)) == 0 and echoes(socks[0])
+            assert connect_errno(socks[1], ("::ffff:127.0.0.1", port6)) == errno.EPERM  # not the same place
+        finally:
+            for s in socks:
+                s.close()
+            client.close()
+
+
+def test_a_reload_revokes_every_grant(short_tmp):
+    """Grants are verdicts of the old rules: after a reload the broker judges again."""
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        _, socks = client.preissue()
+        try:
+            grant(client, port)
+            assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
+            broker.reload(policy(free_port()))  # port is no longer allowed
+            client.close()
+            client = WireClient(broker.socket_path)
+            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+            client.send(connect_request(port))
+            assert client.reply()[0].verdict == wire.V_DENY
+            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+            assert echoes(socks[0])  # a socket already connected keeps its connection
+        finally:
+            for s in socks:
+                s.close()
+            client.close()
+
+
+def test_sockets_pre_issued_by_an_earlier_broker_find_no_grant(short_tmp):
+    """A restarted broker's grants are for its own tenant ids: the old pool can connect nowhere."""
+    need_confinement()
+    cgroup = make_test_cgroup()
+    assert cgroup is not None
+    try:
+        with echo_server() as port:
+            broker = BrokerProcess(short_tmp / "b", policy(port), cgroup=cgroup).start()
+            try:
+                client = WireClient(broker.socket_path)
+                _, old = client.preissue()
+                client.close()
+                assert broker.stop() == 0
+                os.rmdir(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME)  # as systemd would
+                broker.start()
+                assert "reused pinned programs" in broker.stderr()
+                client = WireClient(broker.socket_path)
+                grant(client, port)
+                _, new = client.preissue()
+                try:
+                    assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
+                    assert connect_errno(new[0], ("127.0.0.1", port)) == 0
+                finally:
+                    for s in old + new:
+                        s.close()
+                    client.close()
+            finally:
+                broker.stop()
+    finally:
+        remove_test_cgroup(cgroup)
+
+
+def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
+    """The kernel counts closes: unconnected sockets, which no socket dump sees, count exactly.
+
+    Pre-issued sockets fill only half of max_sockets: the other half stays
+    for the sockets the broker grafts per request.
+    """
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port, max_sockets=8)) as broker:
+        client = WireClient(broker.socket_path)
+        held: list[socket.socket] = []
+
+        def graft_one() -> str:
+            client.send(connect_request(port))
+            reply, sock = client.reply()
+            if sock is not None:
+                held.append(sock)
+            if reply.verdict == wire.V_DENY and reply.error == errno.ENOBUFS:
+                return "full"
+            return "graft" if reply.verdict == wire.V_GRAFT else str(reply)
+
+        try:
+            _, pool = client.preissue()
+            assert len(pool) == 4
+            reply, more = client.preissue()
+            assert (reply.verdict, reply.error, more) == (wire.V_DENY, errno.ENOBUFS, [])
+            assert [graft_one() for _ in range(5)] == ["graft"] * 4 + ["full"]
+            pool.pop().close()
+            pool.pop().close()
+            assert [graft_one() for _ in range(3)] == ["graft"] * 2 + ["full"]
+            for s in held + pool:
+                s.close()
+            held.clear()
+            pool = client.preissue()[1]
+            assert len(pool) == 4
+        finally:
+            for s in held + pool:
+                s.close()
+            client.close()
+    denied = [r for r in broker.audit() if r["action"] == "deny"]
+    assert [r["rule"] for r in denied] == ["tenants.t.max_sockets"] * 2
+
+
+def test_a_pre_issued_socket_that_listens_never_gets_a_connection(short_tmp):
+    """listen() on a pre-issued socket binds an ephemeral host port; the listen guard drops its SYNs."""
+    need_confinement()
+    with running(short_tmp / "b", policy(free_port())) as broker:
+        client = WireClient(broker.socket_path)
+        _, socks = client.preissue()
+        try:
+            listener = socks[0]
+            listener.listen()
+            port = listener.getsockname()[1]
+            with socket.socket() as probe:
+                probe.setblocking(False)
+                assert probe.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
+                listener.settimeout(1.0)  # bounds the wait for what must not arrive
+                with pytest.raises(TimeoutError):
+                    listener.accept()
+        finally:
+            for s in socks:
+                s.close()
+            client.close()
+
+
+@pytest.mark.parametrize("case", ["confinement off", "uid not allowed"])
+def test_preissue_is_refused_where_the_kernel_cannot_hold_or_the_tenant_may_not(short_tmp, case):
+    need_confinement()
+    port = free_port()
+    if case == "confinement off":
+        text, want = policy(port, confinement="off"), errno.EOPNOTSUPP
+    else:
+        text, want = policy(port, uids=f"uids = [{os.getuid() + 1}]"), errno.EPERM
+    with running(short_tmp / "b", text) as broker:
+        client = WireClient(broker.socket_path)
+        try:
+            reply, socks = client.preissue()
+            assert (reply.verdict, reply.error, socks) == (wire.V_DENY, want, [])
+        finally:
+            client.close()
