@@ -2,50 +2,39 @@
  * broker_conn.c: connections to graft-broker and the request/reply round
  * trip (see broker_conn.h and the wire format in graft_wire.h).
  *
- * The pool is an array of atomic slots, each empty or holding one
- * connection's fd with a busy bit. Taking and returning a connection is a
- * compare-and-swap, so there is no mutex to keep consistent across fork()
- * and nothing that a signal handler calling connect() could deadlock on.
- * Fresh connections are registered in a free slot while in use, so the
- * fork-child handler can close every broker connection the child inherited,
- * in use by a parent thread at the time or not. The pool records the pid
- * that owns it: a vfork/CLONE_VM child (no fork handlers run, memory shared
- * with the parent) sees another pid and uses an unpooled connection of its
- * own rather than the parent's.
+ * Idle connections wait in an fdpool (fdpool.h), a connection in use is
+ * lent out of it. A fresh connection is registered in the pool as lent, so
+ * that a fork child closes every broker connection it inherited, in use by
+ * a parent thread at the time or not. A vfork/CLONE_VM child finds the pool
+ * not its own and uses an unpooled connection rather than the parent's.
  */
 #define _GNU_SOURCE
 #include "broker_conn.h"
 
 #include <errno.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "fdpool.h"
 #include "log.h"
 #include "real.h"
 
-#define POOL_SLOTS 16
-#define SLOT_BUSY 1u
-#define MAX_RECV_FDS 8 /* room to receive, and close, fds a misbehaving broker sends */
 #define MAX_ERRNO 4095 /* the kernel's bound on errno values */
+/* Room for one fd more than any reply may carry, so that an excess shows. */
+#define CTL_BYTES CMSG_SPACE(sizeof(int) * (GRAFT_PREISSUE_MAX + 1))
+/* Every fd the kernel can put in that room (alignment adds some), so none escapes being closed. */
+#define MAX_RECV_FDS ((int)((CTL_BYTES - CMSG_LEN(0)) / sizeof(int)))
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
-/* Slot value: 0 when empty, else (fd + 1) << 1 | busy. fds are < 2^30. */
-static atomic_uint pool[POOL_SLOTS];
-/* Identity of each slot's socket, written by the thread that fills the slot. */
-static dev_t pool_dev[POOL_SLOTS];
-static ino_t pool_ino[POOL_SLOTS];
-static _Atomic pid_t pool_pid;
+static struct fdpool pool;
 
 static struct sockaddr_un broker_addr;
 static socklen_t broker_addr_len;
@@ -59,94 +48,16 @@ struct conn {
 
 /* ---- pool ---- */
 
-static unsigned int slot_pack(int fd, bool busy)
-{
-    return ((unsigned int)fd + 1) << 1 | (busy ? SLOT_BUSY : 0);
-}
-
-static int slot_fd(unsigned int v)
-{
-    return (int)(v >> 1) - 1;
-}
-
-static bool pool_owned(void)
-{
-    return getpid() == atomic_load_explicit(&pool_pid, memory_order_relaxed);
-}
-
-/*
- * Whether a pooled fd still is our broker connection. The application may
- * have closed the number behind our back (daemons closing "all" fds) and
- * reused it; we must then neither write to it nor close it.
- */
-static bool still_ours(int slot, int fd)
-{
-    struct stat st;
-    return fstat(fd, &st) == 0 && st.st_dev == pool_dev[slot] && st.st_ino == pool_ino[slot];
-}
-
-static bool take_idle(struct conn *c)
-{
-    for (int i = 0; i < POOL_SLOTS; i++) {
-        unsigned int v = atomic_load_explicit(&pool[i], memory_order_relaxed);
-        if (v == 0 || (v & SLOT_BUSY))
-            continue;
-        if (!atomic_compare_exchange_strong_explicit(&pool[i], &v, v | SLOT_BUSY,
-                                                     memory_order_acquire, memory_order_relaxed))
-            continue;
-        if (!still_ours(i, slot_fd(v))) {
-            atomic_store_explicit(&pool[i], 0, memory_order_release);
-            continue;
-        }
-        c->fd = slot_fd(v);
-        c->slot = i;
-        return true;
-    }
-    return false;
-}
-
-/* Registers a fresh connection in a free slot, marked busy, if there is one. */
-static void pool_register(struct conn *c)
-{
-    struct stat st;
-    c->slot = -1;
-    if (fstat(c->fd, &st) < 0)
-        return;
-    for (int i = 0; i < POOL_SLOTS; i++) {
-        unsigned int expected = 0;
-        /* Claim the slot busy first, so no one reads the identity we write. */
-        if (atomic_compare_exchange_strong_explicit(&pool[i], &expected, SLOT_BUSY,
-                                                    memory_order_acquire, memory_order_relaxed)) {
-            pool_dev[i] = st.st_dev;
-            pool_ino[i] = st.st_ino;
-            atomic_store_explicit(&pool[i], slot_pack(c->fd, true), memory_order_release);
-            c->slot = i;
-            return;
-        }
-    }
-}
-
 /* Returns a healthy connection to the pool; closes anything else. */
 static void put_back(const struct conn *c, bool healthy)
 {
     if (c->slot >= 0 && healthy) {
-        atomic_store_explicit(&pool[c->slot], slot_pack(c->fd, false), memory_order_release);
+        fdpool_give_back(&pool, c->slot);
         return;
     }
     if (c->slot >= 0)
-        atomic_store_explicit(&pool[c->slot], 0, memory_order_release);
+        fdpool_remove(&pool, c->slot);
     graft_real.close(c->fd);
-}
-
-/* A fork child must not share the parent's connections: drop the copies. */
-static void fork_child(void)
-{
-    for (int i = 0; i < POOL_SLOTS; i++) {
-        unsigned int v = atomic_exchange_explicit(&pool[i], 0, memory_order_relaxed);
-        if (v != 0 && v != SLOT_BUSY)
-            graft_real.close(slot_fd(v));
-    }
-    atomic_store_explicit(&pool_pid, getpid(), memory_order_relaxed);
 }
 
 void broker_init(const char *path)
@@ -160,8 +71,7 @@ void broker_init(const char *path)
         memcpy(broker_addr.sun_path, path, len + 1);
         broker_addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
     }
-    atomic_store_explicit(&pool_pid, getpid(), memory_order_relaxed);
-    pthread_atfork(NULL, NULL, fork_child);
+    fdpool_init(&pool);
 }
 
 const char *broker_path(void)
@@ -226,9 +136,16 @@ static bool error_in_range(int32_t err, int32_t min)
     return err >= min && err <= MAX_ERRNO;
 }
 
-/* 0 if the reply is well-formed and carries the fds its verdict calls for. */
-static int check_reply(const struct graft_reply *rep, ssize_t len, int msg_flags, int nfds)
+/*
+ * 0 if the reply is well-formed and carries the fds its verdict calls for:
+ * one host socket for a connect or bind, 1..GRAFT_PREISSUE_MAX unconnected
+ * ones (and no connect error) for a PREISSUE, which has no container
+ * verdict.
+ */
+static int check_reply(uint16_t op, const struct graft_reply *rep, ssize_t len, int msg_flags,
+                       int nfds)
 {
+    bool preissue = op == GRAFT_OP_PREISSUE;
     if ((msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || len != (ssize_t)sizeof *rep)
         return EPROTO;
     if (rep->magic != GRAFT_WIRE_MAGIC || rep->version != GRAFT_WIRE_VERSION ||
@@ -236,9 +153,11 @@ static int check_reply(const struct graft_reply *rep, ssize_t len, int msg_flags
         return EPROTO;
     switch (rep->verdict) {
     case GRAFT_V_GRAFT:
+        if (preissue)
+            return nfds >= 1 && nfds <= GRAFT_PREISSUE_MAX && rep->error == 0 ? 0 : EPROTO;
         return nfds == 1 && error_in_range(rep->error, 0) ? 0 : EPROTO;
     case GRAFT_V_CONTAINER:
-        return nfds == 0 ? 0 : EPROTO;
+        return nfds == 0 && !preissue ? 0 : EPROTO;
     case GRAFT_V_DENY:
     case GRAFT_V_ERROR:
         return nfds == 0 && error_in_range(rep->error, 1) ? 0 : EPROTO;
@@ -247,11 +166,17 @@ static int check_reply(const struct graft_reply *rep, ssize_t len, int msg_flags
     }
 }
 
-static int receive_reply(int fd, struct graft_reply *rep, int *hostfd)
+/* What a round trip brought back besides the reply. */
+struct received {
+    int fds[GRAFT_PREISSUE_MAX];
+    int nfds;
+};
+
+static int receive_reply(int fd, uint16_t op, struct graft_reply *rep, struct received *got)
 {
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * MAX_RECV_FDS)];
+        char buf[CTL_BYTES];
     } ctl;
     struct iovec iov;
     struct msghdr msg;
@@ -266,19 +191,22 @@ static int receive_reply(int fd, struct graft_reply *rep, int *hostfd)
     if (n < 0)
         return io_error(errno);
 
+    /* The kernel closes what does not fit in ctl and says so: MSG_CTRUNC. */
     int fds[MAX_RECV_FDS];
     int nfds = collect_fds(&msg, fds);
-    int err = n == 0 ? ECONNRESET : check_reply(rep, n, msg.msg_flags, nfds);
+    int err = n == 0 ? ECONNRESET : check_reply(op, rep, n, msg.msg_flags, nfds);
     if (err != 0) {
         for (int i = 0; i < nfds; i++)
             graft_real.close(fds[i]);
         return err;
     }
-    *hostfd = nfds == 1 ? fds[0] : -1;
+    memcpy(got->fds, fds, sizeof fds[0] * (size_t)nfds);
+    got->nfds = nfds;
     return 0;
 }
 
-static int exchange(int fd, const struct graft_request *req, struct graft_reply *rep, int *hostfd)
+static int exchange(int fd, const struct graft_request *req, struct graft_reply *rep,
+                    struct received *got)
 {
     ssize_t n;
     do
@@ -288,7 +216,7 @@ static int exchange(int fd, const struct graft_request *req, struct graft_reply 
         return io_error(errno);
     if (n != (ssize_t)sizeof *req)
         return EPROTO;
-    return receive_reply(fd, rep, hostfd);
+    return receive_reply(fd, req->op, rep, got);
 }
 
 /*
@@ -302,16 +230,29 @@ static bool worth_retry(int err)
     return err != ETIMEDOUT && err != EPROTO;
 }
 
-int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd)
+/*
+ * The broker closes its end after a V_ERROR for a request it could not
+ * parse (an old broker: any PREISSUE), so such a connection is not pooled:
+ * the next request would only find it dead and pay for the retry.
+ */
+static int exchange_on(struct conn *c, const struct graft_request *req, struct graft_reply *rep,
+                       struct received *got)
 {
-    bool owned = pool_owned();
+    int err = exchange(c->fd, req, rep, got);
+    put_back(c, err == 0 && rep->verdict != GRAFT_V_ERROR);
+    return err;
+}
+
+static int roundtrip(const struct graft_request *req, struct graft_reply *rep,
+                     struct received *got)
+{
     struct conn c;
     int err;
 
-    *hostfd = -1;
-    if (owned && take_idle(&c)) {
-        err = exchange(c.fd, req, rep, hostfd);
-        put_back(&c, err == 0);
+    got->nfds = 0;
+    c.fd = fdpool_borrow(&pool, &c.slot);
+    if (c.fd >= 0) {
+        err = exchange_on(&c, req, rep, got);
         if (err == 0 || !worth_retry(err))
             return err;
     }
@@ -319,12 +260,40 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
     err = open_conn(&c.fd);
     if (err != 0)
         return err;
-    c.slot = -1;
-    if (owned)
-        pool_register(&c);
-    err = exchange(c.fd, req, rep, hostfd);
-    put_back(&c, err == 0);
+    c.slot = fdpool_lend_new(&pool, c.fd);
+    return exchange_on(&c, req, rep, got);
+}
+
+int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd)
+{
+    struct received got;
+    int err = roundtrip(req, rep, &got);
+    *hostfd = got.nfds == 1 ? got.fds[0] : -1;
     return err;
+}
+
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds)
+{
+    struct graft_request req;
+    struct graft_reply rep;
+    struct received got;
+
+    memset(&req, 0, sizeof req);
+    req.magic = GRAFT_WIRE_MAGIC;
+    req.version = GRAFT_WIRE_VERSION;
+    req.op = GRAFT_OP_PREISSUE;
+    req.family = family;
+    req.type = SOCK_STREAM;
+    req.protocol = protocol;
+    *nfds = 0;
+    int err = roundtrip(&req, &rep, &got);
+    if (err != 0)
+        return err;
+    if (rep.verdict != GRAFT_V_GRAFT)
+        return rep.error; /* DENY or ERROR: >= 1, checked */
+    memcpy(fds, got.fds, sizeof fds[0] * (size_t)got.nfds);
+    *nfds = got.nfds;
+    return 0;
 }
 
 const char *broker_strerror(int err)

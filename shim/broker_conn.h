@@ -21,14 +21,25 @@ void broker_init(const char *path);
 const char *broker_path(void);
 
 /*
- * Sends req and receives a validated reply. Returns 0, with *hostfd the fd
- * attached to a GRAFT reply (O_CLOEXEC; the caller owns it) or -1; or an
- * errno value saying why the broker is unreachable (the reply is then
- * unset and no fd is returned). A failed pooled connection is retried once
- * on a fresh one. Its send and receive are cancellation points: a caller
- * holding state that a cancellation would leak must disable cancellation.
+ * Sends req (a CONNECT or BIND) and receives a validated reply. Returns 0,
+ * with *hostfd the fd attached to a GRAFT reply (O_CLOEXEC; the caller
+ * owns it) or -1; or an errno value saying why the broker is unreachable
+ * (the reply is then unset and no fd is returned). A failed pooled
+ * connection is retried once on a fresh one. Its send and receive are
+ * cancellation points: a caller holding state that a cancellation would
+ * leak must disable cancellation.
  */
 int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd);
+
+/*
+ * Asks for pre-issued TCP sockets of family (graft_wire.h: PREISSUE), a
+ * round trip like broker_roundtrip. Returns 0 with 1..GRAFT_PREISSUE_MAX
+ * unconnected, non-blocking, O_CLOEXEC host sockets in fds[0..*nfds),
+ * which the caller owns; or, with none, the errno of a DENY or ERROR
+ * verdict (EOPNOTSUPP from a broker without PREISSUE) or of why the broker
+ * is unreachable.
+ */
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds);
 
 /* Human-readable reason for a broker_roundtrip error. */
 const char *broker_strerror(int err);

@@ -6,8 +6,11 @@
  * first connect(), bind() or listen() on a placeholder asks graft-broker
  * (broker_conn.c), which answers with a host socket (the shim puts it on the
  * application's fd number with dup3), with "run it in the container", or
- * with a denial. From then on the fd is an ordinary socket: the data path
- * never enters the shim.
+ * with a denial. A TCP connect to a destination the broker granted before
+ * may skip the round trip: it connects a host socket the broker issued
+ * ahead of time, which the kernel lets connect only where the broker has
+ * granted (preissue.h). From then on the fd is an ordinary socket: the
+ * data path never enters the shim.
  *
  * UDP adds a fourth first use: a sendto/sendmsg/sendmmsg with a
  * destination on an unbound, unconnected placeholder. These functions are
@@ -54,7 +57,9 @@
 #include "broker_conn.h"
 #include "fdtable.h"
 #include "graft_wire.h"
+#include "grants.h"
 #include "log.h"
+#include "preissue.h"
 #include "real.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -110,6 +115,8 @@ static void init(void)
     broker_init(path != NULL && *path != '\0' ? path : DEFAULT_SOCKET);
     read_fallback();
     fdt_init();
+    grants_init();
+    preissue_init();
 }
 
 /*
@@ -665,6 +672,76 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
 
 /* ---- connect() ---- */
 
+/*
+ * The connects a pre-issued socket stands in for, and so the grants worth
+ * caching: plain TCP connects. One after a deferred bind stays with the
+ * broker, where any handling of the bind belongs.
+ */
+static bool fast_path_fits(const struct fdt_sock *sock)
+{
+    return sock->type == SOCK_STREAM && !sock->bound;
+}
+
+/*
+ * Options on a pre-issued socket are the app's own doing, with the app's
+ * privileges, as a setsockopt after the graft would be: what the kernel
+ * refuses is ignored. (The broker filters what it replays through an
+ * allowlist because it applies options as root.)
+ */
+static void apply_recorded_opts(int hostfd, const struct fdt_sock *sock)
+{
+    for (uint32_t i = 0; i < sock->n_opts; i++) {
+        const struct graft_sockopt *opt = &sock->opts[i];
+        graft_real.setsockopt(hostfd, opt->level, opt->name, opt->val, opt->len);
+    }
+}
+
+/* GRAFT_DEBUG: "connect tcp 127.0.0.1:8080 -> graft (fast)", plus an error at once. */
+static void debug_fast_graft(const struct attempt *a, int err)
+{
+    if (!log_debug_on())
+        return;
+    char detail[64] = "fast";
+    if (err != 0 && err != EINPROGRESS)
+        snprintf(detail, sizeof detail, "fast, %s", log_errstr(err));
+    debug_verdict(a, "graft", detail);
+}
+
+/*
+ * The connect fast path: a pre-issued socket, connected here, instead of a
+ * round trip, for a destination this process has seen granted. The
+ * kernel, not the cache, has the last word: EPERM means the grant is gone
+ * (a policy reload or a broker restart), which makes every cached grant
+ * and pooled socket suspect. Otherwise the outcome is what a GRAFT reply
+ * with the connect's errno would have been. Returns false, the claim still
+ * held and the app's fd untouched, when the broker must decide after all.
+ */
+static bool connect_fast(const struct attempt *a, struct outcome *o)
+{
+    if (!fast_path_fits(a->sock) || !grants_has(&a->addr->sa))
+        return false;
+    int hostfd = preissue_take(a->sock->family, a->sock->protocol);
+    if (hostfd < 0)
+        return false;
+    apply_recorded_opts(hostfd, a->sock);
+    int err = 0;
+    if (graft_real.connect(hostfd, &a->addr->sa, inet_addr_size(a->sock->family)) < 0)
+        err = errno;
+    if (err == EPERM) {
+        graft_real.close(hostfd);
+        grants_flush();
+        preissue_refused(a->sock->family);
+        debug_verdict(a, "ask the broker", "pre-issued socket refused: grant gone");
+        return false;
+    }
+    preissue_connected(a->sock->family);
+    o->kind = OUT_GRAFTED;
+    o->error = err;
+    debug_fast_graft(a, err);
+    settle(a, o, hostfd);
+    return true;
+}
+
 static void graft_connect(int fd, const union inet_sockaddr *target, struct outcome *o)
 {
     struct fdt_sock sock;
@@ -676,7 +753,11 @@ static void graft_connect(int fd, const union inet_sockaddr *target, struct outc
         return;
     }
     struct attempt a = {"connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target, 0, NULL};
+    if (connect_fast(&a, o))
+        return;
     decide(&a, o);
+    if (o->kind == OUT_GRAFTED && fast_path_fits(&sock))
+        grants_add(&target->sa);
 }
 
 /*

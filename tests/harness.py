@@ -286,6 +286,26 @@ class BrokerProcess:
                 remove_test_cgroup(self.cgroup)
                 self.cgroup = None
 
+    def restart(self) -> int:
+        """Stop and start again as systemd restarts the service; returns the stop's exit code.
+
+        The broker's cgroup stays, with the pins in bpffs, as the unit's
+        does; only the graft-broker cgroup inside it is removed, as systemd
+        removes and recreates the unit's cgroup.
+        """
+        from graft.broker import confine
+
+        owns, self._owns_cgroup = self._owns_cgroup, False
+        try:
+            rc = self.stop()
+        finally:
+            self._owns_cgroup = owns
+        inner = cgroup2_dir(self.cgroup + "/" + confine.CGROUP_NAME) if self.cgroup else None
+        if inner is not None and os.path.isdir(inner):
+            os.rmdir(inner)
+        self.start()
+        return rc
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 

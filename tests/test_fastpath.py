@@ -26,10 +26,8 @@ from harness import (
     echo_server,
     eventually,
     free_port,
-    make_test_cgroup,
     need,
     need_root_and_netns,
-    remove_test_cgroup,
 )
 
 from graft.broker import confine, wire
@@ -186,33 +184,22 @@ def test_a_reload_revokes_every_grant(short_tmp):
 def test_sockets_pre_issued_by_an_earlier_broker_find_no_grant(short_tmp):
     """A restarted broker's grants are for its own tenant ids: the old pool can connect nowhere."""
     need_confinement()
-    cgroup = make_test_cgroup()
-    assert cgroup is not None
-    try:
-        with echo_server() as port:
-            broker = BrokerProcess(short_tmp / "b", policy(port), cgroup=cgroup).start()
-            try:
-                client = WireClient(broker.socket_path)
-                _, old = client.preissue()
-                client.close()
-                assert broker.stop() == 0
-                os.rmdir(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME)  # as systemd would
-                broker.start()
-                assert "reused pinned programs" in broker.stderr()
-                client = WireClient(broker.socket_path)
-                grant(client, port)
-                _, new = client.preissue()
-                try:
-                    assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
-                    assert connect_errno(new[0], ("127.0.0.1", port)) == 0
-                finally:
-                    for s in old + new:
-                        s.close()
-                    client.close()
-            finally:
-                broker.stop()
-    finally:
-        remove_test_cgroup(cgroup)
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        _, old = client.preissue()
+        client.close()
+        assert broker.restart() == 0
+        assert "reused pinned programs" in broker.stderr()
+        client = WireClient(broker.socket_path)
+        grant(client, port)
+        _, new = client.preissue()
+        try:
+            assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
+            assert connect_errno(new[0], ("127.0.0.1", port)) == 0
+        finally:
+            for s in old + new:
+                s.close()
+            client.close()
 
 
 def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):

@@ -1,0 +1,168 @@
+/*
+ * fdpool.c: the lock-free fd pool of the shim's own fds (see fdpool.h).
+ *
+ * A slot is filled in two steps: a CAS from empty to "busy, no fd yet"
+ * claims it, the identity is written, and a release store publishes the
+ * fd. Whoever later sees the fd in the slot (with acquire) therefore also
+ * sees its identity; a slot without an fd is skipped by everyone.
+ */
+#include "fdpool.h"
+
+#include <pthread.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "real.h"
+
+#define SLOT_BUSY 1u
+
+/* Every initialised pool; pushed under the callers' init, read by the fork child. */
+static _Atomic(struct fdpool *) all_pools;
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+/* fd >= 0 is an int, so (fd + 1) << 1 fits an unsigned int. */
+static unsigned int slot_pack(int fd, bool busy)
+{
+    return ((unsigned int)fd + 1) << 1 | (busy ? SLOT_BUSY : 0);
+}
+
+static int slot_fd(unsigned int v)
+{
+    return (int)(v >> 1) - 1;
+}
+
+static bool still_ours(const struct fdpool_slot *s, int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino;
+}
+
+/*
+ * The child's copies of the parent's fds: closed, whether idle or lent to
+ * a thread the child does not have, unless the number was reused (closing
+ * it would close the application's file).
+ */
+static void fork_child(void)
+{
+    pid_t me = getpid();
+    for (struct fdpool *p = atomic_load(&all_pools); p != NULL; p = p->next) {
+        for (int i = 0; i < FDPOOL_SLOTS; i++) {
+            unsigned int v = atomic_exchange_explicit(&p->slot[i].v, 0, memory_order_acquire);
+            int fd = slot_fd(v);
+            if (fd >= 0 && still_ours(&p->slot[i], fd))
+                graft_real.close(fd);
+        }
+        atomic_store_explicit(&p->owner, me, memory_order_relaxed);
+    }
+}
+
+static void install_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, fork_child);
+}
+
+void fdpool_init(struct fdpool *p)
+{
+    atomic_store_explicit(&p->owner, getpid(), memory_order_relaxed);
+    p->next = atomic_load(&all_pools);
+    while (!atomic_compare_exchange_weak(&all_pools, &p->next, p))
+        ;
+    pthread_once(&fork_handler_once, install_fork_handler);
+}
+
+bool fdpool_owned(struct fdpool *p)
+{
+    return getpid() == atomic_load_explicit(&p->owner, memory_order_relaxed);
+}
+
+/* Makes slot i busy if it is idle and its fd still is ours: the fd, or -1. */
+static int claim_idle(struct fdpool *p, int i)
+{
+    struct fdpool_slot *s = &p->slot[i];
+    unsigned int v = atomic_load_explicit(&s->v, memory_order_relaxed);
+    if (v == 0 || (v & SLOT_BUSY))
+        return -1;
+    if (!atomic_compare_exchange_strong_explicit(&s->v, &v, v | SLOT_BUSY, memory_order_acquire,
+                                                 memory_order_relaxed))
+        return -1;
+    if (!still_ours(s, slot_fd(v))) {
+        atomic_store_explicit(&s->v, 0, memory_order_release);
+        return -1;
+    }
+    return slot_fd(v);
+}
+
+int fdpool_borrow(struct fdpool *p, int *slot)
+{
+    if (!fdpool_owned(p))
+        return -1;
+    for (int i = 0; i < FDPOOL_SLOTS; i++) {
+        int fd = claim_idle(p, i);
+        if (fd >= 0) {
+            *slot = i;
+            return fd;
+        }
+    }
+    return -1;
+}
+
+void fdpool_give_back(struct fdpool *p, int slot)
+{
+    atomic_fetch_and_explicit(&p->slot[slot].v, ~SLOT_BUSY, memory_order_release);
+}
+
+void fdpool_remove(struct fdpool *p, int slot)
+{
+    atomic_store_explicit(&p->slot[slot].v, 0, memory_order_release);
+}
+
+static int fill(struct fdpool *p, int fd, bool busy)
+{
+    struct stat st;
+    if (!fdpool_owned(p) || fstat(fd, &st) < 0)
+        return -1;
+    for (int i = 0; i < FDPOOL_SLOTS; i++) {
+        struct fdpool_slot *s = &p->slot[i];
+        unsigned int expected = 0;
+        if (atomic_compare_exchange_strong_explicit(&s->v, &expected, SLOT_BUSY,
+                                                    memory_order_acquire, memory_order_relaxed)) {
+            s->dev = st.st_dev;
+            s->ino = st.st_ino;
+            atomic_store_explicit(&s->v, slot_pack(fd, busy), memory_order_release);
+            return i;
+        }
+    }
+    return -1;
+}
+
+int fdpool_lend_new(struct fdpool *p, int fd)
+{
+    return fill(p, fd, true);
+}
+
+bool fdpool_add(struct fdpool *p, int fd)
+{
+    return fill(p, fd, false) >= 0;
+}
+
+int fdpool_pop(struct fdpool *p)
+{
+    int slot;
+    int fd = fdpool_borrow(p, &slot);
+    if (fd >= 0)
+        fdpool_remove(p, slot);
+    return fd;
+}
+
+void fdpool_flush(struct fdpool *p)
+{
+    if (!fdpool_owned(p))
+        return;
+    for (int i = 0; i < FDPOOL_SLOTS; i++) {
+        int fd = claim_idle(p, i);
+        if (fd >= 0) {
+            fdpool_remove(p, i);
+            graft_real.close(fd);
+        }
+    }
+}

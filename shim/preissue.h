@@ -1,0 +1,48 @@
+/*
+ * preissue.h: the pre-issued host sockets behind the connect fast path.
+ *
+ * The broker hands out, on request (PREISSUE in graft_wire.h), unconnected
+ * host TCP sockets that the kernel lets connect only to destinations the
+ * broker has already granted this tenant. With one in hand, a connect to a
+ * destination this process has seen granted (grants.h) needs no broker
+ * round trip: the shim connects the socket itself and installs it on the
+ * app's fd as it would a graft (libgraft.c). The sockets wait in one
+ * fdpool per family (fdpool.h, for fork, vfork, exec and fds the app
+ * closed behind the shim's back), refilled by one round trip when empty.
+ *
+ * Failures hold refills off for a while, doubling while they repeat, so
+ * that a fast path that does not work costs connects next to nothing over
+ * their usual round trip: a refill the broker refuses (a broker without
+ * PREISSUE or without confinement, a tenant at its limits) or cannot
+ * answer, and a pre-issued socket the kernel refuses twice in a row
+ * without one connecting in between (the broker grants a destination it
+ * could not enter in the kernel). A single refusal is the normal sign of
+ * a policy reload or a broker restart and holds nothing off.
+ */
+#ifndef GRAFT_PREISSUE_H
+#define GRAFT_PREISSUE_H
+
+/* Sets up the pools. Call once. */
+void preissue_init(void);
+
+/*
+ * A pre-issued socket of family (AF_INET or AF_INET6), which the caller
+ * then owns, for a TCP placeholder of protocol (0 or IPPROTO_TCP); one
+ * round trip refills the pool if it is empty. -1 if there is none: the
+ * refill failed or is held off, another thread is refilling, or the caller
+ * is a vfork/CLONE_VM child. Like any round trip, a refill is a
+ * cancellation point.
+ */
+int preissue_take(int family, int protocol);
+
+/* A socket from preissue_take connected, or failed for another reason than the kernel's refusal. */
+void preissue_connected(int family);
+
+/*
+ * The kernel refused a socket from preissue_take (EPERM): the tenant's
+ * grants are gone (or were never entered), so every pooled socket is
+ * closed, of both families, as possibly issued by a broker that is gone.
+ */
+void preissue_refused(int family);
+
+#endif /* GRAFT_PREISSUE_H */
