@@ -571,6 +571,7 @@ class Confinement:
     _next_tenant: int = 0
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
     _granter: bpf.MapUpdater | None = field(default=None, repr=False)
+    _owner: bpf.MapUpdater | None = field(default=None, repr=False)
 
     @property
     def map_fd(self) -> int:
@@ -631,8 +632,9 @@ class Confinement:
 
     def own(self, sock: socket.socket, tenant_id: int) -> None:
         """Count sock for the tenant until it is closed (released() counts the close)."""
-        cookie = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
-        bpf.map_update(self.maps["owned"], cookie, struct.pack("=I", tenant_id))
+        if self._owner is None:
+            self._owner = bpf.MapUpdater(self.maps["owned"], 8, 4)
+        self._owner.update(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), struct.pack("=I", tenant_id))
 
     def released(self, tenant_id: int) -> int:
         """How many sockets owned by the tenant have been closed."""
