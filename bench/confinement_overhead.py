@@ -21,6 +21,10 @@
        one: the listen guard (a locked classic BPF socket filter on each TCP
        socket the broker connects) runs for every packet it receives.
        Grafted listeners and their accepted sockets carry none.
+     - a connection to a grafted (marked) listener vs to an unconfined one:
+       connect, accept, close both ends. The accepted socket belongs to the
+       broker's cgroup, so the sock_release program (which counts closes of
+       handed-out sockets for max_sockets) runs when it is closed.
 Everything the bench creates (cgroups, programs, pins) is removed at the end.
 """
 from __future__ import annotations
@@ -79,6 +83,20 @@ def tcp_round_trips(n: int, a: socket.socket, b: socket.socket) -> float:
         b.recv(1)
         b.send(b"x")
         a.recv(1)
+    return (time.perf_counter() - t0) / n
+
+
+def accept_cycles(n: int, lsn: socket.socket) -> float:
+    """Seconds per connect + accept + close of both ends, to lsn (blocking)."""
+    addr = lsn.getsockname()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+        c.connect(addr)
+        a, _ = lsn.accept()
+        a.close()
+        c.close()
     return (time.perf_counter() - t0) / n
 
 
@@ -147,7 +165,7 @@ def main() -> int:
         load_fd = os.open(mount + load, os.O_RDONLY)
         results: dict[str, list[float]] = {k: [] for k in ("none", "graft", "shared", "c_off", "c_on", "u_off",
                                                           "u_on", "u_off_noaddr", "u_on_noaddr", "mark",
-                                                          "t_off", "t_on")}
+                                                          "t_off", "t_on", "a_off", "a_on")}
         n = args.n
         for r in range(args.rounds):
             # -- 1. other processes' sockets, in a different order each round --------
@@ -212,6 +230,16 @@ def main() -> int:
                 results[key].append(tcp_round_trips(n, *pair))
             for sock in (*t_plain, *t_marked):
                 sock.close()
+            l_plain = socket.create_server(("127.0.0.1", 0), backlog=128)
+            move_to(mount + confined)
+            l_marked = socket.create_server(("127.0.0.1", 0), backlog=128)
+            conf.mark(l_marked, False)  # a bind graft: accepted sockets clone the mark
+            move_to(mount + load)
+            for key, lsock in ((("a_on", l_marked), ("a_off", l_plain)) if r % 2 else
+                               (("a_off", l_plain), ("a_on", l_marked))):
+                results[key].append(accept_cycles(n, lsock))
+            l_plain.close()
+            l_marked.close()
             detach_all(mount + confined, conf)
         os.close(load_fd)
     finally:
@@ -243,7 +271,8 @@ def main() -> int:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     print(f"   {'of which the mark (one bpf map update)':<52} {'':>8} {med['mark'] * 1e6:>8.2f}")
     rows = (("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),
-            ("TCP 1-byte round trip (listen guard per packet)", "t_off", "t_on"))
+            ("TCP 1-byte round trip (listen guard per packet)", "t_off", "t_on"),
+            ("connection to a grafted listener (release program)", "a_off", "a_on"))
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     return 0

@@ -289,7 +289,7 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = ANY) -> None:
 
 
 class MapUpdater:
-    """map_update for one map with its buffers allocated once: the broker marks every graft."""
+    """map_update and map_lookup on one map with buffers allocated once: the broker uses them per graft."""
 
     def __init__(self, map_fd: int, key_size: int, value_size: int):
         self.key = ffi.new("char[]", key_size)
@@ -304,6 +304,18 @@ class MapUpdater:
         ffi.memmove(self.key, key, len(key))
         ffi.memmove(self.value, value, len(value))
         _bpf(MAP_UPDATE_ELEM, self.attr, "BPF_MAP_UPDATE_ELEM")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value, or None when there is no entry."""
+        assert len(key) == self._sizes[0]
+        ffi.memmove(self.key, key, len(key))
+        try:
+            _bpf(MAP_LOOKUP_ELEM, self.attr, "BPF_MAP_LOOKUP_ELEM")
+        except BpfError as e:
+            if e.errno == 2:  # ENOENT
+                return None
+            raise
+        return bytes(ffi.buffer(self.value, self._sizes[1]))
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:

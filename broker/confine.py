@@ -572,6 +572,7 @@ class Confinement:
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
     _granter: bpf.MapUpdater | None = field(default=None, repr=False)
     _owner: bpf.MapUpdater | None = field(default=None, repr=False)
+    _closes: bpf.MapUpdater | None = field(default=None, repr=False)
 
     @property
     def map_fd(self) -> int:
@@ -638,7 +639,9 @@ class Confinement:
 
     def released(self, tenant_id: int) -> int:
         """How many sockets owned by the tenant have been closed."""
-        raw = bpf.map_lookup(self.maps["released"], struct.pack("=I", tenant_id), 8)
+        if self._closes is None:
+            self._closes = bpf.MapUpdater(self.maps["released"], 4, 8)
+        raw = self._closes.lookup(struct.pack("=I", tenant_id))
         return struct.unpack("=Q", raw)[0] if raw is not None else 0
 
     def events_lost(self) -> int:
