@@ -52,7 +52,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed setup.py constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
-# broker_load.py first: run.py's nginx-close leaves TIME-WAIT sockets that slow the broker's prune.
+# broker_load.py first: run.py's nginx-close leaves TIME-WAIT sockets, which slow the broker's
+# max_sockets prune when it runs without confinement (with it, the kernel counts and nothing is dumped).
 bench: bench-deps build $(VENV)/.bench-installed
 	$(VPY) bench/broker_load.py $(if $(QUICK),--quick,--profile 10)
 	$(VPY) bench/run.py $(if $(QUICK),--quick)
