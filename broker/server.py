@@ -142,6 +142,7 @@ class Broker:
         self._rule_ids: dict[str, int] = {}
         self._rules: list[str] = []
         self._events_lost = 0
+        self._fast_path = False  # sockets are pre-issued only with confinement and its audit ring
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -156,7 +157,13 @@ class Broker:
                 await self._add_tenant(name, config, matchers[name])
             self._drop_leftover_listeners()
             if self.confinement is not None:
-                nursery.start_soon(self._drain_kernel_audit)
+                try:
+                    ring = RingReader(self.confinement.maps["events"], confine.EVENTS_SIZE)
+                except OSError as e:  # no audit of fast-path connects: then no fast path
+                    log.error("fast path off: cannot map the kernel's audit ring: %s", e)
+                else:
+                    self._fast_path = True
+                    nursery.start_soon(self._drain_kernel_audit, ring)
             await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
             task_status.started()
 
@@ -495,7 +502,7 @@ class Broker:
         only where the broker has granted (``_grant``). Issuing confers no
         access, so it is not audited; the connects are, by the kernel.
         """
-        if self.confinement is None:
+        if self.confinement is None or not self._fast_path:
             return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)  # nothing would hold them to the policy
         if not tenant.matcher.uid_allowed(peer.uid):
             return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
@@ -543,10 +550,8 @@ class Broker:
         except OSError as e:  # the fast path only loses a destination: the broker still answers
             log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
 
-    async def _drain_kernel_audit(self) -> None:
+    async def _drain_kernel_audit(self, ring: RingReader) -> None:
         """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
-        assert self.confinement is not None
-        ring = RingReader(self.confinement.maps["events"], confine.EVENTS_SIZE)
         try:
             while True:
                 await trio.sleep(KERNEL_AUDIT_INTERVAL)
@@ -556,6 +561,12 @@ class Broker:
             ring.close()
 
     def _audit_kernel_events(self, ring: RingReader) -> None:
+        try:
+            self._write_kernel_events(ring)
+        except Exception:  # a bug here must cost audit records, never the broker
+            log.exception("audit: cannot write the kernel's records of fast-path connects")
+
+    def _write_kernel_events(self, ring: RingReader) -> None:
         for raw in ring.drain():
             ev = confine.decode_event(raw)
             name = self._tenant_by_kid.get(ev.tenant_id)
