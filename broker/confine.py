@@ -60,6 +60,7 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -568,6 +569,7 @@ class Confinement:
     reused: bool = False
     guard_fd: int = -1  # the listen guard (a socket filter), loaded by each broker
     epoch: int = 0  # this broker's: tenant ids of earlier brokers never match its grants
+    fresh_state: bool = False  # the state map (which keeps the last epoch) was created by this broker
     _next_tenant: int = 0
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
     _granter: bpf.MapUpdater | None = field(default=None, repr=False)
@@ -605,12 +607,19 @@ class Confinement:
 
     # ---- the fast path's grants and the tenants' socket counts ----
 
-    def new_tenant_id(self) -> int:
-        """A tenant id unique to this broker; its close count starts at 0."""
+    def new_id(self) -> int:
+        """An id no earlier broker and no other use in this one has: for a tenant's count or its grants.
+
+        Raises Unavailable once this broker has used them all up (65,535).
+        """
+        if self._next_tenant + 1 >= 1 << _TENANT_BITS:
+            raise Unavailable("this broker has used up its tenant ids (65,535); restart it for more")
         self._next_tenant += 1
-        if self._next_tenant >= 1 << _TENANT_BITS:
-            raise OverflowError("tenant ids of this broker are used up (restart it)")
-        tenant_id = self.epoch << _TENANT_BITS | self._next_tenant
+        return self.epoch << _TENANT_BITS | self._next_tenant
+
+    def new_tenant_id(self) -> int:
+        """A new id whose close count starts at 0 (see own() and released())."""
+        tenant_id = self.new_id()
         bpf.map_update(self.maps["released"], struct.pack("=I", tenant_id), bytes(8))
         return tenant_id
 
@@ -726,6 +735,8 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
         for name, spec in MAPS.items():
             conf.maps[name], reused = _load_or_reuse_map(pin_dir, name, spec)
             all_reused = all_reused and reused
+            if name == "state":
+                conf.fresh_state = not reused
         conf.reused = all_reused
         for name, (kind, v6, attach_type) in PROGRAMS.items():
             conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, all_reused)
@@ -772,8 +783,13 @@ def _start_epoch(conf: Confinement) -> None:
     nowhere (the shim then asks this broker).
     """
     key = struct.pack("=I", STATE_EPOCH)
-    raw = bpf.map_lookup(conf.maps["state"], key, 8)
-    last = struct.unpack("=Q", raw)[0] if raw is not None else 0
+    if conf.fresh_state:
+        # The last epoch is lost (a first start, or the pin was removed): sockets
+        # pre-issued before may still be around, under ids we cannot know.
+        last = secrets.randbelow(1 << (32 - _TENANT_BITS))
+    else:
+        raw = bpf.map_lookup(conf.maps["state"], key, 8)
+        last = struct.unpack("=Q", raw)[0] if raw is not None else 0
     conf.epoch = (last + 1) % (1 << (32 - _TENANT_BITS)) or 1
     bpf.map_update(conf.maps["state"], key, struct.pack("=Q", conf.epoch))
     conf.revoke_grants()

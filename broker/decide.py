@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from graft.policy import Decision, TenantMatcher
 from graft.policy.models import format_loc
 
-from .wire import OP_BIND, Request, SockAddr
+from .wire import OP_BIND, IPAddress, Request, SockAddr
 
 DENY_ERRNO = {"connect": errno.EPERM, "bind": errno.EACCES}
 # When the tenant's namespace is gone: what the shim answers when the broker is.
@@ -57,11 +57,33 @@ def host_target(req: Request, decision: Decision) -> SockAddr:
     return SockAddr(req.family, ip, port)
 
 
+_LOOPBACK_V4 = ipaddress.IPv4Address("127.0.0.1")
+_UNSPECIFIED_MAPPED = ipaddress.IPv6Address("::ffff:0.0.0.0")
+
+
+def destination(ip: IPAddress) -> IPAddress:
+    """Where the kernel sends a connect or send to ip: the unspecified address means this host.
+
+    A connect to 0.0.0.0 goes to 127.0.0.1 (the route lookup puts the
+    source address, loopback for an unbound socket, in place of a zero
+    destination), one to :: goes to ::1, and one to ::ffff:0.0.0.0 to
+    ::ffff:127.0.0.1. Rules are matched against where the packets go, so a
+    rule that denies loopback also denies its unspecified spelling.
+    """
+    if not ip.is_unspecified and ip != _UNSPECIFIED_MAPPED:
+        return ip
+    if ip.version == 4:
+        return _LOOPBACK_V4
+    return ipaddress.IPv6Address("::1") if ip == ipaddress.IPv6Address("::") else ipaddress.IPv6Address(
+        "::ffff:127.0.0.1")
+
+
 def judge(req: Request, matcher: TenantMatcher, uid: int) -> Verdict:
     op = req.op_name
     if not matcher.uid_allowed(uid):
         return Verdict("deny", tenant_loc(matcher.name, "uids"), DENY_ERRNO[op])
-    decision = matcher.decide(op, req.proto, req.addr.ip, req.addr.port)
+    ip = destination(req.addr.ip) if req.op != OP_BIND else req.addr.ip
+    decision = matcher.decide(op, req.proto, ip, req.addr.port)
     if decision.action == "deny":
         return Verdict("deny", decision.rule, DENY_ERRNO[op])
     if decision.action == "container":

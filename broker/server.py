@@ -93,7 +93,8 @@ class TenantState:
     slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
     turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(TURNS_PER_TENANT))
     live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out (no confinement)
-    kid: int = 0  # tenant id in the kernel's maps (confinement on)
+    kid: int = 0  # the id its sockets are counted under in the kernel (confinement on)
+    gid: int = 0  # the id its grants and pre-issued sockets carry; 0: no fast path
     issued: int = 0  # sockets handed out and counted in the kernel (confinement on)
     closed: int = 0  # of those, closed as of the kernel's count when last read
     preissued: int = 0  # of those, pre-issued for the fast path
@@ -138,7 +139,7 @@ class Broker:
         self.loaded_at = time.time()
         # The fast path: grants are made only for verdicts of the rules in force (see reload).
         self._grant_serial = 0
-        self._tenant_by_kid: dict[int, str] = {}
+        self._tenant_by_gid: dict[int, str] = {}
         self._rule_ids: dict[str, int] = {}
         self._rules: list[str] = []
         self._events_lost = 0
@@ -172,15 +173,53 @@ class Broker:
         state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock")
         state.configure(config, matcher)
         if self.confinement is not None:
-            state.kid = self.confinement.new_tenant_id()
-            self._tenant_by_kid[state.kid] = name
+            try:
+                state.kid = self.confinement.new_tenant_id()
+            except confine.Unavailable as e:
+                raise RuntimeError(str(e)) from None
+            self._new_grant_id(state)
         try:
             await self._nursery.start(self._serve_tenant, state)
         except BaseException:
-            if self.confinement is not None:
-                self.confinement.forget_tenant(state.kid)
+            self._forget(state)
             raise
         self.tenants[name] = state  # only once it listens: a failed start leaves no half tenant
+
+    def _new_grant_id(self, tenant: TenantState) -> None:
+        """A new id for the tenant's grants and pre-issued sockets: those issued before lose all grants."""
+        assert self.confinement is not None
+        try:
+            tenant.gid = self.confinement.new_id()
+        except confine.Unavailable as e:
+            tenant.gid = 0
+            log.error("tenant %s: fast path off: %s", tenant.name, e)
+            return
+        self._tenant_by_gid[tenant.gid] = tenant.name
+
+    def _forget(self, tenant: TenantState) -> None:
+        """A tenant gone: its close count goes (its sockets stay counted nowhere)."""
+        if self.confinement is None or not tenant.kid:
+            return
+        try:
+            self.confinement.forget_tenant(tenant.kid)
+        except OSError as e:  # a leftover count entry costs one map slot
+            log.error("tenant %s: cannot remove its socket count: %s", tenant.name, e)
+
+    def _new_rules(self) -> None:
+        """The rules change: grants made under the old ones, and verdicts still being carried out, go.
+
+        Called in the same step as the tenants take their new rules (no
+        checkpoint in between), so that no request judged by an old rule
+        can make a grant that a new one would not.
+        """
+        self._grant_serial += 1
+        if self.confinement is None:
+            return
+        try:
+            self.confinement.revoke_grants()
+        except OSError as e:  # cannot happen short of a kernel error; then no pre-issued socket can be trusted
+            self._fast_path = False
+            log.error("fast path off: cannot revoke the old rules' grants in the kernel: %s", e)
 
     async def reload(self, policy: PolicyFile) -> None:
         """Apply a validated policy: new decisions for new requests only.
@@ -196,30 +235,32 @@ class Broker:
         for key in ("socket_dir", "audit_log", "confinement"):
             if getattr(policy.broker, key) != getattr(self.policy.broker, key):
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
-        # Grants were made under the old rules: none may outlive them. Verdicts
-        # judged before this point and still being carried out make none either.
-        self._grant_serial += 1
-        if self.confinement is not None:
-            self.confinement.revoke_grants()
-        for name in list(self.tenants):
-            if name not in policy.tenants:
-                gone = self.tenants.pop(name)
-                gone.removed = True
-                gone.cancel_scope.cancel()
-                await gone.done.wait()  # READY=1 after a reload means the removal is complete
-                if self.confinement is not None:
-                    self.confinement.forget_tenant(gone.kid)
-                log.info("tenant %s removed", name)
-        # Existing tenants take their new rules first, so that a new tenant
-        # whose listener cannot start leaves none of them on the old ones.
+        # One step, with no checkpoint: removed tenants are cancelled, the others
+        # take their new rules, and the old rules' grants go (_new_rules). Existing
+        # tenants come first, so that a new tenant whose listener cannot start
+        # leaves none of them on the old rules.
+        removed = [self.tenants.pop(name) for name in list(self.tenants) if name not in policy.tenants]
+        for gone in removed:
+            gone.removed = True
+            gone.cancel_scope.cancel()
         added = [name for name in policy.tenants if name not in self.tenants]
         for name, state in self.tenants.items():
             config = policy.tenants[name]
+            # Sockets pre-issued into the old namespace, or to a uid the new list
+            # leaves out, must not use the new grants: they get none, ever.
+            reissue = (config.netns, config.uids) != (state.config.netns, state.config.uids)
             state.configure(config, matchers[name])
+            if reissue and self.confinement is not None and state.gid:
+                self._new_grant_id(state)
             try:
                 os.chmod(state.path, config.socket_mode_int)
             except OSError as e:
                 log.error("tenant %s: cannot set the mode of %s: %s", name, state.path, e)
+        self._new_rules()
+        for gone in removed:
+            await gone.done.wait()  # READY=1 after a reload means the removal is complete
+            self._forget(gone)
+            log.info("tenant %s removed", gone.name)
         failed = []
         for name in added:
             try:
@@ -502,7 +543,7 @@ class Broker:
         only where the broker has granted (``_grant``). Issuing confers no
         access, so it is not audited; the connects are, by the kernel.
         """
-        if self.confinement is None or not self._fast_path:
+        if self.confinement is None or not self._fast_path or not tenant.gid:
             return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)  # nothing would hold them to the policy
         if not tenant.matcher.uid_allowed(peer.uid):
             return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
@@ -521,7 +562,7 @@ class Broker:
             return [], wire.encode_reply(wire.V_ERROR, e.errno or errno.EIO)
         try:
             for sock in socks:
-                self.confinement.mark_preissued(sock, tenant.kid)
+                self.confinement.mark_preissued(sock, tenant.gid)
                 self._own(tenant, sock)
         except OSError as e:  # fail closed: none of them leaves
             for sock in socks:
@@ -538,15 +579,15 @@ class Broker:
         (the uid was checked when the sockets were issued), so it holds for
         every later connect to the same place until the rules change.
         """
-        if (self.confinement is None or req.op != wire.OP_CONNECT or req.type != socket.SOCK_STREAM
-                or verdict.action != "graft" or req.addr is None):
+        if (self.confinement is None or not tenant.gid or req.op != wire.OP_CONNECT
+                or req.type != socket.SOCK_STREAM or verdict.action != "graft" or req.addr is None):
             return
         rule_id = self._rule_ids.get(verdict.rule)
         if rule_id is None:
             rule_id = self._rule_ids[verdict.rule] = len(self._rules)
             self._rules.append(verdict.rule)
         try:
-            self.confinement.grant(tenant.kid, req.family, str(req.addr.ip), req.addr.port, rule_id)
+            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id)
         except OSError as e:  # the fast path only loses a destination: the broker still answers
             log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
 
@@ -557,7 +598,10 @@ class Broker:
                 await trio.sleep(KERNEL_AUDIT_INTERVAL)
                 self._audit_kernel_events(ring)
         finally:
-            self._audit_kernel_events(ring)  # what the last interval left, at shutdown
+            # Until the next broker starts, no pre-issued socket may connect anywhere:
+            # nobody would audit it, nor answer for rules that may change meanwhile.
+            self._new_rules()
+            self._audit_kernel_events(ring)  # what the last interval left
             ring.close()
 
     def _audit_kernel_events(self, ring: RingReader) -> None:
@@ -569,17 +613,22 @@ class Broker:
     def _write_kernel_events(self, ring: RingReader) -> None:
         for raw in ring.drain():
             ev = confine.decode_event(raw)
-            name = self._tenant_by_kid.get(ev.tenant_id)
-            if name is None:  # cannot be: grants are only ever made for this broker's ids
-                continue
-            tenant = self.tenants.get(name)
-            if tenant is not None and tenant.kid == ev.tenant_id:
-                tenant.counts["graft"] += 1
+            name = self._tenant_by_gid.get(ev.tenant_id)
+            extra = {}
+            if name is None:
+                # Judged by an earlier broker's grant after it stopped uncleanly
+                # (a crash): its tenant names and rules are not known here.
+                extra = {"reason": f"judged in the kernel by a grant of an earlier broker (tenant id {ev.tenant_id})"}
+                log.warning("audit: a fast-path connect of pid %d was judged by an earlier broker's grant", ev.pid)
+            else:
+                tenant = self.tenants.get(name)
+                if tenant is not None and tenant.gid == ev.tenant_id:
+                    tenant.counts["graft"] += 1
+            rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
             self.audit.write(
                 tenant=name, pid=ev.pid, uid=ev.uid, op="connect", proto="tcp", family=wire.family_name(ev.family),
-                addr=ev.addr, port=ev.port, host_addr=None, action="graft",
-                rule=self._rules[ev.rule_id] if ev.rule_id < len(self._rules) else None, errno=0,
-                confinement=self.confinement_state, via="kernel",
+                addr=ev.addr, port=ev.port, host_addr=None, action="graft", rule=rule, errno=0,
+                confinement=self.confinement_state, via="kernel", **extra,
             )
         assert self.confinement is not None
         lost = self.confinement.events_lost()

@@ -266,7 +266,8 @@ class BrokerProcess:
         self.expect_notify("RELOADING=1")
         self.expect_notify("READY=1")
 
-    def stop(self) -> int:
+    def stop(self, keep_cgroup: bool = False) -> int:
+        """SIGTERM, wait; then remove the cgroup this object made (unless keep_cgroup). The exit code."""
         try:
             if self.proc is None:
                 return 0
@@ -282,7 +283,7 @@ class BrokerProcess:
                 self._notify = None
             return self.proc.returncode
         finally:
-            if self._owns_cgroup and self.cgroup is not None:
+            if self._owns_cgroup and self.cgroup is not None and not keep_cgroup:
                 remove_test_cgroup(self.cgroup)
                 self.cgroup = None
 
@@ -295,11 +296,7 @@ class BrokerProcess:
         """
         from graft.broker import confine
 
-        owns, self._owns_cgroup = self._owns_cgroup, False
-        try:
-            rc = self.stop()
-        finally:
-            self._owns_cgroup = owns
+        rc = self.stop(keep_cgroup=True)
         inner = cgroup2_dir(self.cgroup + "/" + confine.CGROUP_NAME) if self.cgroup else None
         if inner is not None and os.path.isdir(inner):
             os.rmdir(inner)

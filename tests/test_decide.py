@@ -74,3 +74,25 @@ def test_uid_allowlist_comes_first():
     v = judge(req(wire.OP_CONNECT, "127.0.0.1", 1), matcher, 1000)
     assert (v.action, v.rule, v.errno) == ("deny", 'tenants."a.b".uids', errno.EPERM)
     assert judge(req(wire.OP_CONNECT, "127.0.0.1", 1), matcher, 0).action == "container"
+
+
+LOOPBACK_DENIED = compile_policy(parse_policy("""
+version = 1
+[tenants.w]
+default = "deny"
+[[tenants.w.connect]]
+to = ["127.0.0.0/8", "::1/128"]
+action = "deny"
+[[tenants.w.connect]]
+action = "graft"
+"""))["w"]
+
+
+def test_the_unspecified_address_is_judged_as_the_loopback_the_kernel_sends_it_to():
+    """connect(0.0.0.0:P) reaches 127.0.0.1:P: a rule denying loopback must deny it too."""
+    for ip in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
+        v = judge(req(wire.OP_CONNECT, ip, 5432), LOOPBACK_DENIED, 0)
+        assert (v.action, v.rule) == ("deny", "tenants.w.connect[0]"), ip
+    assert judge(req(wire.OP_CONNECT, "10.1.2.3", 5432), LOOPBACK_DENIED, 0).action == "graft"
+    # a bind to the wildcard is a bind, not a destination
+    assert judge(req(wire.OP_BIND, "0.0.0.0", 80), MATCHER, 0).action == "graft"

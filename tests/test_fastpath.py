@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -28,6 +29,7 @@ from harness import (
     free_port,
     need,
     need_root_and_netns,
+    network_namespace,
 )
 
 from graft.broker import confine, wire
@@ -281,3 +283,123 @@ def test_preissue_is_refused_where_the_kernel_cannot_hold_or_the_tenant_may_not(
             assert (reply.verdict, reply.error, socks) == (wire.V_DENY, want, [])
         finally:
             client.close()
+
+
+def two_tenants(port: int, *, allowed: bool, with_gone: bool) -> str:
+    text = policy(port if allowed else free_port())
+    return text + ('[tenants.gone]\ndefault = "deny"\n' if with_gone else "")
+
+
+def test_no_grant_survives_a_reload_while_requests_are_being_judged(short_tmp):
+    """Verdicts of the old rules still in flight when a reload (removing a tenant) applies make no grant."""
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", two_tenants(port, allowed=True, with_gone=True)) as broker:
+        for _ in range(3):
+            stop, flooding = threading.Event(), threading.Barrier(5)
+
+            def flood():
+                client = WireClient(broker.socket_path)
+                try:
+                    first = True
+                    while not stop.is_set():
+                        client.send(connect_request(port))
+                        sock = client.reply()[1]
+                        if sock is not None:
+                            sock.close()
+                        if first:
+                            flooding.wait(timeout=10)
+                            first = False
+                except OSError:
+                    pass  # the reload may close an idle connection; the attempt goes on
+                finally:
+                    client.close()
+
+            gone = WireClient(broker.socket_dir / "gone.sock")  # a connection its removal must cancel
+            threads = [threading.Thread(target=flood) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                flooding.wait(timeout=10)
+                broker.reload(two_tenants(port, allowed=False, with_gone=False))
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=30)
+                gone.close()
+            client = WireClient(broker.socket_path)
+            _, socks = client.preissue()
+            try:
+                assert connect_errno(socks[0], ("127.0.0.1", port)) == errno.EPERM
+            finally:
+                for s in socks:
+                    s.close()
+                client.close()
+            broker.reload(two_tenants(port, allowed=True, with_gone=True))
+
+
+def test_a_reload_that_moves_the_tenant_to_another_netns_strands_its_old_pool(short_tmp):
+    """Sockets pre-issued in the old namespace must not use grants made in the new one."""
+    need_confinement()
+    with echo_server() as port, network_namespace("gfp") as ns, \
+            running(short_tmp / "b", policy(free_port())) as broker:
+        client = WireClient(broker.socket_path)
+        _, old = client.preissue()  # in the host namespace, where the echo server is
+        try:
+            broker.reload(policy(port).replace('[tenants.t]\n', f'[tenants.t]\nnetns = "{ns}"\n'))
+            client.close()
+            client = WireClient(broker.socket_path)
+            grant(client, port)  # judged and connected in ns (refused there: nothing listens)
+            assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
+            _, new = client.preissue()
+            old += new
+            assert connect_errno(new[0], ("127.0.0.1", port)) == errno.ECONNREFUSED  # in ns, as granted
+        finally:
+            for s in old:
+                s.close()
+            client.close()
+
+
+def test_a_reload_that_narrows_uids_strands_pools_of_uids_it_leaves_out(short_tmp):
+    need_confinement()
+    uid = 12345
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        _, ours = client.preissue()  # uid 0
+        client.close()
+        try:
+            broker.reload(policy(port, uids=f'uids = [{uid}]\nsocket_mode = "0666"'))
+            for d in (short_tmp, short_tmp / "b", broker.socket_dir):
+                os.chmod(d, 0o711)
+            pid = os.fork()
+            if pid == 0:  # the uid still allowed makes the grant
+                try:
+                    os.setresgid(uid, uid, uid)
+                    os.setresuid(uid, uid, uid)
+                    c = WireClient(broker.socket_path)
+                    c.send(connect_request(port))
+                    os._exit(0 if c.reply()[0].verdict == wire.V_GRAFT else 1)
+                finally:
+                    os._exit(2)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert connect_errno(ours[0], ("127.0.0.1", port)) == errno.EPERM
+        finally:
+            for s in ours:
+                s.close()
+
+
+def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
+    """A stopped broker revokes its grants: nobody would audit those connects."""
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        _, socks = client.preissue()
+        try:
+            grant(client, port)
+            client.close()
+            assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
+            assert broker.stop(keep_cgroup=True) == 0  # the programs stay attached, as under systemd
+            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+        finally:
+            for s in socks:
+                s.close()
