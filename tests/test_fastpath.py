@@ -101,6 +101,24 @@ def grant(client: WireClient, port: int) -> None:
     sock.close()
 
 
+@contextmanager
+def pre_issued(broker, family: int = socket.AF_INET):
+    """A connection to the tenant and one PREISSUE on it: (client, reply, sockets), all closed at the end.
+
+    Sockets the test appends to the list are closed too.
+    """
+    client = WireClient(broker.socket_path)
+    socks: list[socket.socket] = []
+    try:
+        reply, got = client.preissue(family)
+        socks += got
+        yield client, reply, socks
+    finally:
+        for s in socks:
+            s.close()
+        client.close()
+
+
 def echoes(sock: socket.socket) -> bool:
     sock.sendall(b"ping")
     return sock.recv(4) == b"ping"
@@ -109,9 +127,7 @@ def echoes(sock: socket.socket) -> bool:
 def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tmp):
     need_confinement()
     with echo_server() as port, echo_server() as other, running(short_tmp / "b", policy(port)) as broker:
-        client = WireClient(broker.socket_path)
-        reply, socks = client.preissue()
-        try:
+        with pre_issued(broker) as (client, reply, socks):
             assert reply.verdict == wire.V_GRAFT and len(socks) == wire.PREISSUE_MAX, reply
             assert all(s.type == socket.SOCK_STREAM and fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK for s in socks)
             assert connect_errno(socks[0], ("127.0.0.1", port)) == errno.EPERM  # allowed, not granted yet
@@ -127,10 +143,6 @@ def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tm
                 socks[2].bind(("127.0.0.1", 0))
             pid = os.getpid()
             assert eventually(lambda: any(r.get("via") == "kernel" for r in broker.audit()))
-        finally:
-            for s in socks:
-                s.close()
-            client.close()
     kernel = [r for r in broker.audit() if r.get("via") == "kernel"]
     assert len(kernel) == 1, kernel
     assert {k: kernel[0][k] for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action",
@@ -142,9 +154,7 @@ def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tm
 def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
     need_confinement()
     with echo_server("::1") as port6, running(short_tmp / "b", policy(free_port(), port6=port6)) as broker:
-        client = WireClient(broker.socket_path)
-        reply, socks = client.preissue(socket.AF_INET6)
-        try:
+        with pre_issued(broker, socket.AF_INET6) as (client, reply, socks):
             assert reply.verdict == wire.V_GRAFT and socks and all(s.family == socket.AF_INET6 for s in socks)
             assert connect_errno(socks[0], ("::1", port6)) == errno.EPERM
             client.send(wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET6, ipaddress.ip_address("::1"),
@@ -154,54 +164,34 @@ def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
             sock.close()
             assert connect_errno(socks[0], ("::1", port6)) == 0 and echoes(socks[0])
             assert connect_errno(socks[1], ("::ffff:127.0.0.1", port6)) == errno.EPERM  # not the same place
-        finally:
-            for s in socks:
-                s.close()
-            client.close()
 
 
 def test_a_reload_revokes_every_grant(short_tmp):
     """Grants are verdicts of the old rules: after a reload the broker judges again."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
-        client = WireClient(broker.socket_path)
-        _, socks = client.preissue()
-        try:
-            grant(client, port)
-            assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
-            broker.reload(policy(free_port()))  # port is no longer allowed
-            client.close()
-            client = WireClient(broker.socket_path)
-            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
-            client.send(connect_request(port))
-            assert client.reply()[0].verdict == wire.V_DENY
-            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
-            assert echoes(socks[0])  # a socket already connected keeps its connection
-        finally:
-            for s in socks:
-                s.close()
-            client.close()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
+            pre_issued(broker) as (client, _, socks):
+        grant(client, port)
+        assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
+        broker.reload(policy(free_port()))  # port is no longer allowed
+        assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+        client.send(connect_request(port))
+        assert client.reply()[0].verdict == wire.V_DENY
+        assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+        assert echoes(socks[0])  # a socket already connected keeps its connection
 
 
 def test_sockets_pre_issued_by_an_earlier_broker_find_no_grant(short_tmp):
     """A restarted broker's grants are for its own tenant ids: the old pool can connect nowhere."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
-        client = WireClient(broker.socket_path)
-        _, old = client.preissue()
-        client.close()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
+            pre_issued(broker) as (_, _, old):
         assert broker.restart() == 0
         assert "reused pinned programs" in broker.stderr()
-        client = WireClient(broker.socket_path)
-        grant(client, port)
-        _, new = client.preissue()
-        try:
+        with pre_issued(broker) as (client, _, new):
+            grant(client, port)
             assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
             assert connect_errno(new[0], ("127.0.0.1", port)) == 0
-        finally:
-            for s in old + new:
-                s.close()
-            client.close()
 
 
 def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
@@ -249,23 +239,16 @@ def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
 def test_a_pre_issued_socket_that_listens_never_gets_a_connection(short_tmp):
     """listen() on a pre-issued socket binds an ephemeral host port; the listen guard drops its SYNs."""
     need_confinement()
-    with running(short_tmp / "b", policy(free_port())) as broker:
-        client = WireClient(broker.socket_path)
-        _, socks = client.preissue()
-        try:
-            listener = socks[0]
-            listener.listen()
-            port = listener.getsockname()[1]
-            with socket.socket() as probe:
-                probe.setblocking(False)
-                assert probe.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
-                listener.settimeout(1.0)  # bounds the wait for what must not arrive
-                with pytest.raises(TimeoutError):
-                    listener.accept()
-        finally:
-            for s in socks:
-                s.close()
-            client.close()
+    with running(short_tmp / "b", policy(free_port())) as broker, pre_issued(broker) as (_, _, socks):
+        listener = socks[0]
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.socket() as probe:
+            probe.setblocking(False)
+            assert probe.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
+            listener.settimeout(1.0)  # bounds the wait for what must not arrive
+            with pytest.raises(TimeoutError):
+                listener.accept()
 
 
 @pytest.mark.parametrize("case", ["confinement off", "uid not allowed"])
@@ -326,14 +309,8 @@ def test_no_grant_survives_a_reload_while_requests_are_being_judged(short_tmp):
                 for t in threads:
                     t.join(timeout=30)
                 gone.close()
-            client = WireClient(broker.socket_path)
-            _, socks = client.preissue()
-            try:
+            with pre_issued(broker) as (_, _, socks):
                 assert connect_errno(socks[0], ("127.0.0.1", port)) == errno.EPERM
-            finally:
-                for s in socks:
-                    s.close()
-                client.close()
             broker.reload(two_tenants(port, allowed=True, with_gone=True))
 
 
@@ -341,65 +318,45 @@ def test_a_reload_that_moves_the_tenant_to_another_netns_strands_its_old_pool(sh
     """Sockets pre-issued in the old namespace must not use grants made in the new one."""
     need_confinement()
     with echo_server() as port, network_namespace("gfp") as ns, \
-            running(short_tmp / "b", policy(free_port())) as broker:
-        client = WireClient(broker.socket_path)
-        _, old = client.preissue()  # in the host namespace, where the echo server is
-        try:
-            broker.reload(policy(port).replace('[tenants.t]\n', f'[tenants.t]\nnetns = "{ns}"\n'))
-            client.close()
-            client = WireClient(broker.socket_path)
-            grant(client, port)  # judged and connected in ns (refused there: nothing listens)
-            assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
-            _, new = client.preissue()
-            old += new
-            assert connect_errno(new[0], ("127.0.0.1", port)) == errno.ECONNREFUSED  # in ns, as granted
-        finally:
-            for s in old:
-                s.close()
-            client.close()
+            running(short_tmp / "b", policy(free_port())) as broker, \
+            pre_issued(broker) as (client, _, old):  # in the host namespace, where the echo server is
+        broker.reload(policy(port).replace('[tenants.t]\n', f'[tenants.t]\nnetns = "{ns}"\n'))
+        grant(client, port)  # judged and connected in ns (refused there: nothing listens)
+        assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
+        _, new = client.preissue()
+        old += new
+        assert connect_errno(new[0], ("127.0.0.1", port)) == errno.ECONNREFUSED  # in ns, as granted
 
 
 def test_a_reload_that_narrows_uids_strands_pools_of_uids_it_leaves_out(short_tmp):
     need_confinement()
     uid = 12345
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
-        client = WireClient(broker.socket_path)
-        _, ours = client.preissue()  # uid 0
-        client.close()
-        try:
-            broker.reload(policy(port, uids=f'uids = [{uid}]\nsocket_mode = "0666"'))
-            for d in (short_tmp, short_tmp / "b", broker.socket_dir):
-                os.chmod(d, 0o711)
-            pid = os.fork()
-            if pid == 0:  # the uid still allowed makes the grant
-                try:
-                    os.setresgid(uid, uid, uid)
-                    os.setresuid(uid, uid, uid)
-                    c = WireClient(broker.socket_path)
-                    c.send(connect_request(port))
-                    os._exit(0 if c.reply()[0].verdict == wire.V_GRAFT else 1)
-                finally:
-                    os._exit(2)
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
-            assert connect_errno(ours[0], ("127.0.0.1", port)) == errno.EPERM
-        finally:
-            for s in ours:
-                s.close()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
+            pre_issued(broker) as (_, _, ours):  # uid 0
+        broker.reload(policy(port, uids=f'uids = [{uid}]\nsocket_mode = "0666"'))
+        for d in (short_tmp, short_tmp / "b", broker.socket_dir):
+            os.chmod(d, 0o711)
+        pid = os.fork()
+        if pid == 0:  # the uid still allowed makes the grant
+            try:
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                c = WireClient(broker.socket_path)
+                c.send(connect_request(port))
+                os._exit(0 if c.reply()[0].verdict == wire.V_GRAFT else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert connect_errno(ours[0], ("127.0.0.1", port)) == errno.EPERM
 
 
 def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
     """A stopped broker revokes its grants: nobody would audit those connects."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
-        client = WireClient(broker.socket_path)
-        _, socks = client.preissue()
-        try:
-            grant(client, port)
-            client.close()
-            assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
-            assert broker.stop(keep_cgroup=True) == 0  # the programs stay attached, as under systemd
-            assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
-        finally:
-            for s in socks:
-                s.close()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
+            pre_issued(broker) as (client, _, socks):
+        grant(client, port)
+        assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
+        assert broker.stop(keep_cgroup=True) == 0  # the programs stay attached, as under systemd
+        assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
