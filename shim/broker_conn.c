@@ -272,7 +272,7 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
     return err;
 }
 
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds)
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused)
 {
     struct graft_request req;
     struct graft_reply rep;
@@ -286,11 +286,14 @@ int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *
     req.type = SOCK_STREAM;
     req.protocol = protocol;
     *nfds = 0;
+    *refused = 0;
     int err = roundtrip(&req, &rep, &got);
     if (err != 0)
         return err;
-    if (rep.verdict != GRAFT_V_GRAFT)
-        return rep.error; /* DENY or ERROR: >= 1, checked */
+    if (rep.verdict != GRAFT_V_GRAFT) {
+        *refused = rep.error; /* DENY or ERROR: >= 1, checked */
+        return 0;
+    }
     memcpy(fds, got.fds, sizeof fds[0] * (size_t)got.nfds);
     *nfds = got.nfds;
     return 0;

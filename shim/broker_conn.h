@@ -33,13 +33,13 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
 
 /*
  * Asks for pre-issued TCP sockets of family (graft_wire.h: PREISSUE), a
- * round trip like broker_roundtrip. Returns 0 with 1..GRAFT_PREISSUE_MAX
- * unconnected, non-blocking, O_CLOEXEC host sockets in fds[0..*nfds),
- * which the caller owns; or, with none, the errno of a DENY or ERROR
- * verdict (EOPNOTSUPP from a broker without PREISSUE) or of why the broker
- * is unreachable.
+ * round trip like broker_roundtrip. Returns why the broker is unreachable,
+ * or 0 when it answered: then either 1..GRAFT_PREISSUE_MAX unconnected,
+ * non-blocking, O_CLOEXEC host sockets are in fds[0..*nfds), which the
+ * caller owns, or *refused holds the errno of a DENY or ERROR verdict
+ * (EOPNOTSUPP from a broker without PREISSUE or without confinement).
  */
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds);
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused);
 
 /* Human-readable reason for a broker_roundtrip error. */
 const char *broker_strerror(int err);

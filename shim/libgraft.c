@@ -720,9 +720,15 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
 {
     if (!fast_path_fits(a->sock) || !grants_has(&a->addr->sa))
         return false;
-    int hostfd = preissue_take(a->sock->family, a->sock->protocol);
-    if (hostfd < 0)
+    struct preissued got = preissue_take(a->sock->family, a->sock->protocol);
+    if (got.fd < 0 && got.unreachable != 0) { /* asking again would double the wait */
+        on_unreachable(a, got.unreachable, o);
+        settle(a, o, -1);
+        return true;
+    }
+    if (got.fd < 0)
         return false;
+    int hostfd = got.fd;
     apply_recorded_opts(hostfd, a->sock);
     int err = 0;
     if (graft_real.connect(hostfd, &a->addr->sa, inet_addr_size(a->sock->family)) < 0)
@@ -730,7 +736,7 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
     if (err == EPERM) {
         graft_real.close(hostfd);
         grants_flush();
-        preissue_refused(a->sock->family);
+        preissue_refused(a->sock->family, got.gen);
         debug_verdict(a, "ask the broker", "pre-issued socket refused: grant gone");
         return false;
     }

@@ -31,14 +31,25 @@ _Static_assert(FDPOOL_SLOTS >= GRAFT_PREISSUE_MAX - 1, "a full refill fits an em
  */
 #define HOLDOFF_MAX_DOUBLINGS 6
 
+/*
+ * A refill mark older than this belongs to a refill that never ended: its
+ * thread left it by siglongjmp or pthread_exit from a signal handler. A
+ * round trip takes at most two broker timeouts (one retry).
+ */
+#define REFILL_STALE_NS (2 * (BROKER_TIMEOUT_SEC + 1) * 1000000000LL)
+
 struct family_pool {
     int family;
     const char *name; /* for messages */
     struct fdpool fds;
     _Atomic pid_t refiller;       /* the process refilling, 0 for none */
+    _Atomic int64_t refill_since; /* monotonic ns, when it began */
     atomic_uint failures;         /* since a pre-issued socket of the family last connected */
     _Atomic int64_t refill_after; /* monotonic ns */
 };
+
+/* Bumped by each flush after a refusal (preissue_refused). */
+static atomic_uint generation;
 
 /* Indexed by family == AF_INET6. */
 static struct family_pool pools[] = {[0] = {.family = AF_INET, .name = "tcp"},
@@ -81,22 +92,30 @@ static void hold_off(struct family_pool *p, unsigned int repeats, const char *wh
  * The refiller is recorded by pid, so that in a fork child, where the
  * refilling thread does not exist, the mark is stale and ignored.
  */
-static bool begin_refill(struct family_pool *p)
+static bool begin_refill(struct family_pool *p, int64_t now)
 {
     pid_t me = getpid();
     pid_t current = atomic_load(&p->refiller);
-    return current != me && atomic_compare_exchange_strong(&p->refiller, &current, me);
+    if (current == me && now - atomic_load(&p->refill_since) < REFILL_STALE_NS)
+        return false;
+    if (!atomic_compare_exchange_strong(&p->refiller, &current, me))
+        return false;
+    atomic_store(&p->refill_since, now);
+    return true;
 }
 
-static int refill(struct family_pool *p, int protocol)
+/* A socket for the caller, the rest pooled; -1, and *unreachable set if the broker cannot be reached. */
+static int refill(struct family_pool *p, int protocol, int *unreachable)
 {
-    if (monotonic_ns() < atomic_load(&p->refill_after) || !begin_refill(p))
+    int64_t now = monotonic_ns();
+    if (now < atomic_load(&p->refill_after) || !begin_refill(p, now))
         return -1;
-    int fds[GRAFT_PREISSUE_MAX], nfds;
-    int err = broker_preissue(p->family, protocol, fds, &nfds);
+    int fds[GRAFT_PREISSUE_MAX], nfds, refused;
+    int err = broker_preissue(p->family, protocol, fds, &nfds, &refused);
     atomic_store(&p->refiller, 0);
-    if (err != 0) {
-        hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err));
+    if (err != 0 || refused != 0) {
+        hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err != 0 ? err : refused));
+        *unreachable = err;
         return -1;
     }
     for (int i = 1; i < nfds; i++)
@@ -106,13 +125,16 @@ static int refill(struct family_pool *p, int protocol)
     return fds[0];
 }
 
-int preissue_take(int family, int protocol)
+struct preissued preissue_take(int family, int protocol)
 {
     struct family_pool *p = pool_of(family);
+    struct preissued out = {.fd = -1, .gen = atomic_load(&generation), .unreachable = 0};
     if (!fdpool_owned(&p->fds))
-        return -1;
-    int fd = fdpool_pop(&p->fds);
-    return fd >= 0 ? fd : refill(p, protocol);
+        return out;
+    out.fd = fdpool_pop(&p->fds);
+    if (out.fd < 0)
+        out.fd = refill(p, protocol, &out.unreachable);
+    return out;
 }
 
 void preissue_connected(int family)
@@ -122,8 +144,10 @@ void preissue_connected(int family)
         atomic_store_explicit(&p->failures, 0, memory_order_relaxed);
 }
 
-void preissue_refused(int family)
+void preissue_refused(int family, unsigned int gen)
 {
+    if (!atomic_compare_exchange_strong(&generation, &gen, gen + 1))
+        return;
     for (size_t i = 0; i < N_POOLS; i++)
         fdpool_flush(&pools[i].fds);
     struct family_pool *p = pool_of(family);

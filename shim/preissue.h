@@ -25,15 +25,23 @@
 /* Sets up the pools. Call once. */
 void preissue_init(void);
 
+/* What preissue_take hands out. */
+struct preissued {
+    int fd;           /* the socket, which the caller then owns; -1 for none */
+    unsigned int gen; /* the pools' generation it was taken in, for preissue_refused */
+    int unreachable;  /* fd -1 because a refill found the broker unreachable: why (an errno) */
+};
+
 /*
- * A pre-issued socket of family (AF_INET or AF_INET6), which the caller
- * then owns, for a TCP placeholder of protocol (0 or IPPROTO_TCP); one
- * round trip refills the pool if it is empty. -1 if there is none: the
- * refill failed or is held off, another thread is refilling, or the caller
- * is a vfork/CLONE_VM child. Like any round trip, a refill is a
- * cancellation point.
+ * A pre-issued socket of family (AF_INET or AF_INET6) for a TCP placeholder
+ * of protocol (0 or IPPROTO_TCP); one round trip refills the pool if it is
+ * empty. No socket (fd -1) if the refill failed or is held off, another
+ * thread is refilling, or the caller is a vfork/CLONE_VM child; unreachable
+ * says when the broker could not be reached, so that the caller does not
+ * try it a second time. Like any round trip, a refill is a cancellation
+ * point.
  */
-int preissue_take(int family, int protocol);
+struct preissued preissue_take(int family, int protocol);
 
 /* A socket from preissue_take connected, or failed for another reason than the kernel's refusal. */
 void preissue_connected(int family);
@@ -42,7 +50,9 @@ void preissue_connected(int family);
  * The kernel refused a socket from preissue_take (EPERM): the tenant's
  * grants are gone (or were never entered), so every pooled socket is
  * closed, of both families, as possibly issued by a broker that is gone.
+ * A refusal of a socket taken before the last such flush is that flush's
+ * echo (threads that had taken one meanwhile) and counts for nothing.
  */
-void preissue_refused(int family);
+void preissue_refused(int family, unsigned int gen);
 
 #endif /* GRAFT_PREISSUE_H */

@@ -10,15 +10,22 @@ broker without confinement, an app that closed the pool's fds.
 """
 from __future__ import annotations
 
+import array
+import errno
 import os
 import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
 
-from harness import echo_server, eventually, free_port, graft_cmd
+from harness import GRAFT, echo_server, eventually, free_port, graft_cmd
+
+from graft.broker import wire
 
 PY = sys.executable
 CLIENT = os.path.join(os.path.dirname(__file__), "programs", "fastpath_client.py")
@@ -43,11 +50,12 @@ action = "{action}"
 class Client:
     """fastpath_client.py under graft: one command in, one line out."""
 
-    def __init__(self, broker, netns: str, port: int):
-        env = dict(os.environ, GRAFT_DEBUG="1")
-        self.proc = subprocess.Popen(graft_cmd(broker, netns, PY, CLIENT, "127.0.0.1", str(port)), env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+    def __init__(self, broker, netns: str, port: int, cmd: list[str] | None = None):
+        """The client of port under graft with broker's socket, in netns; or run by cmd + its arguments."""
+        args = [PY, CLIENT, "127.0.0.1", str(port)]
+        cmd = graft_cmd(broker, netns, *args) if cmd is None else [*cmd, *args]
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, GRAFT_DEBUG="1"), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def ask(self, command: str, timeout: float = 60) -> str:
         self.proc.stdin.write(command + "\n")
@@ -140,3 +148,37 @@ def test_without_confinement_every_connect_asks_the_broker(netns, start_broker):
     by_broker, by_kernel = connects(broker)
     assert (len(by_broker), by_kernel) == (10, [])
     assert "(fast)" not in err
+
+
+def test_a_broker_that_stops_answering_costs_one_timeout_not_two(netns, short_tmp):
+    """The refill finds the broker wedged: the connect fails after one broker timeout (10 s)."""
+    path = short_tmp / "wedged.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    stop = threading.Event()
+
+    def wedged_broker():
+        """Grafts the first request (a connect, not to be connected here), then answers nothing."""
+        conn, _ = listener.accept()
+        with conn, socket.socket() as host:
+            conn.recv(wire.REQUEST_SIZE)
+            conn.sendmsg([wire.encode_reply(wire.V_GRAFT, errno.ECONNREFUSED)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))])
+            stop.wait(60)
+
+    t = threading.Thread(target=wedged_broker)
+    t.start()
+    try:
+        client = Client(None, netns, 9, cmd=[GRAFT, "run", "--socket", str(path), "--netns", netns, "--"])
+        try:
+            assert client.ask("connect 1") == "ECONNREFUSED"  # the broker's graft: the grant is cached
+            started = time.monotonic()
+            assert client.ask("connect 1", timeout=40) == "ENETUNREACH"  # the refill times out: unreachable
+            assert time.monotonic() - started < 15
+        finally:
+            client.kill()
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
