@@ -46,6 +46,19 @@ def need_root_and_netns() -> None:
     need(os.geteuid() == 0, "needs root for network namespaces")
 
 
+def need_confinement() -> None:
+    """Root, and cgroup2 for the broker's BPF confinement."""
+    from graft.broker import confine
+
+    need_root_and_netns()
+    try:
+        confine.cgroup2_mount()
+        ok = True
+    except confine.Unavailable:
+        ok = False
+    need(ok, "needs cgroup2 for confinement")
+
+
 def need_program(name: str) -> str:
     path = shutil.which(name)
     need(path is not None, f"needs {name} (make deps installs it)")

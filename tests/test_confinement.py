@@ -31,6 +31,7 @@ from harness import (
     graft_cmd,
     make_test_cgroup,
     need,
+    need_confinement,
     need_root_and_netns,
     remove_test_cgroup,
 )
@@ -64,16 +65,6 @@ ATTEMPTS = [
 ESCAPES = [a for a in ATTEMPTS if not a.endswith("_unspec")]
 # Refused how: a dropped SYN never arrives (EAGAIN from the program's accept); the rest, EPERM.
 REFUSED = {a: "EAGAIN" if a == "listen_reached" else "EPERM" for a in ESCAPES}
-
-
-def need_confinement() -> None:
-    need_root_and_netns()
-    try:
-        confine.cgroup2_mount()
-        ok = True
-    except confine.Unavailable:
-        ok = False
-    need(ok, "needs cgroup2 for confinement")
 
 
 def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9) -> str:

@@ -27,12 +27,11 @@ from harness import (
     echo_server,
     eventually,
     free_port,
-    need,
-    need_root_and_netns,
+    need_confinement,
     network_namespace,
 )
 
-from graft.broker import confine, wire
+from graft.broker import wire
 
 pytestmark = pytest.mark.netns
 
@@ -58,16 +57,6 @@ ports = [{port6}]
 proto = "tcp"
 """
     return text
-
-
-def need_confinement() -> None:
-    need_root_and_netns()
-    try:
-        confine.cgroup2_mount()
-        ok = True
-    except confine.Unavailable:
-        ok = False
-    need(ok, "needs cgroup2 for confinement")
 
 
 @contextmanager
