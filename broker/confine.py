@@ -654,7 +654,11 @@ class Confinement:
         return struct.unpack("=Q", raw)[0] if raw is not None else 0
 
     def events_lost(self) -> int:
-        raw = bpf.map_lookup(self.maps["state"], struct.pack("=I", STATE_EVENTS_LOST), 8)
+        return self.state(STATE_EVENTS_LOST)
+
+    def state(self, index: int) -> int:
+        """One u64 of the state map (STATE_*)."""
+        raw = bpf.map_lookup(self.maps["state"], struct.pack("=I", index), 8)
         return struct.unpack("=Q", raw)[0] if raw is not None else 0
 
     def close(self) -> None:
@@ -782,16 +786,14 @@ def _start_epoch(conf: Confinement) -> None:
     grants gone and no new grant ever made for those ids, they can connect
     nowhere (the shim then asks this broker).
     """
-    key = struct.pack("=I", STATE_EPOCH)
     if conf.fresh_state:
         # The last epoch is lost (a first start, or the pin was removed): sockets
         # pre-issued before may still be around, under ids we cannot know.
         last = secrets.randbelow(1 << (32 - _TENANT_BITS))
     else:
-        raw = bpf.map_lookup(conf.maps["state"], key, 8)
-        last = struct.unpack("=Q", raw)[0] if raw is not None else 0
+        last = conf.state(STATE_EPOCH)
     conf.epoch = (last + 1) % (1 << (32 - _TENANT_BITS)) or 1
-    bpf.map_update(conf.maps["state"], key, struct.pack("=Q", conf.epoch))
+    bpf.map_update(conf.maps["state"], struct.pack("=I", STATE_EPOCH), struct.pack("=Q", conf.epoch))
     conf.revoke_grants()
     bpf.map_clear(conf.maps["released"], 4)
 
