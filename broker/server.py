@@ -285,6 +285,7 @@ class Broker:
             tenants[name] = {
                 "socket": str(t.path),
                 "netns": t.config.netns,
+                "mode": t.config.mode,
                 "live_sockets": live,
                 "live_exact": exact,
                 "max_sockets": t.config.max_sockets,

@@ -41,6 +41,8 @@ _SOCKET_MODE = re.compile(SOCKET_MODE_RE)
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _PORT_RANGE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel; it is never a peer's uid
+# <socket_dir>/seccomp.sock is the broker's seccomp agent (DESIGN.md), not a tenant's socket.
+RESERVED_TENANT_NAMES = ("seccomp",)
 
 EMPTY_LIST_MSG = "matches nothing; omit the key to match any"
 EMPTY_UIDS_MSG = "allows no uid at all; omit the key to allow any uid"
@@ -271,6 +273,12 @@ def _tenant_name(value: str) -> str:
             f"invalid tenant name {show(value)}: it becomes the socket file <name>.sock, so it must be 1-64 "
             "letters, digits, '_', '.' or '-', starting with a letter or digit",
         )
+    if value in RESERVED_TENANT_NAMES:
+        raise _fail(
+            "graft_tenant_name",
+            f"tenant name {show(value)} is reserved: {value}.sock in the socket directory is the broker's "
+            "seccomp agent socket",
+        )
     return value
 
 
@@ -344,6 +352,11 @@ class Tenant(_Strict):
         "host", description="where grafted sockets live: 'host', a name in /run/netns, or an absolute path"
     )
     default: Literal["container", "deny"] = Field("container", description="what happens when no rule matches")
+    mode: Literal["preload", "seccomp"] = Field(
+        "preload",
+        description="how the tenant's programs reach the broker: 'preload' (libgraft.so in LD_PRELOAD) or "
+        "'seccomp' (the broker's seccomp agent answers their socket calls; static binaries too)",
+    )
     socket_mode: str = Field("0666", description="mode of <socket_dir>/<tenant>.sock, an octal string",
                              pattern=SOCKET_MODE_RE)
     max_sockets: int = Field(1024, ge=1, description="grafted sockets open at once")

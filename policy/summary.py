@@ -36,7 +36,7 @@ def _rate(rate: int | None) -> str:
 def _tenant_lines(name: str, tenant: Tenant, socket_dir: str) -> list[str]:
     lines = [
         f"  tenant {format_loc((name,))}  socket {socket_dir.rstrip('/')}/{name}.sock",
-        f"    netns {tenant.netns}  default {tenant.default}  socket_mode {tenant.socket_mode}"
+        f"    mode {tenant.mode}  netns {tenant.netns}  default {tenant.default}  socket_mode {tenant.socket_mode}"
         f"  max_sockets {tenant.max_sockets}  max_rate {_rate(tenant.max_rate)}"
         f"  uids {'any' if tenant.uids is None else _join(tenant.uids)}",
     ]

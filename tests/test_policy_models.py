@@ -430,7 +430,7 @@ def test_json_schema():
     tenant = schema["$defs"]["Tenant"]
     assert tenant["additionalProperties"] is False
     assert set(tenant["properties"]) == {
-        "netns", "default", "socket_mode", "max_sockets", "max_rate", "uids", "connect", "bind"
+        "netns", "default", "mode", "socket_mode", "max_sockets", "max_rate", "uids", "connect", "bind"
     }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable
