@@ -103,19 +103,12 @@ def _cmd_confinement(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     """Ask a running broker over its root-only admin socket."""
-    import socket
+    from graft.brokerstatus import BrokerUnreachable, read_status
 
-    from graft.broker.admin import ADMIN_SOCKET
-
-    path = os.path.join(args.socket_dir, ADMIN_SOCKET)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(path)
-            raw = b"".join(iter(lambda: s.recv(65536), b""))
-        status = json.loads(raw)
-    except (OSError, ValueError) as e:
-        print(f"graft status: no broker answers at {path}: {e}", file=sys.stderr)
+        status = read_status(args.socket_dir)
+    except BrokerUnreachable as e:
+        print(f"graft status: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status, indent=2))

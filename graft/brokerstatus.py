@@ -1,0 +1,36 @@
+"""Reading a running broker's status document from its admin socket.
+
+The broker side is broker/admin.py: each connection to
+<socket_dir>/_admin.sock gets one JSON document, then EOF. `graft status`
+prints it; graft-runtime checks that a container's tenant exists, and its
+mode, before it grafts the container.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from graft.broker.admin import ADMIN_SOCKET
+
+READ_TIMEOUT = 10.0  # the broker gives up on a reader after 5 s; this only bounds a wedged one
+
+
+class BrokerUnreachable(Exception):
+    """No broker answered with a status document; the message says where and why."""
+
+
+def read_status(socket_dir: str, timeout: float = READ_TIMEOUT) -> dict:
+    """The status document of the broker serving socket_dir."""
+    path = os.path.join(socket_dir, ADMIN_SOCKET)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            raw = b"".join(iter(lambda: s.recv(65536), b""))
+        status = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise BrokerUnreachable(f"no broker answers at {path}: {e}") from None
+    if not isinstance(status, dict) or not isinstance(status.get("tenants"), dict):
+        raise BrokerUnreachable(f"{path} did not answer with a graft-broker status document")
+    return status
