@@ -52,6 +52,7 @@ setup(
         "console_scripts": [
             "graft = graft.cli:main",
             "graft-broker = graft.broker.main:main",
+            "graft-runtime = graft.runtime:main",
         ]
     },
     cmdclass={"build_py": BuildWithShim},

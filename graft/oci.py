@@ -1,0 +1,184 @@
+"""What graft-runtime changes in an OCI bundle's config.json, as pure functions.
+
+graft-runtime (graft/runtime.py) reads a bundle's config, asks the broker
+about the tenant the bundle names, and hands the config to ``graft_config``
+here; this module does no I/O, so every edit is unit-tested on plain dicts
+(tests/test_oci.py). The edits, for a bundle annotated
+``io.graft.tenant=<name>`` (docs/containers.md):
+
+- read-only bind mounts of libgraft.so at /run/graft/libgraft.so and of the
+  tenant's socket <socket_dir>/<name>.sock at /run/graft/graft.sock, the
+  shim's default GRAFT_SOCKET;
+- preload mode: LD_PRELOAD names the shim first, before anything the image
+  already preloads;
+- seccomp mode: no LD_PRELOAD (every socket call traps to the broker anyway,
+  so the shim would only add a round trip), and a ``linux.seccomp`` rule that
+  notifies on graft.broker.seccomp_calls.NOTIFIED_SYSCALLS, with the broker's
+  seccomp agent as listener. A profile already in the bundle is kept and
+  extended; see ``_notify_seccomp`` for how rules on the same system calls
+  are reconciled.
+
+Applying the edits to an already grafted config changes nothing, so a bundle
+that is run again (as runc users do) does not pile up mounts.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+
+from graft.broker.seccomp_calls import NOTIFIED_SYSCALLS
+from graft.cli import DEFAULT_SOCKET_DIR
+
+TENANT_ANNOTATION = "io.graft.tenant"
+SOCKET_DIR_ANNOTATION = "io.graft.socket-dir"
+SECCOMP_AGENT_SOCKET = "seccomp.sock"  # <socket_dir>/seccomp.sock, fixed by DESIGN.md
+
+# Inside the container. /run/graft/graft.sock is the shim's default GRAFT_SOCKET,
+# so the environment needs no GRAFT_SOCKET; the library sits next to it because
+# /run is a tmpfs in most engines' containers, where a mount point can always be made.
+CONTAINER_SOCKET = "/run/graft/graft.sock"
+CONTAINER_LIB = "/run/graft/libgraft.so"
+
+MODES = ("preload", "seccomp")
+NOTIFY = "SCMP_ACT_NOTIFY"
+# Actions that let a call through: replacing them with a notification takes
+# nothing away, because the broker lets through ("container") whatever its
+# policy does not graft or deny.
+PERMISSIVE = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+
+_LD_SEPARATORS = re.compile(r"[: ]+")  # ld.so splits LD_PRELOAD on colons and spaces
+
+
+class BundleError(ValueError):
+    """The bundle cannot be grafted as it is; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a bundle's annotations ask for."""
+
+    tenant: str
+    socket_dir: str
+
+    @property
+    def tenant_socket(self) -> str:
+        return os.path.join(self.socket_dir, f"{self.tenant}.sock")
+
+    @property
+    def seccomp_listener(self) -> str:
+        return os.path.join(self.socket_dir, SECCOMP_AGENT_SOCKET)
+
+
+def requested(config: dict) -> Request | None:
+    """The tenant and socket directory a config's annotations name, or None if it names no tenant."""
+    annotations = config.get("annotations")
+    if not isinstance(annotations, dict) or TENANT_ANNOTATION not in annotations:
+        return None
+    tenant = annotations[TENANT_ANNOTATION]
+    if not isinstance(tenant, str) or not tenant or "/" in tenant or tenant in (".", ".."):
+        raise BundleError(f"annotation {TENANT_ANNOTATION}={tenant!r} is not a tenant name")
+    socket_dir = annotations.get(SOCKET_DIR_ANNOTATION, DEFAULT_SOCKET_DIR)
+    # Relative to what? The runtime's working directory is the engine's choice.
+    if not isinstance(socket_dir, str) or not os.path.isabs(socket_dir):
+        raise BundleError(f"annotation {SOCKET_DIR_ANNOTATION}={socket_dir!r} is not an absolute path")
+    return Request(tenant, os.path.normpath(socket_dir))
+
+
+def graft_config(config: dict, request: Request, mode: str, lib_path: str) -> dict:
+    """A copy of config, grafted for request's tenant in mode, with the shim at lib_path on the host."""
+    if mode not in MODES:
+        raise BundleError(f"tenant {request.tenant!r} has mode {mode!r}, which this graft-runtime does not know")
+    out = copy.deepcopy(config)
+    _bind_read_only(out, lib_path, CONTAINER_LIB, noexec=False)  # it is mapped executable
+    _bind_read_only(out, request.tenant_socket, CONTAINER_SOCKET, noexec=True)
+    if mode == "preload":
+        _preload(out.setdefault("process", {}).setdefault("env", []))
+    else:
+        linux = out.setdefault("linux", {})
+        linux["seccomp"] = _notify_seccomp(linux.get("seccomp"), request.seccomp_listener, request.tenant)
+    return out
+
+
+def _bind_read_only(config: dict, source: str, destination: str, noexec: bool) -> None:
+    """Mount source at destination, last (over anything above it), replacing a mount already there."""
+    mounts = [m for m in config.get("mounts", []) if os.path.normpath(m.get("destination", "")) != destination]
+    options = ["bind", "ro", "nosuid", "nodev"] + (["noexec"] if noexec else [])
+    mounts.append({"destination": destination, "type": "bind", "source": source, "options": options})
+    config["mounts"] = mounts
+
+
+def _preload(env: list[str]) -> None:
+    """Put the shim first in every LD_PRELOAD of env (ld.so honours the last), or add one."""
+    found = False
+    for i, entry in enumerate(env):
+        if not entry.startswith("LD_PRELOAD="):
+            continue
+        found = True
+        value = entry[len("LD_PRELOAD="):]
+        if CONTAINER_LIB not in _LD_SEPARATORS.split(value):
+            env[i] = f"LD_PRELOAD={CONTAINER_LIB} {value}".rstrip()
+    if not found:
+        env.append(f"LD_PRELOAD={CONTAINER_LIB}")
+
+
+def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:
+    """profile (or an allow-all one) extended to notify listener on the socket calls.
+
+    The kernel runs one action per system call, and runc and crun reject a
+    profile with two unconditional rules for one call, so the notified calls
+    leave every other rule:
+
+    - a call an unconditional ALLOW or LOG rule lets through is taken out of
+      that rule (and a rule left with no name is dropped): notifying instead
+      narrows nothing, since the broker lets through what its policy does not
+      graft or deny;
+    - a call a rule denies, kills, traps or traces, a call a rule constrains
+      by its arguments, and a call the default action refuses when no rule
+      allows it: grafting it would widen the profile, so the bundle is
+      refused with the call and the rule named; the operator decides;
+    - a profile with a listener of its own (another seccomp agent) is refused
+      too: a container has one listener.
+
+    Our own earlier NOTIFY rule is recognised by its listener and replaced,
+    which keeps grafting idempotent.
+    """
+    if profile is None:
+        # Native architecture only (the runtime's default): a call made through
+        # another ABI gets the filter's bad-architecture action, never a free pass.
+        profile = {"defaultAction": "SCMP_ACT_ALLOW"}
+    out = dict(profile)
+    other = out.get("listenerPath")
+    if other not in (None, "", listener):
+        raise BundleError(f"the bundle's seccomp profile already has a listener, {other}; graft needs its own")
+    default = out.get("defaultAction")
+    if default == NOTIFY:
+        raise BundleError("the bundle's seccomp profile notifies on every call (defaultAction SCMP_ACT_NOTIFY)")
+    ours = set(NOTIFIED_SYSCALLS)
+    allowed: set[str] = set()
+    kept = []
+    for index, rule in enumerate(out.get("syscalls") or []):
+        names = rule.get("names") or []
+        clash = ours.intersection(names)
+        if not clash:
+            kept.append(rule)
+            continue
+        action = rule.get("action")
+        if action not in (*PERMISSIVE, NOTIFY) or rule.get("args"):
+            how = f"{action} with argument conditions" if rule.get("args") else action
+            raise BundleError(f"the bundle's seccomp profile (syscalls[{index}]) sets {how} for "
+                              f"{', '.join(sorted(clash))}; graft's seccomp mode must notify on it")
+        allowed |= clash
+        rest = [n for n in names if n not in ours]
+        if rest:
+            kept.append({**rule, "names": rest})
+    if default not in PERMISSIVE and allowed != ours:
+        refused = ", ".join(sorted(ours - allowed))
+        raise BundleError(f"the bundle's seccomp profile refuses {refused} (defaultAction {default}); "
+                          "grafting would allow it")
+    kept.append({"names": list(NOTIFIED_SYSCALLS), "action": NOTIFY})
+    out["syscalls"] = kept
+    out["listenerPath"] = listener
+    out["listenerMetadata"] = tenant
+    return out

@@ -1,0 +1,255 @@
+"""graft-runtime: an OCI runtime that grafts annotated containers, then execs the real one.
+
+    graft-runtime [--graft-runtime PATH] [runtime global flags] COMMAND [ARGS ...]
+
+Engines run it in place of runc or crun (docs/containers.md shows how each
+is told to). Every command goes to the real runtime unchanged, by execv, so
+exit codes, signals, stdio, the console socket and pid files are the real
+runtime's own. The real runtime is ``--graft-runtime PATH``, else
+$GRAFT_RUNTIME, else the first of crun, runc on PATH.
+
+Only ``create`` and ``run`` of a bundle whose config.json carries the
+annotation io.graft.tenant are looked at: the tenant is checked with the
+broker first (it must be up and know the tenant, whose mode decides the
+edits), then config.json is replaced atomically by the grafted one
+(graft/oci.py). Any failure is one line on stderr (and in the runtime log
+engines read, if one was given) and exit 1 before the real runtime is
+called, so no container starts half grafted. A bundle without the
+annotation is never written to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+PROG = "graft-runtime"
+ENV_RUNTIME = "GRAFT_RUNTIME"
+DEFAULT_RUNTIMES = ("crun", "runc")
+GRAFTED_COMMANDS = ("create", "run")
+
+# Global flags of runc and crun that take a value, as `--flag VALUE` or `--flag=VALUE` (names
+# without dashes: urfave/cli, which runc uses, takes -flag as well as --flag). Every other
+# global flag is taken for a switch; the first word that is no flag is the command.
+GLOBAL_VALUE_FLAGS = frozenset({"root", "log", "log-format", "criu", "rootless", "cgroup-manager"})
+# create/run flags that take a value; the bundle is --bundle/-b, default the working directory.
+COMMAND_VALUE_FLAGS = frozenset({"bundle", "b", "console-socket", "pid-file", "preserve-fds"})
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Invocation:
+    """One graft-runtime command line, split into what is ours and what the real runtime gets."""
+
+    runtime: str | None = None                          # --graft-runtime
+    args: list[str] = field(default_factory=list)       # for the real runtime, in order
+    command: str | None = None
+    log: str | None = None                              # the real runtime's --log, where engines look for errors
+    log_format: str = "text"
+    bundle: str | None = None                           # create/run only: --bundle, or None for the cwd
+
+
+def _is_flag(word: str) -> bool:
+    return word.startswith("-") and word != "--"
+
+
+def _name(word: str) -> str:
+    """A flag's name without dashes or value: `--root=/x` -> `root`."""
+    return word.split("=", 1)[0].lstrip("-")
+
+
+def _flag_value(args: list[str], i: int) -> tuple[str, int]:
+    """(value, index of the next word) for the `--flag=V` or `--flag V` at i."""
+    if "=" in args[i]:
+        return args[i].split("=", 1)[1], i + 1
+    if i + 1 >= len(args):
+        raise UsageError(f"{args[i]} needs a value")
+    return args[i + 1], i + 2
+
+
+def parse(argv: list[str]) -> Invocation:
+    inv = Invocation()
+    i = 0
+    while i < len(argv) and _is_flag(argv[i]):
+        name = _name(argv[i])
+        if name == "graft-runtime":
+            inv.runtime, i = _flag_value(argv, i)
+            continue
+        if name in GLOBAL_VALUE_FLAGS:
+            value, nxt = _flag_value(argv, i)
+            if name == "log":
+                inv.log = value
+            elif name == "log-format":
+                inv.log_format = value
+            inv.args += argv[i:nxt]
+            i = nxt
+            continue
+        inv.args.append(argv[i])
+        i += 1
+    inv.args += argv[i:]
+    if i < len(argv) and argv[i] != "--":
+        inv.command = argv[i]
+    if inv.command in GRAFTED_COMMANDS:
+        inv.bundle = _bundle(argv[i + 1:])
+    return inv
+
+
+def _bundle(args: list[str]) -> str | None:
+    i = 0
+    while i < len(args) and _is_flag(args[i]):
+        name = _name(args[i])
+        if name not in COMMAND_VALUE_FLAGS:
+            i += 1
+            continue
+        value, i = _flag_value(args, i)
+        if name in ("bundle", "b"):
+            return value
+    return None
+
+
+def real_runtime(explicit: str | None) -> str:
+    """The runtime to exec: --graft-runtime, $GRAFT_RUNTIME, or the first of crun, runc on PATH."""
+    wanted = explicit or os.environ.get(ENV_RUNTIME)
+    candidates = [wanted] if wanted else list(DEFAULT_RUNTIMES)
+    for name in candidates:
+        path = shutil.which(name)
+        if path is None:
+            continue
+        path = os.path.abspath(path)
+        # graft-runtime installed as "runc", or $GRAFT_RUNTIME naming itself, would exec itself forever.
+        me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        if os.path.realpath(path) == me:
+            raise UsageError(f"the real runtime {path} is graft-runtime itself")
+        return path
+    if wanted:
+        raise UsageError(f"real runtime {wanted!r} is not an executable (from "
+                         f"{'--graft-runtime' if explicit else '$' + ENV_RUNTIME})")
+    raise UsageError(f"no real runtime: none of {', '.join(DEFAULT_RUNTIMES)} is on PATH; "
+                     f"set ${ENV_RUNTIME} or --graft-runtime")
+
+
+def prepare_bundle(bundle: str) -> None:
+    """Graft bundle/config.json in place if it names a tenant; leave it alone otherwise."""
+    from graft import oci
+
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        config = json.loads(raw)
+    except (OSError, ValueError) as e:
+        # Not ours to judge unless it names a tenant: the real runtime reports its own errors.
+        if isinstance(e, OSError) or b"io.graft.tenant" not in raw:
+            return
+        raise oci.BundleError(f"{path}: not valid JSON, yet it mentions io.graft.tenant: {e}") from None
+    if not isinstance(config, dict):
+        return
+    request = oci.requested(config)
+    if request is None:
+        return
+    mode = tenant_mode(request)
+    from graft.shim import LIB_PATH
+
+    if not LIB_PATH.exists():
+        raise oci.BundleError(f"{LIB_PATH} is missing; build the shim first (make build)")
+    grafted = oci.graft_config(config, request, mode, str(LIB_PATH))
+    if grafted != config:
+        _replace(path, json.dumps(grafted, indent=2).encode() + b"\n")
+
+
+def tenant_mode(request) -> str:
+    """The tenant's mode, from the broker serving request.socket_dir; BundleError if it cannot graft it."""
+    from graft.brokerstatus import BrokerUnreachable, read_status
+    from graft.oci import BundleError
+
+    try:
+        status = read_status(request.socket_dir)
+    except BrokerUnreachable as e:
+        raise BundleError(f"tenant {request.tenant!r}: {e}") from None
+    tenant = status["tenants"].get(request.tenant)
+    if tenant is None:
+        known = ", ".join(sorted(status["tenants"])) or "none"
+        raise BundleError(f"tenant {request.tenant!r} is not in the policy of the broker at "
+                          f"{request.socket_dir} (its tenants: {known})")
+    # The mount source is the socket the broker serves, not merely a file of that name
+    # (realpath: /var/run/graft and /run/graft are one directory on Debian).
+    if os.path.realpath(str(tenant.get("socket", ""))) != os.path.realpath(request.tenant_socket):
+        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} serves it at "
+                          f"{tenant.get('socket')}, not {request.tenant_socket}")
+    if "mode" not in tenant:
+        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} does not report "
+                          "tenant modes; it is older than this graft-runtime")
+    return tenant["mode"]
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write path atomically: the real runtime reads either the old config or the whole new one."""
+    directory = os.path.dirname(path) or "."
+    mode = os.stat(path).st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(prefix=".config.json.graft-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fail(inv: Invocation, message: str) -> int:
+    """One line on stderr, and in the runtime log: containerd and podman report the last error there."""
+    line = f"{PROG}: {message}"
+    print(line, file=sys.stderr)
+    if inv.log:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if inv.log_format == "json":
+            record = json.dumps({"level": "error", "msg": line, "time": ts})
+        else:
+            record = f"time={json.dumps(ts)} level=error msg={json.dumps(line)}"
+        try:
+            with open(inv.log, "a") as f:
+                f.write(record + "\n")
+        except OSError:
+            pass  # stderr has it
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        inv = parse(argv)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    try:
+        runtime = real_runtime(inv.runtime)
+    except UsageError as e:
+        return _fail(inv, str(e))
+    if inv.command in GRAFTED_COMMANDS:
+        from graft.oci import BundleError
+
+        bundle = inv.bundle or os.getcwd()
+        try:
+            prepare_bundle(bundle)
+        except BundleError as e:
+            return _fail(inv, f"bundle {bundle}: {e}")
+        except OSError as e:
+            return _fail(inv, f"bundle {bundle}: cannot graft config.json: {e}")
+    try:
+        os.execv(runtime, [runtime, *inv.args])
+    except OSError as e:
+        return _fail(inv, f"cannot run {runtime}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
