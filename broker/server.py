@@ -49,12 +49,12 @@ from .admin import ADMIN_SOCKET, serve_admin
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
-from .decide import UNREACHABLE_ERRNO, Verdict, judge, tenant_loc
+from .decide import Verdict, judge, tenant_loc
 from .fdstore import FdStore
-from .netns import Namespace, NetnsError
+from .hostsock import HostSockets, recorded_options
+from .netns import Namespace
 from .ratelimit import TokenBucket
 from .ringbuf import RingReader
-from .sockopts import apply_options, split_options
 
 log = logging.getLogger("graft.broker")
 
@@ -68,9 +68,6 @@ IDLE_TIMEOUT = 60.0
 # connections a flooding tenant keeps busy, another tenant's request has at
 # most this many of them ahead of it.
 TURNS_PER_TENANT = 1
-# After a sock_diag refresh finds a tenant still at max_sockets, further
-# requests are refused without another dump for this long.
-LIVENESS_REFRESH_INTERVAL = 0.1
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
 STRAY_FD_CLOSERS = 4  # worker threads closing fds clients passed, at most this many at once
@@ -130,6 +127,7 @@ class Broker:
         # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
         self.confinement = confinement
         self.confinement_state = "on" if confinement is not None else "off"
+        self.sockets = HostSockets(confinement)  # every front-end's grafted sockets are made there
         self.socket_dir = Path(socket_dir)
         self.audit = audit
         self.tenants: dict[str, TenantState] = {}
@@ -279,7 +277,7 @@ class Broker:
         tenants = {}
         for name, t in list(self.tenants.items()):
             try:
-                live, exact = await self._live_count(t), True
+                live, exact = await self.sockets.live_count(t), True
             except OSError:
                 live, exact = len(t.live), False  # an upper bound: not pruned
             tenants[name] = {
@@ -445,10 +443,7 @@ class Broker:
                 for sock in socks:
                     sock.close()
 
-        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
-            verdict = Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
-        else:
-            verdict = judge(req, tenant.matcher, peer.uid)
+        verdict = self.judge(tenant, req, peer)
         serial = self._grant_serial
         host_sock, reply = None, None
         if verdict.action == "graft":
@@ -460,78 +455,23 @@ class Broker:
         else:
             reply = wire.encode_reply(wire.V_DENY, verdict.errno)
         try:
-            self._audit(tenant, peer, req, verdict)
+            self.audit_request(tenant, peer, req, verdict, "shim")
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
                 host_sock.close()
 
     async def _graft(self, tenant: TenantState, req: wire.Request, verdict: Verdict):
-        """Open, set up and bind/connect the host socket for a graft verdict.
-
-        Returns (socket or None, reply, verdict as audited).
-        """
-        assert verdict.target is not None
-        if not await self._has_room(tenant):
-            v = Verdict("deny", tenant_loc(tenant.name, "max_sockets"), errno.ENOBUFS, verdict.target)
-            return None, wire.encode_reply(wire.V_DENY, v.errno), v
-        try:
-            sock = await tenant.namespace.socket(req.family, req.type, req.protocol)
-        except NetnsError as e:
-            v = Verdict("error", verdict.rule, UNREACHABLE_ERRNO[req.op_name], verdict.target, e.strerror)
-            log.error("tenant %s: %s", tenant.name, e.strerror)
-            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
-        except OSError as e:
-            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, f"socket(): {e.strerror}")
-            log.error("tenant %s: cannot open a socket: %s", tenant.name, e)
-            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
-        try:
-            opts = split_options(req.opts)
-            for o in opts.dropped:
-                log.debug("tenant %s: dropped socket option level=%d name=%d", tenant.name, o.level, o.name)
-            for o, e in apply_options(sock, opts.admitted):
-                log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
-            target = verdict.target.to_python()
-            if req.flags & wire.REQF_SENDTO:
-                # Judged as a connect to the first destination, but left
-                # unconnected: a connected UDP socket would drop datagrams
-                # from any other peer. Bound here (wildcard, port 0) so it
-                # has its local port before the app's first send, and so
-                # sock_diag sees it for max_sockets.
-                sock.bind(("::", 0, 0, 0) if req.family == socket.AF_INET6 else ("0.0.0.0", 0))
-                err = 0
-                reply = wire.encode_reply(wire.V_GRAFT, 0)
-            elif req.op == wire.OP_CONNECT:
-                err = sock.connect_ex(target)
-                reply = wire.encode_reply(wire.V_GRAFT, err)
-            else:
-                sock.bind(target)
-                err = 0
-                reply = wire.encode_reply(wire.V_GRAFT, 0, verdict.target)
-        except OSError as e:
-            sock.close()
-            v = Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, e.strerror)
-            return None, wire.encode_reply(wire.V_ERROR, v.errno), v
-        except BaseException:
-            sock.close()
-            raise
-        if self.confinement is not None:
-            # Locked after the broker's own bind/connect, before the fd leaves: from here on the
-            # kernel refuses re-pointing. A grafted UDP server may answer any peer.
-            try:
-                self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
-                                      dest=target if req.op == wire.OP_CONNECT else None)
-                self._own(tenant, sock)
-            except OSError as e:  # fail closed: an unlocked (or uncounted) socket is not handed out
-                sock.close()
-                log.error("tenant %s: cannot lock a grafted socket: %s", tenant.name, e)
-                v = Verdict("error", verdict.rule, errno.EPERM, verdict.target, f"confinement: {e.strerror}")
-                return None, wire.encode_reply(wire.V_ERROR, v.errno), v
-        else:
-            tenant.live.add(os.fstat(sock.fileno()).st_ino)
-        if err not in (0, errno.EINPROGRESS):
-            verdict = Verdict("graft", verdict.rule, err, verdict.target)
-        return sock, reply, verdict
+        """Carry out a graft verdict for a shim: (socket or None, reply, verdict as audited)."""
+        made = await self.sockets.make(tenant, req, verdict, recorded_options(tenant.name, req.opts))
+        v = made.verdict
+        if made.sock is None:
+            return None, wire.encode_reply(wire.V_DENY if v.action == "deny" else wire.V_ERROR, v.errno), v
+        if req.flags & wire.REQF_SENDTO:
+            return made.sock, wire.encode_reply(wire.V_GRAFT, 0), v
+        if req.op == wire.OP_CONNECT:
+            return made.sock, wire.encode_reply(wire.V_GRAFT, made.err), v
+        return made.sock, wire.encode_reply(wire.V_GRAFT, 0, v.target), v
 
     async def _preissue(self, tenant: TenantState, req: wire.Request, peer: Peer) -> tuple[list[socket.socket], bytes]:
         """Unconnected TCP sockets for the shim's fast path: as many as max_sockets and max_rate allow.
@@ -549,7 +489,7 @@ class Broker:
         if not tenant.matcher.uid_allowed(peer.uid):
             return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
-        n = await self._room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
+        n = await self.sockets.room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
         if n == 0:
             return [], wire.encode_reply(wire.V_DENY, errno.ENOBUFS)
         if tenant.bucket is not None:
@@ -564,7 +504,7 @@ class Broker:
         try:
             for sock in socks:
                 self.confinement.mark_preissued(sock, tenant.gid)
-                self._own(tenant, sock)
+                self.sockets.own(tenant, sock)
         except OSError as e:  # fail closed: none of them leaves
             for sock in socks:
                 sock.close()
@@ -638,89 +578,6 @@ class Broker:
                       lost - self._events_lost)
             self._events_lost = lost
 
-    @staticmethod
-    def _may_send_anywhere(tenant: TenantState, req: wire.Request) -> bool:
-        """Whether the kernel may let this grafted socket send to any peer.
-
-        A grafted UDP server answers whoever wrote to it. A UDP socket
-        grafted by its first sendto was judged for that destination only;
-        the kernel cannot consult the policy for later ones, so it may send
-        anywhere only if the policy grafts every UDP destination anyway, and
-        otherwise only to the first (docs/security.md).
-        """
-        if req.type != socket.SOCK_DGRAM:
-            return False
-        if req.op == wire.OP_BIND:
-            return True
-        return bool(req.flags & wire.REQF_SENDTO) and tenant.matcher.grafts_everything("connect", "udp")
-
-    async def _has_room(self, tenant: TenantState) -> bool:
-        return await self._room(tenant, 1) >= 1
-
-    async def _room(self, tenant: TenantState, want: int, limit: int | None = None) -> int:
-        """How many of want more sockets the tenant may hold under max_sockets (or a lower limit).
-
-        With confinement, the kernel counts every close of a socket the
-        broker handed out (confine.Confinement.own): the count is exact and
-        costs one map lookup. Without, the count only grows here; sockets the
-        apps closed are pruned by a sock_diag dump when the count reaches the
-        limit. One dump runs at a time per tenant and concurrent requests
-        wait for its result; a dump that finds the tenant still full is
-        trusted for LIVENESS_REFRESH_INTERVAL, so a tenant hammering at its
-        limit cannot make the broker dump on every request.
-        """
-        limit = tenant.config.max_sockets if limit is None else limit
-        if self.confinement is not None:
-            # The count of closes last read only lags: if it leaves room, there is room.
-            if tenant.issued - tenant.closed + want <= limit:
-                return want
-            return max(0, min(want, limit - await self._live_count(tenant)))
-        if len(tenant.live) < limit:
-            return min(want, limit - len(tenant.live))
-        if tenant.refreshing is not None:
-            await tenant.refreshing.wait()
-            return max(0, min(want, limit - len(tenant.live)))
-        if time.monotonic() < tenant.full_until:
-            return 0
-        tenant.refreshing = trio.Event()
-        try:
-            await self._prune(tenant)
-        except OSError as e:
-            log.error("tenant %s: sock_diag dump failed: %s", tenant.name, e)
-            return 0
-        finally:
-            tenant.refreshing.set()
-            tenant.refreshing = None
-        if len(tenant.live) < limit:
-            return min(want, limit - len(tenant.live))
-        tenant.full_until = time.monotonic() + LIVENESS_REFRESH_INTERVAL
-        return 0
-
-    async def _live_count(self, tenant: TenantState) -> int:
-        """Grafted sockets of the tenant still open (pruned first, without confinement)."""
-        if self.confinement is not None:
-            tenant.closed = self.confinement.released(tenant.kid)
-            return tenant.issued - tenant.closed
-        await self._prune(tenant)
-        return len(tenant.live)
-
-    def _own(self, tenant: TenantState, sock: socket.socket) -> None:
-        """Count a socket about to be handed out against max_sockets, until the app closes it."""
-        assert self.confinement is not None
-        self.confinement.own(sock, tenant.kid)
-        tenant.issued += 1
-
-    @staticmethod
-    async def _prune(tenant: TenantState) -> None:
-        """Forget handed-out sockets the apps have closed (a sock_diag dump).
-
-        Sockets handed out while the dump ran are kept: the dump may have
-        been taken before they existed.
-        """
-        before = set(tenant.live)
-        alive = await tenant.namespace.live_inodes()
-        tenant.live = (before & alive) | (tenant.live - before)
-
     async def _send(self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState,
                     peer: Peer) -> bool:
         anc = []
@@ -741,8 +598,18 @@ class Broker:
 
     # ---- audit -----------------------------------------------------------
 
-    def _audit(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict) -> None:
-        """Write the request's audit record and count it for graft status."""
+    def judge(self, tenant: TenantState, req: wire.Request, peer: Peer) -> Verdict:
+        """The decision for a bind/connect request of any front-end: max_rate, then the rules."""
+        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
+            return Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
+        return judge(req, tenant.matcher, peer.uid)
+
+    def audit_request(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> None:
+        """Write the request's audit record and count it for graft status.
+
+        via: the front-end that asked, "shim" or "seccomp" (the kernel's
+        fast-path records are written by _write_kernel_events).
+        """
         tenant.counts[verdict.action] += 1
         host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
         self.audit.write(
@@ -759,6 +626,7 @@ class Broker:
             rule=verdict.rule,
             errno=verdict.errno,
             confinement=self.confinement_state,
+            via=via,
             **({"reason": verdict.reason} if verdict.reason else {}),
         )
 
@@ -779,6 +647,7 @@ class Broker:
             rule=None,
             errno=e.errno,
             confinement=self.confinement_state,
+            via="shim",
             reason=e.reason,
         )
 

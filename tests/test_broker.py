@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from graft.broker import server, unixsock, wire
+from graft.broker import hostsock, server, unixsock, wire
 from graft.broker.audit import AuditLog
 from graft.broker.server import Broker
 from graft.policy import parse_policy
@@ -274,7 +274,7 @@ async def test_uid_allowlist(env):
 
 
 async def test_max_sockets_counts_live_sockets_only(env, monkeypatch):
-    monkeypatch.setattr(server, "LIVENESS_REFRESH_INTERVAL", 0.0)
+    monkeypatch.setattr(hostsock, "LIVENESS_REFRESH_INTERVAL", 0.0)
     await env.broker.reload(parse_policy(POLICY.format(port=env.port, host_port=free_port()).replace(
         'default = "deny"', 'default = "deny"\nmax_sockets = 2')))
     c = await env.client()

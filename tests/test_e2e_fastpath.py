@@ -78,7 +78,7 @@ class Client:
 def connects(broker) -> tuple[list[dict], list[dict]]:
     """The audited connects: (answered by the broker, judged in the kernel)."""
     records = [r for r in broker.audit() if r["op"] == "connect"]
-    return [r for r in records if "via" not in r], [r for r in records if r.get("via") == "kernel"]
+    return [r for r in records if r.get("via") == "shim"], [r for r in records if r.get("via") == "kernel"]
 
 
 @contextmanager
