@@ -1,0 +1,3 @@
+module graft.test/static
+
+go 1.19
