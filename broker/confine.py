@@ -28,10 +28,11 @@ the kernel, with no module:
   tenant, and a ``sock_release`` program counts each one's close into
   ``released``: ``max_sockets`` is counted exactly, pre-issued sockets
   (which no socket dump sees) included.
-* ``listen()`` has no sock_addr hook, and a connected TCP socket dissolved by
-  ``connect(AF_UNSPEC)`` loses its kernel-chosen port, so ``listen()`` would
-  bind a fresh ephemeral port on the host's wildcard address. Each TCP
-  socket the broker *connects* therefore gets a locked socket filter
+* ``listen()`` has no sock_addr hook, and on a socket with no port it binds
+  a fresh ephemeral port on the host's wildcard address: a pre-issued
+  socket, or (before kernel 6.18, which refuses it) a connected one
+  dissolved by ``connect(AF_UNSPEC)``. Each TCP socket the broker connects
+  or pre-issues therefore gets a locked socket filter
   (``SO_ATTACH_BPF`` + ``SO_LOCK_FILTER``, which the app cannot undo)
   that drops segments with SYN set and ACK clear: a connected socket never
   needs one, and a listener gets nothing else, so the escaped listen

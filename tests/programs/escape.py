@@ -9,11 +9,17 @@ interpose. Each attempt is reported as 0 (it worked: an escape) or the errno
 the kernel gave. After each refused attempt it checks that the allowed
 traffic on the same socket still flows. One JSON object on stdout.
 
-One attempt needs a peer on the host: after a disconnect, a connected
-socket is made to listen (the kernel gives it a fresh port on the host's
-wildcard address); the program prints "listening PORT" and reads a line from
-stdin once the test has tried to connect to it from the host, then reports
-whether that connection arrived.
+It also asks the broker itself for pre-issued sockets (the fast path's
+unconnected TCP sockets, issued only with confinement on), as any program
+holding the tenant socket may, and tries the same on one of those.
+
+Two attempts need a peer on the host: a socket made to listen takes a
+fresh port on the host's wildcard address (a connected socket after a
+disconnect, where the kernel allows that, and a pre-issued socket). For
+each, the program prints "listening NAME PORT" and reads a line from stdin
+once the test has tried to connect to it from the host, then reports
+whether that connection arrived as NAME_reached. A listen() the kernel
+refuses is reported with its errno, and NAME_reached is then absent.
 
 With --wait it grafts, prints "ready", and makes its attempts only after a
 line on stdin (tests restart the broker in between).
@@ -23,10 +29,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import os
 import platform
 import socket
 import struct
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import WireClient  # noqa: E402  (tests/: the program speaks the wire protocol like the shim)
 
 libc = ctypes.CDLL(None, use_errno=True)
 NR = {
@@ -74,6 +84,34 @@ def raw_port(fd: int) -> int:
     return struct.unpack("!H", a.raw[2:4])[0]
 
 
+def try_listen(att: dict, name: str, fd: int) -> None:
+    """listen() on fd with a raw call; if it worked, have the test connect from the host, and see what arrived."""
+    att[name] = raw("listen", fd, 8)
+    if att[name] != 0:
+        return
+    print(f"listening {name} {raw_port(fd)}", flush=True)
+    sys.stdin.readline()  # the test has connected from the host, or given up
+    sock = socket.socket(fileno=os.dup(fd))
+    sock.setblocking(False)
+    try:
+        sock.accept()[0].close()
+        att[f"{name}_reached"] = 0
+    except OSError as e:
+        att[f"{name}_reached"] = e.errno
+    finally:
+        sock.close()
+
+
+def preissued_sockets() -> tuple[list[socket.socket], int]:
+    """Ask the broker for pre-issued TCP sockets over the tenant socket: (sockets, errno of a refusal)."""
+    client = WireClient(os.environ["GRAFT_SOCKET"])
+    try:
+        reply, socks = client.preissue()
+    finally:
+        client.close()
+    return socks, 0 if socks else reply.error
+
+
 def echo_ok(s: socket.socket, token: bytes) -> bool:
     try:
         s.sendall(token)
@@ -108,6 +146,7 @@ def main() -> int:
     udp.connect((HOST, udp_port))
     udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # dual-stack: it takes AF_INET addresses too
     udp6.connect(("::1", udp6_port))
+    preissued, out["preissue_refused"] = preissued_sockets()
     for s in (client, victim_bind, victim_listen, victim_fastopen, listener, accepted, peer, udp, udp6):
         # Blocking, so raw connect()s complete in the call; kernel timeouts keep a failure from hanging.
         s.settimeout(None)
@@ -149,20 +188,25 @@ def main() -> int:
     raw_connect(victim_fastopen.fileno(), None)
     att["tcp_fastopen_forbidden"] = raw_sendto(victim_fastopen.fileno(), b"escaped", HOST, bad_tcp, MSG_FASTOPEN)
 
-    # --- listen() on a disconnected socket takes a fresh port on the host ------------
+    # --- listen() on a disconnected socket takes a fresh port on the host, where the kernel allows it
     att["listen_unspec"] = raw_connect(victim_listen.fileno(), None)
     # whatever filter the broker may have put on the socket: off with it (SO_DETACH_FILTER)
     zero = ctypes.c_int(0)
     out["detach_filter"] = raw("setsockopt", victim_listen.fileno(), socket.SOL_SOCKET, 27, ctypes.byref(zero), 4)
-    att["listen_after_unspec"] = raw("listen", victim_listen.fileno(), 8)  # allowed: no hook, no address
-    print(f"listening {raw_port(victim_listen.fileno()) if att['listen_after_unspec'] == 0 else 0}", flush=True)
-    sys.stdin.readline()  # the test has connected from the host, or given up
-    victim_listen.setblocking(False)
-    try:
-        victim_listen.accept()[0].close()
-        att["listen_reached"] = 0
-    except OSError as e:
-        att["listen_reached"] = e.errno
+    try_listen(att, "listen_after_unspec", victim_listen.fileno())
+    if "listen_after_unspec_reached" in att:
+        att["listen_reached"] = att.pop("listen_after_unspec_reached")
+
+    # --- a pre-issued socket: never connected, so listen() autobinds on any kernel -----
+    if len(preissued) >= 2:
+        first, second = preissued[:2]
+        att["preissued_bind"] = raw_bind(first.fileno(), HOST, 0)
+        att["preissued_connect_forbidden"] = raw_connect(first.fileno(), HOST, bad_tcp)
+        try_listen(att, "preissued_listen", first.fileno())
+        # the same kind of socket still connects where the broker granted
+        second.setblocking(True)  # issued non-blocking; a blocking raw connect completes in the call
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        flows["preissued_granted"] = raw_connect(second.fileno(), HOST, tcp_port) == 0 and echo_ok(second, b"pre")
 
     # --- UDP: connect re-point and sendto a forbidden destination ---------------------
     att["udp_connect_forbidden"] = raw_connect(udp.fileno(), HOST, bad_udp)
