@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graft.broker import bpf, confine  # noqa: E402
+from graft.broker import bpf, confine, programs  # noqa: E402
 
 
 def move_to(cgroup_dir: str) -> None:
@@ -113,7 +113,7 @@ def tcp_pair(addr, lsn: socket.socket) -> tuple[socket.socket, socket.socket]:
 def detach_all(cgroup_dir: str, conf) -> None:
     fd = os.open(cgroup_dir, os.O_RDONLY)
     try:
-        for name, (_, _, t) in confine.PROGRAMS.items():
+        for name, (_, _, t) in programs.PROGRAMS.items():
             bpf.prog_detach(fd, conf.prog_fds[name], t)
     finally:
         os.close(fd)
@@ -178,7 +178,7 @@ def main() -> int:
                 detach_all(mount + confined, conf)
 
             def shared():
-                for name, (_, _, t) in confine.PROGRAMS.items():
+                for name, (_, _, t) in programs.PROGRAMS.items():
                     bpf.prog_attach(load_fd, conf.prog_fds[name], t, bpf.F_ALLOW_MULTI)
                 results["shared"].append(connect_cycles(n, addr))
                 detach_all(mount + load, conf)

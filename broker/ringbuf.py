@@ -1,7 +1,7 @@
 """Reading a BPF ring buffer (BPF_MAP_TYPE_RINGBUF) from Python, with mmap.
 
 The connect programs leave one record per connect they judge on the fast
-path (confine._first_connect), without waking anyone; the broker drains the
+path (programs._first_connect), without waking anyone; the broker drains the
 ring on a timer (server.Broker._drain_kernel_audit) into the audit log.
 
 Layout, per the kernel's ringbuf.c: page 0 holds the consumer position

@@ -44,7 +44,7 @@ import trio
 
 from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
-from . import confine, wire
+from . import confine, maps, wire
 from .admin import ADMIN_SOCKET, serve_admin
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
@@ -72,7 +72,7 @@ _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close)
 _PEERCRED = struct.Struct("3i")
 STRAY_FD_CLOSERS = 4  # worker threads closing fds clients passed, at most this many at once
 # How often the kernel's audit records of fast-path connects are written out:
-# their lag in the audit log. The ring holds confine.EVENTS_SIZE bytes, about
+# their lag in the audit log. The ring holds maps.EVENTS_SIZE bytes, about
 # 21,000 records: it would take 400,000 connects/s to overflow it in between.
 KERNEL_AUDIT_INTERVAL = 0.05
 
@@ -157,7 +157,7 @@ class Broker:
             self._drop_leftover_listeners()
             if self.confinement is not None:
                 try:
-                    ring = RingReader(self.confinement.maps["events"], confine.EVENTS_SIZE)
+                    ring = RingReader(self.confinement.maps["events"], maps.EVENTS_SIZE)
                 except OSError as e:  # no audit of fast-path connects: then no fast path
                     log.error("fast path off: cannot map the kernel's audit ring: %s", e)
                 else:
@@ -553,7 +553,7 @@ class Broker:
 
     def _write_kernel_events(self, ring: RingReader) -> None:
         for raw in ring.drain():
-            ev = confine.decode_event(raw)
+            ev = maps.decode_event(raw)
             name = self._tenant_by_gid.get(ev.tenant_id)
             extra = {}
             if name is None:

@@ -44,7 +44,7 @@ from harness import (
     remove_test_cgroup,
 )
 
-from graft.broker import bpf, confine
+from graft.broker import bpf, bpfasm, confine, programs
 
 PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
 ESCAPE = os.path.join(PROGRAMS, "escape.py")
@@ -346,13 +346,13 @@ def test_restart_keeps_earlier_sockets_confined_and_does_not_stack(netns, short_
             broker.start()
             cg_fd = os.open(confine.cgroup2_mount() + cgroup + "/" + confine.CGROUP_NAME, os.O_RDONLY)
             try:
-                counts = {n: len(bpf.prog_query(cg_fd, t)) for n, (_, _, t) in confine.PROGRAMS.items()}
+                counts = {n: len(bpf.prog_query(cg_fd, t)) for n, (_, _, t) in programs.PROGRAMS.items()}
             finally:
                 os.close(cg_fd)
         assert_all_refused(out)
         # Sockets the earlier broker pre-issued find no grant of the new one: they connect nowhere.
         assert out["flows"] == {f: f != "preissued_granted" for f in FLOWS}, out["flows"]
-        assert counts == {n: 1 for n in confine.PROGRAMS}, counts
+        assert counts == {n: 1 for n in programs.PROGRAMS}, counts
     finally:
         remove_test_cgroup(cgroup)
     assert not [cg for cg, _ in confine.installed() if cg.startswith(cgroup)]
@@ -393,10 +393,10 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
         "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET,
         "SO_ATTACH_BPF": confine.SO_ATTACH_BPF, "SO_LOCK_FILTER": confine.SO_LOCK_FILTER,
         "BPF_PROG_TYPE_SOCKET_FILTER": bpf.PROG_TYPE_SOCKET_FILTER,
-        "offsetof(struct bpf_sock_addr, user_ip4)": confine.CTX_USER_IP4,
-        "offsetof(struct bpf_sock_addr, user_ip6)": confine.CTX_USER_IP6,
-        "offsetof(struct bpf_sock_addr, user_port)": confine.CTX_USER_PORT,
-        "offsetof(struct bpf_sock_addr, sk)": confine.CTX_SK,
+        "offsetof(struct bpf_sock_addr, user_ip4)": programs.CTX_USER_IP4,
+        "offsetof(struct bpf_sock_addr, user_ip6)": programs.CTX_USER_IP6,
+        "offsetof(struct bpf_sock_addr, user_port)": programs.CTX_USER_PORT,
+        "offsetof(struct bpf_sock_addr, sk)": programs.CTX_SK,
     }
     fields = {
         "graft_bpf_map_create": ("map_type", "map_flags", "map_name", "btf_fd", "btf_value_type_id", "map_extra"),
@@ -439,7 +439,7 @@ def test_programs_are_attached_only_to_the_broker_cgroup(short_tmp):
             for cg in (broker.cgroup, confine.own_cgroup()):
                 fd = os.open(mount + cg, os.O_RDONLY)
                 try:
-                    assert all(bpf.prog_query(fd, t) == [] for _, _, t in confine.PROGRAMS.values()), cg
+                    assert all(bpf.prog_query(fd, t) == [] for _, _, t in programs.PROGRAMS.values()), cg
                 finally:
                     os.close(fd)
             s = socket.create_connection(("127.0.0.1", tcp), timeout=5)  # this process: untouched
@@ -449,7 +449,7 @@ def test_programs_are_attached_only_to_the_broker_cgroup(short_tmp):
 
 
 def allow_all_program() -> bytes:
-    a = confine.Asm()
+    a = bpfasm.Asm()
     a.mov_imm(0, 1)
     a.exit()
     return a.assemble()
@@ -470,7 +470,7 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
         pin_dir = confine.pin_dir_for(confine.bpffs_mount(create=False), target)
         def pinned_ids() -> dict[str, int]:
             ids = {}
-            for n in confine.PROGRAMS:
+            for n in programs.PROGRAMS:
                 fd = bpf.obj_get(os.path.join(pin_dir, n))
                 ids[n] = bpf.prog_info(fd).id
                 os.close(fd)
@@ -480,7 +480,7 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
             before = pinned_ids()
             # What an older broker would have left: a different connect4, pinned and attached...
             current = bpf.obj_get(os.path.join(pin_dir, "connect4"))
-            old = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), confine.LICENSE,
+            old = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), programs.LICENSE,
                                 "graft_connect4", bpf.CGROUP_INET4_CONNECT)
             bpf.prog_attach(cg_fd, old, bpf.CGROUP_INET4_CONNECT)
             bpf.prog_detach(cg_fd, current, bpf.CGROUP_INET4_CONNECT)
@@ -490,19 +490,19 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
             for fd in (current, old):
                 os.close(fd)
             # ...and a graft program attached but pinned nowhere (a broker died between the steps).
-            stray = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), confine.LICENSE,
+            stray = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), programs.LICENSE,
                                   "graft_bind4", bpf.CGROUP_INET4_BIND)
             bpf.prog_attach(cg_fd, stray, bpf.CGROUP_INET4_BIND)
             stray_id = bpf.prog_info(stray).id
 
             broker.start()
             assert "connect4 changed since it was pinned; replacing it" in broker.stderr()
-            attached = {n: bpf.prog_query(cg_fd, t) for n, (_, _, t) in confine.PROGRAMS.items()}
+            attached = {n: bpf.prog_query(cg_fd, t) for n, (_, _, t) in programs.PROGRAMS.items()}
             pinned = pinned_ids()
         finally:
             os.close(cg_fd)
             assert broker.stop() == 0
-        assert attached == {n: [pinned[n]] for n in confine.PROGRAMS}, (attached, pinned)
+        assert attached == {n: [pinned[n]] for n in programs.PROGRAMS}, (attached, pinned)
         assert old_id not in attached["connect4"] and stray_id not in attached["bind4"]
         # the unchanged programs were reused, not loaded again
         assert {n: i for n, i in pinned.items() if n != "connect4"} == {n: i for n, i in before.items()
