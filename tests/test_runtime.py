@@ -1,0 +1,219 @@
+"""graft-runtime end to end: runc, crun and podman running real containers through it.
+
+Each container has a network namespace of its own with nothing but `lo`
+(the runtime makes it, as engines do for --network none), a root filesystem
+built from this host's files (tests/rootfs.py), and unmodified Debian
+programs. Nothing in it can reach the host's 127.0.0.1 except through graft.
+Every container is deleted, and checked gone, when its test ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness import free_port, http_server, need_program, need_root_and_netns
+from rootfs import GRAFT_RUNTIME, Runtime, build_rootfs, default_config, real_runtime, write_bundle
+
+pytestmark = pytest.mark.netns
+
+PAGE = "only on the host's loopback\n"
+RUNTIMES = ("runc", "crun")
+
+
+def policy(connect_port: int, publish_port: int | None = None, mode: str = "preload") -> str:
+    text = f"""
+version = 1
+[broker]
+confinement = "auto"
+[tenants.web]
+default = "deny"
+mode = "{mode}"
+[[tenants.web.connect]]
+to = ["127.0.0.1/32"]
+ports = [{connect_port}]
+proto = "tcp"
+"""
+    if publish_port:
+        text += f"""
+[[tenants.web.bind]]
+addr = ["0.0.0.0/32"]
+ports = [80]
+proto = "tcp"
+host = "127.0.0.1:{publish_port}"
+"""
+    return text
+
+
+@pytest.fixture
+def site(short_tmp):
+    (short_tmp / "www").mkdir()
+    (short_tmp / "www" / "index.html").write_text(PAGE)
+    with http_server(short_tmp / "www") as port:
+        yield port
+
+
+@pytest.fixture
+def rootfs(short_tmp):
+    return build_rootfs(short_tmp / "rootfs")
+
+
+@pytest.fixture(params=RUNTIMES)
+def rt(request, short_tmp) -> Runtime:
+    need_root_and_netns()
+    need_program(request.param)
+    return Runtime(real_runtime(request.param, short_tmp), short_tmp / f"state-{request.param}")
+
+
+def annotations(broker) -> dict[str, str]:
+    return {"io.graft.tenant": broker.tenant, "io.graft.socket-dir": str(broker.socket_dir)}
+
+
+def curl(port: int, path: str = "/") -> list[str]:
+    return ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}{path}"]
+
+
+def test_preload_curl_reaches_the_host_only_through_graft(rt, start_broker, short_tmp, rootfs, site):
+    broker = start_broker(policy(site), "web")
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, curl(site), annotations(broker)))
+    with rt.container_id() as cid:
+        out = rt.run("run", "--bundle", str(bundle), cid)
+    assert (out.returncode, out.stdout) == (0, PAGE), out.stderr
+    (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
+    assert (rec["port"], rec["action"], rec["via"]) == (site, "graft", "shim")
+    config = json.loads((bundle / "config.json").read_text())
+    assert "LD_PRELOAD=/run/graft/libgraft.so" in config["process"]["env"]
+
+
+def test_unannotated_bundle_is_untouched_and_cut_off(rt, short_tmp, rootfs, site):
+    """The control: the same container without the annotation cannot reach the host, and its config is not written."""
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, curl(site)))
+    before = (bundle / "config.json").read_bytes(), (bundle / "config.json").stat().st_mtime_ns
+    with rt.container_id() as cid:
+        out = rt.run("run", "-b", str(bundle), cid)
+    assert out.returncode == 7, (out.returncode, out.stdout, out.stderr)  # curl: could not connect
+    assert ((bundle / "config.json").read_bytes(), (bundle / "config.json").stat().st_mtime_ns) == before
+
+
+def test_preload_http_server_is_published_on_the_host(rt, start_broker, short_tmp, rootfs, site):
+    published = free_port()
+    broker = start_broker(policy(site, published), "web")
+    server = ["python3", "-u", "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", "/etc"]
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, server, annotations(broker)))
+    with rt.container_id() as cid:
+        proc = subprocess.Popen(rt.cmd("run", "--bundle", str(bundle), cid), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = proc.stdout.readline()  # http.server prints this once it listens
+            assert "Serving HTTP" in ready, (ready, proc.stderr.read() if proc.poll() is not None else "")
+            got = subprocess.run(curl(published, "/hosts"), capture_output=True, text=True, timeout=30)
+        finally:
+            rt.run("kill", cid, "KILL")
+            proc.wait(timeout=30)
+    assert got.returncode == 0 and got.stdout == (rootfs / "etc" / "hosts").read_text(), got.stderr
+    (rec,) = [r for r in broker.audit() if r["op"] == "bind"]
+    assert (rec["port"], rec["action"], rec["host_addr"]) == (80, "graft", f"127.0.0.1:{published}")
+
+
+@pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir"])
+def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
+    need_root_and_netns()
+    rt = Runtime(real_runtime("runc", short_tmp), short_tmp / "state")
+    ann = {"io.graft.tenant": "web", "io.graft.socket-dir": str(short_tmp / "nowhere")}
+    expect = "no broker answers at"
+    if case == "unknown tenant":
+        broker = start_broker(policy(free_port()), "web")
+        ann = {**annotations(broker), "io.graft.tenant": "db"}
+        expect = "tenant 'db' is not in the policy of the broker"
+    elif case == "no broker":
+        (short_tmp / "nowhere").mkdir()
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, ["true"], ann))
+    before = (bundle / "config.json").read_bytes()
+    with rt.container_id() as cid:
+        out = rt.run("create", "--bundle", str(bundle), cid)
+        assert rt.containers() == [], "the real runtime was called"
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"graft-runtime: bundle {bundle}: ") and expect in lines[0], lines
+    assert (bundle / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--root", "{tmp}/state", "state", "nosuch"]])
+def test_commands_pass_through_with_their_output_and_exit_code(args, short_tmp):
+    runc = need_program("runc")
+    args = [a.format(tmp=short_tmp) for a in args]
+    real = subprocess.run([runc, *args], capture_output=True, text=True)
+    ours = subprocess.run([GRAFT_RUNTIME, "--graft-runtime", runc, *args], capture_output=True, text=True)
+    assert (ours.returncode, ours.stdout) == (real.returncode, real.stdout)
+    assert ours.stderr.split("msg=")[1:] == real.stderr.split("msg=")[1:]  # the same error, timestamps apart
+
+
+# ---- podman ------------------------------------------------------------------------------------
+
+
+class Podman:
+    """podman with its storage, run state and events in the test's directory, so nothing of the host's.
+
+    The flags are what this kind of machine needs (docs/containers.md): no systemd as
+    PID 1, so cgroupfs and a file for events; no CAP_SYS_RESOURCE, so explicit ulimits
+    below the hard limits instead of podman's defaults (1048576 files).
+    """
+
+    def __init__(self, tmp: Path, real: str):
+        # podman's cgroups (conmon's and the containers') go under one parent of this test's own.
+        self.cgroup_parent = f"/graft-test-{uuid.uuid4().hex[:8]}"
+        self.base = ["podman", "--root", str(tmp / "storage"), "--runroot", str(tmp / "run"),
+                     "--tmpdir", str(tmp / "tmp"), "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+                     "--events-backend", "file", "--runtime", GRAFT_RUNTIME,
+                     "--runtime-flag", f"graft-runtime={real}"]
+
+    def run(self, rootfs: Path, ann: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
+        args = [*self.base, "run", "--rm", "--cgroup-parent", self.cgroup_parent, "--network", "none",
+                "--ulimit", "nofile=1024:1024",
+                "--ulimit", "nproc=1024:1024", "-v", "/usr:/usr:ro"]
+        for k, v in ann.items():
+            args += ["--annotation", f"{k}={v}"]
+        return subprocess.run([*args, "--rootfs", str(rootfs), *cmd], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+    def remove_all(self) -> None:
+        subprocess.run([*self.base, "rm", "--all", "--force"], capture_output=True, timeout=120)
+        left = subprocess.run([*self.base, "ps", "--all", "--quiet"], capture_output=True, text=True, timeout=60)
+        assert left.stdout.strip() == "", f"podman containers left: {left.stdout}"
+        for hierarchy in cgroup_hierarchies():
+            for sub, _dirs, _files in os.walk(hierarchy + self.cgroup_parent, topdown=False):
+                os.rmdir(sub)  # bottom-up; fails loudly if a process was left behind
+
+
+def cgroup_hierarchies() -> list[str]:
+    """Mount points of every cgroup hierarchy, v1 and v2."""
+    with open("/proc/self/mounts") as f:
+        return [fields[1] for fields in map(str.split, f) if fields[2] in ("cgroup", "cgroup2")]
+
+
+@pytest.fixture
+def podman(short_tmp):
+    need_root_and_netns()
+    need_program("podman")
+    p = Podman(short_tmp / "podman", real_runtime("runc", short_tmp))
+    yield p
+    p.remove_all()
+
+
+def test_podman_run_with_graft_runtime(podman, start_broker, rootfs, site):
+    broker = start_broker(policy(site), "web")
+    out = podman.run(rootfs, annotations(broker), *curl(site))
+    assert (out.returncode, out.stdout) == (0, PAGE), out.stderr
+    (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
+    assert (rec["port"], rec["action"]) == (site, "graft")
+
+
+def test_podman_reports_a_bad_annotation(podman, start_broker, rootfs):
+    broker = start_broker(policy(free_port()), "web")
+    out = podman.run(rootfs, {**annotations(broker), "io.graft.tenant": "db"}, "true")
+    assert out.returncode != 0
+    assert "graft-runtime: bundle " in out.stderr and "tenant 'db' is not in the policy" in out.stderr, out.stderr
