@@ -46,6 +46,7 @@ from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
 from . import confine, maps, wire
 from .admin import ADMIN_SOCKET, serve_admin
+from .seccomp_abi import SECCOMP_SOCKET
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
@@ -99,6 +100,9 @@ class TenantState:
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
     bucket: TokenBucket | None = None  # max_rate
     counts: Counter = field(default_factory=Counter)  # requests by audited action, for graft status
+    # Owns the tenant's client tasks and its seccomp listeners' tasks (seccomp.py): they end with it.
+    nursery: trio.Nursery | None = None
+    seccomp_listeners: int = 0  # notify fds served for its containers now
 
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
@@ -128,6 +132,9 @@ class Broker:
         self.confinement = confinement
         self.confinement_state = "on" if confinement is not None else "off"
         self.sockets = HostSockets(confinement)  # every front-end's grafted sockets are made there
+        from .seccomp import SeccompAgent  # here: the agent builds on this module's Peer and TenantState
+
+        self.seccomp = SeccompAgent(self)
         self.socket_dir = Path(socket_dir)
         self.audit = audit
         self.tenants: dict[str, TenantState] = {}
@@ -164,6 +171,7 @@ class Broker:
                     self._fast_path = True
                     nursery.start_soon(self._drain_kernel_audit, ring)
             await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
+            await nursery.start(self.seccomp.serve, self.socket_dir / SECCOMP_SOCKET)
             task_status.started()
 
     async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
@@ -355,6 +363,7 @@ class Broker:
                 task_status.started()
                 log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
                 async with trio.open_nursery() as clients:
+                    tenant.nursery = clients
                     while True:
                         token = object()
                         await tenant.slots.acquire_on_behalf_of(token)

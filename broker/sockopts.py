@@ -12,6 +12,7 @@ exact value size the kernel expects. Anything else is dropped and reported.
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
 
 from .wire import SockOpt
@@ -74,4 +75,42 @@ def apply_options(sock: socket.socket, opts: tuple[SockOpt, ...]) -> list[tuple[
             sock.setsockopt(o.level, o.name, o.value)
         except OSError as e:
             failed.append((o, e))
+    return failed
+
+
+SO_BUF_LOCK = getattr(socket, "SO_BUF_LOCK", 72)  # Linux 5.14: which buffer sizes the app fixed
+_LOCK_BIT = {(_S, socket.SO_SNDBUF): 1, (_S, socket.SO_RCVBUF): 2}  # SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK
+
+
+def copy_options(src: socket.socket, dst: socket.socket) -> list[tuple[SockOpt, OSError]]:
+    """Give dst the admitted options the app set on src (seccomp mode has no record of them).
+
+    An option is copied when src's value differs from the one dst, a fresh
+    socket, has. Buffer sizes are copied only if the app fixed them
+    (SO_BUF_LOCK): otherwise the kernel autotunes them, and setting them
+    would turn that off; getsockopt reports twice what was set, so half is
+    set. Options that do not apply to src's family or protocol are skipped.
+    Returns the ones the kernel refused on dst, with why.
+    """
+    try:
+        locks = struct.unpack("=i", src.getsockopt(_S, SO_BUF_LOCK, _INT))[0]
+    except OSError:  # before 5.14: whether a size was set cannot be told, so none is copied
+        locks = 0
+    failed = []
+    for (level, name), size in ALLOWED.items():
+        try:
+            value = src.getsockopt(level, name, size)
+            if value == dst.getsockopt(level, name, size):
+                continue
+        except OSError:
+            continue
+        bit = _LOCK_BIT.get((level, name))
+        if bit is not None:
+            if not locks & bit:
+                continue
+            value = struct.pack("=i", struct.unpack("=i", value)[0] // 2)
+        try:
+            dst.setsockopt(level, name, value)
+        except OSError as e:
+            failed.append((SockOpt(level, name, value), e))
     return failed

@@ -1,6 +1,6 @@
 """The ``graft`` command: run a program under the shim, and policy tools.
 
-    graft run (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
+    graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
     graft policy check FILE
     graft policy schema
     graft shim-path
@@ -25,6 +25,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         print("graft run: no command given (graft run ... -- CMD ...)", file=sys.stderr)
         return 2
+    if args.seccomp:
+        return _run_seccomp(args, cmd)
     if not LIB_PATH.exists():
         print(f"graft run: {LIB_PATH} is missing; build the shim first (make build)", file=sys.stderr)
         return 1
@@ -47,6 +49,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"graft run: {cmd[0]}: {e.strerror}", file=sys.stderr)
         return 127
+
+
+def _run_seccomp(args: argparse.Namespace, cmd: list[str]) -> int:
+    """No shim: the broker's seccomp agent, next to the tenant socket, answers CMD's socket calls."""
+    from graft.broker.seccomp_abi import SECCOMP_SOCKET
+    from graft.seccomp_run import run_seccomp
+
+    if args.socket:
+        socket_dir, name = os.path.split(os.path.abspath(args.socket))
+        if not name.endswith(".sock") or name == SECCOMP_SOCKET:
+            print(f"graft run: --socket {args.socket} is not a tenant socket <socket_dir>/<tenant>.sock",
+                  file=sys.stderr)
+            return 2
+        tenant = name[: -len(".sock")]
+    else:
+        socket_dir, tenant = args.socket_dir, args.tenant
+    return run_seccomp(cmd, os.path.join(socket_dir, SECCOMP_SOCKET), tenant, args.netns)
 
 
 def _cmd_shim_path(args: argparse.Namespace) -> int:
@@ -130,12 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="Graft container sockets onto the host network stack.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a command with the shim preloaded")
+    run = sub.add_parser("run", help="run a command grafted: with the shim preloaded, or in seccomp mode")
     who = run.add_mutually_exclusive_group(required=True)
     who.add_argument("--tenant", help="tenant name: the socket is SOCKET_DIR/NAME.sock")
     who.add_argument("--socket", help="path of the tenant socket")
     run.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, help=f"default: {DEFAULT_SOCKET_DIR}")
     run.add_argument("--netns", help="run the command in this network namespace (name in /run/netns or path)")
+    run.add_argument("--seccomp", action="store_true",
+                     help="graft with a seccomp filter served by the broker instead of the shim (static programs "
+                          "too; the tenant must be in mode \"seccomp\")")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 

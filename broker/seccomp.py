@@ -1,0 +1,397 @@
+"""The seccomp agent: the broker's second front-end, for programs that no shim can see.
+
+A container runtime (``linux.seccomp.listenerPath``) or ``graft run --seccomp``
+installs a seccomp filter that stops ``connect``, ``bind``, ``sendto`` and
+``sendmsg`` (seccomp_calls.py) and passes the filter's notify fd to
+``<socket_dir>/seccomp.sock`` with the OCI container process state, whose
+``metadata`` names the tenant. Each notify fd is then served by its own task
+in the tenant's nursery, so it ends with the tenant (reload, stop):
+
+    Broker.run
+      └─ SeccompAgent.serve            seccomp.sock (0600): ≤ 32 handshakes at once, 5 s each
+      └─ _serve_tenant × tenant
+           └─ _serve_listener × notify fd (≤ 256 per tenant): one notification at a time
+
+A notification on an inet socket of the container, naming an inet address,
+is judged like a shim's request (Broker.judge: max_rate, decide.judge), the
+host socket is made by the shared factory (hostsock.py) with the options
+and flags of the app's socket, put on the app's own fd number
+(SECCOMP_IOCTL_NOTIF_ADDFD with SETFD), and the call goes on:
+
+* connect, and a UDP sendto/sendmsg with a destination: the app's own call
+  runs on the host socket (USER_NOTIF_FLAG_CONTINUE), with its own blocking
+  and errno semantics. The address is read again by the kernel then, and
+  another thread may have changed it since the check (the TOCTOU hole
+  bypass4netns documents): the socket is marked and pinned to the judged
+  destination before the call goes on, so the kernel's connect/sendmsg
+  programs refuse any other (EPERM). That is why seccomp mode needs
+  confinement: without it the broker accepts no notify fd.
+* bind: the broker binds (a published port binds the rule's host address)
+  and the call returns 0.
+
+Continued at once, untouched: calls of another architecture, no address or
+a non-inet one, a socket that is not inet TCP/UDP, a socket the broker made
+(it carries a confinement mark: the kernel judges it), a bind to port 0 (as
+the shim defers it, its socket stays in the container), a sendto on a TCP
+or a connected UDP socket. A "container" verdict continues too; "deny"
+fails the call with the policy's errno. A continued call runs in the
+container's own network stack, never on a host socket the broker did not
+lock. Everything is audited with ``"via": "seccomp"``.
+
+The broker survives every client: a bad process state, a wrong or missing
+fd, a tenant not in seccomp mode get one JSON line back and the connection
+closed; a program that dies mid-notification makes the ioctls fail with
+ENOENT, which ends that notification only.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
+from .seccomp_abi import SECCOMP_SOCKET  # noqa: F401  (the fixed name, DESIGN.md)
+from .decide import Verdict
+from .server import Peer, TenantState, close_all, passed_fds
+from .sockopts import copy_options
+from .unixsock import bind_unix_listener, unlink_if_socket
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+log = logging.getLogger("graft.broker")
+
+HANDSHAKE_TIMEOUT = 5.0  # a sender that does not finish its message in time is dropped
+MAX_HANDSHAKES = 32  # handshakes served at once; more connections wait in the backlog
+MAX_LISTENERS_PER_TENANT = 256  # notify fds (one fd and one task each) a tenant may have served
+_ANC_SPACE = socket.CMSG_SPACE(16 * 4)
+_SECCOMP_NOTIFY_LINK = "anon_inode:seccomp notify"
+_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+# Errors of a notification whose thread is gone (killed, or its call interrupted): nothing to answer.
+_GONE = (errno.ENOENT, errno.ESRCH)
+
+
+class Refused(Exception):
+    """A handshake the agent refuses; the text goes back to the sender and to the log."""
+
+
+class SeccompAgent:
+    def __init__(self, broker: "Broker"):
+        self.broker = broker
+        self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
+
+    # ---- seccomp.sock ------------------------------------------------------------------
+
+    async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept notify fds on path until cancelled; started() once it listens."""
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        with listener:
+            # Root only: whoever connects names the tenant whose rules its fd gets.
+            identity = await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
+            try:
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        token = object()
+                        await self._handshakes.acquire_on_behalf_of(token)
+                        try:
+                            conn, _ = await listener.accept()
+                        except OSError as e:  # out of fds: back off, do not spin
+                            self._handshakes.release_on_behalf_of(token)
+                            log.error("seccomp agent: accept failed: %s", e)
+                            await trio.sleep(0.1)
+                            continue
+                        nursery.start_soon(self._handshake, conn, token)
+            finally:
+                unlink_if_socket(path, identity)
+
+    async def _handshake(self, conn: trio.socket.SocketType, token: object) -> None:
+        fds: list[int] = []
+        try:
+            with conn:
+                error = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as timer:
+                    try:
+                        raw, fds = await self._receive(conn)
+                        self._accept(raw, fds)  # takes the notify fd out of fds
+                    except Refused as e:
+                        error = str(e)
+                if timer.cancelled_caught:
+                    error = f"no complete process state within {HANDSHAKE_TIMEOUT:g} s"
+                if error is not None:
+                    log.warning("seccomp agent: notify fd refused: %s", error)
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    try:  # runc and crun do not read it; graft run --seccomp waits for it
+                        await conn.send(abi.encode_answer(error))
+                    except OSError:
+                        pass
+        except Exception:  # a bug must cost this handshake, never the broker
+            log.exception("seccomp agent: internal error in a handshake")
+        finally:
+            self._handshakes.release_on_behalf_of(token)
+            if fds:
+                await trio.to_thread.run_sync(close_all, fds, limiter=self.broker._closers, abandon_on_cancel=True)
+
+    @staticmethod
+    async def _receive(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
+        """The process state and the fds that came with it.
+
+        The runtime-spec allows the state in several messages, with the fds
+        in the first; runc sends one and keeps the connection open, so the
+        state ends where it parses as JSON.
+        """
+        raw, fds = b"", []
+        while True:
+            data, anc, flags, _ = await conn.recvmsg(abi.STATE_MAX + 1 - len(raw), _ANC_SPACE)
+            fds += passed_fds(anc)
+            if flags & socket.MSG_CTRUNC:
+                raise Refused("too many fds came with the process state")
+            raw += data
+            if not data:
+                raise Refused("connection closed before a complete process state" if raw else "empty message")
+            if len(raw) > abi.STATE_MAX:
+                raise Refused(f"process state longer than {abi.STATE_MAX} bytes")
+            try:
+                json.loads(raw)
+            except ValueError:
+                continue
+            return raw, fds
+
+    def _accept(self, raw: bytes, fds: list[int]) -> None:
+        """Validate a handshake and start serving its notify fd (removed from fds: it is ours now)."""
+        try:
+            state = abi.decode_process_state(raw, len(fds))
+        except abi.StateError as e:
+            raise Refused(str(e)) from None
+        fd = fds[state.fd_index]
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            raise Refused(f"the fd named seccompFd cannot be inspected: {e.strerror}") from None
+        if link != _SECCOMP_NOTIFY_LINK:
+            raise Refused(f"the fd named seccompFd is not a seccomp notify fd ({link})")
+        tenant = self.broker.tenants.get(state.tenant)
+        if tenant is None:
+            raise Refused(f"no tenant {state.tenant!r} in the policy")
+        if tenant.config.mode != "seccomp":
+            raise Refused(f'tenant {state.tenant} is in mode "{tenant.config.mode}", not "seccomp"')
+        if self.broker.confinement is None:
+            raise Refused("seccomp mode needs kernel confinement, and this broker runs without it "
+                          "(docs/policy.md, mode)")
+        if tenant.seccomp_listeners >= MAX_LISTENERS_PER_TENANT:
+            raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
+        if tenant.nursery is None or tenant.cancel_scope.cancel_called:
+            raise Refused(f"tenant {state.tenant} is being removed")
+        fds.remove(fd)
+        tenant.seccomp_listeners += 1
+        tenant.nursery.start_soon(self._serve_listener, tenant, fd, state)
+
+    # ---- one notify fd -----------------------------------------------------------------
+
+    async def _serve_listener(self, tenant: TenantState, fd: int, state: abi.ProcessState) -> None:
+        log.info("tenant %s: serving the seccomp listener of container %r (pid %d)", tenant.name,
+                 state.container, state.pid)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                # RECV blocks when nothing is pending: read only what poll(2) promises.
+                events = dict(poller.poll(0)).get(fd, 0)
+                if not events & select.POLLIN:
+                    if events & _POLL_GONE:
+                        break  # every process of the filter has exited
+                    continue
+                try:
+                    n = abi.decode_notification(sys_.notif_recv(fd))
+                except OSError as e:
+                    if e.errno in (*_GONE, errno.EINTR):
+                        continue
+                    raise
+                try:
+                    await self._notification(tenant, fd, n)
+                except Exception:  # a bug costs this call (EPERM), never the listener or the broker
+                    log.exception("tenant %s: internal error serving a seccomp notification of pid %d",
+                                  tenant.name, n.pid)
+                    self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
+        finally:
+            tenant.seccomp_listeners -= 1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)  # the filter's calls now fail with ENOSYS: closed, not open
+            log.info("tenant %s: seccomp listener of container %r closed", tenant.name, state.container)
+
+    @staticmethod
+    def _respond(fd: int, response: bytes) -> None:
+        try:
+            sys_.notif_send(fd, response)
+        except OSError as e:
+            if e.errno not in _GONE:
+                raise
+
+    def _continue(self, fd: int, n: abi.Notification) -> None:
+        self._respond(fd, abi.encode_response(n.id, continue_=True))
+
+    async def _notification(self, tenant: TenantState, fd: int, n: abi.Notification) -> None:
+        """Answer one stopped call (see the module doc for which calls are judged)."""
+        found = self._address(n)
+        if found is None:
+            return self._continue(fd, n)
+        proc = _proc_status(n.pid)
+        if proc is None:
+            return  # the thread is gone: nothing to answer
+        tgid, peer = proc
+        try:
+            pidfd = sys_.pidfd_open(tgid)
+        except OSError:
+            return
+        try:
+            try:
+                copy = sys_.pidfd_getfd(pidfd, n.fd)
+            except OSError:  # not an open fd: the kernel answers the call itself
+                return self._continue(fd, n)
+        finally:
+            os.close(pidfd)
+        try:
+            sock = socket.socket(fileno=copy)
+        except OSError:  # not a socket
+            os.close(copy)
+            return self._continue(fd, n)
+        with sock:
+            req = self._request(n, sock, found)
+            # What was read (address, fd, credentials) belongs to this call only if it is still pending.
+            if not sys_.notif_id_valid(fd, n.id):
+                return
+            if req is None:
+                return self._continue(fd, n)
+            verdict = self.broker.judge(tenant, req, peer)
+            if verdict.action == "graft":
+                verdict = await self._graft(tenant, fd, n, req, verdict, sock)
+            elif verdict.action == "container":
+                self._continue(fd, n)
+            else:
+                self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
+        self.broker.audit_request(tenant, peer, req, verdict, "seccomp")
+
+    @staticmethod
+    def _address(n: abi.Notification) -> bytes | None:
+        """The inet address the call names, read from the caller's memory; None: nothing to judge."""
+        try:
+            where = abi.address_at(n)
+            if where is None:
+                hdr = abi.msghdr_at(n)
+                if hdr is None:
+                    return None
+                raw = sys_.read_memory(n.pid, hdr.ptr, hdr.length)
+                if len(raw) < hdr.length:
+                    return None
+                where = abi.address_in_msghdr(raw)
+                if where is None:
+                    return None
+            raw = sys_.read_memory(n.pid, where.ptr, where.length)
+        except OSError:  # unreadable: the kernel answers the call with EFAULT itself
+            return None
+        return raw if abi.sockaddr_family(raw) in abi.INET_FAMILIES else None
+
+    def _request(self, n: abi.Notification, sock: socket.socket, raw: bytes) -> wire.Request | None:
+        """The call as a request the decision code judges; None when it is not one to judge."""
+        if sock.family not in abi.INET_FAMILIES or sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            return None
+        if self._made_by_broker(sock):
+            return None  # a host socket already: confinement holds it to what was judged
+        try:
+            addr = wire.decode_sockaddr(raw)
+        except wire.WireError:
+            return None  # the kernel refuses it the same way
+        if addr.family != sock.family:
+            return None
+        flags = 0
+        if n.call == "bind":
+            if addr.port == 0:
+                return None
+            op = wire.OP_BIND
+        elif n.call == "connect":
+            op = wire.OP_CONNECT
+        else:  # sendto, sendmsg: a datagram's first destination, as the shim judges it
+            if sock.type != socket.SOCK_DGRAM or _connected(sock):
+                return None
+            op, flags = wire.OP_CONNECT, wire.REQF_SENDTO
+        return wire.Request(op, sock.family, sock.type, sock.proto, flags, addr, ())
+
+    def _made_by_broker(self, sock: socket.socket) -> bool:
+        conf = self.broker.confinement
+        assert conf is not None  # no listener is served without it
+        return bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), confine.MARK_SIZE) is not None
+
+    async def _graft(self, tenant: TenantState, fd: int, n: abi.Notification, req: wire.Request,
+                     verdict: Verdict, app_sock: socket.socket) -> Verdict:
+        """Make the host socket, put it on the app's fd number, and let the call finish. The verdict as audited."""
+        made = await self.broker.sockets.make(tenant, req, verdict, lambda s: _copy_options(tenant, app_sock, s),
+                                              connect=False)
+        if made.sock is None:
+            self._respond(fd, abi.encode_response(n.id, error=made.verdict.errno))
+            return made.verdict
+        with made.sock as host:
+            host.setblocking(not fcntl.fcntl(app_sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+            cloexec = _cloexec(n.pid, n.fd)
+            try:
+                sys_.notif_addfd(fd, abi.encode_addfd(n.id, host.fileno(), n.fd, cloexec))
+            except OSError as e:
+                if e.errno in _GONE:  # the caller died: the socket goes with the broker's copy
+                    return Verdict("error", verdict.rule, e.errno, verdict.target, "the caller went away")
+                raise
+        if req.op == wire.OP_BIND:
+            self._respond(fd, abi.encode_response(n.id, val=0))
+        else:
+            self._continue(fd, n)
+        return made.verdict
+
+
+def _copy_options(tenant: TenantState, src: socket.socket, dst: socket.socket) -> None:
+    for o, e in copy_options(src, dst):
+        log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def _proc_status(tid: int) -> tuple[int, Peer] | None:
+    """(process id, Peer with the effective uid and gid) of a thread, or None if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        tgid = int(fields["Tgid"])
+        uid = int(fields["Uid"].split()[1])
+        gid = int(fields["Gid"].split()[1])
+    except (KeyError, IndexError, ValueError):
+        return None
+    return tgid, Peer(tgid, uid, gid)
+
+
+def _cloexec(tid: int, fd: int) -> bool:
+    """Whether the app's fd is close-on-exec (fdinfo's flags, in octal); the host socket keeps that."""
+    try:
+        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
