@@ -9,9 +9,12 @@ under `graft run`. The demo shows, each with its audit line:
       on the host's 127.0.0.1:8000;
   (b) `python3 -m http.server 80` in the namespace is published on the
       host's 127.0.0.1:8080, and curl on the host fetches from it;
-  (c) a connection the policy denies fails with EPERM.
+  (c) a connection the policy denies fails with EPERM;
+  (d) a real container, started by runc through graft-runtime from a bundle
+      whose only mention of graft is the annotation io.graft.tenant=demo,
+      runs curl and fetches the same host-only page.
 
-It exits 0 only if all three behave so, and removes everything it made.
+It exits 0 only if all of them behave so, and removes everything it made.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from harness import (  # noqa: E402  (the demo reuses the test harness)
     run_grafted,
     run_in_netns,
 )
+from rootfs import Runtime, build_rootfs, default_config, real_runtime, write_bundle  # noqa: E402
 
 HOST_PORT, PUBLISHED_PORT, DENIED_PORT = 8000, 8080, 8001
 PAGE = "Hello from the host's 127.0.0.1 - served through graft.\n"
@@ -50,8 +54,9 @@ def step(title: str) -> None:
     print(f"\n=== {title}")
 
 
-def audit_line(broker: BrokerProcess, **match) -> dict:
-    for rec in reversed(broker.audit()):
+def audit_line(broker: BrokerProcess, since: int = 0, **match) -> dict:
+    """The last audit record matching match, among those after the first `since`."""
+    for rec in reversed(broker.audit()[since:]):
         if all(rec.get(k) == v for k, v in match.items()):
             print(f"    audit: {json.dumps(rec)}")
             return rec
@@ -62,6 +67,33 @@ def check(ok: bool, what: str) -> None:
     print(f"    {'ok' if ok else 'FAILED'}: {what}")
     if not ok:
         raise SystemExit(f"demo failed: {what}")
+
+
+class Containers:
+    """Step (d): containers from bundles that name their tenant and nothing else of graft."""
+
+    def __init__(self, tmp: Path, broker: BrokerProcess):
+        self.tmp, self.broker = tmp, broker
+        self.rootfs = build_rootfs(tmp / "rootfs")
+        self.runtime = Runtime(real_runtime("runc", tmp), tmp / "oci-state")
+
+    def run(self, name: str, args: list[str], tenant: str | None = None) -> subprocess.CompletedProcess:
+        """Run args in a new container `name` of tenant (default: the broker's); deleted afterwards."""
+        annotations = {"io.graft.tenant": tenant or self.broker.tenant,
+                       "io.graft.socket-dir": str(self.broker.socket_dir)}
+        bundle = write_bundle(self.tmp / f"bundle-{name}", default_config(self.rootfs, args, annotations))
+        print(f"    bundle {bundle}: annotations {json.dumps(annotations)}")
+        print(f"    $ graft-runtime run --bundle {bundle} {name}    (real runtime: {self.runtime.real})")
+        with self.runtime.container_id(f"graft-demo-{name}") as cid:
+            done = self.runtime.run("run", "--bundle", str(bundle), cid)
+        added = json.loads((bundle / "config.json").read_text())
+        mounts = [f"{m['source']} -> {m['destination']}" for m in added["mounts"][-2:]]
+        print(f"    graft-runtime added: {'; '.join(mounts)}"
+              + "".join(f"; {e}" for e in added["process"]["env"] if e.startswith("LD_PRELOAD="))
+              + ("; a seccomp notify rule" if "seccomp" in added.get("linux", {}) else ""))
+        if done.stderr.strip():
+            print(f"    stderr: {done.stderr.strip()}")
+        return done
 
 
 def main() -> int:
@@ -113,9 +145,18 @@ def main() -> int:
         check(denied.returncode == 1 and "errno 1 " in denied.stdout, "the connect fails with EPERM")
         audit_line(broker, op="connect", port=DENIED_PORT, action="deny", errno=1)
 
+        step(f"(d) a container started by runc through graft-runtime -> host 127.0.0.1:{HOST_PORT}")
+        containers = Containers(tmp, broker)
+        seen = len(broker.audit())
+        print(f"    root filesystem {containers.rootfs} (the host's /usr, read-only), network: only lo")
+        run = containers.run("curl", ["curl", "-sS", "--max-time", "10", url])
+        print(f"    curl in the container says: {run.stdout.strip()!r}")
+        check(run.returncode == 0 and run.stdout == PAGE, "the container fetches the host's page through graft")
+        audit_line(broker, since=seen, op="connect", port=HOST_PORT, action="graft", via="shim")
+
         step("clean-up")
-    print("    namespace, servers and broker removed")
-    print("\nDemo passed: (a), (b) and (c) behaved as described.")
+    print("    containers, namespace, servers and broker removed")
+    print("\nDemo passed: (a), (b), (c) and (d) behaved as described.")
     return 0
 
 
