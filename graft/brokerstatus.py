@@ -7,6 +7,7 @@ mode, before it grafts the container.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -29,8 +30,20 @@ def read_status(socket_dir: str, timeout: float = READ_TIMEOUT) -> dict:
             s.connect(path)
             raw = b"".join(iter(lambda: s.recv(65536), b""))
         status = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise BrokerUnreachable(f"no broker answers at {path}: {e}") from None
+    except OSError as e:
+        raise BrokerUnreachable(f"no broker answers at {path}: {_why(e)}") from None
+    except ValueError as e:
+        raise BrokerUnreachable(f"no broker answers at {path}: its answer is not JSON ({e})") from None
     if not isinstance(status, dict) or not isinstance(status.get("tenants"), dict):
         raise BrokerUnreachable(f"{path} did not answer with a graft-broker status document")
     return status
+
+
+def _why(e: OSError) -> str:
+    # In our own words for the common cases: engines classify a runtime's error by its
+    # text, and podman reports strerror(ENOENT) as "a command that was not found".
+    if e.errno == errno.ENOENT:
+        return "the socket does not exist (is graft-broker running with this --socket-dir?)"
+    if e.errno == errno.ECONNREFUSED:
+        return "nothing listens on the socket (is graft-broker running?)"
+    return e.strerror or str(e) or type(e).__name__
