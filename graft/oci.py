@@ -28,12 +28,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from graft.broker.seccomp_abi import SECCOMP_SOCKET
 from graft.broker.seccomp_calls import NOTIFIED_SYSCALLS
 from graft.cli import DEFAULT_SOCKET_DIR
 
 TENANT_ANNOTATION = "io.graft.tenant"
 SOCKET_DIR_ANNOTATION = "io.graft.socket-dir"
-SECCOMP_AGENT_SOCKET = "seccomp.sock"  # <socket_dir>/seccomp.sock, fixed by DESIGN.md
 
 # Inside the container. /run/graft/graft.sock is the shim's default GRAFT_SOCKET,
 # so the environment needs no GRAFT_SOCKET; the library sits next to it because
@@ -68,7 +68,7 @@ class Request:
 
     @property
     def seccomp_listener(self) -> str:
-        return os.path.join(self.socket_dir, SECCOMP_AGENT_SOCKET)
+        return os.path.join(self.socket_dir, SECCOMP_SOCKET)
 
 
 def requested(config: dict) -> Request | None:
@@ -126,9 +126,11 @@ def _preload(env: list[str]) -> None:
 def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:
     """profile (or an allow-all one) extended to notify listener on the socket calls.
 
-    The kernel runs one action per system call, and runc and crun reject a
-    profile with two unconditional rules for one call, so the notified calls
-    leave every other rule:
+    A filter has one action per system call. runc 1.1 and crun 1.8 (libseccomp
+    2.5) accept two unconditional rules for one call without a word, and which
+    one then applies depends on their actions and order (measured: with ERRNO
+    and NOTIFY rules for connect, the first one wins). So a notified call
+    leaves every other rule, and never depends on that resolution:
 
     - a call an unconditional ALLOW or LOG rule lets through is taken out of
       that rule (and a rule left with no name is dropped): notifying instead
