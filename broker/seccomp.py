@@ -172,6 +172,9 @@ class SeccompAgent:
             state = abi.decode_process_state(raw, len(fds))
         except abi.StateError as e:
             raise Refused(str(e)) from None
+        if self.broker.confinement is None:
+            raise Refused("seccomp mode needs kernel confinement, and this broker runs without it "
+                          "(docs/policy.md, mode)")
         fd = fds[state.fd_index]
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
@@ -184,9 +187,6 @@ class SeccompAgent:
             raise Refused(f"no tenant {state.tenant!r} in the policy")
         if tenant.config.mode != "seccomp":
             raise Refused(f'tenant {state.tenant} is in mode "{tenant.config.mode}", not "seccomp"')
-        if self.broker.confinement is None:
-            raise Refused("seccomp mode needs kernel confinement, and this broker runs without it "
-                          "(docs/policy.md, mode)")
         if tenant.seccomp_listeners >= MAX_LISTENERS_PER_TENANT:
             raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
         if tenant.nursery is None or tenant.cancel_scope.cancel_called:
