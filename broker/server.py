@@ -194,16 +194,28 @@ class Broker:
     def _new_grant_id(self, tenant: TenantState) -> None:
         """A new id for the tenant's grants and pre-issued sockets: those issued before lose all grants."""
         assert self.confinement is not None
+        self._drop_grants(tenant)
         try:
-            tenant.gid = self.confinement.new_id()
-        except confine.Unavailable as e:
+            tenant.gid = self.confinement.new_grant_id()
+        except (confine.Unavailable, OSError) as e:
             tenant.gid = 0
             log.error("tenant %s: fast path off: %s", tenant.name, e)
             return
         self._tenant_by_gid[tenant.gid] = tenant.name
 
+    def _drop_grants(self, tenant: TenantState) -> None:
+        """The tenant's grant id retires: its grants (its own map in the kernel) go."""
+        if self.confinement is None or not tenant.gid:
+            return
+        try:
+            self.confinement.drop_grants(tenant.gid)
+        except OSError as e:  # the map stays in the kernel, unreachable: no socket carries the id any more
+            log.error("tenant %s: cannot remove its grants: %s", tenant.name, e)
+        tenant.gid = 0
+
     def _forget(self, tenant: TenantState) -> None:
-        """A tenant gone: its close count goes (its sockets stay counted nowhere)."""
+        """A tenant gone: its grants and its close count go (its sockets stay counted nowhere)."""
+        self._drop_grants(tenant)
         if self.confinement is None or not tenant.kid:
             return
         try:
@@ -298,6 +310,7 @@ class Broker:
                 "max_rate": t.config.max_rate,
                 "counts": {a: t.counts[a] for a in ("graft", "container", "deny", "error")},
                 "preissued": t.preissued,
+                "seccomp_listeners": t.seccomp_listeners,
             }
         return {
             "policy": {"version": self.policy.version, "generation": self.generation,

@@ -11,6 +11,7 @@ import array
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from harness import GRAFT, REPO, free_port, http_server, need_confinement, need_program, run_in_netns
+from harness import (GRAFT, REPO, eventually, free_port, http_server, need_confinement, need_program,
+                     run_in_netns)
 
 pytestmark = pytest.mark.netns
 
@@ -332,3 +334,115 @@ def test_toctou_a_racing_thread_never_reaches_a_forbidden_destination(netns, sec
     # The race was really run: some connects judged allowed were then refused by the kernel,
     # because the address had changed by the time the call went on.
     assert len(grafted) > counts["connected"], (len(grafted), counts)
+
+
+WAIT_THEN_CONNECT = """
+import errno, socket, sys
+for line in sys.stdin:
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", int(sys.argv[1])))
+        print("connected", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+    s.close()
+"""
+
+
+def test_a_removed_tenants_listeners_close_and_its_calls_fail(netns, seccomp_broker):
+    """Reload without the tenant: its containers' notify fds are closed, their calls get ENOSYS."""
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)))
+        proc = subprocess.Popen([GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns", netns,
+                                 "--", PY, "-c", WAIT_THEN_CONNECT, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "connected"
+            status = json.loads(subprocess.run([GRAFT, "status", "--socket-dir", str(broker.socket_dir), "--json"],
+                                               capture_output=True, text=True, check=True).stdout)
+            assert status["tenants"]["t"]["seccomp_listeners"] == 1
+            assert status["tenants"]["t"]["mode"] == "seccomp"
+            broker.reload('version = 1\n[tenants.other]\nmode = "seccomp"\n')
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "ENOSYS"
+            proc.stdin.close()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert len(arrivals) == 1
+
+
+KILLED_MID_CALL = """
+import socket, sys, threading
+def loop():
+    while True:
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", int(sys.argv[1])))
+        except OSError:
+            pass
+        s.close()
+for _ in range(4):
+    threading.Thread(target=loop, daemon=True).start()
+print("running", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_programs_killed_in_the_middle_of_calls_cost_the_broker_nothing(netns, seccomp_broker):
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)))
+        for _ in range(5):
+            proc = subprocess.Popen([GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns",
+                                     netns, "--", PY, "-c", KILLED_MID_CALL, str(port)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                assert proc.stdout.readline().strip() == "running"
+                seen = len(arrivals)
+                assert eventually(lambda: len(arrivals) >= seen + 20, timeout=30)  # calls are in flight now
+                # SIGKILL to graft run's child (the program), whatever call it is in
+                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                    (child,) = map(int, f.read().split())
+                os.kill(child, signal.SIGKILL)
+                assert proc.wait(timeout=30) == 128 + 9
+            finally:
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
+        assert broker.proc.poll() is None
+        r = seccomp_run(broker, netns, PY, "-c", CONNECT_ERRNO, str(port))
+        assert r.stdout.strip() == "connected", r.stderr
+    assert "Traceback" not in broker.stderr() and "internal error" not in broker.stderr()
+
+
+V6_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setblocking(False)
+err = s.connect_ex(("::1", int(sys.argv[1])))
+import select
+select.select([], [s], [], 10)
+print(err, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), s.getpeername()[1] == int(sys.argv[1]),
+      s.getblocking())
+"""
+
+
+def test_a_nonblocking_ipv6_connect_keeps_its_semantics(netns, seccomp_broker):
+    with socket.socket(socket.AF_INET6) as srv:
+        srv.bind(("::1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        rule = f'[[tenants.t.connect]]\nto = ["::1/128"]\nports = [{port}]\n'
+        broker = seccomp_broker(policy(rule))
+        r = seccomp_run(broker, netns, PY, "-c", V6_CONNECT, str(port))
+    assert r.returncode == 0, r.stderr
+    # EINPROGRESS from the app's own non-blocking call, then connected; still non-blocking
+    assert r.stdout.split() == [str(errno.EINPROGRESS), "0", "True", "False"]
+    (rec,) = seccomp_records(broker)
+    assert (rec["family"], rec["addr"], rec["action"]) == ("inet6", "::1", "graft")
