@@ -7,11 +7,18 @@
  * that a fork child closes every broker connection it inherited, in use by
  * a parent thread at the time or not. A vfork/CLONE_VM child finds the pool
  * not its own and uses an unpooled connection rather than the parent's.
+ *
+ * Callers hold the fork guard (forkguard.h). A round trip releases it only
+ * to wait for the broker (connect, send, the reply's arrival) and only on a
+ * pooled connection, which a fork child closes; the reply, and any fd it
+ * carries, is received inside the guard, without blocking, so a fork
+ * never falls between the fds' arrival and the caller's use of them.
  */
 #define _GNU_SOURCE
 #include "broker_conn.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -22,6 +29,7 @@
 #include <unistd.h>
 
 #include "fdpool.h"
+#include "forkguard.h"
 #include "log.h"
 #include "real.h"
 
@@ -87,32 +95,52 @@ static int io_error(int err)
     return err == EAGAIN || err == EWOULDBLOCK ? ETIMEDOUT : err;
 }
 
-static int set_timeouts(int fd)
+/* Bounds the connect to the broker and the send; the reply's wait is a poll (await_reply). */
+static int set_send_timeout(int fd)
 {
     struct timeval tv = {.tv_sec = BROKER_TIMEOUT_SEC, .tv_usec = 0};
-    if (graft_real.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0 ||
-        graft_real.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+    if (graft_real.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
         return errno;
     return 0;
 }
 
-static int open_conn(int *out)
+/*
+ * Around each wait for the broker: the fork guard is released if c is
+ * pooled. An unpooled connection (a full pool, a vfork child) would reach
+ * a fork child with nothing there to close it, so it keeps the guard.
+ */
+static void wait_begin(const struct conn *c, struct forkguard *g)
+{
+    if (c->slot >= 0)
+        forkguard_leave(g);
+}
+
+static void wait_end(const struct conn *c, struct forkguard *g)
+{
+    if (c->slot >= 0)
+        forkguard_enter(g);
+}
+
+/* A new connection, lent to the caller from the pool before anything can block. */
+static int open_conn(struct conn *c, struct forkguard *g)
 {
     if (broker_addr_err != 0)
         return broker_addr_err;
     for (;;) {
-        int fd = graft_real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-        if (fd < 0)
+        c->fd = graft_real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (c->fd < 0)
             return errno;
-        int err = set_timeouts(fd);
-        if (err == 0 &&
-            graft_real.connect(fd, (const struct sockaddr *)&broker_addr, broker_addr_len) < 0)
-            err = errno;
+        c->slot = fdpool_lend_new(&pool, c->fd);
+        int err = set_send_timeout(c->fd);
         if (err == 0) {
-            *out = fd;
-            return 0;
+            wait_begin(c, g);
+            if (graft_real.connect(c->fd, (const struct sockaddr *)&broker_addr, broker_addr_len) < 0)
+                err = errno;
+            wait_end(c, g);
         }
-        graft_real.close(fd);
+        if (err == 0)
+            return 0;
+        put_back(c, false);
         if (err != EINTR) /* a signal: start over rather than fail the app's call */
             return io_error(err);
     }
@@ -186,7 +214,7 @@ static int receive_reply(int fd, uint16_t op, struct graft_reply *rep, struct re
         iov = (struct iovec){.iov_base = rep, .iov_len = sizeof *rep};
         msg = (struct msghdr){.msg_iov = &iov, .msg_iovlen = 1,
                               .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf};
-        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); /* await_reply saw it arrive */
     } while (n < 0 && errno == EINTR);
     if (n < 0)
         return io_error(errno);
@@ -205,8 +233,7 @@ static int receive_reply(int fd, uint16_t op, struct graft_reply *rep, struct re
     return 0;
 }
 
-static int exchange(int fd, const struct graft_request *req, struct graft_reply *rep,
-                    struct received *got)
+static int send_request(int fd, const struct graft_request *req)
 {
     ssize_t n;
     do
@@ -214,9 +241,31 @@ static int exchange(int fd, const struct graft_request *req, struct graft_reply 
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return io_error(errno);
-    if (n != (ssize_t)sizeof *req)
-        return EPROTO;
-    return receive_reply(fd, req->op, rep, got);
+    return n == (ssize_t)sizeof *req ? 0 : EPROTO;
+}
+
+/* The reply (or EOF, or an error) is there to receive; ETIMEDOUT after BROKER_TIMEOUT_SEC. */
+static int await_reply(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int n;
+    do
+        n = poll(&p, 1, BROKER_TIMEOUT_SEC * 1000);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno;
+    return n == 0 ? ETIMEDOUT : 0;
+}
+
+static int exchange(const struct conn *c, const struct graft_request *req, struct graft_reply *rep,
+                    struct received *got, struct forkguard *g)
+{
+    wait_begin(c, g);
+    int err = send_request(c->fd, req);
+    if (err == 0)
+        err = await_reply(c->fd);
+    wait_end(c, g);
+    return err != 0 ? err : receive_reply(c->fd, req->op, rep, got);
 }
 
 /*
@@ -236,15 +285,15 @@ static bool worth_retry(int err)
  * the next request would only find it dead and pay for the retry.
  */
 static int exchange_on(struct conn *c, const struct graft_request *req, struct graft_reply *rep,
-                       struct received *got)
+                       struct received *got, struct forkguard *g)
 {
-    int err = exchange(c->fd, req, rep, got);
+    int err = exchange(c, req, rep, got, g);
     put_back(c, err == 0 && rep->verdict != GRAFT_V_ERROR);
     return err;
 }
 
 static int roundtrip(const struct graft_request *req, struct graft_reply *rep,
-                     struct received *got)
+                     struct received *got, struct forkguard *g)
 {
     struct conn c;
     int err;
@@ -252,27 +301,28 @@ static int roundtrip(const struct graft_request *req, struct graft_reply *rep,
     got->nfds = 0;
     c.fd = fdpool_borrow(&pool, &c.slot);
     if (c.fd >= 0) {
-        err = exchange_on(&c, req, rep, got);
+        err = exchange_on(&c, req, rep, got, g);
         if (err == 0 || !worth_retry(err))
             return err;
     }
 
-    err = open_conn(&c.fd);
+    err = open_conn(&c, g);
     if (err != 0)
         return err;
-    c.slot = fdpool_lend_new(&pool, c.fd);
-    return exchange_on(&c, req, rep, got);
+    return exchange_on(&c, req, rep, got, g);
 }
 
-int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd)
+int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd,
+                     struct forkguard *g)
 {
     struct received got;
-    int err = roundtrip(req, rep, &got);
+    int err = roundtrip(req, rep, &got, g);
     *hostfd = got.nfds == 1 ? got.fds[0] : -1;
     return err;
 }
 
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused)
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
+                    struct forkguard *g)
 {
     struct graft_request req;
     struct graft_reply rep;
@@ -287,7 +337,7 @@ int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *
     req.protocol = protocol;
     *nfds = 0;
     *refused = 0;
-    int err = roundtrip(&req, &rep, &got);
+    int err = roundtrip(&req, &rep, &got, g);
     if (err != 0)
         return err;
     if (rep.verdict != GRAFT_V_GRAFT) {

@@ -9,12 +9,13 @@
 #ifndef GRAFT_BROKER_CONN_H
 #define GRAFT_BROKER_CONN_H
 
+#include "forkguard.h"
 #include "graft_wire.h"
 
 /* Seconds a connect/send/receive to the broker may take. */
 #define BROKER_TIMEOUT_SEC 10
 
-/* Sets the broker's socket path and installs the fork handler. Call once. */
+/* Sets the broker's socket path and the connection pool. Call once. */
 void broker_init(const char *path);
 
 /* The socket path, for messages. */
@@ -28,8 +29,13 @@ const char *broker_path(void);
  * connection is retried once on a fresh one. Its send and receive are
  * cancellation points: a caller holding state that a cancellation would
  * leak must disable cancellation.
+ *
+ * The caller holds the fork guard g, which is released while the round
+ * trip waits for the broker and held again when it returns: *hostfd
+ * arrives inside it, and the caller installs or closes it before leaving.
  */
-int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd);
+int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, int *hostfd,
+                     struct forkguard *g);
 
 /*
  * Asks for pre-issued TCP sockets of family (graft_wire.h: PREISSUE), a
@@ -38,8 +44,10 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
  * non-blocking, O_CLOEXEC host sockets are in fds[0..*nfds), which the
  * caller owns, or *refused holds the errno of a DENY or ERROR verdict
  * (EOPNOTSUPP from a broker without PREISSUE or without confinement).
+ * The fork guard g is held and released as by broker_roundtrip.
  */
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused);
+int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
+                    struct forkguard *g);
 
 /* Human-readable reason for a broker_roundtrip error. */
 const char *broker_strerror(int err);

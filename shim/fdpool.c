@@ -8,7 +8,6 @@
  */
 #include "fdpool.h"
 
-#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,7 +17,6 @@
 
 /* Every initialised pool; pushed under the callers' init, read by the fork child. */
 static _Atomic(struct fdpool *) all_pools;
-static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
 
 /* fd >= 0 is an int, so (fd + 1) << 1 fits an unsigned int. */
 static unsigned int slot_pack(int fd, bool busy)
@@ -42,7 +40,7 @@ static bool still_ours(const struct fdpool_slot *s, int fd)
  * a thread the child does not have, unless the number was reused (closing
  * it would close the application's file).
  */
-static void fork_child(void)
+void fdpool_fork_child(void)
 {
     pid_t me = getpid();
     for (struct fdpool *p = atomic_load(&all_pools); p != NULL; p = p->next) {
@@ -56,18 +54,12 @@ static void fork_child(void)
     }
 }
 
-static void install_fork_handler(void)
-{
-    pthread_atfork(NULL, NULL, fork_child);
-}
-
 void fdpool_init(struct fdpool *p)
 {
     atomic_store_explicit(&p->owner, getpid(), memory_order_relaxed);
     p->next = atomic_load(&all_pools);
     while (!atomic_compare_exchange_weak(&all_pools, &p->next, p))
         ;
-    pthread_once(&fork_handler_once, install_fork_handler);
 }
 
 bool fdpool_owned(struct fdpool *p)

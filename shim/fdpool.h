@@ -16,7 +16,8 @@
  *
  * A pool belongs to one process. A fork child empties every pool and closes
  * its copies of the fds, idle or lent (the borrowing thread does not exist
- * in the child). A vfork/CLONE_VM child shares the memory but not the fd
+ * in the child). An fd of the shim's that is in no pool is kept from
+ * reaching a fork child by the fork guard (forkguard.h). A vfork/CLONE_VM child shares the memory but not the fd
  * table, and no fork handler runs for it: it sees another pid, and every
  * operation treats the pool as empty and full. The fds are O_CLOEXEC, so an
  * exec leaves none behind.
@@ -44,6 +45,9 @@ struct fdpool {
 
 /* Makes p (zeroed, static) this process's and empties it in fork children. Call once. */
 void fdpool_init(struct fdpool *p);
+
+/* The fork-child handler (called by forkguard.c): closes every pool's fds, idle or lent. */
+void fdpool_fork_child(void);
 
 /* Whether the calling process owns p: false in a vfork/CLONE_VM child. */
 bool fdpool_owned(struct fdpool *p);

@@ -71,13 +71,10 @@ static pthread_mutex_t ring_lock = PTHREAD_MUTEX_INITIALIZER;
 /* The process whose fds the table describes (see owned()). */
 static _Atomic pid_t owner;
 
-/* Signal mask of the forking thread, saved by fork_prepare. */
-static sigset_t fork_saved_mask;
-
 /*
  * A vfork or CLONE_VM child shares this memory but has its own fd table
  * (and pthread_atfork handlers do not run for it), so it must not change
- * what the parent knows. A fork child becomes the owner in fork_child.
+ * what the parent knows. A fork child becomes the owner in fdt_fork_child.
  */
 static bool owned(void)
 {
@@ -275,36 +272,30 @@ static void unlock_group(struct held *h)
 
 /*
  * fork() with a lock held by another thread would leave it locked forever
- * in the child: take them all across the fork.
+ * in the child: the fork handlers (forkguard.c, with every signal blocked)
+ * take them all across it.
  */
-static void fork_prepare(void)
+void fdt_fork_prepare(void)
 {
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
     pthread_mutex_lock(&ring_lock);
     lock_mask(~UINT64_C(0));
-    fork_saved_mask = saved; /* written only while holding every lock */
 }
 
-static void fork_unlock_all(void)
+void fdt_fork_parent(void)
 {
-    sigset_t saved = fork_saved_mask;
     unlock_mask(~UINT64_C(0));
     pthread_mutex_unlock(&ring_lock);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
 }
 
-static void fork_child(void)
+void fdt_fork_child(void)
 {
     atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
-    fork_unlock_all();
+    fdt_fork_parent();
 }
 
 void fdt_init(void)
 {
     atomic_store_explicit(&owner, getpid(), memory_order_relaxed);
-    pthread_atfork(fork_prepare, fork_unlock_all, fork_child);
 }
 
 /* ---- state changes (all with the entry's group locked) ---- */

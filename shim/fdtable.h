@@ -78,8 +78,17 @@ enum fdt_opt {
     FDT_OPT_TOO_MANY, /* GRAFT_MAX_OPTS distinct options already recorded */
 };
 
-/* Records the owning process and installs the fork handlers. Call once. */
+/* Records the owning process. Call once. */
 void fdt_init(void);
+
+/*
+ * The fork handlers, called by forkguard.c with every signal blocked:
+ * prepare takes every lock of the table, parent releases them, child also
+ * makes the child the table's owner.
+ */
+void fdt_fork_prepare(void);
+void fdt_fork_parent(void);
+void fdt_fork_child(void);
 
 /* Whether fd can be tracked at all; larger fds simply pass through. */
 bool fdt_in_range(int fd);

@@ -14,7 +14,6 @@
 #include "grants.h"
 
 #include <netinet/in.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -113,7 +112,7 @@ void grants_flush(void)
  * An entry a parent thread was writing at the fork stays odd in the child,
  * where that thread does not exist: invalidate it and make it usable again.
  */
-static void fork_child(void)
+void grants_fork_child(void)
 {
     for (unsigned int i = 0; i < GRANTS_SLOTS; i++) {
         unsigned int seq = atomic_load_explicit(&cache[i].seq, memory_order_relaxed);
@@ -122,9 +121,4 @@ static void fork_child(void)
             atomic_store_explicit(&cache[i].seq, seq + 1, memory_order_release);
         }
     }
-}
-
-void grants_init(void)
-{
-    pthread_atfork(NULL, NULL, fork_child);
 }

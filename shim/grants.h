@@ -17,8 +17,8 @@
 #include <stdbool.h>
 #include <sys/socket.h>
 
-/* Installs the fork handler. Call once. */
-void grants_init(void);
+/* The fork-child handler (called by forkguard.c): entries left mid-write become usable. */
+void grants_fork_child(void);
 
 /*
  * dest is a whole sockaddr_in or sockaddr_in6; destinations are the same if

@@ -56,6 +56,7 @@
 
 #include "broker_conn.h"
 #include "fdtable.h"
+#include "forkguard.h"
 #include "graft_wire.h"
 #include "grants.h"
 #include "log.h"
@@ -115,8 +116,8 @@ static void init(void)
     broker_init(path != NULL && *path != '\0' ? path : DEFAULT_SOCKET);
     read_fallback();
     fdt_init();
-    grants_init();
     preissue_init();
+    forkguard_init();
 }
 
 /*
@@ -203,17 +204,33 @@ static const char *proto_name(const struct fdt_sock *s)
     return s->type == SOCK_STREAM ? "tcp" : "udp";
 }
 
-/* Disables cancellation, returning the old state for cancel_restore. */
-static int cancel_off(void)
+/*
+ * A decision (claim, ask, settle) runs with cancellation disabled, since a
+ * cancellation mid-decision would leak the claim, a broker connection or a
+ * received fd, and inside the fork guard (forkguard.h), since a fork
+ * mid-decision would copy into the child a host socket on its way onto
+ * the app's fd. The broker round trips release the guard while they wait.
+ * What follows a decision (a blocking connect's wait) is outside both: a
+ * cancellation point, as in connect(2), and no hindrance to a fork.
+ */
+struct scope {
+    int cancel;
+    struct forkguard guard;
+};
+
+static void scope_enter(struct scope *s)
 {
-    int old;
-    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
-    return old;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &s->cancel);
+    forkguard_enter(&s->guard);
 }
 
-static void cancel_restore(int old)
+/* errno is the decision's: bind() and listen() return with it. */
+static void scope_leave(struct scope *s)
 {
-    pthread_setcancelstate(old, NULL);
+    int saved = errno;
+    forkguard_leave(&s->guard);
+    pthread_setcancelstate(s->cancel, NULL);
+    errno = saved;
 }
 
 /* ---- adopting sockets the shim did not see created ---- */
@@ -359,6 +376,7 @@ struct outcome {
 
 /* One decision about a claimed placeholder. */
 struct attempt {
+    struct forkguard *guard; /* the decision's scope's */
     const char *call; /* "connect", "bind", "listen" or "sendto", for messages */
     uint16_t op;      /* GRAFT_OP_* */
     int fd;
@@ -610,7 +628,7 @@ static void decide(const struct attempt *a, struct outcome *o)
     int hostfd;
 
     build_request(&req, a);
-    int reason = broker_roundtrip(&req, &rep, &hostfd);
+    int reason = broker_roundtrip(&req, &rep, &hostfd, a->guard);
     if (reason != 0)
         on_unreachable(a, reason, o);
     else
@@ -720,7 +738,7 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
 {
     if (!fast_path_fits(a->sock) || !grants_has(&a->addr->sa))
         return false;
-    struct preissued got = preissue_take(a->sock->family, a->sock->protocol);
+    struct preissued got = preissue_take(a->sock->family, a->sock->protocol, a->guard);
     if (got.fd < 0 && got.unreachable != 0) { /* asking again would double the wait */
         on_unreachable(a, got.unreachable, o);
         settle(a, o, -1);
@@ -748,7 +766,8 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
     return true;
 }
 
-static void graft_connect(int fd, const union inet_sockaddr *target, struct outcome *o)
+static void graft_connect(int fd, const union inet_sockaddr *target, struct outcome *o,
+                          struct forkguard *guard)
 {
     struct fdt_sock sock;
     o->kind = OUT_NATIVE;
@@ -758,7 +777,7 @@ static void graft_connect(int fd, const union inet_sockaddr *target, struct outc
         fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
         return;
     }
-    struct attempt a = {"connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target, 0, NULL};
+    struct attempt a = {guard, "connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target, 0, NULL};
     if (connect_fast(&a, o))
         return;
     decide(&a, o);
@@ -806,12 +825,10 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     union inet_sockaddr target;
     if (copy_inet_addr(addr, len, &target)) {
         struct outcome o;
-        /* A cancellation mid-decision would leak the claim, a broker
-         * connection or the received fd; the wait after it stays a
-         * cancellation point, as in connect(2). */
-        int cancel = cancel_off();
-        graft_connect(fd, &target, &o);
-        cancel_restore(cancel);
+        struct scope scope;
+        scope_enter(&scope);
+        graft_connect(fd, &target, &o, &scope.guard);
+        scope_leave(&scope);
         if (o.kind != OUT_NATIVE)
             return connect_result(fd, &o, saved);
     }
@@ -850,7 +867,7 @@ static int bind_ephemeral(int fd, const struct fdt_sock *sock, const union inet_
     else
         fdt_release(fd, sock->gen, FDT_PLACEHOLDER);
     if (rc == 0 && log_debug_on()) {
-        struct attempt a = {"bind", GRAFT_OP_BIND, fd, 0, sock, local, 0, NULL};
+        struct attempt a = {NULL, "bind", GRAFT_OP_BIND, fd, 0, sock, local, 0, NULL};
         debug_verdict(&a, "deferred", "port 0 bound in the container; the broker decides at connect or listen");
     }
     errno = err;
@@ -858,7 +875,7 @@ static int bind_ephemeral(int fd, const struct fdt_sock *sock, const union inet_
 }
 
 static int graft_bind(int fd, const union inet_sockaddr *local, const struct sockaddr *addr,
-                      socklen_t len, int saved)
+                      socklen_t len, int saved, struct forkguard *guard)
 {
     struct fdt_sock sock;
     if (!claim_socket(fd, true, &sock))
@@ -871,7 +888,7 @@ static int graft_bind(int fd, const union inet_sockaddr *local, const struct soc
     if (port_of(local) == 0)
         return bind_ephemeral(fd, &sock, local, addr, len, saved);
 
-    struct attempt a = {"bind", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, local, 0, local};
+    struct attempt a = {guard, "bind", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, local, 0, local};
     struct outcome o;
     decide(&a, &o);
     return bind_result(&o, saved);
@@ -883,9 +900,10 @@ EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     int saved = errno;
     union inet_sockaddr local;
     if (copy_inet_addr(addr, len, &local)) {
-        int cancel = cancel_off();
-        int rc = graft_bind(fd, &local, addr, len, saved);
-        cancel_restore(cancel);
+        struct scope scope;
+        scope_enter(&scope);
+        int rc = graft_bind(fd, &local, addr, len, saved, &scope.guard);
+        scope_leave(&scope);
         if (rc != GO_NATIVE)
             return rc;
     }
@@ -907,7 +925,7 @@ static void listen_address(const struct fdt_sock *sock, union inet_sockaddr *out
         out->sa.sa_family = (sa_family_t)sock->family;
 }
 
-static int graft_listen(int fd, int backlog, int saved)
+static int graft_listen(int fd, int backlog, int saved, struct forkguard *guard)
 {
     struct fdt_sock sock;
     if (!claim_socket(fd, false, &sock))
@@ -919,7 +937,7 @@ static int graft_listen(int fd, int backlog, int saved)
     union inet_sockaddr local;
     listen_address(&sock, &local);
     /* No app_bound: the app asked for "any port", so the host's port is its answer. */
-    struct attempt a = {"listen", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, &local, 0, NULL};
+    struct attempt a = {guard, "listen", GRAFT_OP_BIND, fd, EADDRNOTAVAIL, &sock, &local, 0, NULL};
     struct outcome o;
     decide(&a, &o);
     int rc = bind_result(&o, saved);
@@ -932,9 +950,10 @@ EXPORT int listen(int fd, int backlog)
 {
     graft_init();
     int saved = errno;
-    int cancel = cancel_off();
-    int rc = graft_listen(fd, backlog, saved);
-    cancel_restore(cancel);
+    struct scope scope;
+    scope_enter(&scope);
+    int rc = graft_listen(fd, backlog, saved, &scope.guard);
+    scope_leave(&scope);
     if (rc != GO_NATIVE)
         return rc;
     errno = saved;
@@ -994,17 +1013,18 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
 
     struct outcome o = {.kind = OUT_NATIVE};
     struct fdt_sock sock;
-    int cancel = cancel_off();
+    struct scope scope;
+    scope_enter(&scope);
     if (claim_socket(fd, false, &sock)) {
         if (sock.type != SOCK_DGRAM || !dest_for_family(sock.family, &given, &dest)) {
             fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
         } else {
-            struct attempt a = {"sendto", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, &dest,
-                                GRAFT_REQF_SENDTO, NULL};
+            struct attempt a = {&scope.guard, "sendto", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock,
+                                &dest, GRAFT_REQF_SENDTO, NULL};
             decide(&a, &o);
         }
     }
-    cancel_restore(cancel);
+    scope_leave(&scope);
     if (o.kind == OUT_FAILED || (o.kind == OUT_GRAFTED && o.error != 0))
         return fail(o.error);
     return 0;

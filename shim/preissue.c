@@ -105,13 +105,13 @@ static bool begin_refill(struct family_pool *p, int64_t now)
 }
 
 /* A socket for the caller, the rest pooled; -1, and *unreachable set if the broker cannot be reached. */
-static int refill(struct family_pool *p, int protocol, int *unreachable)
+static int refill(struct family_pool *p, int protocol, int *unreachable, struct forkguard *g)
 {
     int64_t now = monotonic_ns();
     if (now < atomic_load(&p->refill_after) || !begin_refill(p, now))
         return -1;
     int fds[GRAFT_PREISSUE_MAX], nfds, refused;
-    int err = broker_preissue(p->family, protocol, fds, &nfds, &refused);
+    int err = broker_preissue(p->family, protocol, fds, &nfds, &refused, g);
     atomic_store(&p->refiller, 0);
     if (err != 0 || refused != 0) {
         hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err != 0 ? err : refused));
@@ -125,7 +125,7 @@ static int refill(struct family_pool *p, int protocol, int *unreachable)
     return fds[0];
 }
 
-struct preissued preissue_take(int family, int protocol)
+struct preissued preissue_take(int family, int protocol, struct forkguard *g)
 {
     struct family_pool *p = pool_of(family);
     struct preissued out = {.fd = -1, .gen = atomic_load(&generation), .unreachable = 0};
@@ -133,7 +133,7 @@ struct preissued preissue_take(int family, int protocol)
         return out;
     out.fd = fdpool_pop(&p->fds);
     if (out.fd < 0)
-        out.fd = refill(p, protocol, &out.unreachable);
+        out.fd = refill(p, protocol, &out.unreachable, g);
     return out;
 }
 

@@ -22,6 +22,8 @@
 #ifndef GRAFT_PREISSUE_H
 #define GRAFT_PREISSUE_H
 
+#include "forkguard.h"
+
 /* Sets up the pools. Call once. */
 void preissue_init(void);
 
@@ -40,8 +42,12 @@ struct preissued {
  * says when the broker could not be reached, so that the caller does not
  * try it a second time. Like any round trip, a refill is a cancellation
  * point.
+ *
+ * The caller holds the fork guard g (a refill releases it while it waits
+ * for the broker): the socket is in no pool once taken, so the caller
+ * installs or closes it before leaving the guard.
  */
-struct preissued preissue_take(int family, int protocol);
+struct preissued preissue_take(int family, int protocol, struct forkguard *g);
 
 /* A socket from preissue_take connected, or failed for another reason than the kernel's refusal. */
 void preissue_connected(int family);
