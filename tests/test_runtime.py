@@ -119,6 +119,26 @@ def test_preload_http_server_is_published_on_the_host(rt, start_broker, short_tm
     assert (rec["port"], rec["action"], rec["host_addr"]) == (80, "graft", f"127.0.0.1:{published}")
 
 
+def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, rootfs, site):
+    """A seccomp-mode tenant: curl is grafted by the broker's agent, and the bundle's own rules still hold."""
+    broker = start_broker(policy(site, mode="seccomp"), "web")
+    script = f"uname -s || echo uname refused; exec {' '.join(curl(site))}"
+    config = default_config(rootfs, ["sh", "-c", script], annotations(broker))
+    config["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                     {"names": ["connect", "getpid"], "action": "SCMP_ACT_ALLOW"}],
+    }
+    bundle = write_bundle(short_tmp / "bundle", config)
+    with rt.container_id() as cid:
+        out = rt.run("run", "--bundle", str(bundle), cid)
+    assert (out.returncode, out.stdout) == (0, "uname refused\n" + PAGE), (out.stderr, broker.stderr(), (bundle / "config.json").read_text())
+    (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
+    assert (rec["port"], rec["action"], rec["via"]) == (site, "graft", "seccomp")
+    grafted = json.loads((bundle / "config.json").read_text())
+    assert not [e for e in grafted["process"]["env"] if e.startswith("LD_PRELOAD=")]
+
+
 @pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir"])
 def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
     need_root_and_netns()
@@ -217,3 +237,4 @@ def test_podman_reports_a_bad_annotation(podman, start_broker, rootfs):
     out = podman.run(rootfs, {**annotations(broker), "io.graft.tenant": "db"}, "true")
     assert out.returncode != 0
     assert "graft-runtime: bundle " in out.stderr and "tenant 'db' is not in the policy" in out.stderr, out.stderr
+    assert "not found" not in out.stderr, "podman took graft-runtime's error for a missing command"
