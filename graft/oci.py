@@ -1,7 +1,7 @@
 """What graft-runtime changes in an OCI bundle's config.json, as pure functions.
 
 graft-runtime (graft/runtime.py) reads a bundle's config, asks the broker
-about the tenant the bundle names, and hands the config to ``graft_config``
+for its status, and hands both to ``mode_from_status`` and ``graft_config``
 here; this module does no I/O, so every edit is unit-tested on plain dicts
 (tests/test_oci.py). The edits, for a bundle annotated
 ``io.graft.tenant=<name>`` (docs/containers.md):
@@ -84,6 +84,35 @@ def requested(config: dict) -> Request | None:
     if not isinstance(socket_dir, str) or not os.path.isabs(socket_dir):
         raise BundleError(f"annotation {SOCKET_DIR_ANNOTATION}={socket_dir!r} is not an absolute path")
     return Request(tenant, os.path.normpath(socket_dir))
+
+
+def mode_from_status(status: dict, request: Request) -> str:
+    """The mode of request's tenant, from its broker's status document (graft status --json).
+
+    Refuses what would start a container that graft cannot serve: a tenant
+    the broker does not know, a socket the broker does not serve at the path
+    that would be mounted, and a seccomp-mode tenant of a broker without
+    confinement (its agent refuses every listener then, docs/policy.md).
+    """
+    tenant = status["tenants"].get(request.tenant)
+    if tenant is None:
+        known = ", ".join(sorted(status["tenants"])) or "none"
+        raise BundleError(f"tenant {request.tenant!r} is not in the policy of the broker at "
+                          f"{request.socket_dir} (its tenants: {known})")
+    # The mount source must be the socket the broker serves, not merely a file of
+    # that name (realpath: /var/run/graft and /run/graft are one directory on Debian).
+    served = str(tenant.get("socket", ""))
+    if os.path.realpath(served) != os.path.realpath(request.tenant_socket):
+        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} serves it at "
+                          f"{served}, not {request.tenant_socket}")
+    if "mode" not in tenant:
+        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} does not report "
+                          "tenant modes; it is older than this graft-runtime")
+    mode = tenant["mode"]
+    if mode == "seccomp" and status.get("confinement") != "on":
+        raise BundleError(f"tenant {request.tenant!r} is in seccomp mode, which needs kernel confinement, "
+                          f"and the broker at {request.socket_dir} runs without it")
+    return mode
 
 
 def graft_config(config: dict, request: Request, mode: str, lib_path: str) -> dict:

@@ -167,26 +167,13 @@ def prepare_bundle(bundle: str) -> None:
 def tenant_mode(request) -> str:
     """The tenant's mode, from the broker serving request.socket_dir; BundleError if it cannot graft it."""
     from graft.brokerstatus import BrokerUnreachable, read_status
-    from graft.oci import BundleError
+    from graft.oci import BundleError, mode_from_status
 
     try:
         status = read_status(request.socket_dir)
     except BrokerUnreachable as e:
         raise BundleError(f"tenant {request.tenant!r}: {e}") from None
-    tenant = status["tenants"].get(request.tenant)
-    if tenant is None:
-        known = ", ".join(sorted(status["tenants"])) or "none"
-        raise BundleError(f"tenant {request.tenant!r} is not in the policy of the broker at "
-                          f"{request.socket_dir} (its tenants: {known})")
-    # The mount source is the socket the broker serves, not merely a file of that name
-    # (realpath: /var/run/graft and /run/graft are one directory on Debian).
-    if os.path.realpath(str(tenant.get("socket", ""))) != os.path.realpath(request.tenant_socket):
-        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} serves it at "
-                          f"{tenant.get('socket')}, not {request.tenant_socket}")
-    if "mode" not in tenant:
-        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} does not report "
-                          "tenant modes; it is older than this graft-runtime")
-    return tenant["mode"]
+    return mode_from_status(status, request)
 
 
 def _replace(path: str, data: bytes) -> None:

@@ -63,6 +63,36 @@ def test_bad_annotations(annotations, message):
         oci.requested(c)
 
 
+# ---- the broker's word on the tenant ------------------------------------------------------
+
+
+def status(mode="preload", confinement="on", socket="/run/graft/web.sock", **extra) -> dict:
+    tenant = {"socket": socket, "mode": mode, "netns": "host", **extra}
+    if mode is None:
+        del tenant["mode"]
+    return {"policy": {"version": 1}, "confinement": confinement, "tenants": {"web": tenant, "db": {}}}
+
+
+@pytest.mark.parametrize("mode", oci.MODES)
+def test_mode_from_status(mode):
+    assert oci.mode_from_status(status(mode), request()) == mode
+
+
+def test_preload_needs_no_confinement():
+    assert oci.mode_from_status(status("preload", confinement="off"), request()) == "preload"
+
+
+@pytest.mark.parametrize("st, req, message", [
+    (status(), request("api"), r"tenant 'api' is not in the policy of the broker at /run/graft \(its tenants: db, web\)"),
+    (status(socket="/run/graft2/web.sock"), request(), "serves it at /run/graft2/web.sock, not /run/graft/web.sock"),
+    (status(mode=None), request(), "does not report tenant modes"),
+    (status("seccomp", confinement="off"), request(), "seccomp mode, which needs kernel confinement"),
+])
+def test_status_that_cannot_graft(st, req, message):
+    with pytest.raises(oci.BundleError, match=message):
+        oci.mode_from_status(st, req)
+
+
 # ---- preload mode ---------------------------------------------------------------
 
 
