@@ -19,7 +19,8 @@ here; this module does no I/O, so every edit is unit-tested on plain dicts
   are reconciled.
 
 Applying the edits to an already grafted config changes nothing, so a bundle
-that is run again (as runc users do) does not pile up mounts.
+that is run again (as runc users do) does not pile up mounts; if its tenant's
+mode changed in between, the other mode's edits are undone first.
 """
 from __future__ import annotations
 
@@ -122,11 +123,18 @@ def graft_config(config: dict, request: Request, mode: str, lib_path: str) -> di
     out = copy.deepcopy(config)
     _bind_read_only(out, lib_path, CONTAINER_LIB, noexec=False)  # it is mapped executable
     _bind_read_only(out, request.tenant_socket, CONTAINER_SOCKET, noexec=True)
+    env = out.setdefault("process", {}).setdefault("env", [])
+    linux = out.setdefault("linux", {})
     if mode == "preload":
-        _preload(out.setdefault("process", {}).setdefault("env", []))
+        _preload(env)
+        # A bundle grafted before in seccomp mode (its tenant's mode changed since): the
+        # broker takes no listener of a preload tenant, so a rule left here would fail every call.
+        _drop_notify(linux, request.seccomp_listener)
     else:
-        linux = out.setdefault("linux", {})
+        _unpreload(env)
         linux["seccomp"] = _notify_seccomp(linux.get("seccomp"), request.seccomp_listener, request.tenant)
+    if not linux:
+        del out["linux"]
     return out
 
 
@@ -150,6 +158,39 @@ def _preload(env: list[str]) -> None:
             env[i] = f"LD_PRELOAD={CONTAINER_LIB} {value}".rstrip()
     if not found:
         env.append(f"LD_PRELOAD={CONTAINER_LIB}")
+
+
+def _unpreload(env: list[str]) -> None:
+    """Take the shim out of every LD_PRELOAD of env (dropping one left empty)."""
+    for i, entry in reversed(list(enumerate(env))):
+        if not entry.startswith("LD_PRELOAD="):
+            continue
+        items = _LD_SEPARATORS.split(entry[len("LD_PRELOAD="):])
+        if CONTAINER_LIB not in items:
+            continue
+        rest = " ".join(item for item in items if item and item != CONTAINER_LIB)
+        if rest:
+            env[i] = f"LD_PRELOAD={rest}"
+        else:
+            del env[i]
+
+
+def _drop_notify(linux: dict, listener: str) -> None:
+    """Undo _notify_seccomp: the profile as it was, give or take rule order and a split rule."""
+    profile = linux.get("seccomp")
+    if not profile or profile.get("listenerPath") != listener:
+        return
+    ours = {"names": list(NOTIFIED_SYSCALLS), "action": NOTIFY}
+    rules = [r for r in profile.get("syscalls") or [] if r != ours]
+    if profile.get("defaultAction") not in PERMISSIVE:
+        rules.append({"names": list(NOTIFIED_SYSCALLS), "action": "SCMP_ACT_ALLOW"})  # allowed, or refused
+    rest = {k: v for k, v in profile.items() if k not in ("listenerPath", "listenerMetadata", "syscalls")}
+    if rules:
+        rest["syscalls"] = rules
+    if rest == {"defaultAction": "SCMP_ACT_ALLOW"}:
+        del linux["seccomp"]  # the allow-all profile _notify_seccomp made for a bundle without one
+    else:
+        linux["seccomp"] = rest
 
 
 def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:

@@ -144,6 +144,37 @@ def test_grafting_twice_changes_nothing(mode):
     assert oci.graft_config(once, request(), mode, LIB) == once
 
 
+@pytest.mark.parametrize("profile", [
+    None,
+    {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]},
+    {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+     "syscalls": [{"names": ["read", *NOTIFIED_SYSCALLS], "action": "SCMP_ACT_ALLOW"}]},
+])
+def test_a_mode_change_undoes_the_other_modes_edits(profile):
+    c = config()
+    c["process"]["env"].append("LD_PRELOAD=/usr/lib/libx.so")
+    if profile:
+        c["linux"]["seccomp"] = copy.deepcopy(profile)
+    preload = oci.graft_config(c, request(), "preload", LIB)
+    seccomp = oci.graft_config(c, request(), "seccomp", LIB)
+    assert oci.graft_config(preload, request(), "seccomp", LIB) == seccomp
+    back = oci.graft_config(seccomp, request(), "preload", LIB)
+    assert back["process"] == preload["process"]
+    if profile is None or profile["defaultAction"] == "SCMP_ACT_ALLOW":
+        assert back == preload
+    else:  # the same filter, its allow rule split in two
+        assert back["linux"]["seccomp"]["syscalls"] == [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                                                         {"names": list(NOTIFIED_SYSCALLS),
+                                                          "action": "SCMP_ACT_ALLOW"}]
+
+
+def test_seccomp_mode_drops_only_the_shim_from_ld_preload():
+    c = config()
+    c["process"]["env"] += ["LD_PRELOAD=/run/graft/libgraft.so:/usr/lib/libx.so", "LD_PRELOAD=/run/graft/libgraft.so"]
+    out = oci.graft_config(c, request(), "seccomp", LIB)
+    assert env_of(out, "LD_PRELOAD") == ["/usr/lib/libx.so"]
+
+
 def test_unknown_mode_is_refused():
     with pytest.raises(oci.BundleError, match="mode 'ebpf'"):
         oci.graft_config(config(), request(), "ebpf", LIB)
