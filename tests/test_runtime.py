@@ -176,6 +176,28 @@ def test_commands_pass_through_with_their_output_and_exit_code(args, short_tmp):
     assert ours.stderr.split("msg=")[1:] == real.stderr.split("msg=")[1:]  # the same error, timestamps apart
 
 
+def test_a_refusal_is_in_the_runtime_log_engines_read(short_tmp):
+    """containerd's shim reports a runtime's last error from --log (JSON with --log-format json)."""
+    need_program("runc")
+    log = short_tmp / "log.json"
+    bundle = short_tmp / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.graft.tenant": "web",
+                                                                    "io.graft.socket-dir": str(short_tmp)}}))
+    out = subprocess.run([GRAFT_RUNTIME, "--graft-runtime", "runc", "--log", str(log), "--log-format", "json",
+                          "create", "--bundle", str(bundle), "x"], capture_output=True, text=True)
+    assert out.returncode == 1
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["level"] == "error" and record["msg"] == out.stderr.strip()
+
+
+def test_graft_runtime_will_not_exec_itself():
+    out = subprocess.run([GRAFT_RUNTIME, "state", "x"], env={**os.environ, "GRAFT_RUNTIME": GRAFT_RUNTIME},
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr == f"graft-runtime: the real runtime {GRAFT_RUNTIME} is graft-runtime itself\n"
+
+
 # ---- podman ------------------------------------------------------------------------------------
 
 
