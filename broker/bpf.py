@@ -144,6 +144,7 @@ BTF_LOAD = 18
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_HASH_OF_MAPS = 13
 MAP_TYPE_SK_STORAGE = 24
 MAP_TYPE_RINGBUF = 27
 PROG_TYPE_SOCKET_FILTER = 1
@@ -264,10 +265,11 @@ def btf_load(blob: bytes) -> int:
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str,
-               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0) -> int:
+               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0, inner_map_fd: int = 0) -> int:
+    """A new map; for a map of maps, inner_map_fd is a map of the shape its values will have."""
     attr = ffi.new("struct graft_bpf_map_create *")
     attr.map_type, attr.key_size, attr.value_size = map_type, key_size, value_size
-    attr.max_entries, attr.map_flags = max_entries, flags
+    attr.max_entries, attr.map_flags, attr.inner_map_fd = max_entries, flags, inner_map_fd
     attr.map_name = name.encode()[:15]
     attr.btf_fd, attr.btf_key_type_id, attr.btf_value_type_id = btf_fd, btf_key_type_id, btf_value_type_id
     return _bpf(MAP_CREATE, attr, f"BPF_MAP_CREATE {name}")

@@ -19,8 +19,9 @@ the kernel, with no module:
   Refused means the system call fails with EPERM.
 * The connect fast path: the broker may hand a shim unconnected TCP
   sockets ahead of time, marked "pre-issued" with the tenant's id. Their
-  first connect is judged in the kernel against ``grants``, a hash of the
-  (tenant, destination) pairs the broker has answered "graft" for; a
+  first connect is judged in the kernel against the tenant's own map in
+  ``grants`` (a map of maps: one LRU per tenant, so no tenant can evict
+  another's), the destinations the broker has answered "graft" for; a
   granted connect locks the mark to that destination, as if the broker had
   connected it, and leaves an audit record in the ``events`` ring buffer.
   Anything else is refused (EPERM) and the shim asks the broker.
@@ -70,7 +71,8 @@ from dataclasses import dataclass, field
 
 from . import bpf
 from .maps import (BTF_KEY_ID, BTF_VALUE_ID, GRANT_KEY, GRANT_VALUE, MAPS, MARK_SIZE, STATE_EPOCH,
-                   STATE_EVENTS_LOST, MapSpec, encode_mark, encode_preissued_mark, grant_key, mark_btf)
+                   STATE_EVENTS_LOST, TENANT_GRANTS, MapSpec, encode_mark, encode_preissued_mark, grant_key,
+                   mark_btf)
 from .programs import LICENSE, PROGRAMS, listen_guard_program, program, prog_type
 
 log = logging.getLogger("graft.broker")
@@ -157,6 +159,13 @@ def pin_dir_for(bpffs: str, cgroup: str) -> str:
 _TENANT_BITS = 16
 
 
+@dataclass(frozen=True)
+class _GrantMap:
+    """One tenant's grants: the map (held open by the broker) and its preallocated updater."""
+    fd: int
+    updater: bpf.MapUpdater
+
+
 @dataclass
 class Confinement:
     cgroup: str  # cgroup2 path, e.g. /system.slice/graft-broker.service/graft-broker
@@ -170,7 +179,7 @@ class Confinement:
     fresh_state: bool = False  # the state map (which keeps the last epoch) was created by this broker
     _next_tenant: int = 0
     _updater: bpf.MapUpdater | None = field(default=None, repr=False)
-    _granter: bpf.MapUpdater | None = field(default=None, repr=False)
+    _grant_maps: dict[int, "_GrantMap"] = field(default_factory=dict, repr=False)  # grant id -> its own map
     _owner: bpf.MapUpdater | None = field(default=None, repr=False)
     _closes: bpf.MapUpdater | None = field(default=None, repr=False)
 
@@ -228,15 +237,56 @@ class Confinement:
             if e.errno != errno.ENOENT:
                 raise
 
-    def grant(self, tenant_id: int, family: int, host: str, port: int, rule_id: int) -> None:
-        """Let the tenant's pre-issued sockets connect to (host, port) from now on."""
-        if self._granter is None:
-            self._granter = bpf.MapUpdater(self.maps["grants"], GRANT_KEY.size, GRANT_VALUE.size)
-        self._granter.update(grant_key(tenant_id, family, host, port), GRANT_VALUE.pack(rule_id, 0))
+    def new_grant_id(self) -> int:
+        """A new id for a tenant's grants and pre-issued sockets, with an empty grant map of its own."""
+        grant_id = self.new_id()
+        self._grant_maps[grant_id] = self._new_grant_map(grant_id)
+        return grant_id
 
-    def revoke_grants(self) -> int:
-        """Forget every grant (a new policy): pre-issued sockets ask the broker again."""
-        return bpf.map_clear(self.maps["grants"], GRANT_KEY.size)
+    def drop_grants(self, grant_id: int) -> None:
+        """The id is retired (its tenant is gone or has a new one): its grants go, and its map with them."""
+        old = self._grant_maps.pop(grant_id, None)
+        if old is None:
+            return
+        try:
+            bpf.map_delete(self.maps["grants"], struct.pack("=I", grant_id))
+        except bpf.BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        finally:
+            os.close(old.fd)
+
+    def _new_grant_map(self, grant_id: int) -> "_GrantMap":
+        """An empty grant map, put in place for grant_id (replacing any there, in one step)."""
+        spec = TENANT_GRANTS
+        fd = bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags,
+                            "graft_tgrants")
+        try:
+            bpf.map_update(self.maps["grants"], struct.pack("=I", grant_id), struct.pack("=I", fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY.size, GRANT_VALUE.size))
+
+    def grant(self, grant_id: int, family: int, host: str, port: int, rule_id: int) -> None:
+        """Let the tenant's pre-issued sockets connect to (host, port) from now on."""
+        self._grant_maps[grant_id].updater.update(grant_key(grant_id, family, host, port),
+                                                   GRANT_VALUE.pack(rule_id, 0))
+
+    def revoke_grants(self) -> None:
+        """Forget every grant (a new policy): pre-issued sockets ask the broker again.
+
+        Each tenant's map is swapped for an empty one, one map update each,
+        however many grants it held. Fails closed: a tenant whose map cannot
+        be swapped loses its map instead (no grants), and the error is raised.
+        """
+        for grant_id, old in list(self._grant_maps.items()):
+            try:
+                self._grant_maps[grant_id] = self._new_grant_map(grant_id)
+            except BaseException:
+                self.drop_grants(grant_id)
+                raise
+            os.close(old.fd)
 
     def own(self, sock: socket.socket, tenant_id: int) -> None:
         """Count sock for the tenant until it is closed (released() counts the close)."""
@@ -260,11 +310,13 @@ class Confinement:
         return struct.unpack("=Q", raw)[0] if raw is not None else 0
 
     def close(self) -> None:
-        for fd in [*self.maps.values(), *self.prog_fds.values(), self.guard_fd]:
+        for fd in [*self.maps.values(), *self.prog_fds.values(), self.guard_fd,
+                   *(g.fd for g in self._grant_maps.values())]:
             if fd >= 0:
                 os.close(fd)
         self.prog_fds.clear()
         self.maps.clear()
+        self._grant_maps.clear()
         self.guard_fd = -1
 
 
@@ -362,19 +414,49 @@ def _load_or_reuse_map(pin_dir: str, name: str, spec: MapSpec) -> tuple[int, boo
             os.close(fd)
             raise
         if (info.type, info.key_size, info.value_size, info.max_entries) == (
-                spec.map_type, spec.key_size, spec.value_size, spec.max_entries):
+                spec.map_type, spec.key_size, spec.value_size, spec.max_entries) and _inner_fits(fd, spec):
             return fd, True
         os.close(fd)
         log.info("confinement: map %s changed shape since it was pinned; replacing it", name)
         _unlink(path)
-    fd = bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags,
-                        f"graft_{name}")
+    fd = _create_map(spec, f"graft_{name}")
     try:
         bpf.obj_pin(fd, path)
     except BaseException:
         os.close(fd)
         raise
     return fd, False
+
+
+def _create_map(spec: MapSpec, name: str) -> int:
+    if spec.inner is None:
+        return bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name)
+    template = _create_map(spec.inner, name[:12] + "_tpl")
+    try:
+        return bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name,
+                              inner_map_fd=template)
+    finally:
+        os.close(template)
+
+
+def _inner_fits(fd: int, spec: MapSpec) -> bool:
+    """Whether a pinned map of maps takes inner maps of today's shape (the kernel fixed it at creation).
+
+    Tried under key 0, which no grant id uses (ids start at 1 in every epoch).
+    """
+    if spec.inner is None:
+        return True
+    inner = _create_map(spec.inner, "graft_probe")
+    try:
+        bpf.map_update(fd, struct.pack("=I", 0), struct.pack("=I", inner))
+    except bpf.BpfError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        os.close(inner)
+    bpf.map_delete(fd, struct.pack("=I", 0))
+    return True
 
 
 def _start_epoch(conf: Confinement) -> None:
@@ -392,7 +474,7 @@ def _start_epoch(conf: Confinement) -> None:
         last = conf.state(STATE_EPOCH)
     conf.epoch = (last + 1) % (1 << (32 - _TENANT_BITS)) or 1
     bpf.map_update(conf.maps["state"], struct.pack("=I", STATE_EPOCH), struct.pack("=Q", conf.epoch))
-    conf.revoke_grants()
+    bpf.map_clear(conf.maps["grants"], 4)  # every earlier tenant's grant map goes
     bpf.map_clear(conf.maps["released"], 4)
 
 

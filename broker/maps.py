@@ -32,12 +32,15 @@ F_DEST_V4 = 4
 # the grants of the mark's tenant, and fixes the destination.
 F_PREISSUED = 8
 
-# grants: (tenant, family, user_port, address as in the hook: ip4 then zeros,
-# or ip6) -> (rule id, unused). LRU: a full map forgets old grants, and a
-# forgotten grant only sends a connect back to the broker.
+# grants: a map of maps, grant id -> that tenant's own grants, an LRU hash
+# (tenant, family, user_port, address as in the hook: ip4 then zeros, or
+# ip6) -> (rule id, unused). One LRU per tenant, so that a tenant granted
+# many destinations forgets only its own least recently used grants, never
+# another's; a forgotten grant only sends a connect back to the broker.
 GRANT_KEY = struct.Struct("=III16s")
 GRANT_VALUE = struct.Struct("=II")
-GRANTS_MAX = 16384
+GRANTS_PER_TENANT = 4096  # about 0.4 MB of kernel memory per tenant on the fast path
+GRANT_TENANTS_MAX = 65536
 # owned: socket cookie -> tenant id; released: tenant id -> closes counted.
 OWNED_MAX = 1 << 20
 RELEASED_MAX = 65536
@@ -124,11 +127,14 @@ class MapSpec:
     value_size: int
     max_entries: int
     flags: int = 0
+    inner: "MapSpec | None" = None  # a map of maps: the shape of the maps it holds
 
 
+# A tenant's grants (the inner maps of "grants").
+TENANT_GRANTS = MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY.size, GRANT_VALUE.size, GRANTS_PER_TENANT)
 # The maps besides the marks (which need BTF; see _load_or_reuse), pinned by these names.
 MAPS = {
-    "grants": MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY.size, GRANT_VALUE.size, GRANTS_MAX),
+    "grants": MapSpec(bpf.MAP_TYPE_HASH_OF_MAPS, 4, 4, GRANT_TENANTS_MAX, bpf.F_NO_PREALLOC, TENANT_GRANTS),
     "owned": MapSpec(bpf.MAP_TYPE_HASH, 8, 4, OWNED_MAX, bpf.F_NO_PREALLOC),
     "released": MapSpec(bpf.MAP_TYPE_HASH, 4, 8, RELEASED_MAX, bpf.F_NO_PREALLOC),
     "events": MapSpec(bpf.MAP_TYPE_RINGBUF, 0, 0, EVENTS_SIZE),

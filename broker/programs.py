@@ -114,7 +114,12 @@ def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
             a.stx_w(10, _KEY_AT + 12 + 4 * i, 1)
         else:
             a.st_w(10, _KEY_AT + 12 + 4 * i, 0)
+    # the tenant's own grants: the key starts with the tenant id, the outer map's key
     a.ld_map_fd(1, maps["grants"])
+    a.stack_ptr(2, _KEY_AT)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "deny")
+    a.mov_reg(1, 0)
     a.stack_ptr(2, _KEY_AT)
     a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
     a.jeq_imm(0, 0, "deny")

@@ -349,3 +349,60 @@ def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
         assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
         assert broker.stop(keep_cgroup=True) == 0  # the programs stay attached, as under systemd
         assert connect_errno(socks[1], ("127.0.0.1", port)) == errno.EPERM
+
+
+# More destinations than the one map all tenants shared held (16,384), by a quarter.
+FLOOD = 16384 + 4096
+
+
+def flood_grants(path, n: int) -> None:
+    """n grafted connects to distinct loopback destinations (closed ports: a grant each all the same)."""
+    client = WireClient(path)
+    try:
+        for i in range(n):
+            client.send(connect_request(9, host=f"127.{1 + i // 65025}.{i // 255 % 255}.{1 + i % 255}"))
+            reply, sock = client.reply()
+            assert reply.verdict == wire.V_GRAFT, (i, reply)
+            sock.close()
+    finally:
+        client.close()
+
+
+def test_a_tenant_granted_many_destinations_never_evicts_another_tenants_grants(short_tmp):
+    """Each tenant's grants are an LRU of its own: a flood of destinations costs only the flooder's."""
+    need_confinement()
+    with echo_server() as port:
+        text = f"""version = 1
+[broker]
+confinement = "required"
+[tenants.quiet]
+default = "deny"
+[[tenants.quiet.connect]]
+to = ["127.0.0.1/32"]
+ports = [{port}]
+proto = "tcp"
+[tenants.busy]
+default = "deny"
+[[tenants.busy.connect]]
+to = ["127.0.0.0/8"]
+proto = "tcp"
+"""
+        broker = BrokerProcess(short_tmp / "b", text, tenant="quiet").start()
+        busy_path = broker.socket_dir / "busy.sock"
+        try:
+            with pre_issued(broker) as (client, _, quiet_socks):
+                grant(client, port)
+                busy = WireClient(busy_path)
+                try:
+                    _, busy_socks = busy.preissue()
+                finally:
+                    busy.close()
+                quiet_socks += busy_socks  # closed with them
+                flood_grants(busy_path, FLOOD)
+                # the quiet tenant's grant is still in the kernel: its connect needs no broker
+                assert connect_errno(quiet_socks[0], ("127.0.0.1", port)) == 0
+                assert echoes(quiet_socks[0])
+                # while the flooder forgot its own oldest grants: the flood did overflow a map
+                assert connect_errno(busy_socks[0], ("127.1.0.1", 9)) == errno.EPERM
+        finally:
+            assert broker.stop() == 0, broker.stderr()
