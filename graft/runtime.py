@@ -36,8 +36,9 @@ GRAFTED_COMMANDS = ("create", "run")
 # without dashes: urfave/cli, which runc uses, takes -flag as well as --flag). Every other
 # global flag is taken for a switch; the first word that is no flag is the command.
 GLOBAL_VALUE_FLAGS = frozenset({"root", "log", "log-format", "criu", "rootless", "cgroup-manager"})
-# create/run flags that take a value; the bundle is --bundle/-b, default the working directory.
-COMMAND_VALUE_FLAGS = frozenset({"bundle", "b", "console-socket", "pid-file", "preserve-fds"})
+# create/run flags that take a value. The bundle is --bundle/-b, default the working
+# directory; its config is config.json in it, or crun's --config/-f (relative to the cwd).
+COMMAND_VALUE_FLAGS = frozenset({"bundle", "b", "config", "f", "console-socket", "pid-file", "preserve-fds"})
 
 
 class UsageError(Exception):
@@ -54,6 +55,7 @@ class Invocation:
     log: str | None = None                              # the real runtime's --log, where engines look for errors
     log_format: str = "text"
     bundle: str | None = None                           # create/run only: --bundle, or None for the cwd
+    config: str | None = None                           # create/run only: crun's --config, or None
 
 
 def _is_flag(word: str) -> bool:
@@ -97,11 +99,12 @@ def parse(argv: list[str]) -> Invocation:
     if i < len(argv) and argv[i] != "--":
         inv.command = argv[i]
     if inv.command in GRAFTED_COMMANDS:
-        inv.bundle = _bundle(argv[i + 1:])
+        _command_paths(inv, argv[i + 1:])
     return inv
 
 
-def _bundle(args: list[str]) -> str | None:
+def _command_paths(inv: Invocation, args: list[str]) -> None:
+    """inv.bundle and inv.config from create/run's own flags (args: after the command)."""
     i = 0
     while i < len(args) and _is_flag(args[i]):
         name = _name(args[i])
@@ -110,8 +113,9 @@ def _bundle(args: list[str]) -> str | None:
             continue
         value, i = _flag_value(args, i)
         if name in ("bundle", "b"):
-            return value
-    return None
+            inv.bundle = value
+        elif name in ("config", "f"):
+            inv.config = value
 
 
 def real_runtime(explicit: str | None) -> str:
@@ -135,11 +139,10 @@ def real_runtime(explicit: str | None) -> str:
                      f"set ${ENV_RUNTIME} or --graft-runtime")
 
 
-def prepare_bundle(bundle: str) -> None:
-    """Graft bundle/config.json in place if it names a tenant; leave it alone otherwise."""
+def prepare_bundle(path: str) -> None:
+    """Graft the bundle config at path in place if it names a tenant; leave it alone otherwise."""
     from graft import oci
 
-    path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -226,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         from graft.oci import BundleError
 
         bundle = inv.bundle or os.getcwd()
+        config = os.path.abspath(inv.config) if inv.config else os.path.join(bundle, "config.json")
         try:
-            prepare_bundle(bundle)
+            prepare_bundle(config)
         except BundleError as e:
             return _fail(inv, f"bundle {bundle}: {e}")
         except OSError as e:
-            return _fail(inv, f"bundle {bundle}: cannot graft config.json: {e}")
+            return _fail(inv, f"bundle {bundle}: cannot graft {config}: {e}")
     try:
         os.execv(runtime, [runtime, *inv.args])
     except OSError as e:

@@ -279,6 +279,12 @@ def test_parse(argv, command, bundle, real_args):
     assert inv.args == (real_args if real_args is not None else argv)
 
 
+def test_parse_finds_cruns_config_file():
+    inv = runtime.parse(["run", "-f", "alt.json", "--bundle=/b", "id"])
+    assert (inv.bundle, inv.config) == ("/b", "alt.json")
+    assert runtime.parse(["create", "--config=/c.json", "id"]).config == "/c.json"
+
+
 def test_parse_finds_the_log_engines_read():
     inv = runtime.parse(["--log", "/run/x/log.json", "--log-format", "json", "create", "id"])
     assert (inv.log, inv.log_format) == ("/run/x/log.json", "json")
