@@ -4,8 +4,9 @@ An LD_PRELOAD shim never sees these programs' socket calls
 (docs/compatibility.md, "Known limits"): busybox-static and Go binaries
 built with CGO_ENABLED=0 have no dynamic loader to read LD_PRELOAD, and
 glibc's resolver calls its internal socket functions. seccomp mode stops
-the calls in the kernel instead (`graft run --seccomp`, DESIGN.md), so these
-tests run them with it, each in a fresh network namespace with only `lo`:
+the calls in the kernel instead (`graft run --seccomp`, or graft-runtime for
+a seccomp-mode tenant; DESIGN.md), so these tests run them with it, each in
+a fresh network namespace with only `lo`:
 a host server on the host's 127.0.0.1 is reachable from there only through
 a grafted socket, and a server in the namespace is reached from the host only
 at the address a bind rule publishes. Each test first checks the property it
@@ -44,7 +45,9 @@ from harness import (
     run_in_netns,
 )
 from static_binaries import build_go, interpreter
+from rootfs import default_config, write_bundle
 from test_programs import loopback_connect, publish, rules, running
+from test_runtime import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.netns
 
@@ -217,6 +220,28 @@ def test_busybox_nc_server_published_on_the_host(netns, start_broker, busybox):
         ("bind", 80, "graft", ("127.0.0.1", host_port)), rec
     # busybox binds the unspecified address of its preferred family: ::, as IPv6 works in the namespace.
     assert ipaddress.ip_address(rec["addr"]).is_unspecified
+
+
+def test_busybox_wget_in_a_container_through_graft_runtime(rt, start_broker, short_tmp, rootfs, site, busybox):
+    """runc/crun through graft-runtime, a seccomp-mode tenant: no hand edits, no LD_PRELOAD, static wget grafted."""
+    broker = start_broker(policy(site, mode="seccomp"), "web")
+    with socket.create_server(("127.0.0.1", 0)) as unlisted:
+        denied_port = unlisted.getsockname()[1]
+        outs = []
+        for name, port in (("granted", site), ("denied", denied_port)):
+            wget = ["busybox", "wget", "-q", "-O", "-", f"http://127.0.0.1:{port}/"]
+            bundle = write_bundle(short_tmp / name, default_config(rootfs, wget, annotations(broker)))
+            with rt.container_id() as cid:
+                outs.append(rt.run("run", "--bundle", str(bundle), cid))
+        assert no_connection_arrived(unlisted)
+    granted, denied = outs
+    assert (granted.returncode, granted.stdout) == (0, PAGE), granted.stderr
+    assert denied.returncode == 1, denied.stderr
+    assert "wget: can't connect to remote host (127.0.0.1): Operation not permitted" in denied.stderr, denied.stderr
+    assert decisions(seccomp_records(broker)) == [
+        ("connect", "tcp", "127.0.0.1", site, "graft", "tenants.web.connect[0]", 0),
+        ("connect", "tcp", "127.0.0.1", denied_port, "deny", "tenants.web.default", errno.EPERM),
+    ]
 
 
 # ---- Go, CGO_ENABLED=0 --------------------------------------------------------------
