@@ -62,7 +62,7 @@ from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
 from .seccomp_abi import SECCOMP_SOCKET  # noqa: F401  (the fixed name, DESIGN.md)
 from .decide import Verdict
 from .server import Peer, TenantState, close_all, passed_fds
-from .sockopts import copy_options
+from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ class SeccompAgent:
     def __init__(self, broker: "Broker"):
         self.broker = broker
         self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
+        # A fresh host socket's option values, per (netns, family, type): see sockopts.copy_options.
+        self._defaults: dict[tuple, Defaults] = {}
 
     # ---- seccomp.sock ------------------------------------------------------------------
 
@@ -160,6 +162,8 @@ class SeccompAgent:
                 raise Refused("connection closed before a complete process state" if raw else "empty message")
             if len(raw) > abi.STATE_MAX:
                 raise Refused(f"process state longer than {abi.STATE_MAX} bytes")
+            if not raw.rstrip().endswith(b"}"):
+                continue  # not the end of an object yet: no parse per byte of a trickling sender
             try:
                 json.loads(raw)
             except ValueError:
@@ -191,9 +195,13 @@ class SeccompAgent:
             raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
         if tenant.nursery is None or tenant.cancel_scope.cancel_called:
             raise Refused(f"tenant {state.tenant} is being removed")
+        try:
+            tenant.nursery.start_soon(self._serve_listener, tenant, fd, state)
+        except RuntimeError:  # its nursery has closed: the tenant is going
+            raise Refused(f"tenant {state.tenant} is being removed") from None
+        # No checkpoint since the check above: the task runs only after this.
         fds.remove(fd)
         tenant.seccomp_listeners += 1
-        tenant.nursery.start_soon(self._serve_listener, tenant, fd, state)
 
     # ---- one notify fd -----------------------------------------------------------------
 
@@ -216,13 +224,18 @@ class SeccompAgent:
                 except OSError as e:
                     if e.errno in (*_GONE, errno.EINTR):
                         continue
-                    raise
+                    log.error("tenant %s: seccomp listener of container %r failed: %s", tenant.name,
+                              state.container, e)
+                    break
                 try:
                     await self._notification(tenant, fd, n)
                 except Exception:  # a bug costs this call (EPERM), never the listener or the broker
                     log.exception("tenant %s: internal error serving a seccomp notification of pid %d",
                                   tenant.name, n.pid)
-                    self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
+                    try:
+                        self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
+                    except OSError as e:
+                        log.error("tenant %s: cannot answer pid %d: %s", tenant.name, n.pid, e)
         finally:
             tenant.seccomp_listeners -= 1
             trio.lowlevel.notify_closing(fd)
@@ -245,14 +258,17 @@ class SeccompAgent:
         found = self._address(n)
         if found is None:
             return self._continue(fd, n)
+        # From here on, what cannot be found out lets the call go on as it was (if its thread is
+        # gone, the answer is refused with ENOENT): it then runs on the program's own socket, in
+        # its own network namespace, and never on a host socket the broker has not locked.
         proc = _proc_status(n.pid)
         if proc is None:
-            return  # the thread is gone: nothing to answer
+            return self._continue(fd, n)
         tgid, peer = proc
         try:
             pidfd = sys_.pidfd_open(tgid)
         except OSError:
-            return
+            return self._continue(fd, n)
         try:
             try:
                 copy = sys_.pidfd_getfd(pidfd, n.fd)
@@ -269,7 +285,7 @@ class SeccompAgent:
             req = self._request(n, sock, found)
             # What was read (address, fd, credentials) belongs to this call only if it is still pending.
             if not sys_.notif_id_valid(fd, n.id):
-                return
+                return  # its thread is gone: nothing to answer
             if req is None:
                 return self._continue(fd, n)
             verdict = self.broker.judge(tenant, req, peer)
@@ -326,6 +342,14 @@ class SeccompAgent:
             op, flags = wire.OP_CONNECT, wire.REQF_SENDTO
         return wire.Request(op, sock.family, sock.type, sock.proto, flags, addr, ())
 
+    def _copy_options(self, tenant: TenantState, src: socket.socket, dst: socket.socket) -> None:
+        key = (tenant.config.netns, dst.family, dst.type)
+        defaults = self._defaults.get(key)
+        if defaults is None:
+            defaults = self._defaults[key] = option_defaults(dst)  # dst is fresh: nothing set on it yet
+        for o, e in copy_options(src, dst, defaults):
+            log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
+
     def _made_by_broker(self, sock: socket.socket) -> bool:
         conf = self.broker.confinement
         assert conf is not None  # no listener is served without it
@@ -334,8 +358,8 @@ class SeccompAgent:
     async def _graft(self, tenant: TenantState, fd: int, n: abi.Notification, req: wire.Request,
                      verdict: Verdict, app_sock: socket.socket) -> Verdict:
         """Make the host socket, put it on the app's fd number, and let the call finish. The verdict as audited."""
-        made = await self.broker.sockets.make(tenant, req, verdict, lambda s: _copy_options(tenant, app_sock, s),
-                                              connect=False)
+        made = await self.broker.sockets.make(tenant, req, verdict,
+                                              lambda host: self._copy_options(tenant, app_sock, host), connect=False)
         if made.sock is None:
             self._respond(fd, abi.encode_response(n.id, error=made.verdict.errno))
             return made.verdict
@@ -355,9 +379,6 @@ class SeccompAgent:
         return made.verdict
 
 
-def _copy_options(tenant: TenantState, src: socket.socket, dst: socket.socket) -> None:
-    for o, e in copy_options(src, dst):
-        log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -368,30 +389,55 @@ def _connected(sock: socket.socket) -> bool:
     return True
 
 
-def _proc_status(tid: int) -> tuple[int, Peer] | None:
-    """(process id, Peer with the effective uid and gid) of a thread, or None if it is gone."""
+def _read_proc(path: str) -> bytes | None:
+    """A small /proc file in one read (no buffered file object: this is on every stopped call)."""
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            text = f.read().decode(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     try:
-        tgid = int(fields["Tgid"])
-        uid = int(fields["Uid"].split()[1])
-        gid = int(fields["Gid"].split()[1])
-    except (KeyError, IndexError, ValueError):
+        return os.read(fd, 8192)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _field(text: bytes, name: bytes) -> list[bytes]:
+    """The words of a "Name:\tvalue ..." line of a /proc file."""
+    at = text.find(b"\n" + name + b":")
+    if at < 0:
+        at = 0 if text.startswith(name + b":") else -1
+    if at < 0:
+        raise ValueError(name)
+    start = text.index(b":", at) + 1
+    end = text.find(b"\n", start)
+    return text[start:end if end >= 0 else None].split()
+
+
+def _proc_status(tid: int) -> tuple[int, Peer] | None:
+    """(process id, Peer with the effective uid and gid) of a thread, or None if it is gone.
+
+    /proc/<tid>/status, not the directory's owner: a process that made
+    itself non-dumpable shows as root there, which the uids check must not
+    believe.
+    """
+    text = _read_proc(f"/proc/{tid}/status")
+    if text is None:
+        return None
+    try:
+        tgid = int(_field(text, b"Tgid")[0])
+        uid = int(_field(text, b"Uid")[1])
+        gid = int(_field(text, b"Gid")[1])
+    except (ValueError, IndexError):
         return None
     return tgid, Peer(tgid, uid, gid)
 
 
 def _cloexec(tid: int, fd: int) -> bool:
     """Whether the app's fd is close-on-exec (fdinfo's flags, in octal); the host socket keeps that."""
+    text = _read_proc(f"/proc/{tid}/fdinfo/{fd}")
     try:
-        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+        return text is not None and bool(int(_field(text, b"flags")[0], 8) & os.O_CLOEXEC)
+    except (ValueError, IndexError):
+        return False

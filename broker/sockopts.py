@@ -81,28 +81,44 @@ def apply_options(sock: socket.socket, opts: tuple[SockOpt, ...]) -> list[tuple[
 SO_BUF_LOCK = getattr(socket, "SO_BUF_LOCK", 72)  # Linux 5.14: which buffer sizes the app fixed
 _LOCK_BIT = {(_S, socket.SO_SNDBUF): 1, (_S, socket.SO_RCVBUF): 2}  # SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK
 
+Defaults = dict[tuple[int, int], bytes]
 
-def copy_options(src: socket.socket, dst: socket.socket) -> list[tuple[SockOpt, OSError]]:
+
+def option_defaults(fresh: socket.socket) -> Defaults:
+    """The admitted options that apply to a fresh socket's family and protocol, with its values.
+
+    The same for every socket of one family and type in one namespace (but
+    for sysctl changes), so the seccomp agent reads them once per kind.
+    """
+    out = {}
+    for (level, name), size in ALLOWED.items():
+        try:
+            out[(level, name)] = fresh.getsockopt(level, name, size)
+        except OSError:  # not an option of this family or protocol
+            pass
+    return out
+
+
+def copy_options(src: socket.socket, dst: socket.socket, defaults: Defaults) -> list[tuple[SockOpt, OSError]]:
     """Give dst the admitted options the app set on src (seccomp mode has no record of them).
 
-    An option is copied when src's value differs from the one dst, a fresh
-    socket, has. Buffer sizes are copied only if the app fixed them
-    (SO_BUF_LOCK): otherwise the kernel autotunes them, and setting them
-    would turn that off; getsockopt reports twice what was set, so half is
-    set. Options that do not apply to src's family or protocol are skipped.
-    Returns the ones the kernel refused on dst, with why.
+    An option is copied when src's value differs from a fresh socket's
+    (defaults, from option_defaults). Buffer sizes are copied only if the
+    app fixed them (SO_BUF_LOCK): otherwise the kernel autotunes them, and
+    setting them would turn that off; getsockopt reports twice what was set,
+    so half is set. Returns the ones the kernel refused on dst, with why.
     """
     try:
         locks = struct.unpack("=i", src.getsockopt(_S, SO_BUF_LOCK, _INT))[0]
     except OSError:  # before 5.14: whether a size was set cannot be told, so none is copied
         locks = 0
     failed = []
-    for (level, name), size in ALLOWED.items():
+    for (level, name), default in defaults.items():
         try:
-            value = src.getsockopt(level, name, size)
-            if value == dst.getsockopt(level, name, size):
-                continue
+            value = src.getsockopt(level, name, len(default))
         except OSError:
+            continue
+        if value == default:
             continue
         bit = _LOCK_BIT.get((level, name))
         if bit is not None:
