@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from graft.brokerstatus import ADMIN_SOCKET  # noqa: F401  (server.py's; named where the reader is)
+
 from .unixsock import bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:
     from .server import Broker
 
-ADMIN_SOCKET = "_admin.sock"
 ADMIN_TIMEOUT = 5.0  # a reader that does not read cannot hold a task for longer
 
 log = logging.getLogger("graft.broker")

@@ -12,8 +12,11 @@ import json
 import os
 import socket
 
-from graft.broker.admin import ADMIN_SOCKET
-
+# The name both sides use (broker/admin.py imports it from here). This module
+# imports nothing but the standard library: graft-runtime reads the status on
+# every container's create, and the broker's modules would cost it trio and
+# pyroute2 (half a second) each time.
+ADMIN_SOCKET = "_admin.sock"
 READ_TIMEOUT = 10.0  # the broker gives up on a reader after 5 s; this only bounds a wedged one
 
 
