@@ -142,41 +142,36 @@ def real_runtime(explicit: str | None) -> str:
 def prepare_bundle(path: str) -> None:
     """Graft the bundle config at path in place if it names a tenant; leave it alone otherwise."""
     from graft import oci
+    from graft.brokerstatus import BrokerUnreachable, read_status
+    from graft.shim import LIB_PATH
 
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except OSError:
+        return  # the real runtime reports a missing or unreadable config in its own words
+    try:
         config = json.loads(raw)
-    except (OSError, ValueError) as e:
-        # Not ours to judge unless it names a tenant: the real runtime reports its own errors.
-        if isinstance(e, OSError) or b"io.graft.tenant" not in raw:
+    except ValueError as e:
+        if oci.TENANT_ANNOTATION.encode() not in raw:
             return
-        raise oci.BundleError(f"{path}: not valid JSON, yet it mentions io.graft.tenant: {e}") from None
-    if not isinstance(config, dict):
+        raise oci.BundleError(f"{path}: not valid JSON, yet it mentions {oci.TENANT_ANNOTATION}: {e}") from None
+    if not isinstance(config, dict) or (request := oci.requested(config)) is None:
         return
-    request = oci.requested(config)
-    if request is None:
-        return
-    mode = tenant_mode(request)
-    from graft.shim import LIB_PATH
-
-    if not LIB_PATH.exists():
-        raise oci.BundleError(f"{LIB_PATH} is missing; build the shim first (make build)")
-    grafted = oci.graft_config(config, request, mode, str(LIB_PATH))
-    if grafted != config:
-        _replace(path, json.dumps(grafted, indent=2).encode() + b"\n")
-
-
-def tenant_mode(request) -> str:
-    """The tenant's mode, from the broker serving request.socket_dir; BundleError if it cannot graft it."""
-    from graft.brokerstatus import BrokerUnreachable, read_status
-    from graft.oci import BundleError, mode_from_status
-
     try:
         status = read_status(request.socket_dir)
     except BrokerUnreachable as e:
-        raise BundleError(f"tenant {request.tenant!r}: {e}") from None
-    return mode_from_status(status, request)
+        raise oci.BundleError(f"tenant {request.tenant!r}: {e}") from None
+    if not LIB_PATH.exists():
+        raise oci.BundleError(f"{LIB_PATH} is missing; build the shim first (make build)")
+    try:
+        grafted = oci.graft_config(config, request, oci.mode_from_status(status, request), str(LIB_PATH))
+    except (AttributeError, TypeError, KeyError) as e:
+        # A field of another type than the OCI spec's (or the broker's status) says.
+        raise oci.BundleError(f"{path} or the broker's status has an unexpected shape: "
+                              f"{type(e).__name__}: {e}") from None
+    if grafted != config:
+        _replace(path, json.dumps(grafted, indent=2).encode() + b"\n")
 
 
 def _replace(path: str, data: bytes) -> None:

@@ -139,7 +139,8 @@ def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, r
     assert not [e for e in grafted["process"]["env"] if e.startswith("LD_PRELOAD=")]
 
 
-@pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement"])
+@pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement",
+                                  "malformed config"])
 def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
     need_root_and_netns()
     rt = Runtime(real_runtime("runc", short_tmp), short_tmp / "state")
@@ -153,9 +154,15 @@ def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp
         text = policy(free_port(), mode="seccomp").replace('confinement = "auto"', 'confinement = "off"')
         ann = annotations(start_broker(text, "web"))
         expect = "tenant 'web' is in seccomp mode, which needs kernel confinement"
+    elif case == "malformed config":
+        ann = annotations(start_broker(policy(free_port()), "web"))
+        expect = "has an unexpected shape: AttributeError"
     elif case == "no broker":
         (short_tmp / "nowhere").mkdir()
-    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, ["true"], ann))
+    config = default_config(rootfs, ["true"], ann)
+    if case == "malformed config":
+        config["process"]["env"] = "PATH=/usr/bin"  # a string where the OCI spec has a list
+    bundle = write_bundle(short_tmp / "bundle", config)
     before = (bundle / "config.json").read_bytes()
     with rt.container_id() as cid:
         out = rt.run("create", "--bundle", str(bundle), cid)
