@@ -4,8 +4,9 @@ and containers run from them through graft-runtime.
 No image registry is reachable here, and none is needed: a root filesystem
 is a directory of empty mount points, with /usr bind-mounted read-only from
 the host (Debian's merged /usr holds every program and library; /bin, /lib,
-/lib64 and /sbin are symlinks into it, as on the host), and a few small
-files of its own in /etc. The config is the one `runc spec` writes (new pid,
+/lib64 and /sbin are symlinks into it, as on the host; where they are
+directories they are bind-mounted too), and a few small files of its own in
+/etc. The config is the one `runc spec` writes (new pid,
 network, ipc, uts and mount namespaces; no capabilities beyond the default
 three), made non-interactive. Its network namespace is new and empty: the
 runtime brings up `lo` and nothing else, so nothing outside is reachable
@@ -24,9 +25,9 @@ from pathlib import Path
 
 GRAFT_RUNTIME = str(Path(sys.executable).parent / "graft-runtime")
 
-# Directories of the host that the container sees read-only; the rest of the
-# host's top level is either a symlink into /usr (merged /usr) or left out.
-HOST_DIRS = ("usr",)
+# Top-level entries that hold programs and libraries: under merged /usr all but
+# usr are symlinks into it, copied as symlinks; a real directory is bind-mounted.
+PROGRAM_DIRS = ("usr", "bin", "lib", "lib32", "lib64", "libx32", "sbin")
 MOUNT_POINTS = ("proc", "dev", "sys", "tmp", "run", "etc")
 ETC_FILES = {
     "passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
@@ -36,17 +37,19 @@ ETC_FILES = {
 }
 
 
+def host_dirs() -> list[str]:
+    """The program directories of the host that the container sees read-only (bind mounts)."""
+    return [d for d in PROGRAM_DIRS if Path("/", d).is_dir() and not Path("/", d).is_symlink()]
+
+
 def build_rootfs(root: Path) -> Path:
     """Make root a container root filesystem (mount points, /etc, merged-/usr symlinks); return it."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in (*HOST_DIRS, *MOUNT_POINTS):
+    for name in (*host_dirs(), *MOUNT_POINTS):
         (root / name).mkdir(exist_ok=True)
-    for name in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
-        host = Path("/") / name
-        if host.is_symlink():
-            (root / name).symlink_to(os.readlink(host))
-        elif host.is_dir():
-            raise RuntimeError(f"/{name} is a directory, not a merged-/usr symlink: this builder expects merged /usr")
+    for name in PROGRAM_DIRS:
+        if Path("/", name).is_symlink():
+            (root / name).symlink_to(os.readlink(Path("/", name)))
     for name, text in ETC_FILES.items():
         (root / "etc" / name).write_text(text)
     if os.path.exists("/etc/ld.so.cache"):  # only speeds up library lookup
@@ -89,7 +92,7 @@ def default_config(rootfs: Path, args: list[str], annotations: dict[str, str] | 
             _tmpfs("/tmp", "mode=1777"),
             _tmpfs("/run", "mode=755"),
             *({"destination": f"/{d}", "type": "bind", "source": f"/{d}", "options": ["rbind", "ro"]}
-              for d in HOST_DIRS),
+              for d in host_dirs()),
         ],
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
