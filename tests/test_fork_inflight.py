@@ -9,16 +9,26 @@ would see no FIN until the child exits. tests/c/fork_inflight.c forks
 each child lists its fd table against the app's own record of its sockets
 (exact at the fork). Both ways a connect is grafted are stressed: the
 broker's round trip (confinement off) and the pre-issued fast path.
+
+What keeps those fds out of a child (shim/forkguard.h) must not make a
+fork wait for the broker: the last test forks while a thread waits on a
+broker that never answers.
 """
 from __future__ import annotations
 
 import json
+import os
+import select
+import socket
 import socketserver
 import subprocess
+import sys
 
 import pytest
 
-from harness import REPO, eventually, need_confinement, run_grafted, serving
+from harness import GRAFT, REPO, eventually, need_confinement, run_grafted, serving
+
+from graft.broker import wire
 
 pytestmark = pytest.mark.netns
 
@@ -90,3 +100,28 @@ def test_no_fork_child_holds_a_pre_issued_socket_on_the_fast_path(netns, start_b
 
 def kernel_connects(broker) -> list[dict]:
     return [r for r in broker.audit() if r.get("via") == "kernel"]
+
+
+def test_a_fork_does_not_wait_for_the_broker(netns, short_tmp):
+    """A thread's round trip waits on a broker that never answers; a fork meanwhile takes no time."""
+    path = short_tmp / "t.sock"
+    program = os.path.join(os.path.dirname(__file__), "programs", "fork_while_waiting.py")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as wedged:
+        wedged.bind(str(path))
+        wedged.listen(1)
+        wedged.settimeout(30)
+        app = subprocess.Popen([GRAFT, "run", "--socket", str(path), "--netns", netns, "--", sys.executable, program,
+                                "127.0.0.1", "9"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            conn, _ = wedged.accept()
+            with conn:
+                assert len(conn.recv(wire.REQUEST_SIZE)) == wire.REQUEST_SIZE  # the thread now waits (10 s bound)
+                app.stdin.write("fork\n")
+                app.stdin.flush()
+                ready, _, _ = select.select([app.stdout], [], [], 30)
+                assert ready
+                took = float(app.stdout.readline())
+        finally:
+            app.kill()
+            app.wait()
+    assert took < 2.0, took
