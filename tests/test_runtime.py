@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import free_port, http_server, need_program, need_root_and_netns
-from rootfs import GRAFT_RUNTIME, Runtime, build_rootfs, default_config, real_runtime, write_bundle
+from rootfs import GRAFT_RUNTIME, Runtime, build_rootfs, default_config, host_dirs, real_runtime, write_bundle
 
 pytestmark = pytest.mark.netns
 
@@ -227,7 +227,9 @@ class Podman:
     def run(self, rootfs: Path, ann: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
         args = [*self.base, "run", "--rm", "--cgroup-parent", self.cgroup_parent, "--network", "none",
                 "--ulimit", "nofile=1024:1024",
-                "--ulimit", "nproc=1024:1024", "-v", "/usr:/usr:ro"]
+                "--ulimit", "nproc=1024:1024"]
+        for d in host_dirs():
+            args += ["-v", f"/{d}:/{d}:ro"]
         for k, v in ann.items():
             args += ["--annotation", f"{k}={v}"]
         return subprocess.run([*args, "--rootfs", str(rootfs), *cmd], capture_output=True, text=True, timeout=120,
