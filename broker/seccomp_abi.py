@@ -161,27 +161,55 @@ def sockaddr_family(raw: bytes) -> int | None:
 
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
 _DATA_NR, _DATA_ARCH = 0, 4
+_SENDTO_DEST = 16 + 8 * 4  # seccomp_data.args[4], sendto's dest_addr (little-endian: low word first)
 SOCK_FILTER = struct.Struct("=HBBI")
+# What an OCI runtime's filter needs for the same effect (the runtime wrapper's seccomp section):
+# sendto with a NULL destination (send(2) on a connected socket, the data path) is not stopped.
+SENDTO_DEST_ARG = 4
 
 
-def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-    return SOCK_FILTER.pack(code, jt, jf, k)
+def _assemble(insns: list[tuple]) -> bytes:
+    """(code, k, jt, jf) with jt/jf as labels (str) or 0, plus ("label", name) entries: forward jumps only."""
+    where, pc = {}, 0
+    for insn in insns:
+        if insn[0] == "label":
+            where[insn[1]] = pc
+        else:
+            pc += 1
+    out, pc = [], 0
+    for insn in insns:
+        if insn[0] == "label":
+            continue
+        code, k, jt, jf = insn
+        offsets = [where[j] - pc - 1 if isinstance(j, str) else j for j in (jt, jf)]
+        assert all(0 <= o < 256 for o in offsets), "classic BPF jumps forward, by at most 255"
+        out.append(SOCK_FILTER.pack(code, offsets[0], offsets[1], k))
+        pc += 1
+    return b"".join(out)
 
 
 def notify_filter(arch: int) -> bytes:
     """struct sock_filter[]: USER_NOTIF for the notified calls of arch, ALLOW for everything else.
 
-    Another architecture's calls (a 32-bit syscall entry) are allowed: a
-    socket call there runs in the container's own stack, like a "container"
-    verdict, and never on a host socket without confinement's say.
+    A sendto without a destination (send(2): the data path of a connected
+    socket) is allowed in the kernel: there is nothing to judge, and a round
+    trip to the broker per send would cost the data path its speed. sendmsg's
+    destination is behind a pointer, which a filter cannot read, so every
+    sendmsg is stopped. Another architecture's calls (a 32-bit syscall entry)
+    are allowed: a socket call there runs in the container's own stack, like
+    a "container" verdict, and never on a host socket without confinement's say.
     """
-    numbers = [SYSCALLS[arch][name] for name in NOTIFIED_SYSCALLS]
-    out = [_insn(_BPF_LD_W_ABS, _DATA_ARCH), _insn(_BPF_JEQ_K, arch, 0, len(numbers) + 1),
-           _insn(_BPF_LD_W_ABS, _DATA_NR)]
-    for i, nr in enumerate(numbers):
-        out.append(_insn(_BPF_JEQ_K, nr, len(numbers) - i, 0))  # to the USER_NOTIF return
-    out += [_insn(_BPF_RET_K, RET_ALLOW), _insn(_BPF_RET_K, RET_USER_NOTIF)]
-    return b"".join(out)
+    table = SYSCALLS[arch]
+    prog: list[tuple] = [(_BPF_LD_W_ABS, _DATA_ARCH, 0, 0), (_BPF_JEQ_K, arch, 0, "allow"),
+                         (_BPF_LD_W_ABS, _DATA_NR, 0, 0)]
+    for name in NOTIFIED_SYSCALLS:
+        prog.append((_BPF_JEQ_K, table[name], "sendto" if name == "sendto" else "notify", 0))
+    prog += [("label", "allow"), (_BPF_RET_K, RET_ALLOW, 0, 0),
+             ("label", "sendto"), (_BPF_LD_W_ABS, _SENDTO_DEST, 0, 0), (_BPF_JEQ_K, 0, 0, "notify"),
+             (_BPF_LD_W_ABS, _SENDTO_DEST + 4, 0, 0), (_BPF_JEQ_K, 0, "allow2", "notify"),
+             ("label", "allow2"), (_BPF_RET_K, RET_ALLOW, 0, 0),
+             ("label", "notify"), (_BPF_RET_K, RET_USER_NOTIF, 0, 0)]
+    return _assemble(prog)
 
 
 # ---- the runtime's message on seccomp.sock --------------------------------------------------

@@ -118,10 +118,10 @@ def test_layouts_and_numbers_match_the_kernel_headers(tmp_path):
                                                    abi.RET_USER_NOTIF, abi.FILTER_FLAG_NEW_LISTENER]
 
 
-def run_filter(program: bytes, nr: int, arch: int) -> int:
+def run_filter(program: bytes, nr: int, arch: int, args: tuple[int, ...] = (0,) * 6) -> int:
     """A classic-BPF interpreter for the three instructions the filter uses."""
     insns = [abi.SOCK_FILTER.unpack_from(program, i) for i in range(0, len(program), abi.SOCK_FILTER.size)]
-    data = struct.pack("=iI", nr, arch) + bytes(56)
+    data = struct.pack("=iIQ6Q", nr, arch, 0, *args)
     pc, acc = 0, 0
     for _ in range(len(insns)):
         code, jt, jf, k = insns[pc]
@@ -141,9 +141,14 @@ def run_filter(program: bytes, nr: int, arch: int) -> int:
 def test_filter_notifies_exactly_the_notified_calls(arch):
     prog = abi.notify_filter(arch)
     table = abi.SYSCALLS[arch]
+    dest = (3, 0x1000, 10, 0, 0x7FFF00001000, 16)  # an address argument everywhere
     for name in NOTIFIED_SYSCALLS:
-        assert run_filter(prog, table[name], arch) == abi.RET_USER_NOTIF, name
+        assert run_filter(prog, table[name], arch, dest) == abi.RET_USER_NOTIF, name
     notified = {table[name] for name in NOTIFIED_SYSCALLS}
+    # send(2) is sendto with no destination: the data path stays in the kernel; either half set is a pointer
+    assert run_filter(prog, table["sendto"], arch, (3, 0x1000, 10, 0, 0, 0)) == abi.RET_ALLOW
+    assert run_filter(prog, table["sendto"], arch, (3, 0x1000, 10, 0, 1 << 32, 16)) == abi.RET_USER_NOTIF
+    assert run_filter(prog, table["sendmsg"], arch, (3, 0x1000, 0, 0, 0, 0)) == abi.RET_USER_NOTIF
     for nr in range(0, 470):
         if nr not in notified:
             assert run_filter(prog, nr, arch) == abi.RET_ALLOW, nr
