@@ -135,13 +135,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     pol = status["policy"]
     print(f"policy version {pol['version']}, generation {pol['generation']} (loaded {pol['loaded_at']})"
           f"  confinement {status['confinement']}")
-    print(f"{'tenant':<20} {'live':>6} {'max':>6} {'graft':>8} {'container':>9} {'deny':>7} {'error':>6}"
-          f" {'preissued':>9}  netns")
+    audit = status["audit"]
+    print(f"audit on_error {audit['on_error']}: {audit['lost']} record(s) lost, {audit['refused']} decision(s)"
+          f" refused for want of a record, {audit['waiting_bytes']} byte(s) waiting for the reader")
+    print(f"{'tenant':<20} {'mode':<8} {'live':>6} {'max':>6} {'graft':>8} {'container':>9} {'deny':>7}"
+          f" {'error':>6} {'preissued':>9} {'seccomp':>7}  netns")
     for name, t in status["tenants"].items():
         live = f"{t['live_sockets']}{'' if t['live_exact'] else '?'}"
         c = t["counts"]
-        print(f"{name:<20} {live:>6} {t['max_sockets']:>6} {c['graft']:>8} {c['container']:>9} {c['deny']:>7}"
-              f" {c['error']:>6} {t.get('preissued', 0):>9}  {t['netns']}")
+        print(f"{name:<20} {t.get('mode', 'preload'):<8} {live:>6} {t['max_sockets']:>6} {c['graft']:>8}"
+              f" {c['container']:>9} {c['deny']:>7} {c['error']:>6} {t.get('preissued', 0):>9}"
+              f" {t.get('seccomp_listeners', 0):>7}  {t['netns']}")
     return 0
 
 

@@ -364,6 +364,10 @@ def test_a_removed_tenants_listeners_close_and_its_calls_fail(netns, seccomp_bro
                                                capture_output=True, text=True, check=True).stdout)
             assert status["tenants"]["t"]["seccomp_listeners"] == 1
             assert status["tenants"]["t"]["mode"] == "seccomp"
+            human = subprocess.run([GRAFT, "status", "--socket-dir", str(broker.socket_dir)], capture_output=True,
+                                   text=True, check=True).stdout
+            (row,) = [line.split() for line in human.splitlines() if line.startswith("t ")]
+            assert (row[1], row[-2], row[-1]) == ("seccomp", "1", "host")
             broker.reload('version = 1\n[tenants.other]\nmode = "seccomp"\n')
             proc.stdin.write("go\n")
             proc.stdin.flush()
