@@ -23,7 +23,11 @@
  *
  * Deadlock freedom:
  *   - It is taken before any other lock of the shim (fdtable.c's stripes),
- *     in the threads and in the prepare handler alike.
+ *     in the threads and in the prepare handler alike. Holding it, a
+ *     thread waits only for those locks and for system calls: never for
+ *     the app's locks, which a forking thread may hold, nor for libc's
+ *     fork-time locks (malloc's, stdio's), which glibc takes only after
+ *     the prepare handlers.
  *   - It is never taken twice by one thread (the interposers, which take
  *     it, are never called from inside the shim), so a writer-preferring
  *     lock, which keeps a fork from starving behind a stream of connects,
