@@ -90,6 +90,7 @@ class SeccompAgent:
         self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
         # A fresh host socket's option values, per (netns, family, type): see sockopts.copy_options.
         self._defaults: dict[tuple, Defaults] = {}
+        self._thread_pidfds = True  # pidfd_open(PIDFD_THREAD) works (Linux 6.9); found out on first use
 
     # ---- seccomp.sock ------------------------------------------------------------------
 
@@ -261,21 +262,9 @@ class SeccompAgent:
         # From here on, what cannot be found out lets the call go on as it was (if its thread is
         # gone, the answer is refused with ENOENT): it then runs on the program's own socket, in
         # its own network namespace, and never on a host socket the broker has not locked.
-        proc = _proc_status(n.pid)
-        if proc is None:
+        copy = self._take_fd(n)
+        if copy is None:
             return self._continue(fd, n)
-        tgid, peer = proc
-        try:
-            pidfd = sys_.pidfd_open(tgid)
-        except OSError:
-            return self._continue(fd, n)
-        try:
-            try:
-                copy = sys_.pidfd_getfd(pidfd, n.fd)
-            except OSError:  # not an open fd: the kernel answers the call itself
-                return self._continue(fd, n)
-        finally:
-            os.close(pidfd)
         try:
             sock = socket.socket(fileno=copy)
         except OSError:  # not a socket
@@ -283,10 +272,13 @@ class SeccompAgent:
             return self._continue(fd, n)
         with sock:
             req = self._request(n, sock, found)
+            if req is None:
+                return self._continue(fd, n)
+            peer = _proc_status(n.pid)
             # What was read (address, fd, credentials) belongs to this call only if it is still pending.
             if not sys_.notif_id_valid(fd, n.id):
                 return  # its thread is gone: nothing to answer
-            if req is None:
+            if peer is None:
                 return self._continue(fd, n)
             verdict = self.broker.judge(tenant, req, peer)
             if verdict.action == "graft":
@@ -296,6 +288,30 @@ class SeccompAgent:
             else:
                 self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
         self.broker.audit_request(tenant, peer, req, verdict, "seccomp")
+
+    def _take_fd(self, n: abi.Notification) -> int | None:
+        """A copy of the fd the call is on (pidfd_getfd), or None if there is none to take."""
+        try:
+            if self._thread_pidfds:
+                try:
+                    pidfd = sys_.pidfd_open(n.pid, sys_.PIDFD_THREAD)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        return None
+                    self._thread_pidfds = False  # before Linux 6.9: a thread's process is needed
+            if not self._thread_pidfds:
+                proc = _proc_status(n.pid)
+                if proc is None:
+                    return None
+                pidfd = sys_.pidfd_open(proc.pid)
+        except OSError:
+            return None
+        try:
+            return sys_.pidfd_getfd(pidfd, n.fd)
+        except OSError:  # not an open fd: the kernel answers the call itself
+            return None
+        finally:
+            os.close(pidfd)
 
     @staticmethod
     def _address(n: abi.Notification) -> bytes | None:
@@ -415,8 +431,8 @@ def _field(text: bytes, name: bytes) -> list[bytes]:
     return text[start:end if end >= 0 else None].split()
 
 
-def _proc_status(tid: int) -> tuple[int, Peer] | None:
-    """(process id, Peer with the effective uid and gid) of a thread, or None if it is gone.
+def _proc_status(tid: int) -> Peer | None:
+    """The process of a thread, with its effective uid and gid, or None if it is gone.
 
     /proc/<tid>/status, not the directory's owner: a process that made
     itself non-dumpable shows as root there, which the uids check must not
@@ -431,7 +447,7 @@ def _proc_status(tid: int) -> tuple[int, Peer] | None:
         gid = int(_field(text, b"Gid")[1])
     except (ValueError, IndexError):
         return None
-    return tgid, Peer(tgid, uid, gid)
+    return Peer(tgid, uid, gid)
 
 
 def _cloexec(tid: int, fd: int) -> bool:
