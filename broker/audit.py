@@ -2,24 +2,31 @@
 
 Fields are fixed by the design (ts, tenant, pid, uid, op, proto, family, addr,
 port, host_addr, action, rule, errno); ``confinement`` says whether the
-socket was locked by the kernel, and ``reason`` is added when a request was
-refused as malformed or failed on the host, so an operator sees why.
+socket was locked by the kernel, ``via`` which front-end asked, and
+``reason`` is added when a request was refused as malformed or failed on the
+host, so an operator sees why.
 
-Each record is one write(2) of a whole line, unbuffered, so `tail -f` and
-log shippers see each decision at once and lines never interleave.
+Each record is one whole line, written at once when the reader has room,
+so `tail -f` and log shippers see each decision at once and lines never
+interleave. Writes never block the broker (outlet.py): a stalled reader
+makes records wait in memory, in order, up to a bound.
 
-A record that cannot be written (disk full, a closed stderr) is dropped and
-counted, with an error logged at most once a minute: an unwritable audit log
-must not stop container networking, and the operator hears about it.
+A record that cannot be recorded (no room left, disk full, a closed stderr)
+is lost and counted, with an error logged at most once a minute, and
+``write()`` says so: the policy's ``[audit] on_error`` decides what that
+costs. "drop" (the default): networking goes on, the operator hears about
+it. "deny": the decision is refused (server.py, docs/policy.md).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from datetime import datetime, timezone
+
+import trio
+
+from .outlet import DEFAULT_LIMIT, Outlet
 
 log = logging.getLogger("graft.broker")
 DROP_REPORT_INTERVAL = 60.0
@@ -28,35 +35,51 @@ DROP_REPORT_INTERVAL = 60.0
 class AuditLog:
     """Writes audit records to stderr, a file (appended), or nowhere."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, limit: int = DEFAULT_LIMIT):
         self.target = target
-        self._fd: int | None = None
-        self._owned = False
-        self.dropped = 0
         self._reported_at = float("-inf")
         if target == "stderr":
-            self._fd = sys.stderr.fileno()
-        elif target != "off":
-            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            self._owned = True
+            self._out: Outlet | None = Outlet.inherited(2, limit)
+        elif target == "off":
+            self._out = None
+        else:
+            self._out = Outlet.open_path(target, limit)
 
-    def write(self, **record) -> None:
-        if self._fd is None:
-            return
+    @property
+    def lost(self) -> int:
+        """Records that could not be recorded since the start."""
+        return self._out.lost if self._out is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        """Bytes of records waiting for a slow reader."""
+        return self._out.waiting if self._out is not None else 0
+
+    def write(self, **record) -> bool:
+        """Record a decision: True once it is written or waits for the reader, False if it is lost."""
+        if self._out is None:
+            return True
         ts = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         line = (json.dumps({"ts": ts, **record}, separators=(",", ":")) + "\n").encode()
         try:
-            while line:  # a pipe may take less than a whole line (beyond PIPE_BUF)
-                line = line[os.write(self._fd, line):]
+            if self._out.offer(line):
+                return True
+            why = f"the reader is not keeping up ({self._out.waiting // 1024} KiB waiting)"
         except OSError as e:
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._reported_at >= DROP_REPORT_INTERVAL:
-                self._reported_at = now
-                log.error("audit log %s: cannot write (%s); %d record(s) dropped so far", self.target, e,
-                          self.dropped)
+            why = str(e)
+        now = time.monotonic()
+        if now - self._reported_at >= DROP_REPORT_INTERVAL:
+            self._reported_at = now
+            log.error("audit log %s: cannot record (%s); %d record(s) lost so far", self.target, why, self.lost)
+        return False
+
+    async def run(self) -> None:
+        """Write waiting records as the reader makes room (a task of the broker's nursery)."""
+        if self._out is None:
+            await trio.sleep_forever()
+        await self._out.run()
 
     def close(self) -> None:
-        if self._owned and self._fd is not None:
-            os.close(self._fd)
-        self._fd = None
+        if self._out is not None:
+            self._out.close()
+        self._out = None

@@ -34,6 +34,7 @@ from .audit import AuditLog
 from .confine import Confinement
 from .fdstore import FdStore
 from .notify import sd_notify
+from .outlet import LogHandler, Outlet
 from .server import Broker
 
 log = logging.getLogger("graft.broker")
@@ -52,9 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="graft-broker: %(levelname)s %(message)s"
-    )
+    log_outlet = Outlet.inherited(2)  # a stalled stderr must not stop the broker (outlet.py)
+    handler = LogHandler(log_outlet)
+    handler.setFormatter(logging.Formatter("graft-broker: %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per netlink message
     raise_fd_limit()
     fdstore = FdStore.from_environment()  # first: the passed-in fds must not leak into anything else
@@ -74,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: cannot open the audit log: %s", e)
         return 2
     try:
-        trio.run(_serve, policy, socket_dir, audit, args.policy, confinement, fdstore)
+        trio.run(_serve, policy, socket_dir, audit, args.policy, confinement, fdstore, log_outlet)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled below
         pass
     finally:
         audit.close()
+        log_outlet.close()
         if confinement is not None:
             confinement.close()  # the pins keep programs, map and marks alive for the next broker
     return 0
@@ -120,10 +123,16 @@ def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
 
 
 async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path,
-                 confinement: Confinement | None = None, fdstore: FdStore | None = None) -> None:
+                 confinement: Confinement | None = None, fdstore: FdStore | None = None,
+                 log_outlet: Outlet | None = None) -> None:
     # The signal receiver exists before READY=1, so an early SIGTERM is a clean stop.
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            # Writers of what waits for a slow reader of the audit log and stderr; cancelled at the stop
+            # (close() then tries once more, without blocking).
+            nursery.start_soon(audit.run)
+            if log_outlet is not None:
+                nursery.start_soon(log_outlet.run)
             broker = Broker(policy, socket_dir, audit, confinement=confinement, fdstore=fdstore)
             await nursery.start(broker.run)
             sd_notify("READY=1")

@@ -141,6 +141,7 @@ class Broker:
         self._nursery: trio.Nursery | None = None
         self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
+        self.audit_refused = 0  # decisions refused because the audit log could not take them
         self.loaded_at = time.time()
         # The fast path: grants are made only for verdicts of the rules in force (see reload).
         self._grant_serial = 0
@@ -316,6 +317,8 @@ class Broker:
             "policy": {"version": self.policy.version, "generation": self.generation,
                        "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat()},
             "confinement": self.confinement_state,
+            "audit": {"on_error": self.policy.audit.on_error, "lost": self.audit.lost,
+                      "waiting_bytes": self.audit.waiting, "refused": self.audit_refused},
             "tenants": tenants,
         }
 
@@ -477,7 +480,11 @@ class Broker:
         else:
             reply = wire.encode_reply(wire.V_DENY, verdict.errno)
         try:
-            self.audit_request(tenant, peer, req, verdict, "shim")
+            if not self.record(tenant, peer, req, verdict, "shim"):
+                if host_sock is not None:
+                    host_sock.close()
+                    host_sock = None
+                reply = self._unrecorded_reply(req)
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
@@ -508,6 +515,8 @@ class Broker:
         """
         if self.confinement is None or not self._fast_path or not tenant.gid:
             return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)  # nothing would hold them to the policy
+        if self.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
+            return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)
         if not tenant.matcher.uid_allowed(peer.uid):
             return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
@@ -542,7 +551,7 @@ class Broker:
         (the uid was checked when the sockets were issued), so it holds for
         every later connect to the same place until the rules change.
         """
-        if (self.confinement is None or not tenant.gid or req.op != wire.OP_CONNECT
+        if (self.confinement is None or not tenant.gid or self.audit_required or req.op != wire.OP_CONNECT
                 or req.type != socket.SOCK_STREAM or verdict.action != "graft" or req.addr is None):
             return
         rule_id = self._rule_ids.get(verdict.rule)
@@ -626,15 +635,40 @@ class Broker:
             return Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
         return judge(req, tenant.matcher, peer.uid)
 
-    def audit_request(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> None:
-        """Write the request's audit record and count it for graft status.
+    @property
+    def audit_required(self) -> bool:
+        """[audit] on_error = "deny": nothing is granted that the audit log has not taken."""
+        return self.policy.audit.on_error == "deny"
+
+    def record(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> bool:
+        """Audit a decision before it takes effect; whether it may (every front-end's last stage).
+
+        False only when the record was lost and the policy says on_error =
+        "deny": the caller then refuses the request (``unrecorded_errno``)
+        and gives out nothing, so no socket leaves the broker unaudited.
+        """
+        if self.audit_request(tenant, peer, req, verdict, via) or not self.audit_required:
+            return True
+        self.audit_refused += 1
+        return False
+
+    @staticmethod
+    def unrecorded_errno(req: wire.Request) -> int:
+        """What a request refused for want of an audit record fails with: as a policy denial would."""
+        return errno.EACCES if req.op == wire.OP_BIND else errno.EPERM
+
+    def _unrecorded_reply(self, req: wire.Request) -> bytes:
+        return wire.encode_reply(wire.V_DENY, self.unrecorded_errno(req))
+
+    def audit_request(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> bool:
+        """Write the request's audit record and count it for graft status; whether it was recorded.
 
         via: the front-end that asked, "shim" or "seccomp" (the kernel's
         fast-path records are written by _write_kernel_events).
         """
         tenant.counts[verdict.action] += 1
         host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
-        self.audit.write(
+        return self.audit.write(
             tenant=tenant.name,
             pid=peer.pid,
             uid=peer.uid,

@@ -444,6 +444,16 @@ class BrokerSettings(_Strict):
     )
 
 
+class AuditSettings(_Strict):
+    """``[audit]``: what a decision that cannot be recorded costs."""
+
+    on_error: Literal["drop", "deny"] = Field(
+        "drop",
+        description="a decision the audit log cannot record: 'drop' the record (networking goes on) or 'deny' "
+                    "the request (EPERM, EACCES for bind); 'deny' also turns the connect fast path off",
+    )
+
+
 def _version_not_bool(value: Any) -> Any:
     # Literal[1] alone accepts `true` (True == 1 in Python); the version is the integer 1.
     if isinstance(value, bool):
@@ -464,6 +474,7 @@ class PolicyFile(_Strict):
         description="policy format version: 1"
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     tenants: Annotated[dict[TenantName, Tenant], AfterValidator(_some_tenant)] = Field(
         description="tenants by name; each gets the socket <socket_dir>/<name>.sock",
         json_schema_extra={"minProperties": 1, "additionalProperties": False},

@@ -60,6 +60,7 @@ def summarize(policy: PolicyFile, source: str) -> str:
     lines = [
         f"{source}: OK (policy version {policy.version}, {n} tenant{'' if n == 1 else 's'})",
         f"  broker  socket_dir {b.socket_dir}  audit_log {b.audit_log}  confinement {b.confinement}",
+        f"  audit  on_error {policy.audit.on_error}",
     ]
     for name, tenant in policy.tenants.items():
         lines += _tenant_lines(name, tenant, b.socket_dir)

@@ -172,8 +172,9 @@ class BrokerProcess:
     """
 
     def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None,
-                 fdstore: bool = False):
+                 fdstore: bool = False, stderr_fd: int | None = None):
         self.cgroup = cgroup
+        self.stderr_fd = stderr_fd  # the broker's stderr, if not the file stderr() reads
         self._owns_cgroup = cgroup is None
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,8 @@ class BrokerProcess:
                 cmd, passed = self._pass_stored(cmd, env)
             self.proc = subprocess.Popen(
                 in_cgroup(cg_dir, cmd), env=env, pass_fds=passed, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
+                stdout=subprocess.DEVNULL,
+                stderr=self.stderr_fd if self.stderr_fd is not None else open(self.stderr_path, "wb"),
             )
         finally:
             for fd in passed:
@@ -493,3 +495,27 @@ def connect_request(port: int, host: str = "127.0.0.1", udp: bool = False) -> by
 
     return wire.encode_request(wire.OP_CONNECT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(host), port),
                                type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+
+
+def loopback_destination(i: int, net: int = 1) -> str:
+    """The i-th of 16 million distinct loopback addresses in 127.net.0.0/16 onwards (none carries traffic here)."""
+    return f"127.{net + i // 65025}.{i // 255 % 255}.{1 + i % 255}"
+
+
+def grant_many(path: Path, n: int, net: int = 1, port: int = 9) -> None:
+    """n grafted TCP connects to distinct loopback destinations on one connection: n grants in the kernel.
+
+    The port is closed (discard), so each connect ends in a reset at once;
+    the grant is made when the broker judges, whatever the connect's fate.
+    """
+    from graft.broker import wire
+
+    client = WireClient(path)
+    try:
+        for i in range(n):
+            client.send(connect_request(port, host=loopback_destination(i, net)))
+            reply, sock = client.reply()
+            assert reply.verdict == wire.V_GRAFT, (i, reply)
+            sock.close()
+    finally:
+        client.close()

@@ -19,6 +19,7 @@ import trio.testing
 
 from graft.broker import hostsock, server, unixsock, wire
 from graft.broker.audit import AuditLog
+from graft.broker.outlet import Outlet
 from graft.broker.server import Broker
 from graft.policy import parse_policy
 from harness import REPLY_ANC_SPACE, free_port, reply_from_msg
@@ -372,16 +373,14 @@ async def test_client_that_does_not_read_its_replies_is_dropped(env):
 
 
 async def test_unwritable_audit_log_drops_records_not_the_broker(env):
-    os.close(env.broker.audit._fd)
-    r = os.open("/dev/null", os.O_RDONLY)
-    env.broker.audit._fd = r  # a read-only fd: every write fails with EBADF
+    env.broker.audit.close()
+    env.broker.audit._out = Outlet(os.open("/dev/null", os.O_RDONLY))  # every write fails with EBADF
     c = await env.client()
     rep, sock = await c.ask(wire.OP_CONNECT, addr("127.0.0.1", env.port))
-    assert rep.verdict == wire.V_GRAFT and env.broker.audit.dropped == 1
+    assert rep.verdict == wire.V_GRAFT and env.broker.audit.lost == 1
     sock.close()
     env.listener.accept()[0].close()
-    env.broker.audit._fd = None
-    os.close(r)
+    env.broker.audit.close()
 
 
 async def test_reload_with_a_new_tenant_path_taken_by_a_file_applies_the_rest(env):

@@ -27,6 +27,7 @@ from harness import (
     echo_server,
     eventually,
     free_port,
+    grant_many,
     need_confinement,
     network_namespace,
 )
@@ -355,19 +356,6 @@ def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
 FLOOD = 16384 + 4096
 
 
-def flood_grants(path, n: int) -> None:
-    """n grafted connects to distinct loopback destinations (closed ports: a grant each all the same)."""
-    client = WireClient(path)
-    try:
-        for i in range(n):
-            client.send(connect_request(9, host=f"127.{1 + i // 65025}.{i // 255 % 255}.{1 + i % 255}"))
-            reply, sock = client.reply()
-            assert reply.verdict == wire.V_GRAFT, (i, reply)
-            sock.close()
-    finally:
-        client.close()
-
-
 def test_a_tenant_granted_many_destinations_never_evicts_another_tenants_grants(short_tmp):
     """Each tenant's grants are an LRU of its own: a flood of destinations costs only the flooder's."""
     need_confinement()
@@ -398,7 +386,7 @@ proto = "tcp"
                 finally:
                     busy.close()
                 quiet_socks += busy_socks  # closed with them
-                flood_grants(busy_path, FLOOD)
+                grant_many(busy_path, FLOOD)
                 # the quiet tenant's grant is still in the kernel: its connect needs no broker
                 assert connect_errno(quiet_socks[0], ("127.0.0.1", port)) == 0
                 assert echoes(quiet_socks[0])

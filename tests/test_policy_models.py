@@ -413,6 +413,7 @@ def test_summary_lines():
     lines = text.splitlines()
     assert lines[0] == "web.toml: OK (policy version 1, 1 tenant)"
     assert "  broker  socket_dir /run/graft  audit_log stderr  confinement auto" in lines
+    assert "  audit  on_error drop" in lines
     assert any(line.split() == ["connect[0]", "graft", "tcp", "to", "127.0.0.1/32,::1/128", "ports", "5432,6379"]
                for line in lines)
     assert any(line.split()[:2] == ["connect[2]", "deny"] and "ports any" in line for line in lines)
