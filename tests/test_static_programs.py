@@ -6,10 +6,10 @@ built with CGO_ENABLED=0 have no dynamic loader to read LD_PRELOAD, and
 glibc's resolver calls its internal socket functions. seccomp mode stops
 the calls in the kernel instead (`graft run --seccomp`, or graft-runtime for
 a seccomp-mode tenant; DESIGN.md), so these tests run them with it, each in
-a fresh network namespace with only `lo`:
-a host server on the host's 127.0.0.1 is reachable from there only through
-a grafted socket, and a server in the namespace is reached from the host only
-at the address a bind rule publishes. Each test first checks the property it
+a fresh network namespace with only `lo`: a host server on the host's
+127.0.0.1 is reachable from there only through a grafted socket, and a
+server in the namespace is reached from the host only at the address a bind
+rule publishes. Each test first checks the property it
 rests on (the binary is static; without graft the call fails) and then that
 every decision is in the audit log, marked ``"via": "seccomp"``.
 
@@ -45,15 +45,14 @@ from harness import (
     run_grafted,
     run_in_netns,
 )
-from static_binaries import build_go, interpreter
 from rootfs import default_config, write_bundle
+from static_binaries import build_go, interpreter
 from test_programs import loopback_connect, publish, rules, running
-from test_runtime import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures)
+from test_runtime import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures, used as arguments)
 
 pytestmark = pytest.mark.netns
 
 RUN_TIMEOUT = 60
-
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +115,7 @@ def listening_on(port: int) -> bool:
 
 
 def no_connection_arrived(listener: socket.socket) -> bool:
+    """Whether listener's accept queue is empty (a loopback connect is queued before it returns)."""
     listener.setblocking(False)
     try:
         listener.accept()[0].close()
@@ -223,7 +223,8 @@ def test_busybox_nc_server_published_on_the_host(netns, start_broker, busybox):
     assert ipaddress.ip_address(rec["addr"]).is_unspecified
 
 
-def test_busybox_wget_in_a_container_through_graft_runtime(rt, start_broker, short_tmp, rootfs, site, busybox):
+def test_busybox_wget_in_a_container_through_graft_runtime(rt, start_broker, short_tmp, rootfs, site,  # noqa: F811
+                                                          busybox):
     """runc/crun through graft-runtime, a seccomp-mode tenant: no hand edits, no LD_PRELOAD, static wget grafted."""
     broker = start_broker(policy(site, mode="seccomp"), "web")
     with socket.create_server(("127.0.0.1", 0)) as unlisted:
