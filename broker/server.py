@@ -511,27 +511,35 @@ class Broker:
 
         Each is marked pre-issued for the tenant: the kernel lets it connect
         only where the broker has granted (``_grant``). Issuing confers no
-        access, so it is not audited; the connects are, by the kernel.
+        access, so an issue is not audited (the connects are, by the kernel);
+        a refusal is, like every other decision.
         """
+        name = tenant.name
         if self.confinement is None or not self._fast_path or not tenant.gid:
-            return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)  # nothing would hold them to the policy
+            return self._refuse_preissue(tenant, peer, req, Verdict(
+                "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
+                "kernel's audit ring"))  # nothing would hold them to the policy
         if self.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
-            return [], wire.encode_reply(wire.V_DENY, errno.EOPNOTSUPP)
+            return self._refuse_preissue(tenant, peer, req, Verdict(
+                "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
         if not tenant.matcher.uid_allowed(peer.uid):
-            return [], wire.encode_reply(wire.V_DENY, errno.EPERM)
+            return self._refuse_preissue(tenant, peer, req, Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
         n = await self.sockets.room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
         if n == 0:
-            return [], wire.encode_reply(wire.V_DENY, errno.ENOBUFS)
+            return self._refuse_preissue(tenant, peer, req, Verdict(
+                "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"))
         if tenant.bucket is not None:
             n = tenant.bucket.take_up_to(n, time.monotonic())
             if n == 0:
-                return [], wire.encode_reply(wire.V_DENY, errno.EAGAIN)
+                return self._refuse_preissue(tenant, peer, req, Verdict("deny", tenant_loc(name, "max_rate"),
+                                                                        errno.EAGAIN))
         try:
             socks = await tenant.namespace.sockets(req.family, req.type, req.protocol, n)
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
-            return [], wire.encode_reply(wire.V_ERROR, e.errno or errno.EIO)
+            return self._refuse_preissue(tenant, peer, req, Verdict(
+                "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
         try:
             for sock in socks:
                 self.confinement.mark_preissued(sock, tenant.gid)
@@ -540,9 +548,15 @@ class Broker:
             for sock in socks:
                 sock.close()
             log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return [], wire.encode_reply(wire.V_ERROR, errno.EPERM)
+            return self._refuse_preissue(tenant, peer, req, Verdict(
+                "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
         tenant.preissued += n
         return socks, wire.encode_reply(wire.V_GRAFT, 0)
+
+    def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request,
+                         verdict: Verdict) -> tuple[list[socket.socket], bytes]:
+        self.audit_request(tenant, peer, req, verdict, "shim")
+        return [], wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
 
     def _grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict) -> None:
         """A TCP connect was grafted: the tenant's pre-issued sockets may connect there too.
@@ -675,8 +689,8 @@ class Broker:
             op=req.op_name,
             proto=req.proto,
             family=req.family_name,
-            addr=str(req.addr.ip),
-            port=req.addr.port,
+            addr=str(req.addr.ip) if req.addr is not None else None,  # None: a preissue names no address
+            port=req.addr.port if req.addr is not None else None,
             host_addr=str(host) if host is not None else None,
             action=verdict.action,
             rule=verdict.rule,

@@ -222,8 +222,10 @@ def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
             for s in held + pool:
                 s.close()
             client.close()
-    denied = [r for r in broker.audit() if r["action"] == "deny"]
-    assert [r["rule"] for r in denied] == ["tenants.t.max_sockets"] * 2
+    denied = [(r["op"], r["rule"], r["errno"]) for r in broker.audit() if r["action"] == "deny"]
+    # the refused pre-issue is audited like the refused connects
+    assert denied == [("preissue", "tenants.t.max_sockets", errno.ENOBUFS)] + [
+        ("connect", "tenants.t.max_sockets", errno.ENOBUFS)] * 2, denied
 
 
 def test_a_pre_issued_socket_that_listens_never_gets_a_connection(short_tmp):
@@ -246,9 +248,9 @@ def test_preissue_is_refused_where_the_kernel_cannot_hold_or_the_tenant_may_not(
     need_confinement()
     port = free_port()
     if case == "confinement off":
-        text, want = policy(port, confinement="off"), errno.EOPNOTSUPP
+        text, want, rule = policy(port, confinement="off"), errno.EOPNOTSUPP, "broker.confinement"
     else:
-        text, want = policy(port, uids=f"uids = [{os.getuid() + 1}]"), errno.EPERM
+        text, want, rule = policy(port, uids=f"uids = [{os.getuid() + 1}]"), errno.EPERM, "tenants.t.uids"
     with running(short_tmp / "b", text) as broker:
         client = WireClient(broker.socket_path)
         try:
@@ -256,6 +258,12 @@ def test_preissue_is_refused_where_the_kernel_cannot_hold_or_the_tenant_may_not(
             assert (reply.verdict, reply.error, socks) == (wire.V_DENY, want, [])
         finally:
             client.close()
+    # audited like every other decision
+    [record] = broker.audit()
+    assert {k: record[k] for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action",
+                                    "rule", "errno", "via")} == {
+        "tenant": "t", "pid": os.getpid(), "uid": os.getuid(), "op": "preissue", "proto": "tcp", "family": "inet",
+        "addr": None, "port": None, "action": "deny", "rule": rule, "errno": want, "via": "shim"}
 
 
 def two_tenants(port: int, *, allowed: bool, with_gone: bool) -> str:
