@@ -177,13 +177,14 @@ def prepare_bundle(path: str) -> None:
 def _replace(path: str, data: bytes) -> None:
     """Write path atomically: the real runtime reads either the old config or the whole new one."""
     directory = os.path.dirname(path) or "."
-    mode = os.stat(path).st_mode & 0o7777
+    st = os.stat(path)
     fd, tmp = tempfile.mkstemp(prefix=".config.json.graft-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            os.fchown(f.fileno(), st.st_uid, st.st_gid)  # the engine's file stays the engine's
+            os.fchmod(f.fileno(), st.st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -80,9 +80,14 @@ def curl(port: int, path: str = "/") -> list[str]:
 def test_preload_curl_reaches_the_host_only_through_graft(rt, start_broker, short_tmp, rootfs, site):
     broker = start_broker(policy(site), "web")
     bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, curl(site), annotations(broker)))
+    os.chown(bundle / "config.json", 65534, 65534)  # as a rootless engine's file would be
+    os.chmod(bundle / "config.json", 0o640)
     with rt.container_id() as cid:
         out = rt.run("run", "--bundle", str(bundle), cid)
     assert (out.returncode, out.stdout) == (0, PAGE), out.stderr
+    st = (bundle / "config.json").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o640), "the config changed hands"
+    assert [p.name for p in bundle.iterdir()] == ["config.json"], "a temporary file was left"
     (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
     assert (rec["port"], rec["action"], rec["via"]) == (site, "graft", "shim")
     config = json.loads((bundle / "config.json").read_text())
