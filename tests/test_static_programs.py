@@ -138,7 +138,8 @@ def busybox() -> str:
 def go_programs(request, tmp_path_factory) -> dict[str, Path]:
     """tests/programs/go built once per session with CGO_ENABLED=0; Go's caches kept in pytest's cache."""
     need_program("go")
-    cache = request.config.cache.mkdir("graft-go") if request.config.cache else tmp_path_factory.mktemp("go-cache")
+    cache_provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = cache_provider.mkdir("graft-go") if cache_provider else tmp_path_factory.mktemp("go-cache")
     built = build_go(tmp_path_factory.mktemp("go-bin"), cache)
     for name, path in built.items():
         assert interpreter(path) is None, f"{name} is not static: it asks for {interpreter(path)}"
