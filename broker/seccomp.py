@@ -60,7 +60,6 @@ import trio
 
 from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
 from .seccomp_abi import SECCOMP_SOCKET  # noqa: F401  (the fixed name, DESIGN.md)
-from .decide import Verdict
 from .server import Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import bind_unix_listener, unlink_if_socket
@@ -281,13 +280,23 @@ class SeccompAgent:
             if peer is None:
                 return self._continue(fd, n)
             verdict = self.broker.judge(tenant, req, peer)
+            host = None
             if verdict.action == "graft":
-                verdict = await self._graft(tenant, fd, n, req, verdict, sock)
-            elif verdict.action == "container":
-                self._continue(fd, n)
-            else:
-                self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
-        self.broker.audit_request(tenant, peer, req, verdict, "seccomp")
+                made = await self.broker.sockets.make(
+                    tenant, req, verdict, lambda fresh: self._copy_options(tenant, sock, fresh), connect=False)
+                verdict, host = made.verdict, made.sock
+            try:
+                # Recorded before it takes effect, as the shim's requests are before their reply.
+                self.broker.audit_request(tenant, peer, req, verdict, "seccomp")
+                if host is not None:
+                    self._install(fd, n, req, sock, host)
+                elif verdict.action == "container":
+                    self._continue(fd, n)
+                else:
+                    self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
+            finally:
+                if host is not None:
+                    host.close()  # the broker's copy: the app has its own now
 
     def _take_fd(self, n: abi.Notification) -> int | None:
         """A copy of the fd the call is on (pidfd_getfd), or None if there is none to take."""
@@ -371,30 +380,21 @@ class SeccompAgent:
         assert conf is not None  # no listener is served without it
         return bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), confine.MARK_SIZE) is not None
 
-    async def _graft(self, tenant: TenantState, fd: int, n: abi.Notification, req: wire.Request,
-                     verdict: Verdict, app_sock: socket.socket) -> Verdict:
-        """Make the host socket, put it on the app's fd number, and let the call finish. The verdict as audited."""
-        made = await self.broker.sockets.make(tenant, req, verdict,
-                                              lambda host: self._copy_options(tenant, app_sock, host), connect=False)
-        if made.sock is None:
-            self._respond(fd, abi.encode_response(n.id, error=made.verdict.errno))
-            return made.verdict
-        with made.sock as host:
-            host.setblocking(not fcntl.fcntl(app_sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
-            cloexec = _cloexec(n.pid, n.fd)
-            try:
-                sys_.notif_addfd(fd, abi.encode_addfd(n.id, host.fileno(), n.fd, cloexec))
-            except OSError as e:
-                if e.errno in _GONE:  # the caller died: the socket goes with the broker's copy
-                    return Verdict("error", verdict.rule, e.errno, verdict.target, "the caller went away")
-                raise
+    def _install(self, fd: int, n: abi.Notification, req: wire.Request, app_sock: socket.socket,
+                 host: socket.socket) -> None:
+        """Put the host socket on the app's fd number, as the app had its flags, and let the call finish."""
+        host.setblocking(not fcntl.fcntl(app_sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+        try:
+            sys_.notif_addfd(fd, abi.encode_addfd(n.id, host.fileno(), n.fd, _cloexec(n.pid, n.fd)))
+        except OSError as e:
+            if e.errno in _GONE:  # the caller died: the socket goes with the broker's copy
+                log.info("pid %d went away before its grafted socket was installed", n.pid)
+                return
+            raise
         if req.op == wire.OP_BIND:
-            self._respond(fd, abi.encode_response(n.id, val=0))
+            self._respond(fd, abi.encode_response(n.id, val=0))  # bound by the broker, as judged
         else:
-            self._continue(fd, n)
-        return made.verdict
-
-
+            self._continue(fd, n)  # the app's own connect/sendto, pinned to the judged destination
 
 
 def _connected(sock: socket.socket) -> bool:
