@@ -59,7 +59,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
-from .seccomp_abi import SECCOMP_SOCKET  # noqa: F401  (the fixed name, DESIGN.md)
 from .server import Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import bind_unix_listener, unlink_if_socket
