@@ -33,10 +33,11 @@ Continued at once, untouched: calls of another architecture, no address or
 a non-inet one, a socket that is not inet TCP/UDP, a socket the broker made
 (it carries a confinement mark: the kernel judges it), a bind to port 0 (as
 the shim defers it, its socket stays in the container), a sendto on a TCP
-or a connected UDP socket. A "container" verdict continues too; "deny"
-fails the call with the policy's errno. A continued call runs in the
-container's own network stack, never on a host socket the broker did not
-lock. Everything is audited with ``"via": "seccomp"``.
+socket, or on a UDP socket already bound or connected in the container. A
+"container" verdict continues too; "deny" fails the call with the policy's
+errno. A continued call runs in the container's own network stack, never on
+a host socket the broker did not lock. Every judged call is audited with
+``"via": "seccomp"``.
 
 The broker survives every client: a bad process state, a wrong or missing
 fd, a tenant not in seccomp mode get one JSON line back and the connection
@@ -360,8 +361,8 @@ class SeccompAgent:
             op = wire.OP_BIND
         elif n.call == "connect":
             op = wire.OP_CONNECT
-        else:  # sendto, sendmsg: a datagram's first destination, as the shim judges it
-            if sock.type != socket.SOCK_DGRAM or _connected(sock):
+        else:  # sendto, sendmsg: the first destination of a UDP socket neither bound nor connected, as the shim
+            if sock.type != socket.SOCK_DGRAM or sock.getsockname()[1] != 0 or _connected(sock):
                 return None
             op, flags = wire.OP_CONNECT, wire.REQF_SENDTO
         return wire.Request(op, sock.family, sock.type, sock.proto, flags, addr, ())
