@@ -8,18 +8,33 @@ a worker thread enters the namespace with pyroute2 (setns is per thread),
 creates the socket, and returns to the broker's namespace before trio can
 reuse the thread. For "host" the socket is created inline, with no thread.
 
+Sockets are created under the tenant's owner uid (the policy's socket_uid):
+the thread's filesystem uid is set around socket() and put back at once, so
+the kernel records that uid as the socket's owner. setfsuid is per thread
+and changes nothing else the broker can do (it keeps its capabilities), and
+no other code runs on the thread in between. The owner is what keeps
+SO_REUSEPORT groups apart: a tenant can never join a host service's group,
+or another tenant's, and take a share of its connections.
+
 The same per-namespace entry point serves the sock_diag dump that tells which
 grafted sockets are still alive, for ``max_sockets``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
+import cffi
 import trio
 from pyroute2 import DiagSocket
 from pyroute2 import netns as pyroute2_netns
+
+_ffi = cffi.FFI()
+_ffi.cdef("int setfsuid(unsigned int fsuid);")
+_libc = _ffi.dlopen(None)
 
 T = TypeVar("T")
 
@@ -40,11 +55,12 @@ class NetnsError(OSError):
 
 
 class Namespace:
-    """Runs socket-creating work in one network namespace."""
+    """Runs socket-creating work in one network namespace, for one owner uid."""
 
-    def __init__(self, netns: str):
+    def __init__(self, netns: str, owner: int = 0):
         self.netns = netns
         self.path = netns_path(netns)
+        self.owner = owner
 
     def _in_netns(self, fn: Callable[[], T]) -> T:
         """Run fn with this thread inside the namespace, then come back.
@@ -84,8 +100,9 @@ class Namespace:
         def make() -> list[socket.socket]:
             out: list[socket.socket] = []
             try:
-                for _ in range(n):
-                    out.append(socket.socket(family, type | _SOCK_FLAGS, proto))
+                with owned_by(self.owner):
+                    for _ in range(n):
+                        out.append(socket.socket(family, type | _SOCK_FLAGS, proto))
             except BaseException:
                 for s in out:
                     s.close()
@@ -101,6 +118,19 @@ class Namespace:
         if self.path is None:
             return await trio.to_thread.run_sync(_dump_inodes)
         return await trio.to_thread.run_sync(self._in_netns, _dump_inodes)
+
+
+@contextmanager
+def owned_by(uid: int):
+    """Sockets this thread creates inside are owned by uid (setfsuid; put back on the way out)."""
+    before = _libc.setfsuid(uid)
+    if _libc.setfsuid(uid) != uid:  # setfsuid reports no error, only the fsuid in force
+        _libc.setfsuid(before)
+        raise PermissionError(errno.EPERM, f"cannot create sockets owned by uid {uid} (needs CAP_SETUID)")
+    try:
+        yield
+    finally:
+        _libc.setfsuid(before)
 
 
 # TCP states whose sockets an app can still hold. TIME_WAIT and NEW_SYN_RECV

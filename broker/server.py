@@ -107,8 +107,9 @@ class TenantState:
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
         self.config, self.matcher = config, matcher
-        if self.namespace.netns != config.netns:
-            self.namespace = Namespace(config.netns)
+        owner = config.socket_owner(self.name)
+        if (self.namespace.netns, self.namespace.owner) != (config.netns, owner):
+            self.namespace = Namespace(config.netns, owner)
         if config.max_rate is None:
             self.bucket = None
         elif self.bucket is None or self.bucket.rate != config.max_rate:
@@ -177,7 +178,8 @@ class Broker:
 
     async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
         assert self._nursery is not None
-        state = TenantState(name, config, matcher, Namespace(config.netns), self.socket_dir / f"{name}.sock")
+        state = TenantState(name, config, matcher, Namespace(config.netns, config.socket_owner(name)),
+                            self.socket_dir / f"{name}.sock")
         state.configure(config, matcher)
         if self.confinement is not None:
             try:
@@ -305,6 +307,7 @@ class Broker:
                 "socket": str(t.path),
                 "netns": t.config.netns,
                 "mode": t.config.mode,
+                "socket_uid": t.namespace.owner,
                 "live_sockets": live,
                 "live_exact": exact,
                 "max_sockets": t.config.max_sockets,

@@ -59,9 +59,33 @@ def parse_policy(text: str, source: str = "<string>") -> PolicyFile:
         # tomllib stops at the first syntax error; its message carries line and column.
         raise PolicyError(source, [PolicyIssue("<toml>", str(exc))]) from None
     try:
-        return PolicyFile.model_validate(data)
+        policy = PolicyFile.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(source, issues_from_validation(exc)) from None
+    issues = cross_tenant_issues(policy)
+    if issues:
+        raise PolicyError(source, issues)
+    return policy
+
+
+def cross_tenant_issues(policy: PolicyFile) -> list[PolicyIssue]:
+    """What no single tenant's table shows: two tenants whose host sockets would have one owner.
+
+    The kernel keeps SO_REUSEPORT groups per owner uid; tenants sharing one
+    could join each other's groups and take each other's connections.
+    """
+    issues, owners = [], {}
+    for name, tenant in policy.tenants.items():
+        uid = tenant.socket_owner(name)
+        if uid in owners:
+            other = owners[uid]
+            issues.append(PolicyIssue(
+                format_loc(("tenants", name, "socket_uid")),
+                f"tenant {other!r} already owns its host sockets as uid {uid}; tenants with one owner share "
+                f"SO_REUSEPORT groups: give one of them a socket_uid of its own"))
+        else:
+            owners[uid] = name
+    return issues
 
 
 def load_policy(path: str | os.PathLike[str], *, check_env: bool = False) -> PolicyFile:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import zlib
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
 from pydantic import (
@@ -288,6 +289,10 @@ TenantName = Annotated[
 Proto = Literal["tcp", "udp", "any"]
 Action = Literal["graft", "deny", "container"]
 Uid = Annotated[int, Field(ge=0, le=MAX_UID)]
+# Derived socket owners (Tenant.socket_owner) lie in [SOCKET_UID_BASE, SOCKET_UID_BASE + 2^24): far
+# above the uids distributions hand out to users (1000..) and to containers' subordinate ranges
+# (100000.., 65,536 at a time), and below 2^31, which some tools mistake for negative.
+SOCKET_UID_BASE = 0x7E000000
 
 
 def _list_field(description: str) -> Any:
@@ -370,8 +375,22 @@ class Tenant(_Strict):
     uids: Annotated[list[Uid] | None, AfterValidator(_some_uid)] = _list_field(
         "peer uids (SO_PEERCRED, host view) allowed to use the tenant socket; absent = any uid"
     )
+    # Our addition to the v1 keys: the uid that owns the tenant's host sockets (setfsuid around
+    # socket()). The kernel keeps SO_REUSEPORT groups per owner, so tenants never join each other's
+    # groups or a host service's; netfilter's owner match sees it too. Absent = one derived from
+    # the tenant's name (socket_owner); 0 = root-owned, as host services' sockets are.
+    socket_uid: Uid | None = Field(
+        None, description="owner uid of the tenant's host sockets (SO_REUSEPORT groups, netfilter owner match); "
+        f"absent = {SOCKET_UID_BASE:#x} + crc32(tenant name) mod 2^24"
+    )
     connect: list[ConnectRule] = Field(default_factory=list, description="connect rules; the first match decides")
     bind: list[BindRule] = Field(default_factory=list, description="bind rules; the first match decides")
+
+    def socket_owner(self, name: str) -> int:
+        """The uid owning this tenant's host sockets: socket_uid, or one derived from its name."""
+        if self.socket_uid is not None:
+            return self.socket_uid
+        return SOCKET_UID_BASE + zlib.crc32(name.encode()) % (1 << 24)
 
     @field_validator("netns", mode="before")
     @classmethod

@@ -38,7 +38,7 @@ def _tenant_lines(name: str, tenant: Tenant, socket_dir: str) -> list[str]:
         f"  tenant {format_loc((name,))}  socket {socket_dir.rstrip('/')}/{name}.sock",
         f"    mode {tenant.mode}  netns {tenant.netns}  default {tenant.default}  socket_mode {tenant.socket_mode}"
         f"  max_sockets {tenant.max_sockets}  max_rate {_rate(tenant.max_rate)}"
-        f"  uids {'any' if tenant.uids is None else _join(tenant.uids)}",
+        f"  uids {'any' if tenant.uids is None else _join(tenant.uids)}  socket_uid {tenant.socket_owner(name)}",
     ]
     rules = [("connect", i, r) for i, r in enumerate(tenant.connect)]
     rules += [("bind", i, r) for i, r in enumerate(tenant.bind)]

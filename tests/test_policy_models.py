@@ -283,6 +283,11 @@ def test_one_error_is_singular():
         ("[tenants.web]\nuids = [4294967295]", "tenants.web.uids[0]", "less than or equal"),
         ('[tenants.web]\nnetns = "a/b"', "tenants.web.netns", "absolute"),
         ('[tenants.web]\nnetns = ".."', "tenants.web.netns", "a name in /run/netns"),
+        ("[tenants.web]\nsocket_uid = -1", "tenants.web.socket_uid", "greater than or equal to 0"),
+        ('[tenants.web]\nsocket_uid = "1000"', "tenants.web.socket_uid", "must be an integer"),
+        ("[tenants.web]\nsocket_uid = 7\n[tenants.api]\nsocket_uid = 7", "tenants.api.socket_uid",
+         "tenant 'web' already owns its host sockets as uid 7"),
+        ('[audit]\non_error = "ignore"', "audit.on_error", "'drop' or 'deny'"),
         ('[broker]\naudit_log = "audit.log"', "broker.audit_log", "absolute file path"),
         ('[broker]\nconfinement = "yes"', "broker.confinement", "'auto', 'required' or 'off'"),
         ('[broker]\nconfinment = "off"', "broker.confinment", "did you mean 'confinement'"),
@@ -431,7 +436,7 @@ def test_json_schema():
     tenant = schema["$defs"]["Tenant"]
     assert tenant["additionalProperties"] is False
     assert set(tenant["properties"]) == {
-        "netns", "default", "mode", "socket_mode", "max_sockets", "max_rate", "uids", "connect", "bind"
+        "netns", "default", "mode", "socket_mode", "max_sockets", "max_rate", "uids", "socket_uid", "connect", "bind"
     }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable
@@ -442,3 +447,14 @@ def test_tenant_name_with_a_trailing_newline_is_refused():
     with pytest.raises(PolicyError) as e:
         parse_policy('version = 1\n[tenants."web\\n"]\n')
     assert any(i.loc.startswith("tenants.") for i in e.value.errors)
+
+
+def test_each_tenant_gets_a_socket_owner_of_its_own_by_default():
+    p = parse_policy("version = 1\n[tenants.web]\n[tenants.api]\n[tenants.db]\nsocket_uid = 0\n")
+    owners = {name: t.socket_owner(name) for name, t in p.tenants.items()}
+    base = graft.policy.models.SOCKET_UID_BASE
+    assert all(base <= owners[n] < base + (1 << 24) for n in ("web", "api")) and owners["web"] != owners["api"]
+    assert owners["db"] == 0  # explicit: root-owned, as before
+    # derived from the name alone: the same across restarts and reorderings of the file
+    again = parse_policy("version = 1\n[tenants.api]\n[tenants.web]\n")
+    assert {n: t.socket_owner(n) for n, t in again.tenants.items()} == {"api": owners["api"], "web": owners["web"]}
