@@ -287,8 +287,9 @@ class SeccompAgent:
                 verdict, host = made.verdict, made.sock
             try:
                 # Recorded before it takes effect, as the shim's requests are before their reply.
-                self.broker.audit_request(tenant, peer, req, verdict, "seccomp")
-                if host is not None:
+                if not self.broker.record(tenant, peer, req, verdict, "seccomp"):
+                    self._respond(fd, abi.encode_response(n.id, error=self.broker.unrecorded_errno(req)))
+                elif host is not None:
                     self._install(fd, n, req, sock, host)
                 elif verdict.action == "container":
                     self._continue(fd, n)
