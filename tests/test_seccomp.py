@@ -313,6 +313,8 @@ def test_exit_status_and_signals_are_the_commands(netns, seccomp_broker):
     broker = seccomp_broker(policy())
     assert seccomp_run(broker, netns, "sh", "-c", "exit 7").returncode == 7
     assert seccomp_run(broker, netns, "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+    missing = seccomp_run(broker, netns, "/nonexistent/program")
+    assert missing.returncode == 127 and "/nonexistent/program" in missing.stderr
 
 
 def test_toctou_a_racing_thread_never_reaches_a_forbidden_destination(netns, seccomp_broker, tmp_path):
