@@ -191,14 +191,15 @@ class Confinement:
         how = "reused pinned programs" if self.reused else "loaded programs"
         return f"cgroup {self.cgroup}, pins in {self.pin_dir}, {how}"
 
-    def mark(self, sock: socket.socket, allow_any_peer: bool, dest: tuple | None = None) -> None:
+    def mark(self, sock: socket.socket, allow_any_peer: bool, dest: tuple | None = None, grant_id: int = 0) -> None:
         """Lock sock: from now on the kernel refuses to re-point it (EPERM).
 
         dest: the address the broker connected it to (connect and sendmsg to
         it stay allowed; a TCP socket also gets the listen guard);
-        allow_any_peer: sendmsg to any address stays allowed.
+        allow_any_peer: sendmsg to any address stays allowed;
+        grant_id: sendmsg to any destination of that id's UDP grants stays allowed.
         """
-        self._set_mark(sock, encode_mark(dest, allow_any_peer))
+        self._set_mark(sock, encode_mark(dest, allow_any_peer, grant_id))
         if dest is not None and sock.type == socket.SOCK_STREAM:
             guard_against_listening(sock, self.guard_fd)
 
@@ -268,9 +269,14 @@ class Confinement:
             raise
         return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY.size, GRANT_VALUE.size))
 
-    def grant(self, grant_id: int, family: int, host: str, port: int, rule_id: int) -> None:
-        """Let the tenant's pre-issued sockets connect to (host, port) from now on."""
-        self._grant_maps[grant_id].updater.update(grant_key(grant_id, family, host, port),
+    def grant(self, grant_id: int, family: int, host: str, port: int, rule_id: int,
+              sock_type: int = socket.SOCK_STREAM) -> None:
+        """From now on the tenant's sockets may reach (host, port) without the broker.
+
+        TCP: its pre-issued sockets may connect there. UDP: its grafted UDP
+        sockets may send there.
+        """
+        self._grant_maps[grant_id].updater.update(grant_key(grant_id, family, host, port, sock_type),
                                                    GRANT_VALUE.pack(rule_id, 0))
 
     def revoke_grants(self) -> None:

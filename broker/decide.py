@@ -79,7 +79,7 @@ def destination(ip: IPAddress) -> IPAddress:
 
 
 def judge(req: Request, matcher: TenantMatcher, uid: int) -> Verdict:
-    op = req.op_name
+    op = req.judged_as
     if not matcher.uid_allowed(uid):
         return Verdict("deny", tenant_loc(matcher.name, "uids"), DENY_ERRNO[op])
     ip = destination(req.addr.ip) if req.op != OP_BIND else req.addr.ip

@@ -129,7 +129,8 @@ class HostSockets:
             # kernel refuses re-pointing. A grafted UDP server may answer any peer.
             try:
                 self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
-                                      dest=target if req.op == wire.OP_CONNECT else None)
+                                      dest=target if req.op == wire.OP_CONNECT else None,
+                                      grant_id=tenant.gid if req.type == socket.SOCK_DGRAM else 0)
                 self.own(tenant, sock)
             except OSError as e:  # fail closed: an unlocked (or uncounted) socket is not handed out
                 sock.close()
@@ -147,10 +148,10 @@ class HostSockets:
         """Whether the kernel may let this grafted socket send to any peer.
 
         A grafted UDP server answers whoever wrote to it. A UDP socket
-        grafted by its first sendto was judged for that destination only;
-        the kernel cannot consult the policy for later ones, so it may send
-        anywhere only if the policy grafts every UDP destination anyway, and
-        otherwise only to the first (docs/security.md).
+        grafted by its first sendto was judged for that destination; it may
+        send anywhere if the policy grafts every UDP destination anyway,
+        and otherwise to the destinations the broker has granted its
+        tenant for UDP (the mark's grant id; docs/security.md).
         """
         if req.type != socket.SOCK_DGRAM:
             return False

@@ -18,7 +18,8 @@ from . import bpf
 #   u32 flags; u32 port; u32 ip4; u32 ip6[4]; u32 tenant
 # port/ip4/ip6 hold the destination the broker connected the socket to, in
 # the same representation as bpf_sock_addr's user_port/user_ip4/user_ip6;
-# tenant is the tenant id of a pre-issued socket (0 otherwise).
+# tenant is the grant id of a pre-issued socket, or of a grafted UDP socket
+# whose later destinations its tenant's UDP grants decide (0 otherwise).
 MARK = struct.Struct("=II4s16sI")
 MARK_SIZE = MARK.size  # 32
 F_HAS_DEST = 1
@@ -68,8 +69,9 @@ BTF_KEY_ID, BTF_VALUE_ID = 1, 4
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
-def encode_mark(dest: tuple | None, any_peer: bool) -> bytes:
-    """The map value for a socket: its allowed destination (or none), and the any-peer flag."""
+def encode_mark(dest: tuple | None, any_peer: bool, tenant_id: int = 0) -> bytes:
+    """The map value for a socket: its allowed destination (or none), the any-peer flag, and
+    the grant id whose UDP grants it may also send to (0: none)."""
     flags = F_ANY_PEER if any_peer else 0
     port, ip4, ip6 = 0, bytes(4), bytes(16)
     if dest is not None:
@@ -86,7 +88,7 @@ def encode_mark(dest: tuple | None, any_peer: bool) -> bytes:
             ip4 = socket.inet_pton(socket.AF_INET, host)
             ip6 = _V4_MAPPED + ip4
             flags |= F_DEST_V4
-    return MARK.pack(flags, port, ip4, ip6, 0)
+    return MARK.pack(flags, port, ip4, ip6, tenant_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +113,27 @@ def encode_preissued_mark(tenant_id: int) -> bytes:
     return MARK.pack(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
 
 
-def grant_key(tenant_id: int, family: int, host: str, port: int) -> bytes:
-    """The grants key the connect programs build for this destination (see _first_connect)."""
+def grant_kind(sock_type: int, family: int) -> int:
+    """The key's second word: TCP and UDP grants of one destination are apart."""
+    return sock_type << 16 | family
+
+
+def grant_key(tenant_id: int, family: int, host: str, port: int, sock_type: int = socket.SOCK_STREAM) -> bytes:
+    """The grants key the programs build for this destination (programs._grant_lookup).
+
+    A TCP connect runs the hook of the socket's family, with the address as
+    the app wrote it. A datagram to an IPv4 or v4-mapped address runs the
+    IPv4 sendmsg hook whatever the socket's family, so a UDP grant of such a
+    destination is keyed by its IPv4 form.
+    """
     if family == socket.AF_INET:
         addr = socket.inet_pton(socket.AF_INET, host) + bytes(12)
     else:
         addr = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
-    return GRANT_KEY.pack(tenant_id, family, struct.unpack("=H", struct.pack("!H", port))[0], addr)
+        if sock_type == socket.SOCK_DGRAM and addr[:12] == _V4_MAPPED:
+            family, addr = socket.AF_INET, addr[12:] + bytes(12)
+    port_u32 = struct.unpack("=H", struct.pack("!H", port))[0]  # user_port: be16 in a u32
+    return GRANT_KEY.pack(tenant_id, grant_kind(sock_type, family), port_u32, addr)
 
 
 @dataclass(frozen=True)

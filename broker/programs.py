@@ -20,7 +20,7 @@ import socket
 
 from . import bpf
 from .bpfasm import Asm
-from .maps import EVENT, F_ANY_PEER, F_DEST_V4, F_HAS_DEST, F_PREISSUED, STATE_EVENTS_LOST
+from .maps import EVENT, F_ANY_PEER, F_DEST_V4, F_HAS_DEST, F_PREISSUED, STATE_EVENTS_LOST, grant_kind
 
 LICENSE = "Dual MIT/GPL"
 
@@ -64,22 +64,25 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
         a.mov_reg(2, 1)
         a.and_imm(2, F_PREISSUED | F_HAS_DEST)
         a.jeq_imm(2, F_PREISSUED, "first_connect")
+    # Elsewhere than the mark's destination: a connect is refused; a datagram goes
+    # where the tenant's UDP grants allow (the policy's verdicts, made by the broker).
+    elsewhere = "udp_grants" if kind == "sendmsg" else "deny"
     need = F_HAS_DEST if v6 else F_HAS_DEST | F_DEST_V4  # a destination, in this hook's family
     a.and_imm(1, need)
-    a.jne_imm(1, need, "deny")
-    # only the destination the broker connected it to
+    a.jne_imm(1, need, elsewhere)
+    # the destination the broker connected it to
     a.ldx_w(2, 6, CTX_USER_PORT)
     a.ldx_w(3, 7, M_PORT)
-    a.jne_reg(2, 3, "deny")
+    a.jne_reg(2, 3, elsewhere)
     if v6:
         for i in range(4):
             a.ldx_w(2, 6, CTX_USER_IP6 + 4 * i)
             a.ldx_w(3, 7, M_IP6 + 4 * i)
-            a.jne_reg(2, 3, "deny")
+            a.jne_reg(2, 3, elsewhere)
     else:
         a.ldx_w(2, 6, CTX_USER_IP4)
         a.ldx_w(3, 7, M_IP4)
-        a.jne_reg(2, 3, "deny")
+        a.jne_reg(2, 3, elsewhere)
     a.label("allow")
     a.mov_imm(0, 1)
     a.exit()
@@ -88,6 +91,10 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
     a.exit()
     if kind == "connect":
         _first_connect(a, v6, maps)
+    else:
+        a.label("udp_grants")
+        _grant_lookup(a, v6, socket.SOCK_DGRAM, maps)
+        a.ja("allow")
     return a.assemble()
 
 
@@ -95,17 +102,16 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
 _KEY_AT, _EVENT_AT, _STATE_KEY_AT = -32, -80, -84
 
 
-def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
-    """A pre-issued socket's first connect: allowed if granted, and then locked to it.
+def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int]) -> None:
+    """Look the destination up in the grants of the mark's tenant; to "deny" if it is not there.
 
-    Entered with r6 = ctx, r7 = the mark; ends at the "allow"/"deny" labels.
+    Entered with r6 = ctx, r7 = the mark; the key (as maps.grant_key builds
+    it) is left at _KEY_AT and r0 points at the grant's value.
     """
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    a.label("first_connect")
-    # the grant key, as confine.grant_key() builds it
     a.ldx_w(1, 7, M_TENANT)
+    a.jeq_imm(1, 0, "deny")  # a socket of no tenant's grants (a broker without them)
     a.stx_w(10, _KEY_AT, 1)
-    a.st_w(10, _KEY_AT + 4, family)
+    a.st_w(10, _KEY_AT + 4, grant_kind(sock_type, socket.AF_INET6 if v6 else socket.AF_INET))
     a.ldx_w(1, 6, CTX_USER_PORT)
     a.stx_w(10, _KEY_AT + 8, 1)
     for i in range(4):
@@ -123,6 +129,16 @@ def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
     a.stack_ptr(2, _KEY_AT)
     a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
     a.jeq_imm(0, 0, "deny")
+
+
+def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
+    """A pre-issued socket's first connect: allowed if granted, and then locked to it.
+
+    Entered with r6 = ctx, r7 = the mark; ends at the "allow"/"deny" labels.
+    """
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    a.label("first_connect")
+    _grant_lookup(a, v6, socket.SOCK_STREAM, maps)
     a.ldx_w(8, 0, 0)  # r8 = the rule id
     # From now on this socket is what the broker would have connected.
     a.ldx_w(1, 6, CTX_USER_PORT)

@@ -471,13 +471,14 @@ class Broker:
                 for sock in socks:
                     sock.close()
 
+        if req.op == wire.OP_GRANT:
+            return await self._send(conn, self._judge_grant(tenant, req, peer), [], tenant, peer)
+
         verdict = self.judge(tenant, req, peer)
         serial = self._grant_serial
         host_sock, reply = None, None
         if verdict.action == "graft":
             host_sock, reply, verdict = await self._graft(tenant, req, verdict)
-            if host_sock is not None and serial == self._grant_serial:
-                self._grant(tenant, req, verdict)
         elif verdict.action == "container":
             reply = wire.encode_reply(wire.V_CONTAINER)
         else:
@@ -488,6 +489,8 @@ class Broker:
                     host_sock.close()
                     host_sock = None
                 reply = self._unrecorded_reply(req)
+            elif host_sock is not None and serial == self._grant_serial:  # no reload since it was judged
+                self._grant(tenant, req, verdict)
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
@@ -561,24 +564,51 @@ class Broker:
         self.audit_request(tenant, peer, req, verdict, "shim")
         return [], wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
 
-    def _grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict) -> None:
-        """A TCP connect was grafted: the tenant's pre-issued sockets may connect there too.
+    def _grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict) -> bool:
+        """A connect (or sendto) was grafted: the kernel lets the tenant's sockets reach there too.
 
-        The verdict depends on the tenant, protocol, address and port only
-        (the uid was checked when the sockets were issued), so it holds for
-        every later connect to the same place until the rules change.
+        TCP: its pre-issued sockets may connect there (the fast path, off
+        while the audit is required: the kernel's records of those connects
+        can be lost). UDP: its grafted UDP sockets may send there. The
+        verdict depends on the tenant, protocol, address and port only (the
+        uid was checked when the sockets were handed out), so it holds for
+        every later use until the rules change. Whether the grant was made.
         """
-        if (self.confinement is None or not tenant.gid or self.audit_required or req.op != wire.OP_CONNECT
-                or req.type != socket.SOCK_STREAM or verdict.action != "graft" or req.addr is None):
-            return
+        if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
+                or req.addr is None or (req.type == socket.SOCK_STREAM and self.audit_required)):
+            return False
         rule_id = self._rule_ids.get(verdict.rule)
         if rule_id is None:
             rule_id = self._rule_ids[verdict.rule] = len(self._rules)
             self._rules.append(verdict.rule)
         try:
-            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id)
-        except OSError as e:  # the fast path only loses a destination: the broker still answers
+            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id, req.type)
+        except OSError as e:  # only a destination lost: the broker still answers
             log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
+            return False
+        return True
+
+    def _judge_grant(self, tenant: TenantState, req: wire.Request, peer: Peer) -> bytes:
+        """GRANT: a new destination of a grafted UDP socket, judged as its sendto and granted in the kernel.
+
+        Synchronous from the judgement to the grant, so no reload can come
+        between them. The socket is on the host already: a "container"
+        verdict cannot be carried out on it and is refused.
+        """
+        verdict = self.judge(tenant, req, peer)
+        if verdict.action == "container":
+            verdict = Verdict("deny", verdict.rule, errno.EPERM, None,
+                              "a grafted socket cannot send through the container's stack")
+        elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
+            verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
+                              "no grants: confinement (or this tenant's grant map) is not in place")
+        if not self.record(tenant, peer, req, verdict, "shim"):
+            return self._unrecorded_reply(req)
+        if verdict.action != "graft":
+            return wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
+        if not self._grant(tenant, req, verdict):
+            return wire.encode_reply(wire.V_ERROR, errno.EPERM)
+        return wire.encode_reply(wire.V_GRAFT)
 
     async def _drain_kernel_audit(self, ring: RingReader) -> None:
         """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""

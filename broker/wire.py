@@ -42,6 +42,7 @@ ADDR_MAX = _lib.GRAFT_ADDR_MAX
 OP_CONNECT = _lib.GRAFT_OP_CONNECT
 OP_BIND = _lib.GRAFT_OP_BIND
 OP_PREISSUE = _lib.GRAFT_OP_PREISSUE
+OP_GRANT = _lib.GRAFT_OP_GRANT
 PREISSUE_MAX = _lib.GRAFT_PREISSUE_MAX
 REQF_SENDTO = _lib.GRAFT_REQF_SENDTO
 V_GRAFT = _lib.GRAFT_V_GRAFT
@@ -52,7 +53,7 @@ V_ERROR = _lib.GRAFT_V_ERROR
 REQUEST_SIZE = ffi.sizeof("struct graft_request")
 REPLY_SIZE = ffi.sizeof("struct graft_reply")
 
-OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue"}
+OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue", OP_GRANT: "grant"}
 _KNOWN_FLAGS = REQF_SENDTO
 _PROTO_BY_TYPE = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 # What socket(2) accepts as protocol for each type: 0 means the default.
@@ -118,6 +119,11 @@ class Request:
         return OP_NAMES[self.op]
 
     @property
+    def judged_as(self) -> str:
+        """Which rules judge it: "bind", or "connect" (a GRANT is judged as its sendto's connect)."""
+        return "bind" if self.op == OP_BIND else "connect"
+
+    @property
     def proto(self) -> str:
         return _PROTO_BY_TYPE[self.type]
 
@@ -179,8 +185,10 @@ def decode_request(data: bytes) -> Request:
         raise WireError(errno.EPROTONOSUPPORT, f"protocol {req.protocol} does not fit socket type {req.type}")
     if req.flags & ~_KNOWN_FLAGS:
         raise WireError(errno.EINVAL, f"unknown flags {req.flags:#x}")
-    if req.flags & REQF_SENDTO and (req.op != OP_CONNECT or req.type != socket.SOCK_DGRAM):
+    if req.flags & REQF_SENDTO and (req.op not in (OP_CONNECT, OP_GRANT) or req.type != socket.SOCK_DGRAM):
         raise WireError(errno.EINVAL, "the sendto flag needs a UDP connect")
+    if req.op == OP_GRANT and (req.type != socket.SOCK_DGRAM or not req.flags & REQF_SENDTO or req.n_opts):
+        raise WireError(errno.EINVAL, "a grant request names a UDP destination with the sendto flag and no options")
     if req.op == OP_PREISSUE:
         if req.type != socket.SOCK_STREAM:
             raise WireError(errno.ESOCKTNOSUPPORT, "only TCP sockets are pre-issued")

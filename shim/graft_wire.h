@@ -22,6 +22,16 @@
  * only to a destination the broker has already granted this tenant (a GRAFT
  * reply to a TCP connect); anywhere else it fails with EPERM. Any other
  * verdict carries no fd.
+ *
+ * GRANT (UDP's later destinations): the app already holds a grafted UDP
+ * socket, and the kernel refused (EPERM) a sendto/sendmsg to a destination
+ * no socket of this tenant was granted before. The request names the
+ * socket's family, type (SOCK_DGRAM) and protocol, the destination in the
+ * socket's own family (v4-mapped for an AF_INET destination of an AF_INET6
+ * socket, as for a first sendto), flags GRAFT_REQF_SENDTO and no options.
+ * The broker judges it as that sendto's connect. A GRAFT reply carries no
+ * fd: the kernel now lets the tenant's grafted UDP sockets send there, so
+ * the call may be made again. DENY or ERROR: the call fails with error.
  */
 #ifndef GRAFT_WIRE_H
 #define GRAFT_WIRE_H
@@ -39,6 +49,7 @@
 #define GRAFT_OP_CONNECT 1
 #define GRAFT_OP_BIND    2
 #define GRAFT_OP_PREISSUE 3  /* unconnected TCP sockets ahead of time: see below */
+#define GRAFT_OP_GRANT   4   /* a new destination for a grafted UDP socket: see below */
 
 /* Sockets one PREISSUE reply carries at most. */
 #define GRAFT_PREISSUE_MAX 16

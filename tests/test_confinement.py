@@ -60,7 +60,8 @@ KINDS = {
     "grafted listener": ["listener_connect_forbidden"],
     "accepted TCP": ["accepted_connect_forbidden"],
     "disconnected TCP": ["bind_other", "tcp_fastopen_forbidden", "listen_reached"],
-    "UDP": ["udp_connect_forbidden", "udp_sendto_forbidden", "udp_unspec_sendto_forbidden"],
+    "UDP": ["udp_connect_forbidden", "udp_sendto_forbidden", "udp_unspec_sendto_forbidden",
+            "udp_multi_sendto_forbidden"],
     "dual-stack UDP": ["udp6_sendto_v4_wildcard", "udp6_connect_v4_wildcard"],
     "pre-issued TCP": ["preissued_bind", "preissued_connect_forbidden", "preissued_listen_reached"],
 }
@@ -72,7 +73,8 @@ TCP_TO_FORBIDDEN = {"tcp_connect_forbidden", "listener_connect_forbidden", "acce
                     "tcp_fastopen_forbidden"}
 # Flows on the allowed path that escape.py checks (all must hold with confinement on).
 FLOWS = {"tcp_before", "accepted_before", "udp_before", "udp6_before", "tcp_after", "accepted_after_listener",
-         "udp_after_connect", "udp_after_sendto", "udp6_after", "preissued_granted"}
+         "udp_after_connect", "udp_after_sendto", "udp6_after", "preissued_granted", "udp_multi_first",
+         "udp_multi_other"}
 
 
 def judged(out: dict) -> set[str]:
@@ -96,7 +98,7 @@ def check_kernel_refusals(out: dict, confined: bool) -> None:
             warnings.warn(f"escape {escape}: refused by the kernel ({why}), not by graft")
 
 
-def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9) -> str:
+def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9, udp2: int = 9) -> str:
     return f"""version = 1
 [broker]
 confinement = "{mode}"
@@ -108,7 +110,7 @@ ports = [{tcp}, {published}]
 proto = "tcp"
 [[tenants.t.connect]]
 to = ["127.0.0.1/32"]
-ports = [{udp}]
+ports = [{udp}, {udp2}]
 proto = "udp"
 [[tenants.t.connect]]
 to = ["::1/128"]
@@ -211,12 +213,12 @@ def forbidden_servers(*more_udp: socket.socket):
 @contextmanager
 def escape_setup(tmp, mode: str, cgroup: str | None = None):
     v6, twin = v6_and_v4_twin()
-    with (v6, twin, echo_server() as tcp, udp_echo() as udp, udp_echo(v6) as udp6,
+    with (v6, twin, echo_server() as tcp, udp_echo() as udp, udp_echo(v6) as udp6, udp_echo() as udp2,
           forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
         published = free_port()
-        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6), cgroup=cgroup)
+        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6, udp2), cgroup=cgroup)
         try:
-            yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp, udp6)], arrivals
+            yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp, udp6, udp2)], arrivals
         finally:
             rc = broker.stop()
             assert rc == 0, broker.stderr()
@@ -293,11 +295,12 @@ def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
     assert_all_refused(out)
     assert out["flows"] == {f: True for f in FLOWS}, f"allowed traffic stopped: {out['flows']}"
     assert "confinement: ON" in stderr
-    # the program's 8 grafted sockets (through the broker, or the shim's fast path), and the
-    # pre-issued socket's granted connect, recorded by the kernel
+    # the program's 9 grafted sockets (through the broker, or the shim's fast path), the
+    # pre-issued socket's granted connect, recorded by the kernel, and the second UDP destination
     grafts = [a for a in audit if a["action"] == "graft"]
-    assert len(grafts) == 9 and {a["confinement"] for a in audit} == {"on"}, audit
+    assert len(grafts) == 11 and {a["confinement"] for a in audit} == {"on"}, audit
     assert any(a["via"] == "kernel" for a in grafts), grafts
+    assert out["grant_udp2"] == 0 and [a["op"] for a in grafts].count("grant") == 1, grafts
 
 
 def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):

@@ -81,6 +81,16 @@ GOOD = wire.encode_request(wire.OP_CONNECT, V4)
 PREISSUE = wire.encode_request(wire.OP_PREISSUE, None, family=socket.AF_INET6)
 
 
+GRANT = wire.encode_request(wire.OP_GRANT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), 53),
+                            type=socket.SOCK_DGRAM, flags=wire.REQF_SENDTO)
+
+
+def test_grant_request_is_judged_as_its_sendto():
+    req = wire.decode_request(GRANT)
+    assert (req.op_name, req.judged_as, req.type, req.flags, req.addr.port) == (
+        "grant", "connect", socket.SOCK_DGRAM, wire.REQF_SENDTO, 53)
+
+
 def test_preissue_request_names_only_the_socket():
     req = wire.decode_request(PREISSUE)
     assert (req.op_name, req.family, req.type, req.protocol, req.addr, req.opts) == (
@@ -111,6 +121,10 @@ def test_preissue_request_names_only_the_socket():
         (_mutate(PREISSUE, "n_opts", 1), errno.EINVAL),
         (_mutate(PREISSUE, "flags", wire.REQF_SENDTO), errno.EINVAL),
         (_mutate(PREISSUE, "family", socket.AF_UNIX), errno.EAFNOSUPPORT),
+        (_mutate(GRANT, "type", socket.SOCK_STREAM), errno.EINVAL),  # UDP only
+        (_mutate(GRANT, "flags", 0), errno.EINVAL),  # as a sendto
+        (_mutate(GRANT, "n_opts", 1), errno.EINVAL),  # nothing to set on a socket already made
+        (_mutate(GRANT, "addr_len", 0), errno.EINVAL),
     ],
 )
 def test_bad_requests_are_refused_with_an_errno(raw, err):

@@ -1,6 +1,6 @@
 """An untrusted program under graft that tries to re-point its grafted sockets.
 
-    escape.py TCP_PORT UDP_PORT PUBLISHED_PORT FORBIDDEN_TCP FORBIDDEN_UDP UDP6_PORT [--wait]
+    escape.py TCP_PORT UDP_PORT PUBLISHED_PORT FORBIDDEN_TCP FORBIDDEN_UDP UDP6_PORT UDP2_PORT [--wait]
 
 It gets its sockets the ordinary way (through the shim: connect, bind,
 listen, accept), checks they carry traffic, then re-points them with raw
@@ -11,7 +11,9 @@ traffic on the same socket still flows. One JSON object on stdout.
 
 It also asks the broker itself for pre-issued sockets (the fast path's
 unconnected TCP sockets, issued only with confinement on), as any program
-holding the tenant socket may, and tries the same on one of those.
+holding the tenant socket may, and tries the same on one of those; and for
+a second UDP destination the policy allows (GRANT), after which one
+unconnected UDP socket must reach both allowed destinations and nothing else.
 
 Two attempts need a peer on the host: a socket made to listen takes a
 fresh port on the host's wildcard address (a connected socket after a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import json
 import os
 import platform
@@ -102,6 +105,20 @@ def try_listen(att: dict, name: str, fd: int) -> None:
         sock.close()
 
 
+def ask_grant(port: int) -> int:
+    """Ask the broker, as the shim would, to judge another UDP destination: 0 if granted, else the errno."""
+    from graft.broker import wire
+
+    client = WireClient(os.environ["GRAFT_SOCKET"])
+    try:
+        client.send(wire.encode_request(wire.OP_GRANT, wire.SockAddr(socket.AF_INET, ipaddress.ip_address(HOST), port),
+                                        type=socket.SOCK_DGRAM, flags=wire.REQF_SENDTO))
+        reply, _ = client.reply()
+    finally:
+        client.close()
+    return 0 if reply.verdict == wire.V_GRAFT else reply.error
+
+
 def preissued_sockets() -> tuple[list[socket.socket], int]:
     """Ask the broker for pre-issued TCP sockets over the tenant socket: (sockets, errno of a refusal)."""
     client = WireClient(os.environ["GRAFT_SOCKET"])
@@ -127,7 +144,7 @@ def echo_ok(s: socket.socket, token: bytes) -> bool:
 
 
 def main() -> int:
-    tcp_port, udp_port, published, bad_tcp, bad_udp, udp6_port = map(int, sys.argv[1:7])
+    tcp_port, udp_port, published, bad_tcp, bad_udp, udp6_port, udp2_port = map(int, sys.argv[1:8])
     wait = "--wait" in sys.argv
     out: dict = {"attempts": {}, "flows": {}}
     att, flows = out["attempts"], out["flows"]
@@ -219,6 +236,15 @@ def main() -> int:
         flows["udp_after_sendto"] = udp.recv(16) == b"again"
     raw_connect(udp.fileno(), None)
     att["udp_unspec_sendto_forbidden"] = raw_sendto(udp.fileno(), b"escaped", HOST, bad_udp)
+
+    # --- one unconnected UDP socket, several peers: where the policy allows, and nowhere else
+    multi = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    multi.settimeout(10)
+    multi.sendto(b"first", (HOST, udp_port))  # through the shim: grafted by its first sendto
+    flows["udp_multi_first"] = multi.recv(16) == b"first"
+    out["grant_udp2"] = ask_grant(udp2_port)
+    flows["udp_multi_other"] = raw_sendto(multi.fileno(), b"other", HOST, udp2_port) == 0 and multi.recv(16) == b"other"
+    att["udp_multi_sendto_forbidden"] = raw_sendto(multi.fileno(), b"escaped", HOST, bad_udp)
 
     # --- an IPv6 UDP socket, given an IPv4 address: 0.0.0.0 reaches the host's 127.0.0.1 -
     att["udp6_sendto_v4_wildcard"] = raw_sendto(udp6.fileno(), b"escaped", "0.0.0.0", udp6_port)
