@@ -29,6 +29,7 @@ killed it.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import signal
 import socket
@@ -38,7 +39,9 @@ import sys
 from graft.broker import seccomp_abi as abi, seccomp_sys
 
 ANSWER_TIMEOUT = 10.0
-_FD = struct.Struct("=i")
+# The child's report on the pipe: (step, listener fd number) once done, else (failed step, errno).
+_REPORT = struct.Struct("=ii")
+_STEP_DONE, _STEP_NETNS, _STEP_FILTER = 0, 1, 2
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
@@ -66,7 +69,7 @@ def run_seccomp(cmd: list[str], seccomp_socket: str, tenant: str, netns: str | N
     for sig in _FORWARDED:
         signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
     try:
-        error = _hand_over(pid, ready_r, seccomp_socket, tenant)
+        error = _hand_over(pid, ready_r, seccomp_socket, tenant, netns)
         if error is None:
             os.write(go_w, b"g")
     finally:
@@ -89,16 +92,18 @@ def _forward(pid: int, signum: int) -> None:
 
 def _child(cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r: int) -> None:  # pragma: no cover
     """Install the filter, report its listener, wait for the go, exec. Never returns."""
+    step = _STEP_NETNS
     try:
         if netns:
             from pyroute2 import netns as pyroute2_netns
 
             pyroute2_netns.setns(netns, flags=0)  # flags=0: never create one
+        step = _STEP_FILTER
         listener = seccomp_sys.install_notify_filter(program)
     except OSError as e:
-        os.write(ready_w, _FD.pack(-(e.errno or 1)))
+        os.write(ready_w, _REPORT.pack(step, e.errno or errno.EIO))
         os._exit(1)
-    os.write(ready_w, _FD.pack(listener))
+    os.write(ready_w, _REPORT.pack(_STEP_DONE, listener))
     os.close(ready_w)
     go = os.read(go_r, 1)
     os.close(listener)  # the broker holds it now; CMD must not
@@ -111,16 +116,16 @@ def _child(cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r
     os._exit(127)
 
 
-def _hand_over(pid: int, ready_r: int, seccomp_socket: str, tenant: str) -> str | None:
+def _hand_over(pid: int, ready_r: int, seccomp_socket: str, tenant: str, netns: str | None) -> str | None:
     """Pass the child's listener to the broker; None once the broker serves it, else why not."""
-    raw = os.read(ready_r, _FD.size)
-    if len(raw) != _FD.size:
+    raw = os.read(ready_r, _REPORT.size)
+    if len(raw) != _REPORT.size:
         return "the child exited before installing its seccomp filter"
-    (number,) = _FD.unpack(raw)
-    if number < 0:
-        if -number == 1 or -number == 13:  # EPERM, EACCES
-            return f"cannot install the seccomp filter: {os.strerror(-number)}"
-        return f"cannot install the seccomp filter or enter the namespace: {os.strerror(-number)}"
+    step, number = _REPORT.unpack(raw)
+    if step == _STEP_NETNS:
+        return f"cannot enter network namespace {netns}: {os.strerror(number)}"
+    if step == _STEP_FILTER:
+        return f"cannot install the seccomp filter: {os.strerror(number)}"
     try:
         pidfd = seccomp_sys.pidfd_open(pid)
         try:

@@ -307,6 +307,11 @@ def test_graft_run_seccomp_without_a_broker_runs_nothing(netns, tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "no broker's seccomp agent answers" in r.stderr
     assert not marker.exists()
+    r = subprocess.run([GRAFT, "run", "--seccomp", "--socket", str(tmp_path / "t.sock"), "--netns",
+                        "graft-no-such-namespace", "--", "touch", str(marker)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "cannot enter network namespace graft-no-such-namespace" in r.stderr
+    assert not marker.exists()
 
 
 def test_exit_status_and_signals_are_the_commands(netns, seccomp_broker):
