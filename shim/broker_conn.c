@@ -168,12 +168,14 @@ static bool error_in_range(int32_t err, int32_t min)
  * 0 if the reply is well-formed and carries the fds its verdict calls for:
  * one host socket for a connect or bind, 1..GRAFT_PREISSUE_MAX unconnected
  * ones (and no connect error) for a PREISSUE, which has no container
- * verdict.
+ * verdict, and none (and no error) for a GRANT, whose socket the app holds
+ * already. receive_reply closes whatever fds came with a reply refused here.
  */
 static int check_reply(uint16_t op, const struct graft_reply *rep, ssize_t len, int msg_flags,
                        int nfds)
 {
     bool preissue = op == GRAFT_OP_PREISSUE;
+    bool grant = op == GRAFT_OP_GRANT;
     if ((msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || len != (ssize_t)sizeof *rep)
         return EPROTO;
     if (rep->magic != GRAFT_WIRE_MAGIC || rep->version != GRAFT_WIRE_VERSION ||
@@ -183,6 +185,8 @@ static int check_reply(uint16_t op, const struct graft_reply *rep, ssize_t len, 
     case GRAFT_V_GRAFT:
         if (preissue)
             return nfds >= 1 && nfds <= GRAFT_PREISSUE_MAX && rep->error == 0 ? 0 : EPROTO;
+        if (grant)
+            return nfds == 0 && rep->error == 0 ? 0 : EPROTO;
         return nfds == 1 && error_in_range(rep->error, 0) ? 0 : EPROTO;
     case GRAFT_V_CONTAINER:
         return nfds == 0 && !preissue ? 0 : EPROTO;

@@ -22,13 +22,14 @@ void broker_init(const char *path);
 const char *broker_path(void);
 
 /*
- * Sends req (a CONNECT or BIND) and receives a validated reply. Returns 0,
- * with *hostfd the fd attached to a GRAFT reply (O_CLOEXEC; the caller
- * owns it) or -1; or an errno value saying why the broker is unreachable
- * (the reply is then unset and no fd is returned). A failed pooled
- * connection is retried once on a fresh one. Its send and receive are
- * cancellation points: a caller holding state that a cancellation would
- * leak must disable cancellation.
+ * Sends req (a CONNECT, BIND or GRANT) and receives a validated reply.
+ * Returns 0, with *hostfd the fd attached to a GRAFT reply to a CONNECT or
+ * BIND (O_CLOEXEC; the caller owns it) or -1 (any other reply: a GRAFT to
+ * a GRANT carrying an fd is invalid); or an errno value saying why the
+ * broker is unreachable, EPROTO for an invalid reply (the reply is then
+ * unset and no fd is returned). A failed pooled connection is retried once
+ * on a fresh one. Its send and receive are cancellation points: a caller
+ * holding state that a cancellation would leak must disable cancellation.
  *
  * The caller holds the fork guard g, which is released while the round
  * trip waits for the broker and held again when it returns: *hostfd

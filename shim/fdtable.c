@@ -568,6 +568,22 @@ bool fdt_is_tracked(int fd)
     return live_entry(fd) != NULL;
 }
 
+bool fdt_get_grafted(int fd, ino_t ino, struct fdt_sock *out)
+{
+    struct entry *e = live_entry(fd);
+    if (e == NULL || atomic_load_explicit(&e->state, memory_order_relaxed) != FDT_GRAFTED)
+        return false;
+    struct held h;
+    bool found = false;
+    lock_group(fd, e, &h);
+    if (state_of(e) == FDT_GRAFTED && e->ino == ino) {
+        *out = e->sock;
+        found = true;
+    }
+    unlock_group(&h);
+    return found;
+}
+
 bool fdt_get_names(int fd, struct fdt_names *out)
 {
     struct entry *e = live_entry(fd);

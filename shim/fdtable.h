@@ -141,6 +141,14 @@ int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
 bool fdt_is_placeholder(int fd);
 bool fdt_is_tracked(int fd);
 
+/*
+ * fd is GRAFTED and still the socket of inode ino (its host socket's):
+ * copies its description, as socket() recorded it, to out. False for any
+ * other fd, and for an entry left stale by a close behind the shim's back.
+ * Takes the entry's lock: for rare paths (a send the kernel refused).
+ */
+bool fdt_get_grafted(int fd, ino_t ino, struct fdt_sock *out);
+
 /* The names of a grafted fd whose host address was translated; false if none. */
 bool fdt_get_names(int fd, struct fdt_names *out);
 

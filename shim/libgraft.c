@@ -15,9 +15,12 @@
  * UDP adds a fourth first use: a sendto/sendmsg/sendmmsg with a
  * destination on an unbound, unconnected placeholder. These functions are
  * on the data path, so their interposers cost one lock-free table lookup
- * when the fd is anything but a placeholder. dup/dup3/fcntl(F_DUPFD*) keep
- * duplicates of a placeholder together (fdtable.h), and getsockname shows
- * the app the address it bound when a bind rule published it elsewhere.
+ * when the fd is anything but a placeholder, and nothing more unless the
+ * kernel refuses a grafted UDP socket's destination: the broker is then
+ * asked to grant it, and the send is made again. dup/dup3/fcntl(F_DUPFD*)
+ * keep duplicates of a placeholder together (fdtable.h), and getsockname
+ * shows the app the address it bound when a bind rule published it
+ * elsewhere.
  *
  * Towards the caller each interposer behaves like the libc function: on
  * success errno is what it was on entry, on failure it is exactly the errno
@@ -616,6 +619,20 @@ static void settle(const struct attempt *a, struct outcome *o, int hostfd)
     }
 }
 
+/* One round trip: o is the verdict, or the fallback; *hostfd a GRAFT's socket or -1. */
+static void ask(const struct attempt *a, struct outcome *o, int *hostfd)
+{
+    struct graft_request req;
+    struct graft_reply rep;
+
+    build_request(&req, a);
+    int reason = broker_roundtrip(&req, &rep, hostfd, a->guard);
+    if (reason != 0)
+        on_unreachable(a, reason, o);
+    else
+        read_verdict(a, &rep, o);
+}
+
 /*
  * Asks the broker about a claimed placeholder and settles the claim. No
  * lock is held meanwhile: other threads' calls on other fds proceed, and a
@@ -623,16 +640,8 @@ static void settle(const struct attempt *a, struct outcome *o, int hostfd)
  */
 static void decide(const struct attempt *a, struct outcome *o)
 {
-    struct graft_request req;
-    struct graft_reply rep;
     int hostfd;
-
-    build_request(&req, a);
-    int reason = broker_roundtrip(&req, &rep, &hostfd, a->guard);
-    if (reason != 0)
-        on_unreachable(a, reason, o);
-    else
-        read_verdict(a, &rep, o);
+    ask(a, o, &hostfd);
     settle(a, o, hostfd);
 }
 
@@ -997,9 +1006,10 @@ static bool dest_for_family(int family, const union inet_sockaddr *dest, union i
  * on the placeholder for a container verdict, or because the shim has
  * nothing to decide) or -1 with errno: a denial (EPERM) sends nothing.
  *
- * Not judged: sends on grafted or native sockets, whatever their
+ * Not judged here: sends on grafted or native sockets, whatever their
  * destination (the shim stays off the data path; on grafted sockets the
- * kernel confinement is what limits destinations), untracked fds (no
+ * kernel confinement is what limits destinations, and a destination it
+ * refuses is put to the broker by grant_destination), untracked fds (no
  * adoption here: it would cost system calls on every send of an untracked
  * socket), and TCP (MSG_FASTOPEN on a placeholder runs natively).
  */
@@ -1030,6 +1040,66 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
     return 0;
 }
 
+/*
+ * A grafted UDP socket's later destinations. Under confinement the kernel
+ * lets a grafted UDP socket send only to destinations the broker has
+ * granted its tenant, and refuses any other with EPERM. Such a refusal is
+ * put to the broker once (GRAFT_OP_GRANT, judged as that sendto's
+ * connect); a GRAFT reply means the kernel now lets the datagram through,
+ * so the caller makes its call once more. Nothing of this runs for a send
+ * that succeeds, nor without confinement (the kernel refuses nothing).
+ *
+ * Returns 0 to make the call again, or the errno the call fails with: the
+ * kernel's EPERM when there is nothing to ask (not a grafted UDP socket of
+ * the shim's, or no destination it could judge), when the broker is
+ * unreachable, whatever GRAFT_FALLBACK says (a host socket cannot fall
+ * back to the container), when it answers CONTAINER (likewise), or when
+ * it is older than GRANT (ERROR with EOPNOTSUPP, its answer to an unknown
+ * op: the app sees what it saw before); a DENY or ERROR reply's errno
+ * otherwise.
+ */
+static int grant_destination(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    union inet_sockaddr given, dest;
+    struct fdt_sock sock;
+    struct stat st;
+    if (!copy_inet_addr(addr, len, &given) || fstat(fd, &st) < 0 ||
+        !fdt_get_grafted(fd, st.st_ino, &sock) || sock.type != SOCK_DGRAM ||
+        !dest_for_family(sock.family, &given, &dest))
+        return EPERM;
+    sock.n_opts = 0; /* the socket exists: a grant request carries no options */
+
+    struct outcome o;
+    int hostfd; /* a GRAFT reply to a GRANT carries none (broker_conn.c checks) */
+    struct scope scope;
+    scope_enter(&scope);
+    struct attempt a = {&scope.guard, "grant", GRAFT_OP_GRANT, fd, EPERM, &sock, &dest,
+                        GRAFT_REQF_SENDTO, NULL};
+    ask(&a, &o, &hostfd);
+    scope_leave(&scope);
+    switch (o.kind) {
+    case OUT_GRAFTED:
+        return 0;
+    case OUT_FAILED:
+        return o.error == EOPNOTSUPP ? EPERM : o.error;
+    default:
+        return EPERM;
+    }
+}
+
+/*
+ * After a send with destination addr failed: whether to make it again
+ * (errno = saved, as on entry), else errno is what the call fails with.
+ */
+static bool send_again(int fd, const struct sockaddr *addr, socklen_t len, int saved)
+{
+    if (errno != EPERM || addr == NULL)
+        return false;
+    int err = grant_destination(fd, addr, len);
+    errno = err != 0 ? err : saved;
+    return err == 0;
+}
+
 EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
                       socklen_t len)
 {
@@ -1038,7 +1108,10 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
     if (graft_sendto(fd, addr, len) < 0)
         return -1;
     errno = saved;
-    return graft_real.sendto(fd, buf, n, flags, addr, len);
+    ssize_t rc = graft_real.sendto(fd, buf, n, flags, addr, len);
+    if (rc < 0 && send_again(fd, addr, len, saved))
+        rc = graft_real.sendto(fd, buf, n, flags, addr, len);
+    return rc;
 }
 
 EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
@@ -1048,7 +1121,10 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     if (msg != NULL && graft_sendto(fd, msg->msg_name, msg->msg_namelen) < 0)
         return -1;
     errno = saved;
-    return graft_real.sendmsg(fd, msg, flags);
+    ssize_t rc = graft_real.sendmsg(fd, msg, flags);
+    if (rc < 0 && msg != NULL && send_again(fd, msg->msg_name, msg->msg_namelen, saved))
+        rc = graft_real.sendmsg(fd, msg, flags);
+    return rc;
 }
 
 /* struct mmsghdr, which <sys/socket.h> declares only with _GNU_SOURCE. */
@@ -1059,7 +1135,11 @@ struct graft_mmsghdr {
 
 /*
  * The first message's destination decides, as a first sendto would; the
- * rest of the batch then goes out on whatever socket that left on fd.
+ * rest of the batch then goes out on whatever socket that left on fd. A
+ * refusal shows as -1 only for the first message (one later in the batch
+ * ends it early with the count sent, and the app's next call starts with
+ * the refused message), so only the first message's destination is
+ * granted before the batch is tried again.
  */
 EXPORT int sendmmsg(int fd, struct graft_mmsghdr *vec, unsigned int vlen, int flags)
 {
@@ -1069,7 +1149,11 @@ EXPORT int sendmmsg(int fd, struct graft_mmsghdr *vec, unsigned int vlen, int fl
         graft_sendto(fd, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen) < 0)
         return -1;
     errno = saved;
-    return graft_real.sendmmsg(fd, vec, vlen, flags);
+    int rc = graft_real.sendmmsg(fd, vec, vlen, flags);
+    if (rc < 0 && vec != NULL && vlen > 0 &&
+        send_again(fd, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, saved))
+        rc = graft_real.sendmmsg(fd, vec, vlen, flags);
+    return rc;
 }
 
 /* ---- getsockname(): the container's view of a published bind ---- */
