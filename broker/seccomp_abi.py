@@ -46,6 +46,8 @@ IOCTL_NOTIF_RECV = _iowr(_W | _R, 0, NOTIF.size)
 IOCTL_NOTIF_SEND = _iowr(_W | _R, 1, NOTIF_RESP.size)
 IOCTL_NOTIF_ID_VALID = _iowr(_W, 2, 8)
 IOCTL_NOTIF_ADDFD = _iowr(_W, 3, NOTIF_ADDFD.size)
+IOCTL_NOTIF_SET_FLAGS = _iowr(_W, 4, 8)  # Linux 6.6
+USER_NOTIF_FD_SYNC_WAKE_UP = 1  # wake the stopped thread on the agent's CPU, as the agent then waits
 
 # AUDIT_ARCH_* (<linux/audit.h>) and the numbers of the notified calls there.
 # Only 64-bit ABIs: pointers in the arguments are 8 bytes, as msghdr's are.

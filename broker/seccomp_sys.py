@@ -75,6 +75,12 @@ def notif_addfd(fd: int, request: bytes) -> int:
     return _ioctl(fd, abi.IOCTL_NOTIF_ADDFD, ffi.from_buffer(bytearray(request)), "SECCOMP_IOCTL_NOTIF_ADDFD")
 
 
+def notif_sync_wake_up(fd: int) -> None:
+    """Ask for synchronous wake-ups between agent and stopped thread (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)."""
+    _ioctl(fd, abi.IOCTL_NOTIF_SET_FLAGS, ffi.cast("unsigned long", abi.USER_NOTIF_FD_SYNC_WAKE_UP),
+           "SECCOMP_IOCTL_NOTIF_SET_FLAGS")
+
+
 def pidfd_open(pid: int, flags: int = 0) -> int:
     return _check(_libc.syscall(ffi.cast("long", _SYS_PIDFD_OPEN), ffi.cast("int", pid),
                                 ffi.cast("unsigned int", flags)), "pidfd_open")

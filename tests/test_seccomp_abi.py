@@ -2,7 +2,9 @@
 
 Layouts against <linux/seccomp.h> as a C compiler sees them, the system
 call tables against the running machine's numbers, the filter program by
-running it, and the process state codec against what runc sends.
+running it, and the process state codec against what runc sends. One test
+asks the running kernel about the ioctl newer than the C headers here (a
+filter needs no root with no_new_privs).
 """
 from __future__ import annotations
 
@@ -198,3 +200,37 @@ def test_answers():
     assert abi.decode_answer(abi.encode_answer(None)) is None
     assert abi.decode_answer(abi.encode_answer("no tenant 'x'")) == "no tenant 'x'"
     assert "something else" in abi.decode_answer(b"HTTP/1.0 200 OK")
+
+
+def test_the_ioctls_the_headers_here_lack_are_accepted_by_the_kernel():
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (Linux 6.6) is newer than the C headers: the kernel checks it."""
+    from graft.broker import seccomp_sys
+
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only holds its filter until told to exit
+        try:
+            listener = seccomp_sys.install_notify_filter(abi.notify_filter(abi.native_arch()))
+            os.write(ready_w, struct.pack("=i", listener))
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        (number,) = struct.unpack("=i", os.read(ready_r, 4))
+        pidfd = seccomp_sys.pidfd_open(pid)
+        try:
+            listener = seccomp_sys.pidfd_getfd(pidfd, number)
+        finally:
+            os.close(pidfd)
+        try:
+            assert os.readlink(f"/proc/self/fd/{listener}") == "anon_inode:seccomp notify"
+            seccomp_sys.notif_sync_wake_up(listener)
+            assert seccomp_sys.notif_id_valid(listener, 12345) is False
+        finally:
+            os.close(listener)
+    finally:
+        os.write(go_w, b"g")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
