@@ -121,15 +121,17 @@ def test_sendto_over_ipv6(netns, start_broker):
     assert broker.audit()[0]["family"] == "inet6"
 
 
-def test_sendto_socket_judged_for_one_destination_is_confined_to_it(netns, start_broker):
-    """Narrow UDP rules: the kernel cannot consult them per datagram, so a socket
-    grafted by its first sendto may send only to that destination."""
+def test_sendto_socket_reaches_a_second_destination_the_narrow_rules_graft(netns, start_broker):
+    """Narrow UDP rules: the kernel refuses the second destination until the shim has the
+    broker grant it (one GRANT); tests/test_udp_multi_peer.py has the destinations refused."""
     with udp_echo() as (port, _), udp_echo() as (port2, _):
         broker = start_broker(policy(connect_ports=[port, port2]))
         out = run_json(broker, netns, "udp_client.py", "sendto", "127.0.0.1", port, port2)
-    (rec,) = broker.audit()
-    need(rec["confinement"] == "on", "needs kernel confinement (cgroup2 + BPF)")
-    assert out == {"first": ["echo:one", ["127.0.0.1", port]], "second_send": "EPERM"}
+    records = broker.audit()
+    need(records[0]["confinement"] == "on", "needs kernel confinement (cgroup2 + BPF)")
+    assert out["replies"] == [["echo:one", ["127.0.0.1", port]], ["echo:two", ["127.0.0.1", port2]]], out
+    assert [(r["op"], r["port"], r["action"]) for r in records] == [("connect", port, "graft"),
+                                                                    ("grant", port2, "graft")]
 
 
 def test_denied_sendto_fails_with_eperm_and_sends_nothing(netns, start_broker):

@@ -5,6 +5,9 @@ sendto HOST PORT PORT2    unconnected: sendto PORT (grafts), recvfrom; then send
                           replies may come from any port (the server answers from a second socket);
                           if the second send is refused: {"first": ..., "second_send": ERRNO}
 deny HOST PORT            a sendto the policy denies: errno, and whether the socket got a local port
+peers HOST A B C          one unconnected socket (tests/test_udp_multi_peer.py): sendto A and recvfrom (the
+                          graft), sendmsg B and recvfrom, sendto C (no reply expected), sendto B again and
+                          recvfrom; {"steps": [[RESULT, REPLY, PEER], ...]}, RESULT "OK" or the send's errno
 """
 import errno
 import json
@@ -46,6 +49,23 @@ try:
         except OSError as e:
             out["sendto"] = errno.errorcode[e.errno]
         out["local_port"] = s.getsockname()[1]  # a datagram that left would have autobound it
+    elif mode == "peers":
+        a, b, c = port, int(sys.argv[4]), int(sys.argv[5])
+        out["steps"] = []
+        for call, msg, to in (("sendto", b"a", a), ("sendmsg", b"b1", b), ("sendto", b"c", c), ("sendto", b"b2", b)):
+            try:
+                if call == "sendto":
+                    s.sendto(msg, (host, to))
+                else:
+                    s.sendmsg([msg], [], 0, (host, to))
+            except OSError as e:
+                out["steps"].append([errno.errorcode[e.errno], None, None])
+                continue
+            if to == c:  # C never answers
+                out["steps"].append(["OK", None, None])
+                continue
+            data, peer = s.recvfrom(2048)
+            out["steps"].append(["OK", data.decode(), list(peer[:2])])
     else:
         raise SystemExit(f"unknown mode {mode}")
 except socket.timeout:
