@@ -139,9 +139,9 @@ def real_runtime(explicit: str | None) -> str:
                      f"set ${ENV_RUNTIME} or --graft-runtime")
 
 
-def prepare_bundle(path: str) -> None:
-    """Graft the bundle config at path in place if it names a tenant; leave it alone otherwise."""
-    from graft import oci
+def prepare_bundle(bundle: str, path: str) -> None:
+    """Graft the bundle's config at path in place if it names a tenant; leave it alone otherwise."""
+    from graft import imagecheck, oci
     from graft.brokerstatus import BrokerUnreachable, read_status
     from graft.shim import LIB_PATH
 
@@ -165,11 +165,15 @@ def prepare_bundle(path: str) -> None:
     if not LIB_PATH.exists():
         raise oci.BundleError(f"{LIB_PATH} is missing; build the shim first (make build)")
     try:
-        grafted = oci.graft_config(config, request, oci.mode_from_status(status, request), str(LIB_PATH))
+        mode = oci.mode_from_status(status, request)
+        grafted = oci.graft_config(config, request, mode, str(LIB_PATH))
+        rootfs = os.path.join(bundle, config["root"]["path"])
     except (AttributeError, TypeError, KeyError) as e:
         # A field of another type than the OCI spec's (or the broker's status) says.
         raise oci.BundleError(f"{path} or the broker's status has an unexpected shape: "
                               f"{type(e).__name__}: {e}") from None
+    if mode == "preload" and (why := imagecheck.check(rootfs, str(LIB_PATH))):
+        raise oci.BundleError(f"tenant {request.tenant!r} is in preload mode, but {why}")
     if grafted != config:
         _replace(path, json.dumps(grafted, indent=2).encode() + b"\n")
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = inv.bundle or os.getcwd()
         config = os.path.abspath(inv.config) if inv.config else os.path.join(bundle, "config.json")
         try:
-            prepare_bundle(config)
+            prepare_bundle(bundle, config)
         except BundleError as e:
             return _fail(inv, f"bundle {bundle}: {e}")
         except OSError as e:

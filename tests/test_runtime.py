@@ -145,7 +145,7 @@ def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, r
 
 
 @pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement",
-                                  "malformed config"])
+                                  "malformed config", "musl image"])
 def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
     need_root_and_netns()
     rt = Runtime(real_runtime("runc", short_tmp), short_tmp / "state")
@@ -162,6 +162,11 @@ def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp
     elif case == "malformed config":
         ann = annotations(start_broker(policy(free_port()), "web"))
         expect = "has an unexpected shape: AttributeError"
+    elif case == "musl image":
+        ann = annotations(start_broker(policy(free_port()), "web"))
+        (rootfs / "usr" / "lib").mkdir()  # /lib -> usr/lib, in the image (the host's /usr is mounted over it)
+        (rootfs / "usr" / "lib" / "ld-musl-x86_64.so.1").write_bytes(b"\x7fELF")
+        expect = "tenant 'web' is in preload mode, but the image's programs use musl (lib/ld-musl-x86_64.so.1)"
     elif case == "no broker":
         (short_tmp / "nowhere").mkdir()
     config = default_config(rootfs, ["true"], ann)
