@@ -457,3 +457,36 @@ def test_a_nonblocking_ipv6_connect_keeps_its_semantics(netns, seccomp_broker):
     assert r.stdout.split() == [str(errno.EINPROGRESS), "0", "True", "False"]
     (rec,) = seccomp_records(broker)
     assert (rec["family"], rec["addr"], rec["action"]) == ("inet6", "::1", "graft")
+
+
+TWO_CONNECTS = """
+import errno, socket, sys
+port = int(sys.argv[1])
+first = socket.socket()
+first.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+first.connect(("127.0.0.1", port))
+# the host socket now on this fd took the option the app set on its own socket
+print("nodelay", first.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, flush=True)
+second = socket.socket()
+try:
+    second.connect(("127.0.0.1", port))
+    print("second connected")
+except OSError as e:
+    print("second", errno.errorcode[e.errno])
+first.close()
+third = socket.socket()
+third.connect(("127.0.0.1", port))
+print("third connected")
+"""
+
+
+def test_options_are_copied_and_max_sockets_counts_seccomp_grafts(netns, seccomp_broker):
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)).replace('default = "deny"\n',
+                                                                   'default = "deny"\nmax_sockets = 1\n'))
+        r = seccomp_run(broker, netns, PY, "-c", TWO_CONNECTS, str(port))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["nodelay True", "second ENOBUFS", "third connected"]
+    actions = [(x["action"], x["rule"], x["errno"]) for x in seccomp_records(broker)]
+    assert actions == [("graft", "tenants.t.connect[0]", 0), ("deny", "tenants.t.max_sockets", errno.ENOBUFS),
+                       ("graft", "tenants.t.connect[0]", 0)]
