@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
-from .server import Peer, TenantState, close_all, passed_fds
+from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import bind_unix_listener, unlink_if_socket
 
@@ -87,6 +87,7 @@ class SeccompAgent:
     def __init__(self, broker: "Broker"):
         self.broker = broker
         self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
+        self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)  # closing fds that came with refused handshakes
         # A fresh host socket's option values, per (netns, family, type): see sockopts.copy_options.
         self._defaults: dict[tuple, Defaults] = {}
         self._thread_pidfds = True  # pidfd_open(PIDFD_THREAD) works (Linux 6.9); found out on first use
@@ -141,7 +142,7 @@ class SeccompAgent:
         finally:
             self._handshakes.release_on_behalf_of(token)
             if fds:
-                await trio.to_thread.run_sync(close_all, fds, limiter=self.broker._closers, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(close_all, fds, limiter=self._closers, abandon_on_cancel=True)
 
     @staticmethod
     async def _receive(conn: trio.socket.SocketType) -> tuple[bytes, list[int]]:
