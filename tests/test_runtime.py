@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import uuid
 from pathlib import Path
@@ -113,7 +114,9 @@ def test_preload_http_server_is_published_on_the_host(rt, start_broker, short_tm
         proc = subprocess.Popen(rt.cmd("run", "--bundle", str(bundle), cid), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            ready = proc.stdout.readline()  # http.server prints this once it listens
+            # http.server prints this once it listens; a container that hangs before that fails the test
+            assert select.select([proc.stdout], [], [], 60)[0], "the server printed nothing in 60 s"
+            ready = proc.stdout.readline()
             assert "Serving HTTP" in ready, (ready, proc.stderr.read() if proc.poll() is not None else "")
             got = subprocess.run(curl(published, "/hosts"), capture_output=True, text=True, timeout=30)
         finally:
