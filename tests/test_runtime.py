@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import subprocess
 import uuid
 from pathlib import Path
@@ -227,20 +228,29 @@ class Podman:
     The flags are what this kind of machine needs (docs/containers.md): no systemd as
     PID 1, so cgroupfs and a file for events; no CAP_SYS_RESOURCE, so explicit ulimits
     below the hard limits instead of podman's defaults (1048576 files).
+
+    podman runs graft-runtime through a wrapper that names the real runtime and
+    its state directory: podman passes the runtime neither its environment nor,
+    on the `delete` of its clean-up after --rm, its --runtime-flag (measured:
+    with --runtime-flag the delete went to the default runtime, and runc's
+    state of every container was left behind).
     """
 
     def __init__(self, tmp: Path, real: str):
+        tmp.mkdir(parents=True, exist_ok=True)
         # podman's cgroups (conmon's and the containers') go under one parent of this test's own.
         self.cgroup_parent = f"/graft-test-{uuid.uuid4().hex[:8]}"
+        self.runtime = Runtime(real, tmp / "oci-state")
+        wrapper = tmp / "graft-runtime-runc"
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(self.runtime.cmd())} "$@"\n')
+        wrapper.chmod(0o755)
         self.base = ["podman", "--root", str(tmp / "storage"), "--runroot", str(tmp / "run"),
                      "--tmpdir", str(tmp / "tmp"), "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
-                     "--events-backend", "file", "--runtime", GRAFT_RUNTIME,
-                     "--runtime-flag", f"graft-runtime={real}"]
+                     "--events-backend", "file", "--runtime", str(wrapper)]
 
     def run(self, rootfs: Path, ann: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
         args = [*self.base, "run", "--rm", "--cgroup-parent", self.cgroup_parent, "--network", "none",
-                "--ulimit", "nofile=1024:1024",
-                "--ulimit", "nproc=1024:1024"]
+                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
         for d in host_dirs():
             args += ["-v", f"/{d}:/{d}:ro"]
         for k, v in ann.items():
@@ -252,6 +262,10 @@ class Podman:
         subprocess.run([*self.base, "rm", "--all", "--force"], capture_output=True, timeout=120)
         left = subprocess.run([*self.base, "ps", "--all", "--quiet"], capture_output=True, text=True, timeout=60)
         assert left.stdout.strip() == "", f"podman containers left: {left.stdout}"
+        stale = self.runtime.containers()
+        for cid in stale:  # so that a failure here leaves nothing either
+            self.runtime.run("delete", "--force", cid)
+        assert stale == [], f"podman left the runtime's state of {stale}"
         for hierarchy in cgroup_hierarchies():
             for sub, _dirs, _files in os.walk(hierarchy + self.cgroup_parent, topdown=False):
                 os.rmdir(sub)  # bottom-up; fails loudly if a process was left behind
