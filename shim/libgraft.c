@@ -301,6 +301,23 @@ static void remember_native_bind(int fd, struct fdt_sock *sock)
 }
 
 /*
+ * The description socket() would have recorded for fd, without options, if
+ * it is a socket socket() would have tracked (TCP/UDP over IPv4/IPv6).
+ */
+static bool describe_socket(int fd, struct fdt_sock *sock)
+{
+    int domain, type, protocol;
+    if (!sockopt_int(fd, SO_DOMAIN, &domain) || !sockopt_int(fd, SO_TYPE, &type) ||
+        !sockopt_int(fd, SO_PROTOCOL, &protocol) || !graftable(domain, type, protocol))
+        return false;
+    memset(sock, 0, sizeof *sock);
+    sock->family = domain;
+    sock->type = type;
+    sock->protocol = protocol;
+    return true;
+}
+
+/*
  * A socket created where the shim could not see it (before an exec, or by a
  * raw system call) is adopted as a placeholder, without recorded options,
  * if it is what socket() would have tracked and still undecided: an
@@ -310,11 +327,8 @@ static void remember_native_bind(int fd, struct fdt_sock *sock)
  */
 static bool adopt_socket(int fd, ino_t ino, struct fdt_sock *sock)
 {
-    int domain, type, protocol, listening;
-    if (!sockopt_int(fd, SO_DOMAIN, &domain) || !sockopt_int(fd, SO_TYPE, &type) ||
-        !sockopt_int(fd, SO_PROTOCOL, &protocol) || !sockopt_int(fd, SO_ACCEPTCONN, &listening))
-        return false;
-    if (!graftable(domain, type, protocol) || listening)
+    int listening;
+    if (!describe_socket(fd, sock) || !sockopt_int(fd, SO_ACCEPTCONN, &listening) || listening)
         return false;
 
     union inet_sockaddr peer;
@@ -324,10 +338,6 @@ static bool adopt_socket(int fd, ino_t ino, struct fdt_sock *sock)
     if (!in_own_netns(fd))
         return false;
 
-    memset(sock, 0, sizeof *sock);
-    sock->family = domain;
-    sock->type = type;
-    sock->protocol = protocol;
     remember_native_bind(fd, sock);
     if (!fdt_adopt(fd, ino, sock))
         return false;
@@ -1041,6 +1051,24 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
 }
 
 /*
+ * Whether fd is a grafted UDP socket, and its description: one the shim
+ * grafted, or one it does not track that lives in another network
+ * namespace than the caller's, which for an app in a container is a host
+ * socket grafted before an exec (the table starts empty; adopt_socket
+ * reasons the same way). The broker judges either way.
+ */
+static bool grafted_udp(int fd, struct fdt_sock *sock)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return false;
+    if (fdt_get_grafted(fd, st.st_ino, sock))
+        return sock->type == SOCK_DGRAM;
+    return !fdt_is_tracked(fd) && describe_socket(fd, sock) && sock->type == SOCK_DGRAM &&
+           !in_own_netns(fd);
+}
+
+/*
  * A grafted UDP socket's later destinations. Under confinement the kernel
  * lets a grafted UDP socket send only to destinations the broker has
  * granted its tenant, and refuses any other with EPERM. Such a refusal is
@@ -1050,32 +1078,30 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
  * that succeeds, nor without confinement (the kernel refuses nothing).
  *
  * Returns 0 to make the call again, or the errno the call fails with: the
- * kernel's EPERM when there is nothing to ask (not a grafted UDP socket of
- * the shim's, or no destination it could judge), when the broker is
- * unreachable, whatever GRAFT_FALLBACK says (a host socket cannot fall
- * back to the container), when it answers CONTAINER (likewise), or when
- * it is older than GRANT (ERROR with EOPNOTSUPP, its answer to an unknown
- * op: the app sees what it saw before); a DENY or ERROR reply's errno
- * otherwise.
+ * kernel's EPERM when there is nothing to ask (not a grafted UDP socket,
+ * or no destination it could judge), when the broker is unreachable,
+ * whatever GRAFT_FALLBACK says (a host socket cannot fall back to the
+ * container), when it answers CONTAINER (likewise), or when it is older
+ * than GRANT (ERROR with EOPNOTSUPP, its answer to an unknown op: the app
+ * sees what it saw before); a DENY or ERROR reply's errno otherwise.
  */
 static int grant_destination(int fd, const struct sockaddr *addr, socklen_t len)
 {
     union inet_sockaddr given, dest;
-    struct fdt_sock sock;
-    struct stat st;
-    if (!copy_inet_addr(addr, len, &given) || fstat(fd, &st) < 0 ||
-        !fdt_get_grafted(fd, st.st_ino, &sock) || sock.type != SOCK_DGRAM ||
-        !dest_for_family(sock.family, &given, &dest))
+    if (!copy_inet_addr(addr, len, &given))
         return EPERM;
-    sock.n_opts = 0; /* the socket exists: a grant request carries no options */
 
-    struct outcome o;
+    struct fdt_sock sock;
+    struct outcome o = {.kind = OUT_NATIVE}; /* nothing to ask */
     int hostfd; /* a GRAFT reply to a GRANT carries none (broker_conn.c checks) */
     struct scope scope;
-    scope_enter(&scope);
-    struct attempt a = {&scope.guard, "grant", GRAFT_OP_GRANT, fd, EPERM, &sock, &dest,
-                        GRAFT_REQF_SENDTO, NULL};
-    ask(&a, &o, &hostfd);
+    scope_enter(&scope); /* grafted_udp may open a probe socket, which no fork may copy */
+    if (grafted_udp(fd, &sock) && dest_for_family(sock.family, &given, &dest)) {
+        sock.n_opts = 0; /* the socket exists: a grant request carries no options */
+        struct attempt a = {&scope.guard, "grant", GRAFT_OP_GRANT, fd, EPERM, &sock, &dest,
+                            GRAFT_REQF_SENDTO, NULL};
+        ask(&a, &o, &hostfd);
+    }
     scope_leave(&scope);
     switch (o.kind) {
     case OUT_GRAFTED:
