@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import pytest
 
 from harness import GRAFT, need_confinement, need_program, run_grafted
-from test_e2e_udp import program, udp_echo
+from test_e2e_udp import program, run_json, udp_echo
 
 pytestmark = pytest.mark.netns
 
@@ -106,6 +106,19 @@ def test_a_grafted_socket_reaches_every_peer_the_policy_grafts_and_no_other(netn
         [("connect", a, "graft"), ("grant", b, "graft"), ("grant", c, "deny")]
     assert debug_lines(stderr, "grant") == [f"grant udp {fmt(host, b)} -> graft",
                                             f"grant udp {fmt(host, c)} -> deny (Operation not permitted)"]
+
+
+def test_a_socket_grafted_before_an_exec_reaches_the_peers_the_policy_grafts(netns, start_broker):
+    """After exec the shim's table is empty: the inherited host socket is known by its namespace."""
+    need_confinement()
+    with udp_echo() as (a, _), udp_echo() as (b, _), silent_peer() as (c, _):
+        broker = start_broker(policy("127.0.0.1/32", [a, b], "required"))
+        out = run_json(broker, netns, "udp_client.py", "exec", "127.0.0.1", a, b)
+        refused = run_json(broker, netns, "udp_client.py", "exec", "127.0.0.1", a, c)
+    assert out == {"first": "echo:one", "second": ["OK", "echo:two"]}
+    assert refused == {"first": "echo:one", "second": ["EPERM", None]}
+    assert [(r["op"], r["port"], r["action"]) for r in broker.audit()] == \
+        [("connect", a, "graft"), ("grant", b, "graft"), ("connect", a, "graft"), ("grant", c, "deny")]
 
 
 def test_without_confinement_a_grafted_socket_still_sends_anywhere(netns, start_broker):

@@ -8,9 +8,12 @@ deny HOST PORT            a sendto the policy denies: errno, and whether the soc
 peers HOST A B C          one unconnected socket (tests/test_udp_multi_peer.py): sendto A and recvfrom (the
                           graft), sendmsg B and recvfrom, sendto C (no reply expected), sendto B again and
                           recvfrom; {"steps": [[RESULT, REPLY, PEER], ...]}, RESULT "OK" or the send's errno
+exec HOST A B             sendto A (grafts) and recvfrom, then exec this script in mode "inherited", which
+                          sends to B on the inherited socket and recvfrom: {"first": REPLY, "second": [RESULT, REPLY]}
 """
 import errno
 import json
+import os
 import socket
 import sys
 
@@ -66,6 +69,21 @@ try:
                 continue
             data, peer = s.recvfrom(2048)
             out["steps"].append(["OK", data.decode(), list(peer[:2])])
+    elif mode == "exec":
+        s.sendto(b"one", (host, port))
+        first = s.recvfrom(2048)[0].decode()
+        os.set_inheritable(s.fileno(), True)
+        os.execv(sys.executable, [sys.executable, __file__, "inherited", host, sys.argv[4], str(s.fileno()), first])
+    elif mode == "inherited":  # argv: HOST PORT FD FIRST_REPLY; the shim of this image has never seen FD
+        s.close()
+        s = socket.socket(fileno=int(sys.argv[4]))
+        s.settimeout(10)
+        out["first"] = sys.argv[5]
+        try:
+            s.sendto(b"two", (host, port))
+            out["second"] = ["OK", s.recvfrom(2048)[0].decode()]
+        except OSError as e:
+            out["second"] = [errno.errorcode[e.errno], None]
     else:
         raise SystemExit(f"unknown mode {mode}")
 except socket.timeout:
