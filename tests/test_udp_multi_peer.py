@@ -11,8 +11,9 @@ socket.
 
 Two halves:
 - against the real broker (needs confinement): the socket reaches A and B,
-  never C, and B costs one GRANT, however often it is sent to; with
-  confinement off (the control) the old behaviour stays: any destination.
+  never C, and B costs one GRANT, however often it is sent to; the same
+  for a socket inherited across exec; with confinement off (the control)
+  the old behaviour stays: any destination.
 - against a scripted broker (tests/programs/grant_broker.py), the shim's
   side of the exchange on its own: what the GRANT carries, each kind of
   answer, a GRAFT reply with an fd attached (a protocol error: the fd is
