@@ -52,12 +52,9 @@ def seccomp_records(broker) -> list[dict]:
 
 @pytest.fixture
 def seccomp_broker(netns, start_broker):
+    """start_broker, once it is sure that confinement (which seccomp mode needs) can be had."""
     need_confinement()
-
-    def start(text: str):
-        return start_broker(text)
-
-    return start
+    return start_broker
 
 
 @contextmanager
@@ -301,7 +298,7 @@ def test_a_tenant_in_preload_mode_gets_no_seccomp_listener(netns, seccomp_broker
     assert 'tenant t is in mode "preload", not "seccomp"' in r.stderr
 
 
-def test_graft_run_seccomp_without_a_broker_runs_nothing(netns, tmp_path):
+def test_graft_run_seccomp_without_a_broker_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
     r = subprocess.run([GRAFT, "run", "--seccomp", "--socket", str(tmp_path / "t.sock"), "--", "touch", str(marker)],
                        capture_output=True, text=True, timeout=30)
