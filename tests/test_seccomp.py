@@ -317,6 +317,9 @@ def test_exit_status_and_signals_are_the_commands(netns, seccomp_broker):
     assert seccomp_run(broker, netns, "sh", "-c", "kill -TERM $$").returncode == 128 + 15
     missing = seccomp_run(broker, netns, "/nonexistent/program")
     assert missing.returncode == 127 and "/nonexistent/program" in missing.stderr
+    by_name = subprocess.run([GRAFT, "run", "--seccomp", "--tenant", "t", "--socket-dir", str(broker.socket_dir),
+                              "--netns", netns, "--", "sh", "-c", "exit 3"], capture_output=True, timeout=60)
+    assert by_name.returncode == 3, by_name.stderr
 
 
 def test_toctou_a_racing_thread_never_reaches_a_forbidden_destination(netns, seccomp_broker, tmp_path):
