@@ -279,6 +279,11 @@ class Confinement:
         self._grant_maps[grant_id].updater.update(grant_key(grant_id, family, host, port, sock_type),
                                                    GRANT_VALUE.pack(rule_id, 0))
 
+    def granted(self, grant_id: int, family: int, host: str, port: int, sock_type: int) -> bool:
+        """Whether the grant id's grants let its sockets reach (host, port) (the kernel's own lookup)."""
+        grants = self._grant_maps.get(grant_id)
+        return grants is not None and grants.updater.lookup(grant_key(grant_id, family, host, port, sock_type)) is not None
+
     def revoke_grants(self) -> None:
         """Forget every grant (a new policy): pre-issued sockets ask the broker again.
 

@@ -109,6 +109,12 @@ def decode_event(raw: bytes) -> ConnectEvent:
     return ConnectEvent(tenant_id, rule_id, pid, uid, family, host, struct.unpack("!H", port)[0])
 
 
+def mark_flags_and_tenant(raw: bytes) -> tuple[int, int]:
+    """A mark's flags (F_*) and grant id."""
+    flags, _, _, _, tenant_id = MARK.unpack(raw[:MARK.size])
+    return flags, tenant_id
+
+
 def encode_preissued_mark(tenant_id: int) -> bytes:
     return MARK.pack(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
 

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import bpf, confine, seccomp_abi as abi, seccomp_sys as sys_, wire
+from . import bpf, maps, seccomp_abi as abi, seccomp_sys as sys_, wire
 from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import bind_unix_listener, unlink_if_socket
@@ -286,7 +286,13 @@ class SeccompAgent:
                 return  # its thread is gone: nothing to answer
             if peer is None:
                 return self._continue(fd, n)
+            if req.op == wire.OP_GRANT:
+                verdict = self.broker.judge_grant(tenant, req, peer, "seccomp")
+                if verdict.action == "graft":
+                    return self._continue(fd, n)
+                return self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
             verdict = self.broker.judge(tenant, req, peer)
+            serial = self.broker.grant_serial
             host = None
             if verdict.action == "graft":
                 made = await self.broker.sockets.make(
@@ -298,6 +304,7 @@ class SeccompAgent:
                     self._respond(fd, abi.encode_response(n.id, error=self.broker.unrecorded_errno(req)))
                 elif host is not None:
                     self._install(fd, n, req, sock, host)
+                    self.broker.grant(tenant, req, verdict, serial)
                 elif verdict.action == "container":
                     self._continue(fd, n)
                 else:
@@ -354,14 +361,15 @@ class SeccompAgent:
         """The call as a request the decision code judges; None when it is not one to judge."""
         if sock.family not in abi.INET_FAMILIES or sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             return None
-        if self._made_by_broker(sock):
-            return None  # a host socket already: confinement holds it to what was judged
+        mark = self._mark(sock)
         try:
             addr = wire.decode_sockaddr(raw)
         except wire.WireError:
             return None  # the kernel refuses it the same way
         if addr.family != sock.family:
             return None
+        if mark is not None:
+            return self._later_destination(n, sock, addr, mark)
         flags = 0
         if n.call == "bind":
             if addr.port == 0:
@@ -383,10 +391,28 @@ class SeccompAgent:
         for o, e in copy_options(src, dst, defaults):
             log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
 
-    def _made_by_broker(self, sock: socket.socket) -> bool:
+    def _mark(self, sock: socket.socket) -> bytes | None:
+        """The socket's confinement mark: a host socket the broker made, or None."""
         conf = self.broker.confinement
         assert conf is not None  # no listener is served without it
-        return bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), confine.MARK_SIZE) is not None
+        return bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), maps.MARK_SIZE)
+
+    def _later_destination(self, n: abi.Notification, sock: socket.socket, addr: wire.SockAddr,
+                           mark: bytes) -> wire.Request | None:
+        """A host socket already: confinement holds it to what was judged, so the call goes on.
+
+        Except a datagram of a grafted UDP socket to a destination its
+        tenant's UDP grants do not cover yet: judged first, as the shim's
+        GRANT, so that the socket sends exactly where the policy allows.
+        """
+        if sock.type != socket.SOCK_DGRAM or n.call not in ("sendto", "sendmsg"):
+            return None
+        flags, grant_id = maps.mark_flags_and_tenant(mark)
+        conf = self.broker.confinement
+        if flags & maps.F_ANY_PEER or not grant_id or conf.granted(
+                grant_id, addr.family, str(addr.ip), addr.port, socket.SOCK_DGRAM):
+            return None
+        return wire.Request(wire.OP_GRANT, sock.family, sock.type, sock.proto, wire.REQF_SENDTO, addr, ())
 
     def _install(self, fd: int, n: abi.Notification, req: wire.Request, app_sock: socket.socket,
                  host: socket.socket) -> None:

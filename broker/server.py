@@ -472,7 +472,9 @@ class Broker:
                     sock.close()
 
         if req.op == wire.OP_GRANT:
-            return await self._send(conn, self._judge_grant(tenant, req, peer), [], tenant, peer)
+            v = self.judge_grant(tenant, req, peer, "shim")
+            reply = wire.encode_reply({"graft": wire.V_GRAFT, "deny": wire.V_DENY}.get(v.action, wire.V_ERROR), v.errno)
+            return await self._send(conn, reply, [], tenant, peer)
 
         verdict = self.judge(tenant, req, peer)
         serial = self._grant_serial
@@ -489,8 +491,8 @@ class Broker:
                     host_sock.close()
                     host_sock = None
                 reply = self._unrecorded_reply(req)
-            elif host_sock is not None and serial == self._grant_serial:  # no reload since it was judged
-                self._grant(tenant, req, verdict)
+            elif host_sock is not None:
+                self.grant(tenant, req, verdict, serial)
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
@@ -564,7 +566,12 @@ class Broker:
         self.audit_request(tenant, peer, req, verdict, "shim")
         return [], wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
 
-    def _grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict) -> bool:
+    @property
+    def grant_serial(self) -> int:
+        """Read before a verdict is carried out; grant() makes no grant if a reload came in between."""
+        return self._grant_serial
+
+    def grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict, serial: int) -> bool:
         """A connect (or sendto) was grafted: the kernel lets the tenant's sockets reach there too.
 
         TCP: its pre-issued sockets may connect there (the fast path, off
@@ -575,7 +582,8 @@ class Broker:
         every later use until the rules change. Whether the grant was made.
         """
         if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
-                or req.addr is None or (req.type == socket.SOCK_STREAM and self.audit_required)):
+                or req.addr is None or (req.type == socket.SOCK_STREAM and self.audit_required)
+                or serial != self._grant_serial):  # judged by rules no longer in force
             return False
         rule_id = self._rule_ids.get(verdict.rule)
         if rule_id is None:
@@ -588,12 +596,15 @@ class Broker:
             return False
         return True
 
-    def _judge_grant(self, tenant: TenantState, req: wire.Request, peer: Peer) -> bytes:
+    def judge_grant(self, tenant: TenantState, req: wire.Request, peer: Peer, via: str) -> Verdict:
         """GRANT: a new destination of a grafted UDP socket, judged as its sendto and granted in the kernel.
 
-        Synchronous from the judgement to the grant, so no reload can come
-        between them. The socket is on the host already: a "container"
-        verdict cannot be carried out on it and is refused.
+        Every front-end's: the shim asks when the kernel refused a send, the
+        seccomp agent before it lets one go on. Synchronous from the
+        judgement to the grant, so no reload can come between them. The
+        socket is on the host already: a "container" verdict cannot be
+        carried out on it and is refused. The verdict as recorded; "graft"
+        means granted.
         """
         verdict = self.judge(tenant, req, peer)
         if verdict.action == "container":
@@ -602,13 +613,11 @@ class Broker:
         elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
             verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
                               "no grants: confinement (or this tenant's grant map) is not in place")
-        if not self.record(tenant, peer, req, verdict, "shim"):
-            return self._unrecorded_reply(req)
-        if verdict.action != "graft":
-            return wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
-        if not self._grant(tenant, req, verdict):
-            return wire.encode_reply(wire.V_ERROR, errno.EPERM)
-        return wire.encode_reply(wire.V_GRAFT)
+        if not self.record(tenant, peer, req, verdict, via):
+            return Verdict("deny", verdict.rule, self.unrecorded_errno(req), None, "not recorded")
+        if verdict.action == "graft" and not self.grant(tenant, req, verdict, self._grant_serial):
+            return Verdict("error", verdict.rule, errno.EPERM, verdict.target, "the grant failed")
+        return verdict
 
     async def _drain_kernel_audit(self, ring: RingReader) -> None:
         """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""

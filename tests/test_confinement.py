@@ -98,11 +98,13 @@ def check_kernel_refusals(out: dict, confined: bool) -> None:
             warnings.warn(f"escape {escape}: refused by the kernel ({why}), not by graft")
 
 
-def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9, udp2: int = 9) -> str:
+def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9, udp2: int = 9,
+           front_end: str = "preload") -> str:
     return f"""version = 1
 [broker]
 confinement = "{mode}"
 [tenants.t]
+mode = "{front_end}"
 default = "deny"
 [[tenants.t.connect]]
 to = ["127.0.0.1/32"]
@@ -211,12 +213,12 @@ def forbidden_servers(*more_udp: socket.socket):
 
 
 @contextmanager
-def escape_setup(tmp, mode: str, cgroup: str | None = None):
+def escape_setup(tmp, mode: str, cgroup: str | None = None, front_end: str = "preload"):
     v6, twin = v6_and_v4_twin()
     with (v6, twin, echo_server() as tcp, udp_echo() as udp, udp_echo(v6) as udp6, udp_echo() as udp2,
           forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
         published = free_port()
-        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6, udp2), cgroup=cgroup)
+        broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6, udp2, front_end), cgroup=cgroup)
         try:
             yield broker, [str(p) for p in (tcp, udp, published, bad_tcp, bad_udp, udp6, udp2)], arrivals
         finally:
@@ -238,10 +240,19 @@ def host_connects(port: int) -> bool:
         return False
 
 
-def run_escape(broker, netns, args, between=None) -> dict:
-    """Run escape.py and answer its prompts; with between, pass --wait and call it once grafted."""
+def run_escape(broker, netns, args, between=None, seccomp: bool = False) -> dict:
+    """Run escape.py and answer its prompts; with between, pass --wait and call it once grafted.
+
+    seccomp: grafted by the broker's seccomp agent (graft run --seccomp) instead of the shim; the
+    program's raw system calls then stop at the agent too, and the kernel answers them after it.
+    """
     cmd = graft_cmd(broker, netns, PY, ESCAPE, *args, *(["--wait"] if between else []))
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if seccomp:
+        cmd.insert(2, "--seccomp")
+    # the tenant socket, which escape.py speaks to itself (graft run sets it only for the shim)
+    env = dict(os.environ, GRAFT_SOCKET=str(broker.socket_path))
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     watchdog = threading.Timer(60, proc.kill)  # a hung program fails the test instead of hanging it
     watchdog.start()
     out = None
@@ -301,6 +312,24 @@ def test_every_escape_is_refused_with_confinement_on(netns, short_tmp):
     assert len(grafts) == 11 and {a["confinement"] for a in audit} == {"on"}, audit
     assert any(a["via"] == "kernel" for a in grafts), grafts
     assert out["grant_udp2"] == 0 and [a["op"] for a in grafts].count("grant") == 1, grafts
+
+
+def test_every_escape_is_refused_in_seccomp_mode(netns, short_tmp):
+    """The same program, grafted by the seccomp agent: its raw system calls stop at the agent, which
+    lets calls on host sockets go on, and the kernel refuses every re-point. Nothing escapes."""
+    need_confinement()
+    with escape_setup(short_tmp / "b", "required", front_end="seccomp") as (broker, args, arrivals):
+        broker.start()
+        out = run_escape(broker, netns, args, seccomp=True)
+        assert arrivals() == (0, 0), "something reached the forbidden ports"
+        audit = broker.audit()
+    assert_all_refused(out)
+    assert out["flows"] == {f: True for f in FLOWS}, f"allowed traffic stopped: {out['flows']}"
+    # the program's 9 sockets grafted by the agent; what escape.py asked on the tenant socket itself (the
+    # second UDP destination); the pre-issued socket's connect, judged in the kernel
+    grafts = sorted((a["via"], a["op"]) for a in audit if a["action"] == "graft")
+    assert grafts == [("kernel", "connect")] + sorted([("seccomp", "bind")] + [("seccomp", "connect")] * 8) + [
+        ("shim", "grant")], grafts
 
 
 def test_every_escape_succeeds_with_confinement_off(netns, short_tmp):

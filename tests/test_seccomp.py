@@ -205,6 +205,41 @@ def test_a_udp_sendto_is_grafted_by_its_first_destination(netns, seccomp_broker)
     assert (rec["op"], rec["proto"], rec["action"], rec["port"]) == ("connect", "udp", "graft", port)
 
 
+UDP_PEERS = """
+import errno, socket, sys
+a, b, c = (int(p) for p in sys.argv[1:4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+out = []
+for port in (a, b, c, b):
+    try:
+        s.sendto(b"x", ("127.0.0.1", port))
+        out.append(s.recv(10).decode())
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+print(" ".join(out))
+"""
+
+
+def test_a_udp_socket_sends_exactly_where_the_policy_allows(netns, seccomp_broker, short_tmp):
+    """One unconnected socket: its first destination grafts it, a second allowed one is judged and
+    granted by the agent, a forbidden one is refused and never reached, a granted one is not asked again."""
+    from test_confinement import udp_echo, udp_socket
+
+    with udp_echo() as a, udp_echo() as b, udp_socket("127.0.0.1") as forbidden:
+        c = forbidden.getsockname()[1]
+        forbidden.setblocking(False)
+        rules = f'[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [{a}, {b}]\nproto = "udp"\n'
+        broker = seccomp_broker(policy(rules))
+        r = seccomp_run(broker, netns, PY, "-c", UDP_PEERS, str(a), str(b), str(c))
+        with pytest.raises(BlockingIOError):
+            forbidden.recv(10)  # nothing arrived there
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["x", "x", "EPERM", "x"]
+    records = [(x["op"], x["port"], x["action"]) for x in seccomp_records(broker)]
+    assert records == [("connect", a, "graft"), ("grant", b, "graft"), ("grant", c, "deny")], records
+
+
 UNIX_CLIENT = """
 import socket, sys
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
