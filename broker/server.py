@@ -472,8 +472,7 @@ class Broker:
                     sock.close()
 
         if req.op == wire.OP_GRANT:
-            v = self.judge_grant(tenant, req, peer, "shim")
-            reply = wire.encode_reply({"graft": wire.V_GRAFT, "deny": wire.V_DENY}.get(v.action, wire.V_ERROR), v.errno)
+            reply = fd_less_reply(self.judge_grant(tenant, req, peer, "shim"))
             return await self._send(conn, reply, [], tenant, peer)
 
         verdict = self.judge(tenant, req, peer)
@@ -564,7 +563,7 @@ class Broker:
     def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request,
                          verdict: Verdict) -> tuple[list[socket.socket], bytes]:
         self.audit_request(tenant, peer, req, verdict, "shim")
-        return [], wire.encode_reply(wire.V_DENY if verdict.action == "deny" else wire.V_ERROR, verdict.errno)
+        return [], fd_less_reply(verdict)
 
     @property
     def grant_serial(self) -> int:
@@ -762,6 +761,12 @@ class Broker:
             via="shim",
             reason=e.reason,
         )
+
+
+def fd_less_reply(verdict: Verdict) -> bytes:
+    """The reply to a request answered without a socket: a GRANT granted, or a refusal with its errno."""
+    kind = {"graft": wire.V_GRAFT, "deny": wire.V_DENY}.get(verdict.action, wire.V_ERROR)
+    return wire.encode_reply(kind, 0 if kind == wire.V_GRAFT else verdict.errno)
 
 
 def passed_fds(ancdata) -> list[int]:
