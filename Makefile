@@ -36,11 +36,13 @@ demo: deps build
 test: deps build
 	CI=$${CI:-} $(VPY) -m pytest
 
-# make bench [QUICK=1]: host vs nat vs graft, see docs/benchmarks.md. Run as root.
+# make bench [QUICK=1] [ROUNDS=N]: host, nat, pasta, slirp4netns and graft, see docs/benchmarks.md.
+# Run as root. ROUNDS: more rounds narrow each ratio's confidence interval.
 # Extra Debian packages the benchmarks run, and the commands they provide.
-BENCH_APT  := wrk
-BENCH_CMDS := wrk
+BENCH_APT  := wrk passt slirp4netns
+BENCH_CMDS := wrk pasta slirp4netns
 QUICK      ?=
+ROUNDS     ?=
 bench-deps: deps
 	@missing=""; for c in $(BENCH_CMDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
@@ -56,7 +58,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed setup.py constraints.txt
 # max_sockets prune when it runs without confinement (with it, the kernel counts and nothing is dumped).
 bench: bench-deps build $(VENV)/.bench-installed
 	$(VPY) bench/broker_load.py $(if $(QUICK),--quick,--profile 10)
-	$(VPY) bench/run.py $(if $(QUICK),--quick)
+	$(VPY) bench/run.py $(if $(QUICK),--quick) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	$(MAKE) -C shim clean

@@ -1,4 +1,4 @@
-"""Shared set-up for graft's benchmarks: the three scenarios and their clean-up.
+"""Shared set-up for graft's benchmarks: the scenarios and their clean-up.
 
 Scenarios (docs/benchmarks.md):
 
@@ -13,12 +13,17 @@ Scenarios (docs/benchmarks.md):
          DNAT in the nat OUTPUT hook (Docker's `! -d 127.0.0.0/8
          --dst-type LOCAL` rule). The namespace has no default route: its
          /30 is all it can reach.
+  pasta, slirp4netns
+         a namespace connected by that user-mode network program, as
+         rootless podman connects a container (bench/usernet.py; only with
+         environment(user_nets=True)).
   graft  a namespace with only `lo`; the program runs under libgraft.so
          (`graft run --netns`), with a graft-broker whose policy grafts the
          benchmark's ports onto the host's 127.0.0.1.
 
-Everything made here (namespaces, the veth pair, the nft table, the broker,
-every process) is removed when the ExitStack unwinds, pass or fail.
+Everything made here (namespaces, the veth pair, the nft table, the
+pasta and slirp4netns processes, the broker, every process) is removed
+when the ExitStack unwinds, pass or fail.
 Namespaces and links are made with pyroute2; nothing shells out to `ip`.
 """
 from __future__ import annotations
@@ -49,7 +54,7 @@ NAT_NET = ipaddress.ip_network("10.199.0.0/30")
 NAT_HOST = "10.199.0.1"
 NAT_NS = "10.199.0.2"
 TENANT = "bench"
-SCENARIOS = ("host", "nat", "graft")
+SCENARIOS = ("host", "nat", "pasta", "slirp4netns", "graft")
 
 
 def log(msg: str) -> None:
@@ -74,7 +79,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 def start_process(stack: ExitStack, argv: list[str], *, log_to: Path | None = None, stdin=subprocess.DEVNULL,
-                  env=None) -> subprocess.Popen:
+                  env=None, pass_fds=()) -> subprocess.Popen:
     """Start a server process; stopped (and reaped) when stack unwinds.
 
     Its stdout and stderr go to log_to (a file, so a chatty server never
@@ -82,7 +87,7 @@ def start_process(stack: ExitStack, argv: list[str], *, log_to: Path | None = No
     """
     out = open(log_to, "wb") if log_to is not None else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
     finally:
         if log_to is not None:
             out.close()
@@ -105,18 +110,29 @@ def wait_line(proc: subprocess.Popen, needle: str, timeout: float = 15.0) -> Non
     raise RuntimeError(f"{proc.args[0]}: no {needle!r} within {timeout}s (exit {proc.poll()}): {text[-2000:]}")
 
 
-def wait_tcp(addr: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait (bounded) until addr:port accepts a TCP connection from the host."""
+def wait_reply(addr: str, port: int, request: bytes, expect: bytes, timeout: float = 15.0,
+               proc: subprocess.Popen | None = None) -> None:
+    """Wait (bounded) until a request to addr:port from the host gets a reply containing expect.
+
+    An accepted connection is not enough: pasta and slirp4netns accept on the
+    host side before anything listens in the namespace, and then close.
+    """
     deadline = time.monotonic() + timeout
+    last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode} before listening on {addr}:{port}")
+            raise RuntimeError(f"{proc.args} exited {proc.returncode} before serving {addr}:{port}")
         try:
-            with socket.create_connection((addr, port), timeout=1.0):
+            with socket.create_connection((addr, port), timeout=1.0) as s:
+                s.sendall(request)
+                reply = s.recv(4096)
+            if expect in reply:
                 return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {addr}:{port} after {timeout}s")
+            last = repr(reply[:200])
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise RuntimeError(f"no {expect!r} from {addr}:{port} after {timeout}s (last: {last})")
 
 
 def run_client(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -124,6 +140,17 @@ def run_client(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-1500:]} {r.stdout.strip()[-500:]}")
     return r
+
+
+# ---- namespaces -------------------------------------------------------------------
+
+
+def remove_namespace(name: str) -> None:
+    """Remove /run/netns/NAME if it is still there (an ExitStack callback)."""
+    from pyroute2 import netns
+
+    if os.path.exists(f"/run/netns/{name}"):
+        netns.remove(name)
 
 
 # ---- the nat namespace -----------------------------------------------------------
@@ -170,7 +197,7 @@ table ip {table} {{
 @contextmanager
 def nat_namespace(published: dict[int, int], run_id: str):
     """A namespace behind a veth pair with Docker-like nft NAT; yields the namespace name."""
-    from pyroute2 import IPRoute, NetNS, netns
+    from pyroute2 import IPRoute, NetNS
 
     _check_subnet_free()
     name = f"graft-bench-nat-{run_id}"
@@ -178,7 +205,7 @@ def nat_namespace(published: dict[int, int], run_id: str):
     table = f"graft_bench_{run_id}"
     with ExitStack() as stack:
         create_namespace(name)
-        stack.callback(lambda: os.path.exists(f"/run/netns/{name}") and netns.remove(name))
+        stack.callback(remove_namespace, name)
         with IPRoute() as ipr:
             ipr.link("add", ifname=veth_host, kind="veth", peer={"ifname": veth_ns, "net_ns_fd": name})
 
@@ -217,9 +244,13 @@ class Ports:
     # servers in the "container": (host-visible port per scenario)
     nginx_host: int = 0
     nginx_nat: int = 0
+    nginx_pasta: int = 0
+    nginx_slirp4netns: int = 0
     nginx_graft: int = 0
     redis_host: int = 0
     redis_nat: int = 0
+    redis_pasta: int = 0
+    redis_slirp4netns: int = 0
     redis_graft: int = 0
 
     @classmethod
@@ -287,6 +318,10 @@ class Env:
     connbench: str
     notes: dict = field(default_factory=dict)
     pin: bool = True
+    # the pasta and slirp4netns set-ups (bench/usernet.py), when made
+    usernet: dict = field(default_factory=dict)
+    # where a client in each scenario finds a server on the host's 127.0.0.1
+    server_addrs: dict = field(default_factory=lambda: {"nat": NAT_HOST})
 
     # -- CPU placement: servers on CPU 0, clients and load generators on CPU 1.
     # On 2 cores, a ping-pong pair's latency is bimodal depending on whether
@@ -299,15 +334,16 @@ class Env:
 
     # -- where a client in scenario S finds a server that runs on the host
     def host_server_addr(self, scenario: str) -> str:
-        return NAT_HOST if scenario == "nat" else "127.0.0.1"
+        return self.server_addrs.get(scenario, "127.0.0.1")
 
     # -- the command that runs a program "in the container" of scenario S
     def in_container(self, scenario: str, *cmd: str) -> list[str]:
         if scenario == "host":
             return list(cmd)
-        if scenario == "nat":
-            return ["nsenter", f"--net=/run/netns/{self.nat['netns']}", "--", *cmd]
-        return graft_cmd(self.broker, self.graft_ns, *cmd)
+        if scenario == "graft":
+            return graft_cmd(self.broker, self.graft_ns, *cmd)
+        ns = self.nat["netns"] if scenario == "nat" else self.usernet[scenario]["netns"]
+        return ["nsenter", f"--net=/run/netns/{ns}", "--", *cmd]
 
     def client_in(self, scenario: str, *cmd: str) -> list[str]:
         return self.client_cpu(self.in_container(scenario, *cmd))
@@ -337,8 +373,8 @@ def require(*programs: str) -> None:
 
 @contextmanager
 def environment(broker_log_level: str = "info", audit: str = "file", with_nat: bool = True,
-                max_sockets: int | None = None, pin: bool = True):
-    """Set up all three scenarios; tear everything down on exit."""
+                max_sockets: int | None = None, pin: bool = True, user_nets: bool = False):
+    """Set up host, nat (with_nat), pasta and slirp4netns (user_nets) and graft; tear everything down on exit."""
     run_id = uuid.uuid4().hex[:6]
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
@@ -346,17 +382,25 @@ def environment(broker_log_level: str = "info", audit: str = "file", with_nat: b
         connbench = build_connbench(tmp)
         nat = stack.enter_context(nat_namespace(
             {ports.nginx_nat: NGINX_NS_PORT, ports.redis_nat: REDIS_NS_PORT}, run_id)) if with_nat else {}
-        graft_ns = f"graft-bench-g-{run_id}"
-        from pyroute2 import netns as _netns
+        usernet, server_addrs = {}, {"nat": NAT_HOST}
+        if user_nets:
+            import usernet as un
 
+            usernet["pasta"] = stack.enter_context(un.pasta_namespace(
+                run_id, tmp, tcp_in={ports.nginx_pasta: NGINX_NS_PORT, ports.redis_pasta: REDIS_NS_PORT},
+                tcp_out=[ports.iperf, ports.sockperf, ports.conn], udp_out=[ports.sockperf]))
+            usernet["slirp4netns"] = stack.enter_context(un.slirp_namespace(
+                run_id, tmp, tcp_in={ports.nginx_slirp4netns: NGINX_NS_PORT, ports.redis_slirp4netns: REDIS_NS_PORT}))
+            server_addrs["slirp4netns"] = un.SLIRP_GATEWAY
+        graft_ns = f"graft-bench-g-{run_id}"
         create_namespace(graft_ns)
-        stack.callback(lambda: os.path.exists(f"/run/netns/{graft_ns}") and _netns.remove(graft_ns))
+        stack.callback(remove_namespace, graft_ns)
         broker = BrokerProcess(tmp / "broker", policy_text(ports, max_sockets), tenant=TENANT)
         stack.callback(broker.stop)
         audit_arg = str(tmp / "broker" / "audit.jsonl") if audit == "file" else audit
         broker.start("--log-level", broker_log_level, "--audit-log", audit_arg)
         yield Env(stack=stack, tmp=tmp, ports=ports, nat=nat, graft_ns=graft_ns, broker=broker,
-                  connbench=connbench, notes={"broker_log_level": broker_log_level, "audit_log": audit,
+                  connbench=connbench, usernet=usernet, server_addrs=server_addrs, notes={"broker_log_level": broker_log_level, "audit_log": audit,
                                                     "max_sockets": max_sockets or "default (1024)",
                                                     "pinned": pin}, pin=pin)
 

@@ -3,10 +3,14 @@
  *   connbench server ADDR PORT
  *       listens on ADDR:PORT (backlog 4096), prints "ready PORT" once listening,
  *       then accepts and closes connections until stdin reaches EOF or it is killed.
- *   connbench client ADDR PORT COUNT PROCS [WARMUP]
+ *   connbench client ADDR PORT COUNT PROCS [WARMUP [eof]]
  *       PROCS processes (fork), each doing COUNT/PROCS cycles of
  *       socket(); connect() [timed]; SO_LINGER{1,0}; close(),
  *       after WARMUP untimed cycles each. All start together (a pipe barrier).
+ *       With "eof", the timed part runs on until read() returns 0: the
+ *       server's close has arrived, so the connection reached the server even
+ *       through a forwarder (pasta) that completes the client's handshake
+ *       itself and connects onward afterwards.
  *       Prints one JSON object: count, errors, elapsed_s, rate (cycles/s over
  *       the whole run, all processes), p50_us, p90_us, p99_us, max_us of connect().
  *
@@ -85,12 +89,24 @@ static double pct(const double *v, long n, double p) {
     return v[i < n ? i : n - 1];
 }
 
-/* One cycle; returns connect() latency in seconds, or -1 with errno. */
+static int until_eof; /* the "eof" argument */
+
+/* One cycle; returns connect() latency in seconds (until the server's close with
+ * until_eof), or -1 with errno. */
 static double cycle(const struct sockaddr_in *sa) {
     int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0) return -1;
     double t0 = now_s();
     int r = connect(s, (const struct sockaddr *)sa, sizeof(*sa));
+    if (r == 0 && until_eof) {
+        char b;
+        ssize_t n;
+        while ((n = read(s, &b, 1)) < 0 && errno == EINTR) {}
+        if (n != 0) { /* data or an error (a reset) instead of the server's close */
+            r = -1;
+            if (n > 0) errno = EPROTO;
+        }
+    }
     double t1 = now_s();
     if (r < 0) {
         int e = errno;
@@ -181,10 +197,12 @@ int main(int argc, char **argv) {
         if (parse_addr(argv[2], argv[3], &sa) < 0) { fprintf(stderr, "bad address\n"); return 2; }
         return server(&sa);
     }
-    if ((argc == 6 || argc == 7) && strcmp(argv[1], "client") == 0) {
+    if ((argc >= 6 && argc <= 8) && strcmp(argv[1], "client") == 0) {
         if (parse_addr(argv[2], argv[3], &sa) < 0) { fprintf(stderr, "bad address\n"); return 2; }
+        if (argc == 8 && strcmp(argv[7], "eof") != 0) { fprintf(stderr, "connbench: the 7th argument can only be eof\n"); return 2; }
+        until_eof = argc == 8;
         return client(&sa, atol(argv[4]), atoi(argv[5]), argc == 7 ? atol(argv[6]) : 50);
     }
-    fprintf(stderr, "usage: connbench server ADDR PORT | connbench client ADDR PORT COUNT PROCS [WARMUP]\n");
+    fprintf(stderr, "usage: connbench server ADDR PORT | connbench client ADDR PORT COUNT PROCS [WARMUP [eof]]\n");
     return 2;
 }

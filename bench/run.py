@@ -1,13 +1,15 @@
-"""graft's benchmark suite: host vs nat vs graft, interleaved, with repetitions.
+"""graft's benchmark suite: host, nat, pasta, slirp4netns and graft, interleaved, in rounds.
 
-    python bench/run.py [--quick] [--reps N] [--only W1,W2] [--docs-img]
+    python bench/run.py [--quick] [--rounds N] [--only W1,W2] [--docs-img]
 
-Three scenarios (bench/common.py): host networking, a Docker-like veth +
-nftables NAT namespace, and a namespace under graft. For every workload the
-scenarios are run in turn, in an order rotated each repetition, so slow
-drift on a busy 2-core machine hits all three alike; each figure is the
-median over repetitions, and every comparison is a ratio against a baseline
-measured in the same run.
+Five scenarios (bench/common.py, bench/usernet.py): host networking, a
+Docker-like veth + nftables NAT namespace, a namespace connected by pasta,
+one connected by slirp4netns (rootless podman's two networks), and a
+namespace under graft. For every workload each round runs every scenario
+once, in an order rotated each round, so slow drift on a busy 2-core
+machine hits all of them alike. Each figure is the median over rounds;
+each ratio graft/X is the geometric mean of the per-round ratios, with a
+95% t-interval (bench/stats.py says why).
 
 Workloads (client/server placement, "in the container" = in the scenario):
   iperf3       TCP throughput, client in the container -> server on the host,
@@ -15,12 +17,17 @@ Workloads (client/server placement, "in the container" = in the scenario):
   sockperf     TCP and UDP ping-pong round trip (--full-rtt), p50 and p99
   connect      connbench.c: connect() latency p50/p99 and socket+connect+close
                cycles per second, client in the container
+  connect-reply  connbench.c eof: connect() until the server's close arrives,
+               i.e. until the connection has reached the server (pasta's
+               connect() returns before it has)
   nginx + wrk  nginx in the container (published port), wrk on the host:
                keep-alive, and one connection per request (Connection: close)
   redis        redis-server in the container, redis-benchmark on the host
 
-Prints a table of medians with ratios; writes bench/results/<ts>.json and a
-PNG per workload to bench/results/ (and to docs/img/ with --docs-img).
+Prints a table of medians, a table of ratios with their intervals, verdicts
+against pasta and slirp4netns, and the rounds each row needs to resolve ±2%;
+writes bench/results/<ts>.json, <ts>.md and a PNG per workload to
+bench/results/ (and to docs/img/ with --docs-img).
 """
 from __future__ import annotations
 
@@ -41,7 +48,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import NAT_HOST, SCENARIOS, log, run_client, start_process, wait_line, wait_tcp  # noqa: E402
+import stats  # noqa: E402
+import usernet  # noqa: E402
+from common import NAT_HOST, SCENARIOS, log, run_client, start_process, wait_line, wait_reply  # noqa: E402
 
 RESULTS = common.REPO / "bench" / "results"
 DOCS_IMG = common.REPO / "docs" / "img"
@@ -59,8 +68,11 @@ class Config:
 
     @classmethod
     def make(cls, quick: bool, reps: int | None) -> "Config":
+        """reps: rounds; every round runs every scenario once."""
         if quick:
-            c = cls(reps=3, iperf_t=1, sockperf_t=1, connects=2000, wrk_d=1, wrk_c=16, redis_n=10000)
+            # five scenarios in under 5 minutes with broker_load.py: sockperf alone
+            # costs 3.3 s a run whatever -t says (a fixed 2 s warm-up sleep)
+            c = cls(reps=3, iperf_t=1, sockperf_t=1, connects=1000, wrk_d=1, wrk_c=16, redis_n=5000)
         else:
             c = cls(reps=5, iperf_t=5, sockperf_t=4, connects=10000, wrk_d=5, wrk_c=16, redis_n=50000)
         if reps:
@@ -161,6 +173,19 @@ def conn_run(env, cfg, sc, procs: int = 1, count: int | None = None):
     return {"p50_us": d["p50_us"], "p99_us": d["p99_us"], "rate": d["rate"]}
 
 
+def conn_reply_run(env, cfg, sc):
+    """connect() and then the server's close: the time until the connection has reached the server.
+
+    pasta completes the client's handshake in the namespace itself and only
+    then connects to the server, so its connect() alone says nothing about
+    reaching the server; this row compares what every scenario needs for that.
+    """
+    argv = [env.connbench, "client", env.host_server_addr(sc), str(env.ports.conn), str(cfg.connects), "1", "100",
+            "eof"]
+    d = json.loads(run_client(env.client_in(sc, *argv), timeout=120).stdout)
+    return {"p50_us": d["p50_us"], "p99_us": d["p99_us"]}
+
+
 # ---- nginx + wrk ----------------------------------------------------------------------
 
 PAGE = ("<!DOCTYPE html><html><head><title>graft bench</title></head><body>"
@@ -204,7 +229,7 @@ def nginx_servers(env, cfg):
             (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, www=www, listen=listen))
             p = start_process(st, env.server_in(sc, "nginx", "-p", str(d), "-e", str(d / "error.log"),
                                                    "-c", str(d / "nginx.conf")), log_to=d / "stdout.log")
-            wait_tcp(*env.published(sc, "nginx"), proc=p)
+            wait_reply(*env.published(sc, "nginx"), b"GET / HTTP/1.0\r\n\r\n", b" 200 ", proc=p)
         yield
 
 
@@ -252,14 +277,17 @@ def redis_servers(env, cfg):
                 sc, "redis-server", "--bind", bind, "--port", str(port), "--save", "", "--appendonly", "no",
                 "--protected-mode", "no", "--daemonize", "no", "--dir", str(d), "--logfile", str(d / "redis.log")),
                 log_to=d / "stdout.log")
-            wait_tcp(*env.published(sc, "redis"), proc=p)
+            wait_reply(*env.published(sc, "redis"), b"PING\r\n", b"+PONG", proc=p)
         yield
 
 
 def redis_run(env, cfg, sc):
     addr, port = env.published(sc, "redis")
+    # bounded at 2,000 requests/s per test and 20 s to spare: slirp4netns's forwarder
+    # (listen backlog 1) can leave some of the 50 connections hanging
     r = run_client(env.client_cpu(["redis-benchmark", "-h", addr, "-p", str(port), "-q", "-n", str(cfg.redis_n),
-                                   "-c", "50", "-t", ",".join(REDIS_TESTS), "--csv"]), timeout=120)
+                                   "-c", "50", "-t", ",".join(REDIS_TESTS), "--csv"]),
+                   timeout=20 + cfg.redis_n * len(REDIS_TESTS) / 2000)
     out = {}
     for line in r.stdout.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
@@ -289,6 +317,9 @@ WORKLOADS = [
              [Metric("p50_us", "connect p50", "µs", False), Metric("p99_us", "connect p99", "µs", False),
               Metric("rate", "cycles/s", "1/s", True)],
              conn_servers, conn_run),
+    Workload("connect-reply", "TCP connect() until the server's close arrives: the connection reached the server",
+             [Metric("p50_us", "p50 to server", "µs", False), Metric("p99_us", "p99 to server", "µs", False)],
+             conn_servers, conn_reply_run),
     Workload("nginx-keepalive", "nginx in the container, wrk on the host, keep-alive",
              [Metric("rps", "requests/s", "1/s", True)],
              nginx_servers, wrk_run(False)),
@@ -309,23 +340,41 @@ def run_workload(env, cfg, w: Workload, runs: list) -> None:
     t0 = time.monotonic()
     with w.servers(env, cfg):
         for rep in range(cfg.reps):
-            order = SCENARIOS[rep % 3:] + SCENARIOS[:rep % 3]
+            k = rep % len(SCENARIOS)
+            order = SCENARIOS[k:] + SCENARIOS[:k]
             for sc in order:
-                if failures[sc] >= 2:  # bounded: a scenario that fails twice is not tried again
+                if failures[sc] >= 2:  # bounded: a scenario that fails twice (or times out once) is not tried again
                     continue
                 rec = {"workload": w.name, "scenario": sc, "rep": rep}
+                t1 = time.monotonic()
                 try:
                     rec["metrics"] = w.run(env, cfg, sc)
                 except Exception as e:  # recorded, reported, and the run goes on
-                    failures[sc] += 1
+                    failures[sc] += 2 if isinstance(e, subprocess.TimeoutExpired) else 1
                     rec["error"] = str(e)[:2000]
                     log(f"  {w.name}/{sc} rep {rep}: FAILED: {rec['error'][:300]}")
+                rec["secs"] = round(time.monotonic() - t1, 2)
                 runs.append(rec)
     log(f"  {w.name}: {time.monotonic() - t0:.1f}s")
 
 
+# graft is compared with each of these; per-round ratios graft/X, each pair measured in the same round.
+BASELINES = ("host", "nat", "pasta", "slirp4netns")
+RESOLVE = 0.02  # the difference a row should be able to resolve: rounds needed for a ±2% interval
+
+
+def per_round_ratios(runs: list, workload: str, key: str, num: str, den: str) -> list[float]:
+    """num/den for every round in which both scenarios produced the metric."""
+    by = {}
+    for r in runs:
+        if r["workload"] == workload and "metrics" in r and r["scenario"] in (num, den):
+            by[(r["rep"], r["scenario"])] = r["metrics"][key]
+    return [by[(rep, num)] / by[(rep, den)] for rep in sorted({rep for rep, _ in by})
+            if (rep, num) in by and (rep, den) in by and by[(rep, den)]]
+
+
 def summarise(runs: list) -> dict:
-    """{workload: {metric: {scenario: {median, min, max, n}}}}."""
+    """{workload: {metric: {scenario: {median, min, max, n, values}, "vs": {baseline: ratio stats}}}}."""
     out: dict = {}
     for w in WORKLOADS:
         out[w.name] = {}
@@ -339,16 +388,13 @@ def summarise(runs: list) -> dict:
                             "values": vals} if vals else {"median": None, "n": 0})
                 if errs:
                     row[sc]["errors"] = errs
-            # per-repetition graft/host ratios (each pair measured back to back)
-            paired = []
-            for rep in sorted({r["rep"] for r in runs if r["workload"] == w.name}):
-                g = [r["metrics"][m.key] for r in runs if r["workload"] == w.name and r["rep"] == rep
-                     and r["scenario"] == "graft" and "metrics" in r]
-                h = [r["metrics"][m.key] for r in runs if r["workload"] == w.name and r["rep"] == rep
-                     and r["scenario"] == "host" and "metrics" in r]
-                if g and h and h[0]:
-                    paired.append(g[0] / h[0])
-            row["paired_graft_host"] = paired
+            row["vs"] = {}
+            for b in BASELINES:
+                ratios = per_round_ratios(runs, w.name, m.key, "graft", b)
+                ci = stats.ratio_interval(ratios)
+                row["vs"][b] = {"ratios": ratios, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                                "verdict": ci.verdict(m.higher_better),
+                                "rounds_needed": stats.rounds_needed(ratios, RESOLVE)}
             hv = row["host"]
             row["host_spread"] = hv["max"] / hv["min"] if hv.get("n") and hv["min"] else None
             out[w.name][m.key] = row
@@ -369,10 +415,20 @@ def fmt(v, unit="") -> str:
     return f"{v:,.0f}"
 
 
+def fmt_ratio(vs: dict | None, interval: bool = True) -> str:
+    """'0.986 [0.962–1.010]': the estimate and its 95% interval."""
+    if not vs or vs.get("estimate") is None:
+        return "—"
+    if not interval or vs.get("low") is None:
+        return f"{vs['estimate']:.3f}"
+    return f"{vs['estimate']:.3f} [{vs['low']:.3f}–{vs['high']:.3f}]"
+
+
 def targets(summary: dict) -> list[dict]:
-    """The DESIGN targets, each with the measured ratio and met / not met."""
+    """The DESIGN targets, each with the measured ratio and met / not met, and graft's connect against pasta's and slirp4netns's."""
     s = summary
     med = lambda w, m, sc: s.get(w, {}).get(m, {}).get(sc, {}).get("median")  # noqa: E731
+    vs = lambda w, m: s.get(w, {}).get(m, {}).get("vs", {}).get("host", {}).get("estimate")  # noqa: E731
     out = []
 
     def add(name, value, limit, ok_if, detail):
@@ -380,46 +436,61 @@ def targets(summary: dict) -> list[dict]:
         out.append({"target": name, "measured": value, "limit": f"{ok_if} {limit}", "met": met, "detail": detail})
 
     for w in ("iperf3", "iperf3-R"):
-        add(f"{w}: graft throughput ≥ 0.98× host", ratio(med(w, "gbps", "graft"), med(w, "gbps", "host")),
-            0.98, ">=", "graft/host, median Gbit/s")
+        add(f"{w}: graft throughput ≥ 0.98× host", vs(w, "gbps"), 0.98, ">=", "graft/host, per-round geometric mean")
     for w in ("sockperf-tcp", "sockperf-udp"):
-        add(f"{w}: graft p50 ≤ 1.03× host", ratio(med(w, "p50_us", "graft"), med(w, "p50_us", "host")),
-            1.03, "<=", "graft/host, median of per-run p50 RTT")
-    g, h, n = med("connect", "p50_us", "graft"), med("connect", "p50_us", "host"), med("connect", "p50_us", "nat")
-    add("connect: graft p50 ≤ native p50 + 40 µs (host)", None if g is None or h is None else g - h, 40.0, "<=",
-        "µs above host connect p50")
-    add("connect: graft p50 ≤ native p50 + 40 µs (nat)", None if g is None or n is None else g - n, 40.0, "<=",
-        "µs above nat-namespace connect p50")
+        add(f"{w}: graft p50 ≤ 1.03× host", vs(w, "p50_us"), 1.03, "<=", "graft/host, per-round geometric mean")
+    g = med("connect", "p50_us", "graft")
+    for b, label in (("host", "native p50 + 40 µs (host)"), ("nat", "native p50 + 40 µs (nat)")):
+        x = med("connect", "p50_us", b)
+        add(f"connect: graft p50 ≤ {label}", None if g is None or x is None else g - x, 40.0, "<=",
+            f"µs above {b}'s connect p50")
+    for w in ("connect", "connect-reply"):
+        g = med(w, "p50_us", "graft")
+        for b in ("pasta", "slirp4netns"):
+            x = med(w, "p50_us", b)
+            add(f"{w}: graft p50 below {b}'s", None if g is None or x is None else g - x, 0.0, "<=",
+                f"µs above {b}'s p50 (issue 15's goal)")
     for w in ("nginx-keepalive", "nginx-close"):
-        add(f"{w}: graft ≥ 0.97× host", ratio(med(w, "rps", "graft"), med(w, "rps", "host")), 0.97, ">=",
-            "graft/host, median requests/s")
+        add(f"{w}: graft ≥ 0.97× host", vs(w, "rps"), 0.97, ">=", "graft/host, per-round geometric mean")
     for t in REDIS_TESTS:
-        add(f"redis {t.upper()}: graft ≥ 0.97× host", ratio(med("redis", f"{t}_rps", "graft"),
-                                                             med("redis", f"{t}_rps", "host")), 0.97, ">=",
-            "graft/host, median requests/s")
+        add(f"redis {t.upper()}: graft ≥ 0.97× host", vs("redis", f"{t}_rps"), 0.97, ">=",
+            "graft/host, per-round geometric mean")
     return out
 
 
-def table(summary: dict, reps: int) -> str:
-    lines = [f"medians over {reps} interleaved repetitions; ratios are medians over medians",
-             "",
-             f"{'workload':<16} {'metric':<12} {'unit':<7} {'host':>10} {'nat':>10} {'graft':>10} "
-             f"{'graft/host':>10} {'graft/nat':>10} {'nat/host':>9} {'host max/min':>12}",
-             "-" * 115]
+def rows(summary: dict):
+    """(workload, metric, summary row) in table order; rows of other scenario sets (old results) are tolerated."""
     for w in WORKLOADS:
-        if w.name not in summary:
-            continue
         for m in w.metrics:
-            row = summary[w.name][m.key]
-            v = {sc: row[sc]["median"] for sc in SCENARIOS}
-            rs = [ratio(v["graft"], v["host"]), ratio(v["graft"], v["nat"]), ratio(v["nat"], v["host"])]
-            cells = [fmt(v[sc], m.unit) if v[sc] is not None else ("not yet" if sc == "graft" else "fail")
-                     for sc in SCENARIOS]
-            spread = f"{row['host_spread']:.2f}" if row.get("host_spread") else "—"
-            lines.append(f"{w.name:<16} {m.label:<12} {m.unit:<7} {cells[0]:>10} {cells[1]:>10} {cells[2]:>10} "
-                         + " ".join(f"{(f'{r:.3f}' if r is not None else '—'):>10}" for r in rs[:2])
-                         + f" {(f'{rs[2]:.3f}' if rs[2] is not None else '—'):>9}"
-                         + f" {spread:>12}")
+            if m.key in summary.get(w.name, {}):
+                yield w, m, summary[w.name][m.key]
+
+
+def medians_cells(m: Metric, row: dict) -> list[str]:
+    return [fmt(row.get(sc, {}).get("median"), m.unit) if row.get(sc, {}).get("median") is not None else "fail"
+            for sc in SCENARIOS]
+
+
+def table(summary: dict, reps: int) -> str:
+    """Two text tables: medians per scenario, then graft's ratios with 95% intervals and verdicts."""
+    names = {"slirp4netns": "slirp"}
+    lines = [f"medians over {reps} interleaved rounds", "",
+             f"{'workload':<16} {'metric':<12} {'unit':<7} " + " ".join(f"{sc:>11}" for sc in SCENARIOS)
+             + f" {'host max/min':>12}", "-" * 112]
+    for w, m, row in rows(summary):
+        spread = f"{row['host_spread']:.2f}" if row.get("host_spread") else "—"
+        lines.append(f"{w.name:<16} {m.label:<12} {m.unit:<7} "
+                     + " ".join(f"{c:>11}" for c in medians_cells(m, row)) + f" {spread:>12}")
+    lines += ["", "graft/X: geometric mean of per-round ratios [95% t-interval]; "
+              "ahead/behind only when the whole interval is on one side of 1; "
+              f"n±{RESOLVE:.0%}: rounds for a ±{RESOLVE:.0%} interval at this spread", "",
+              f"{'workload':<16} {'metric':<12} " + " ".join(f"{'graft/' + names.get(b, b):>21}" for b in BASELINES)
+              + f" {'vs pasta':>12} {'vs slirp':>12} {'n±2% host':>9} {'n±2% pasta':>10}", "-" * 170]
+    for w, m, row in rows(summary):
+        vs = row.get("vs", {})
+        lines.append(f"{w.name:<16} {m.label:<12} " + " ".join(f"{fmt_ratio(vs.get(b)):>21}" for b in BASELINES)
+                     + f" {vs.get('pasta', {}).get('verdict', '—'):>12} {vs.get('slirp4netns', {}).get('verdict', '—'):>12}"
+                     + f" {vs.get('host', {}).get('rounds_needed') or '—':>9} {vs.get('pasta', {}).get('rounds_needed') or '—':>10}")
     return "\n".join(lines)
 
 
@@ -433,20 +504,20 @@ def targets_table(tg: list[dict]) -> str:
 
 
 def markdown(summary: dict, tg: list[dict]) -> str:
-    """The same two tables, as Markdown for docs/benchmarks.md."""
-    out = ["| workload | metric | host | nat | graft | graft/host | graft/nat | nat/host | host max/min |",
-           "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
-    for w in WORKLOADS:
-        if w.name not in summary:
-            continue
-        for m in w.metrics:
-            row = summary[w.name][m.key]
-            v = {sc: row[sc]["median"] for sc in SCENARIOS}
-            rs = [ratio(v["graft"], v["host"]), ratio(v["graft"], v["nat"]), ratio(v["nat"], v["host"])]
-            cells = [fmt(v[sc], m.unit) if v[sc] is not None else "fail" for sc in SCENARIOS]
-            out.append(f"| {w.name} | {m.label} ({m.unit}) | " + " | ".join(cells) + " | "
-                       + " | ".join(f"{r:.3f}" if r is not None else "—" for r in rs)
-                       + (f" | {row['host_spread']:.2f} |" if row.get("host_spread") else " | — |"))
+    """The same tables, as Markdown for docs/benchmarks.md."""
+    out = ["| workload | metric | " + " | ".join(SCENARIOS) + " | host max/min |",
+           "|---|---|" + "--:|" * len(SCENARIOS) + "--:|"]
+    for w, m, row in rows(summary):
+        out.append(f"| {w.name} | {m.label} ({m.unit}) | " + " | ".join(medians_cells(m, row))
+                   + (f" | {row['host_spread']:.2f} |" if row.get("host_spread") else " | — |"))
+    out += ["", "| workload | metric | " + " | ".join(f"graft/{b}" for b in BASELINES)
+            + " | vs pasta | vs slirp4netns | rounds for ±2% (host / pasta) |",
+            "|---|---|" + "--:|" * len(BASELINES) + "---|---|--:|"]
+    for w, m, row in rows(summary):
+        vs = row.get("vs", {})
+        out.append(f"| {w.name} | {m.label} | " + " | ".join(fmt_ratio(vs.get(b)) for b in BASELINES)
+                   + f" | {vs.get('pasta', {}).get('verdict', '—')} | {vs.get('slirp4netns', {}).get('verdict', '—')}"
+                   + f" | {vs.get('host', {}).get('rounds_needed') or '—'} / {vs.get('pasta', {}).get('rounds_needed') or '—'} |")
     out += ["", "| target | measured | limit | result |", "|---|--:|--:|---|"]
     for t in tg:
         v = t["measured"]
@@ -461,19 +532,20 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"host": "#4c72b0", "nat": "#dd8452", "graft": "#55a868"}
+    colours = {"host": "#4c72b0", "nat": "#dd8452", "pasta": "#8172b3", "slirp4netns": "#937860",
+               "graft": "#55a868"}
     made = []
     for w in WORKLOADS:
         if w.name not in summary:
             continue
         ms = w.metrics
-        fig, axes = plt.subplots(1, len(ms), figsize=(3.2 * len(ms) + 1.0, 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(ms), figsize=(4.4 * len(ms) + 1.0, 3.6), squeeze=False)
         for ax, m in zip(axes[0], ms):
             row = summary[w.name][m.key]
-            xs, meds, lo, hi = [], [], [], []
-            for sc in SCENARIOS:
+            xs = [sc for sc in SCENARIOS if sc in row]
+            meds, lo, hi = [], [], []
+            for sc in xs:
                 r = row[sc]
-                xs.append(sc)
                 if r["median"] is None:
                     meds.append(0), lo.append(0), hi.append(0)
                 else:
@@ -484,8 +556,9 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
                     ax.text(i, 0, "n/a", ha="center", va="bottom")
             ax.set_title(f"{m.label} ({'higher' if m.higher_better else 'lower'} is better)", fontsize=9)
             ax.set_ylabel(m.unit)
+            ax.tick_params(axis="x", labelsize=8)
         fig.suptitle(w.title, fontsize=9)
-        fig.text(0.99, 0.01, "bars: median; whiskers: min-max over repetitions", ha="right", fontsize=7,
+        fig.text(0.99, 0.01, "bars: median; whiskers: min-max over rounds", ha="right", fontsize=7,
                  color="grey")
         fig.tight_layout(rect=(0, 0.03, 1, 0.95))
         path = RESULTS / f"{stamp}-{w.name}.png"
@@ -500,8 +573,10 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short runs, 3 repetitions (under 3 minutes)")
-    ap.add_argument("--reps", type=int, help="repetitions (default 3 quick, 5 full)")
+    ap.add_argument("--quick", action="store_true", help="short runs, 3 rounds")
+    ap.add_argument("--rounds", "--reps", dest="reps", type=int, metavar="N",
+                    help="rounds, each running every scenario once (default 3 quick, 5 full); "
+                         "more rounds narrow the intervals (docs/benchmarks.md says how many each row needs)")
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(w.name for w in WORKLOADS))
     ap.add_argument("--docs-img", action="store_true", help="also copy the figures to docs/img/bench-<workload>.png")
     ap.add_argument("--no-figures", action="store_true")
@@ -524,18 +599,21 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
         chosen = [w for w in WORKLOADS if w.name in names]
-    common.require("iperf3", "sockperf", "nginx", "wrk", "redis-server", "redis-benchmark", "nft", "nsenter", "cc")
+    if cfg.reps < 1:
+        ap.error("--rounds must be at least 1")
+    common.require("iperf3", "sockperf", "nginx", "wrk", "redis-server", "redis-benchmark", "nft", "nsenter", "cc",
+                   "pasta", "slirp4netns")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     runs: list = []
     info = {"machine": common.machine_info(), "config": cfg.__dict__, "quick": args.quick,
-            "started_utc": stamp, "scenarios": list(SCENARIOS)}
-    log(f"graft bench: {'quick' if args.quick else 'full'}, {cfg.reps} repetitions, "
+            "started_utc": stamp, "scenarios": list(SCENARIOS), "usernet_versions": usernet.versions()}
+    log(f"graft bench: {'quick' if args.quick else 'full'}, {cfg.reps} rounds, "
         f"{len(chosen)} workloads; machine {info['machine']}")
-    with common.environment(pin=not args.no_pin) as env:
-        info["env"] = {"nat": {k: v for k, v in env.nat.items()}, "graft_netns": env.graft_ns,
+    with common.environment(pin=not args.no_pin, user_nets=True) as env:
+        info["env"] = {"nat": {k: v for k, v in env.nat.items()}, "graft_netns": env.graft_ns, "usernet": env.usernet,
                        "ports": env.ports.__dict__, "policy": common.policy_text(env.ports), **env.notes}
         for w in chosen:
             log(f"- {w.name}")
