@@ -12,7 +12,9 @@ under `graft run`. The demo shows, each with its audit line:
   (c) a connection the policy denies fails with EPERM;
   (d) a real container, started by runc through graft-runtime from a bundle
       whose only mention of graft is the annotation io.graft.tenant=demo,
-      runs curl and fetches the same host-only page.
+      runs curl and fetches the same host-only page; and one annotated
+      io.graft.tenant=static (a tenant in seccomp mode) runs the static
+      busybox wget, which no LD_PRELOAD could graft, and fetches it too.
 
 It exits 0 only if all of them behave so, and removes everything it made.
 """
@@ -145,7 +147,7 @@ def main() -> int:
         check(denied.returncode == 1 and "errno 1 " in denied.stdout, "the connect fails with EPERM")
         audit_line(broker, op="connect", port=DENIED_PORT, action="deny", errno=1)
 
-        step(f"(d) a container started by runc through graft-runtime -> host 127.0.0.1:{HOST_PORT}")
+        step(f"(d) containers started by runc through graft-runtime -> host 127.0.0.1:{HOST_PORT}")
         containers = Containers(tmp, broker)
         seen = len(broker.audit())
         print(f"    root filesystem {containers.rootfs} (the host's /usr, read-only), network: only lo")
@@ -153,6 +155,13 @@ def main() -> int:
         print(f"    curl in the container says: {run.stdout.strip()!r}")
         check(run.returncode == 0 and run.stdout == PAGE, "the container fetches the host's page through graft")
         audit_line(broker, since=seen, op="connect", port=HOST_PORT, action="graft", via="shim")
+        seen = len(broker.audit())
+        run = containers.run("wget", ["busybox", "wget", "-q", "-O", "-", url], tenant="static")
+        print(f"    static busybox wget in the container says: {run.stdout.strip()!r}")
+        check(run.returncode == 0 and run.stdout == PAGE,
+              "a static binary in a seccomp-mode container fetches the host's page through graft"
+              + ("" if run.returncode == 0 else f" (exit status {run.returncode})"))
+        audit_line(broker, since=seen, tenant="static", op="connect", port=HOST_PORT, action="graft", via="seccomp")
 
         step("clean-up")
     print("    containers, namespace, servers and broker removed")

@@ -70,7 +70,9 @@ def test_every_example_validates_and_summarizes(path):
 
 def test_demo_example_is_what_make_demo_expects():
     demo = load_policy(EXAMPLES / "demo.toml")
-    assert list(demo.tenants) == ["demo"]
+    assert list(demo.tenants) == ["demo", "static"]
+    assert (demo.tenants["demo"].mode, demo.tenants["static"].mode) == ("preload", "seccomp")
+    assert demo.tenants["static"].connect == demo.tenants["demo"].connect
     t = demo.tenants["demo"]
     assert (t.netns, t.default) == ("host", "deny")
     [connect] = t.connect
