@@ -103,10 +103,11 @@ def copy_options(src: socket.socket, dst: socket.socket, defaults: Defaults) -> 
     """Give dst the admitted options the app set on src (seccomp mode has no record of them).
 
     An option is copied when src's value differs from a fresh socket's
-    (defaults, from option_defaults). Buffer sizes are copied only if the
-    app fixed them (SO_BUF_LOCK): otherwise the kernel autotunes them, and
-    setting them would turn that off; getsockopt reports twice what was set,
-    so half is set. Returns the ones the kernel refused on dst, with why.
+    (defaults, from option_defaults). Buffer sizes are copied when, and only
+    when, the app fixed them (SO_BUF_LOCK), even to the default size:
+    otherwise the kernel autotunes them, and setting them would turn that
+    off; getsockopt reports twice what was set, so half is set. Returns the
+    ones the kernel refused on dst, with why.
     """
     try:
         locks = struct.unpack("=i", src.getsockopt(_S, SO_BUF_LOCK, _INT))[0]
@@ -114,17 +115,17 @@ def copy_options(src: socket.socket, dst: socket.socket, defaults: Defaults) -> 
         locks = 0
     failed = []
     for (level, name), default in defaults.items():
+        bit = _LOCK_BIT.get((level, name))
+        if bit is not None and not locks & bit:
+            continue  # the kernel's autotuned size, not the app's
         try:
             value = src.getsockopt(level, name, len(default))
         except OSError:
             continue
-        if value == default:
-            continue
-        bit = _LOCK_BIT.get((level, name))
         if bit is not None:
-            if not locks & bit:
-                continue
             value = struct.pack("=i", struct.unpack("=i", value)[0] // 2)
+        elif value == default:
+            continue
         try:
             dst.setsockopt(level, name, value)
         except OSError as e:

@@ -40,7 +40,7 @@ def test_buffer_sizes_go_over_only_when_the_app_fixed_them():
     app, host = pair()
     with app, host:
         defaults = option_defaults(host)
-        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 50000)  # not what a fresh socket has
         copy_options(app, host, defaults)
         # the kernel doubles what is set, on both: the same size, fixed (SOCK_RCVBUF_LOCK) on the host
         # too, and the send buffer, which the app left alone, still autotuned
@@ -67,3 +67,14 @@ def test_udp_and_ipv6_have_their_own_options():
         assert copy_options(app, host, defaults) == []
         assert as_int(host, socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         assert as_int(host, socket.SOL_SOCKET, socket.SO_BROADCAST) == 1
+
+
+def test_a_buffer_fixed_at_the_default_size_stays_fixed():
+    app, host = pair()
+    with app, host:
+        defaults = option_defaults(host)
+        default = as_int(host, socket.SOL_SOCKET, socket.SO_SNDBUF)
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, default // 2)  # reads back as the default
+        assert as_int(app, socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        copy_options(app, host, defaults)
+        assert as_int(host, socket.SOL_SOCKET, SO_BUF_LOCK) == 1  # SOCK_SNDBUF_LOCK: no autotuning, as the app
