@@ -7,6 +7,7 @@ and is closed; there are no commands, so nothing here can change the broker.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -16,7 +17,7 @@ import trio
 
 from graft.brokerstatus import ADMIN_SOCKET  # noqa: F401  (server.py's; named where the reader is)
 
-from .unixsock import bind_unix_listener, unlink_if_socket
+from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -32,15 +33,7 @@ async def serve_admin(broker: "Broker", path, *, task_status=trio.TASK_STATUS_IG
         identity = await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
         try:
             task_status.started()
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        conn, _ = await listener.accept()
-                    except OSError as e:  # out of fds: status can wait, the broker must not die
-                        log.error("admin socket: accept failed: %s", e)
-                        await trio.sleep(0.1)
-                        continue
-                    nursery.start_soon(_answer, broker, conn)
+            await accept_forever(listener, functools.partial(_answer, broker), "admin socket")
         finally:
             unlink_if_socket(path, identity)
 

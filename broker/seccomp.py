@@ -62,7 +62,7 @@ import trio
 from . import bpf, maps, seccomp_abi as abi, seccomp_sys as sys_, wire
 from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
-from .unixsock import bind_unix_listener, unlink_if_socket
+from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -102,22 +102,11 @@ class SeccompAgent:
             identity = await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
             try:
                 task_status.started()
-                async with trio.open_nursery() as nursery:
-                    while True:
-                        token = object()
-                        await self._handshakes.acquire_on_behalf_of(token)
-                        try:
-                            conn, _ = await listener.accept()
-                        except OSError as e:  # out of fds: back off, do not spin
-                            self._handshakes.release_on_behalf_of(token)
-                            log.error("seccomp agent: accept failed: %s", e)
-                            await trio.sleep(0.1)
-                            continue
-                        nursery.start_soon(self._handshake, conn, token)
+                await accept_forever(listener, self._handshake, "seccomp agent", self._handshakes)
             finally:
                 unlink_if_socket(path, identity)
 
-    async def _handshake(self, conn: trio.socket.SocketType, token: object) -> None:
+    async def _handshake(self, conn: trio.socket.SocketType) -> None:
         fds: list[int] = []
         try:
             with conn:
@@ -140,7 +129,6 @@ class SeccompAgent:
         except Exception:  # a bug must cost this handshake, never the broker
             log.exception("seccomp agent: internal error in a handshake")
         finally:
-            self._handshakes.release_on_behalf_of(token)
             if fds:
                 await trio.to_thread.run_sync(close_all, fds, limiter=self._closers, abandon_on_cancel=True)
 

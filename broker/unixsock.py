@@ -7,16 +7,21 @@ adopted only if it is still the one at its path.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import trio
 from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import UDIAG_SHOW_VFS
 
+log = logging.getLogger("graft.broker")
+
 LISTEN_BACKLOG = 512
+ACCEPT_BACKOFF = 0.1  # after a failed accept (out of fds): pause, do not spin
 _LISTENING = 1 << 10  # TCP_LISTEN, as unix_diag counts states
 
 
@@ -100,3 +105,36 @@ def unlink_if_socket(path: Path, identity: tuple[int, int] | None = None) -> Non
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+async def accept_forever(listener, handler: Callable[[trio.socket.SocketType], Awaitable[None]], what: str,
+                         limiter: trio.CapacityLimiter | None = None) -> None:
+    """Accept on listener until cancelled; each connection is served by handler(conn) in a task of its own.
+
+    A failed accept is logged and retried after ACCEPT_BACKOFF, never
+    fatal. With a limiter, a slot is taken before each accept and held
+    until that connection's handler returns, so at most that many are
+    served at once and the rest wait in the backlog.
+    """
+    async with trio.open_nursery() as nursery:
+        while True:
+            token = object()
+            if limiter is not None:
+                await limiter.acquire_on_behalf_of(token)
+            try:
+                conn, _ = await listener.accept()
+            except OSError as e:
+                if limiter is not None:
+                    limiter.release_on_behalf_of(token)
+                log.error("%s: accept failed: %s", what, e)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            nursery.start_soon(_serve_one, handler, conn, limiter, token)
+
+
+async def _serve_one(handler, conn, limiter: trio.CapacityLimiter | None, token: object) -> None:
+    try:
+        await handler(conn)
+    finally:
+        if limiter is not None:
+            limiter.release_on_behalf_of(token)
