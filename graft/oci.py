@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from graft.broker.seccomp_abi import SECCOMP_SOCKET
+from graft.broker.seccomp_abi import SECCOMP_SOCKET, SENDTO_DEST_ARG
 from graft.broker.seccomp_calls import NOTIFIED_SYSCALLS
 from graft.cli import DEFAULT_SOCKET_DIR
 
@@ -175,14 +175,33 @@ def _unpreload(env: list[str]) -> None:
             del env[i]
 
 
+def notify_rules(default_permissive: bool) -> list[dict]:
+    """graft's rules: notify the broker of the socket calls, but not of a sendto with no destination.
+
+    A send(2) is a sendto with a NULL address: the data path of every
+    connected socket. The filter can test that argument (it cannot look
+    behind a pointer, so sendmsg is always notified), and a send then costs
+    no round trip to the broker. Under a default that refuses, such a
+    sendto is allowed explicitly (_notify_seccomp has checked the profile
+    allowed sendto).
+    """
+    destination = {"index": SENDTO_DEST_ARG, "value": 0}
+    rules = [{"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": NOTIFY},
+             {"names": ["sendto"], "action": NOTIFY, "args": [{**destination, "op": "SCMP_CMP_NE"}]}]
+    if not default_permissive:
+        rules.append({"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [{**destination, "op": "SCMP_CMP_EQ"}]})
+    return rules
+
+
 def _drop_notify(linux: dict, listener: str) -> None:
     """Undo _notify_seccomp: the profile as it was, give or take rule order and a split rule."""
     profile = linux.get("seccomp")
     if not profile or profile.get("listenerPath") != listener:
         return
-    ours = {"names": list(NOTIFIED_SYSCALLS), "action": NOTIFY}
-    rules = [r for r in profile.get("syscalls") or [] if r != ours]
-    if profile.get("defaultAction") not in PERMISSIVE:
+    permissive = profile.get("defaultAction") in PERMISSIVE
+    ours = notify_rules(permissive)
+    rules = [r for r in profile.get("syscalls") or [] if r not in ours]
+    if not permissive:
         rules.append({"names": list(NOTIFIED_SYSCALLS), "action": "SCMP_ACT_ALLOW"})  # allowed, or refused
     rest = {k: v for k, v in profile.items() if k not in ("listenerPath", "listenerMetadata", "syscalls")}
     if rules:
@@ -230,11 +249,15 @@ def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:
     ours = set(NOTIFIED_SYSCALLS)
     allowed: set[str] = set()
     kept = []
+    earlier = notify_rules(True) + notify_rules(False)  # ours, from grafting this bundle before
     for index, rule in enumerate(out.get("syscalls") or []):
         names = rule.get("names") or []
         clash = ours.intersection(names)
         if not clash:
             kept.append(rule)
+            continue
+        if rule in earlier:
+            allowed |= clash  # replaced below
             continue
         action = rule.get("action")
         if action not in (*PERMISSIVE, NOTIFY) or rule.get("args"):
@@ -249,7 +272,7 @@ def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:
         refused = ", ".join(sorted(ours - allowed))
         raise BundleError(f"the bundle's seccomp profile refuses {refused} (defaultAction {default}); "
                           "grafting would allow it")
-    kept.append({"names": list(NOTIFIED_SYSCALLS), "action": NOTIFY})
+    kept += notify_rules(default in PERMISSIVE)
     out["syscalls"] = kept
     out["listenerPath"] = listener
     out["listenerMetadata"] = tenant

@@ -183,15 +183,22 @@ def test_unknown_mode_is_refused():
 # ---- seccomp mode ---------------------------------------------------------------------
 
 
-def notify_rule() -> dict:
-    return {"names": list(NOTIFIED_SYSCALLS), "action": "SCMP_ACT_NOTIFY"}
+def notify_rules(default_permissive: bool = True) -> list[dict]:
+    """The socket calls notified, but a sendto with a NULL destination (send(2)) never, and allowed explicitly
+    under a refusing default."""
+    out = [{"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": "SCMP_ACT_NOTIFY"},
+           {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY", "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]}]
+    if not default_permissive:
+        out.append({"names": ["sendto"], "action": "SCMP_ACT_ALLOW",
+                    "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}]})
+    return out
 
 
 def test_seccomp_mode_without_a_profile():
     c = oci.graft_config(config(), request(), "seccomp", LIB)
     assert c["linux"]["seccomp"] == {
         "defaultAction": "SCMP_ACT_ALLOW",
-        "syscalls": [notify_rule()],
+        "syscalls": notify_rules(),
         "listenerPath": "/run/graft/seccomp.sock",
         "listenerMetadata": "web",
     }
@@ -222,7 +229,7 @@ def test_seccomp_extends_an_engine_profile():
         {"names": ["accept", "read"], "action": "SCMP_ACT_ALLOW"},
         profile["syscalls"][2],
         profile["syscalls"][3],
-        notify_rule(),
+        *notify_rules(default_permissive=False),
     ]
     assert (out["listenerPath"], out["listenerMetadata"]) == ("/run/graft/seccomp.sock", "web")
 
@@ -254,7 +261,7 @@ def test_seccomp_regraft_for_another_tenant_names_it():
     once = oci.graft_config(config(), request("web"), "seccomp", LIB)
     again = oci.graft_config(once, request("db"), "seccomp", LIB)
     assert again["linux"]["seccomp"]["listenerMetadata"] == "db"
-    assert again["linux"]["seccomp"]["syscalls"] == [notify_rule()]
+    assert again["linux"]["seccomp"]["syscalls"] == notify_rules()
     assert again["mounts"][-1]["source"] == "/run/graft/db.sock"
 
 
