@@ -60,6 +60,7 @@ assembler they are written with in bpfasm.py.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -351,6 +352,7 @@ def establish(move_self: bool = True) -> Confinement:
                 f.write("0")
     except OSError as e:
         raise Unavailable(f"cannot enter cgroup {target}: {e.strerror}") from None
+    pin_dir = None
     try:
         bpffs = bpffs_mount(create=True)
         pin_dir = pin_dir_for(bpffs, target)
@@ -361,10 +363,11 @@ def establish(move_self: bool = True) -> Confinement:
         except BaseException:
             conf.close()
             raise
-    except bpf.BpfError as e:
-        raise Unavailable(f"BPF: {e}") from None
-    except OSError as e:
-        raise Unavailable(f"{e}") from None
+    except (bpf.BpfError, OSError) as e:
+        if pin_dir is not None:
+            with contextlib.suppress(OSError):  # a failed first start leaves no empty directories
+                _prune_empty_pin_dirs(pin_dir, target)
+        raise Unavailable(f"BPF: {e}" if isinstance(e, bpf.BpfError) else f"{e}") from None
     try:
         _attach(conf)
     except bpf.BpfError as e:
@@ -564,6 +567,19 @@ def _unlink(path: str) -> None:
 # ---- removal ------------------------------------------------------------------------
 
 
+def _prune_empty_pin_dirs(pin_dir: str, cgroup: str) -> None:
+    """Remove pin_dir and its parents while they are empty, up to and including <bpffs>/graft."""
+    root = pin_dir
+    for _ in [c for c in cgroup.strip("/").split("/") if c]:
+        root = os.path.dirname(root)
+    d = pin_dir
+    while os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
+        if d == root:
+            break
+        d = os.path.dirname(d)
+
+
 def installed(bpffs: str | None = None) -> list[tuple[str, str]]:
     """Every (cgroup path, pin dir) with graft's pins under <bpffs>/graft."""
     try:
@@ -615,16 +631,7 @@ def remove(cgroup: str, pin_dir: str, rmdir_cgroup: bool = True) -> list[str]:
         if os.path.exists(map_path):
             os.unlink(map_path)
             done.append(f"removed {map_path}")
-    # empty pin directories, up to and including <bpffs>/graft
-    root = pin_dir
-    for _ in [c for c in cgroup.strip("/").split("/") if c]:
-        root = os.path.dirname(root)
-    d = pin_dir
-    while os.path.isdir(d) and not os.listdir(d):
-        os.rmdir(d)
-        if d == root:
-            break
-        d = os.path.dirname(d)
+    _prune_empty_pin_dirs(pin_dir, cgroup)
     if rmdir_cgroup and cgroup_dir and os.path.basename(cgroup_dir) == CGROUP_NAME and os.path.isdir(cgroup_dir):
         try:
             os.rmdir(cgroup_dir)
