@@ -31,6 +31,7 @@ import cffi
 import trio
 from pyroute2 import DiagSocket
 from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 _ffi = cffi.FFI()
 _ffi.cdef("int setfsuid(unsigned int fsuid);")
@@ -140,7 +141,30 @@ _TCP_TIME_WAIT, _TCP_NEW_SYN_RECV = 6, 12
 _HELD_STATES = ((1 << 16) - 1) & ~(1 << _TCP_TIME_WAIT) & ~(1 << _TCP_NEW_SYN_RECV)
 
 
+# A dump the kernel marks interrupted (the socket table changed under it: common on a busy host)
+# is taken again, this many times at most.
+_DUMP_TRIES = 5
+
+
 def _dump_inodes() -> set[int]:
+    """The inodes of every held TCP/UDP socket here; OSError if no consistent dump can be had.
+
+    pyroute2 raises its own NetlinkError family, not OSError: callers handle
+    OSError (a failed dump refuses a request or leaves a count inexact), so
+    a netlink failure must not escape as anything else.
+    """
+    for attempt in range(_DUMP_TRIES):
+        try:
+            return _dump_once()
+        except NetlinkDumpInterrupted:
+            if attempt == _DUMP_TRIES - 1:
+                raise OSError(errno.EAGAIN, f"sock_diag dump interrupted {_DUMP_TRIES} times in a row") from None
+        except NetlinkError as e:
+            raise OSError(e.code or errno.EIO, f"sock_diag: {e}") from None
+    raise AssertionError("unreachable")
+
+
+def _dump_once() -> set[int]:
     inodes: set[int] = set()
     with DiagSocket() as ds:
         ds.bind()

@@ -26,10 +26,12 @@ regular file is never "full" and never waits here.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
 import stat
+import threading
 
 import trio
 
@@ -42,7 +44,13 @@ def reopen(fd: int) -> int:
 
 
 class Outlet:
-    """Non-blocking, ordered, bounded writes of whole lines to one fd (which it owns)."""
+    """Non-blocking, ordered, bounded writes of whole lines to one fd (which it owns).
+
+    offer() may be called from any thread (the log handler runs wherever a
+    log call is made, trio's worker threads included); run() is a trio task.
+    A lock keeps the queue whole; a line queued from another thread wakes
+    run() through the trio token, as trio requires of foreign threads.
+    """
 
     def __init__(self, fd: int, limit: int = DEFAULT_LIMIT):
         self.fd = fd
@@ -55,10 +63,14 @@ class Outlet:
             self._sock = None
             self._write = lambda data: os.write(fd, data)
         self.lost = 0  # lines offered and never written
-        self._waiting: list[bytes] = []
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[bytes] = collections.deque()
         self._waiting_bytes = 0
-        # set while lines wait; a regular file is never full, and epoll cannot wait on one
-        self._ready = None if stat.S_ISREG(mode) else trio.Event()
+        # A regular file is never full, and epoll cannot wait on one: nothing ever waits for it.
+        self._pollable = not stat.S_ISREG(mode)
+        self._ready = trio.Event()  # set while lines wait
+        self._token: trio.lowlevel.TrioToken | None = None  # run()'s, once it runs
+        self._loop_thread: int | None = None
 
     @classmethod
     def open_path(cls, path: str, limit: int = DEFAULT_LIMIT) -> "Outlet":
@@ -80,50 +92,70 @@ class Outlet:
     def offer(self, line: bytes) -> bool:
         """Write line now, or queue it: True. Lost (no room, or the fd failed): False, with OSError raised
         for a failure other than a full pipe."""
-        if self._waiting:  # behind what already waits: order is kept
-            return self._queue(line)
-        try:
-            n = self._write(line)
-        except BlockingIOError:
-            return self._queue(line)
-        except OSError:
-            self.lost += 1
-            raise
-        if n < len(line):  # a line longer than PIPE_BUF, written in part: the rest goes first
-            return self._queue(line[n:], force=True)
+        with self._lock:
+            if not self._waiting:  # else behind what already waits: order is kept
+                try:
+                    n = self._write(line)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    self.lost += 1
+                    raise
+                if n == len(line):
+                    return True
+                # Nothing written (full), or a line longer than PIPE_BUF written in part: the rest goes first.
+                if n == 0 and not self._room_for(line):
+                    self.lost += 1
+                    return False
+                line = line[n:]
+            elif not self._room_for(line):
+                self.lost += 1
+                return False
+            self._waiting.append(line)
+            self._waiting_bytes += len(line)
+        self._wake()
         return True
 
-    def _queue(self, line: bytes, force: bool = False) -> bool:
-        if self._ready is None or (not force and self._waiting_bytes + len(line) > self.limit):
-            self.lost += 1
-            return False
-        self._waiting.append(line)
-        self._waiting_bytes += len(line)
+    def _room_for(self, line: bytes) -> bool:
+        return self._pollable and self._waiting_bytes + len(line) <= self.limit
+
+    def _wake(self) -> None:
+        """Tell run() lines wait: directly on trio's thread (or before trio runs), else through its token."""
+        if self._token is None or threading.get_ident() == self._loop_thread:
+            self._ready.set()
+            return
+        try:
+            self._token.run_sync_soon(self._set_ready)
+        except trio.RunFinishedError:
+            pass  # the broker is stopping: close() gives the lines their last chance
+
+    def _set_ready(self) -> None:
         self._ready.set()
-        return True
 
     def flush(self) -> None:
         """Write what waits, as far as the reader has made room (never blocks)."""
-        while self._waiting:
-            line = self._waiting[0]
-            try:
-                n = self._write(line)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.lost += len(self._waiting)
-                self._waiting.clear()
-                self._waiting_bytes = 0
-                raise
-            self._waiting_bytes -= n
-            if n < len(line):
-                self._waiting[0] = line[n:]
-                return
-            self._waiting.pop(0)
+        with self._lock:
+            while self._waiting:
+                line = self._waiting[0]
+                try:
+                    n = self._write(line)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    self.lost += len(self._waiting)
+                    self._waiting.clear()
+                    self._waiting_bytes = 0
+                    raise
+                self._waiting_bytes -= n
+                if n < len(line):
+                    self._waiting[0] = line[n:]
+                    return
+                self._waiting.popleft()
 
     async def run(self) -> None:
         """Write waiting lines as the reader makes room; runs until cancelled."""
-        if self._ready is None:
+        self._token, self._loop_thread = trio.lowlevel.current_trio_token(), threading.get_ident()
+        if not self._pollable:
             await trio.sleep_forever()
         while True:
             await self._ready.wait()
@@ -132,8 +164,9 @@ class Outlet:
                 self.flush()
             except OSError:
                 pass  # counted in lost; the next offer() reports the error to its caller
-            if not self._waiting:
-                self._ready = trio.Event()
+            with self._lock:
+                if not self._waiting:
+                    self._ready = trio.Event()
 
     def close(self) -> None:
         """Last chance for waiting lines (one try each, without blocking), then close."""
