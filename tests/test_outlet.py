@@ -36,6 +36,13 @@ def read_all(r: int, n: int) -> bytes:
     return out
 
 
+async def drained(out: Outlet) -> None:
+    """Until nothing waits (the Outlet reports no event for it: polled, bounded)."""
+    with trio.fail_after(5):
+        while out.waiting:
+            await trio.sleep(0.01)
+
+
 async def test_lines_wait_in_order_and_are_lost_beyond_the_limit(pipe):
     r, w = pipe
     out = Outlet(w, limit=100)
@@ -46,9 +53,7 @@ async def test_lines_wait_in_order_and_are_lost_beyond_the_limit(pipe):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(out.run)
         await trio.to_thread.run_sync(read_all, r, filled)  # the reader makes room
-        with trio.fail_after(5):
-            while out.waiting:
-                await trio.sleep(0.01)
+        await drained(out)
         nursery.cancel_scope.cancel()
     assert read_all(r, 8) == b"one\ntwo\n"
     out.close()
@@ -64,9 +69,7 @@ async def test_a_line_offered_from_another_thread_wakes_the_writer(pipe):
         await trio.testing.wait_all_tasks_blocked()
         assert await trio.to_thread.run_sync(out.offer, b"from a thread\n")
         await trio.to_thread.run_sync(read_all, r, filled)
-        with trio.fail_after(5):
-            while out.waiting:
-                await trio.sleep(0.01)
+        await drained(out)
         nursery.cancel_scope.cancel()
     assert read_all(r, 14) == b"from a thread\n"
     out.close()
