@@ -209,10 +209,17 @@ class Confinement:
         self._set_mark(sock, encode_preissued_mark(tenant_id))
         guard_against_listening(sock, self.guard_fd)
 
-    def _set_mark(self, sock: socket.socket, mark: bytes) -> None:
+    def _marks(self) -> bpf.MapUpdater:
         if self._updater is None:
             self._updater = bpf.MapUpdater(self.map_fd, 4, MARK_SIZE)
-        self._updater.update(struct.pack("=i", sock.fileno()), mark)
+        return self._updater
+
+    def _set_mark(self, sock: socket.socket, mark: bytes) -> None:
+        self._marks().update(struct.pack("=i", sock.fileno()), mark)
+
+    def mark_of(self, sock: socket.socket) -> bytes | None:
+        """sock's mark (maps.py), or None: not a socket the broker handed out."""
+        return self._marks().lookup(struct.pack("=i", sock.fileno()))
 
     # ---- the fast path's grants and the tenants' socket counts ----
 

@@ -53,13 +53,12 @@ import logging
 import os
 import select
 import socket
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from . import bpf, maps, seccomp_abi as abi, seccomp_sys as sys_, wire
+from . import maps, seccomp_abi as abi, seccomp_sys as sys_, wire
 from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
@@ -349,7 +348,7 @@ class SeccompAgent:
         """The call as a request the decision code judges; None when it is not one to judge."""
         if sock.family not in abi.INET_FAMILIES or sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             return None
-        mark = self._mark(sock)
+        mark = self.broker.confinement.mark_of(sock)  # no listener is served without confinement
         try:
             addr = wire.decode_sockaddr(raw)
         except wire.WireError:
@@ -378,12 +377,6 @@ class SeccompAgent:
             defaults = self._defaults[key] = option_defaults(dst)  # dst is fresh: nothing set on it yet
         for o, e in copy_options(src, dst, defaults):
             log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
-
-    def _mark(self, sock: socket.socket) -> bytes | None:
-        """The socket's confinement mark: a host socket the broker made, or None."""
-        conf = self.broker.confinement
-        assert conf is not None  # no listener is served without it
-        return bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), maps.MARK_SIZE)
 
     def _later_destination(self, n: abi.Notification, sock: socket.socket, addr: wire.SockAddr,
                            mark: bytes) -> wire.Request | None:
