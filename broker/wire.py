@@ -11,27 +11,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import re
 import socket
 import struct
 from dataclasses import dataclass
 
-import cffi
-
 from graft.shim import WIRE_HEADER
 
+from .cheader import ffi_of
 
-def _load_ffi() -> cffi.FFI:
-    text = WIRE_HEADER.read_text()
-    m = re.search(r"/\* WIRE-BEGIN \*/(.*)/\* WIRE-END \*/", text, re.S)
-    if m is None:
-        raise RuntimeError(f"{WIRE_HEADER}: WIRE-BEGIN/WIRE-END markers missing")
-    ffi = cffi.FFI()
-    ffi.cdef(m.group(1))
-    return ffi
-
-
-ffi = _load_ffi()
+ffi = ffi_of(WIRE_HEADER, "WIRE")
 _lib = ffi.dlopen(None)  # only for the #define and enum constants; no symbols are called
 
 MAGIC = _lib.GRAFT_WIRE_MAGIC
