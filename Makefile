@@ -29,6 +29,7 @@ venv: $(VENV)/.installed
 
 build: venv
 	$(MAKE) -C shim
+	$(MAKE) -C broker
 
 demo: deps build
 	$(VPY) demo/demo.py

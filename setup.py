@@ -4,7 +4,9 @@ The source tree keeps one top-level directory per component (shim/, broker/,
 policy/, graft/ for the CLI); they install as one ``graft`` package namespace
 so nothing generic like ``policy`` lands at the top of site-packages.
 ``build_py`` compiles libgraft.so with the shim's own Makefile and ships it,
-with the wire header the broker parses, inside ``graft.shim``.
+with the wire header the broker parses, inside ``graft.shim``; and the
+seccomp agent's C loop, libgraft_seccomp.so (broker/Makefile), with its
+header, inside ``graft.broker``.
 """
 import os
 import subprocess
@@ -18,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class BuildWithShim(build_py):
     def run(self):
         subprocess.run(["make", "-C", os.path.join(HERE, "shim"), "libgraft.so"], check=True)
+        subprocess.run(["make", "-C", os.path.join(HERE, "broker"), "libgraft_seccomp.so"], check=True)
         super().run()
 
 
@@ -35,6 +38,7 @@ setup(
     },
     package_data={
         "graft.shim": ["libgraft.so", "graft_wire.h"],
+        "graft.broker": ["libgraft_seccomp.so", "seccomp_fast.h"],
         "graft.policy": ["examples/*.toml"],
     },
     install_requires=[

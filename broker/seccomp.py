@@ -46,19 +46,20 @@ ENOENT, which ends that notification only.
 """
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import json
 import logging
+import math
 import os
-import select
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from . import maps, seccomp_abi as abi, seccomp_sys as sys_, wire
+from . import maps, seccomp_abi as abi, seccomp_fast as fast, seccomp_sys as sys_, wire
 from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
 from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
@@ -73,7 +74,6 @@ MAX_HANDSHAKES = 32  # handshakes served at once; more connections wait in the b
 MAX_LISTENERS_PER_TENANT = 256  # notify fds (one fd and one task each) a tenant may have served
 _ANC_SPACE = socket.CMSG_SPACE(16 * 4)
 _SECCOMP_NOTIFY_LINK = "anon_inode:seccomp notify"
-_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 # Errors of a notification whose thread is gone (killed, or its call interrupted): nothing to answer.
 _GONE = (errno.ENOENT, errno.ESRCH)
 
@@ -90,6 +90,8 @@ class SeccompAgent:
         # A fresh host socket's option values, per (netns, family, type): see sockopts.copy_options.
         self._defaults: dict[tuple, Defaults] = {}
         self._thread_pidfds = True  # pidfd_open(PIDFD_THREAD) works (Linux 6.9); found out on first use
+        # One thread per notify fd runs its C loop; they must not take the default limiter's tokens.
+        self._loop_threads = trio.CapacityLimiter(math.inf)
 
     # ---- seccomp.sock ------------------------------------------------------------------
 
@@ -179,6 +181,10 @@ class SeccompAgent:
             raise Refused(f"no tenant {state.tenant!r} in the policy")
         if tenant.config.mode != "seccomp":
             raise Refused(f'tenant {state.tenant} is in mode "{tenant.config.mode}", not "seccomp"')
+        try:
+            fast.library()
+        except fast.Unavailable as e:
+            raise Refused(str(e)) from None
         if tenant.seccomp_listeners >= MAX_LISTENERS_PER_TENANT:
             raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
         if tenant.nursery is None or tenant.cancel_scope.cancel_called:
@@ -202,39 +208,82 @@ class SeccompAgent:
             sys_.notif_sync_wake_up(fd)
         except OSError as e:  # before Linux 6.6: the same, a little slower
             log.debug("seccomp listener: no synchronous wake-ups: %s", e)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        loop_end, broker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        loop = None
         try:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                # RECV blocks when nothing is pending: read only what poll(2) promises.
-                events = dict(poller.poll(0)).get(fd, 0)
-                if not events & select.POLLIN:
-                    if events & _POLL_GONE:
-                        break  # every process of the filter has exited
-                    continue
+            conf = self.broker.confinement  # no listener is served without confinement
+            loop = fast.Loop(fd, loop_end, conf.map_fd, conf.maps["grants"])
+            tenant.seccomp_loops.add(loop)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_loop, tenant, state, loop, loop_end)
+                ctl = trio.socket.from_stdlib_socket(broker_end)
                 try:
-                    n = abi.decode_notification(sys_.notif_recv(fd))
-                except OSError as e:
-                    if e.errno in (*_GONE, errno.EINTR):
-                        continue
-                    log.error("tenant %s: seccomp listener of container %r failed: %s", tenant.name,
-                              state.container, e)
-                    break
-                try:
-                    await self._notification(tenant, fd, n)
-                except Exception:  # a bug costs this call (EPERM), never the listener or the broker
-                    log.exception("tenant %s: internal error serving a seccomp notification of pid %d",
-                                  tenant.name, n.pid)
-                    try:
-                        self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
-                    except OSError as e:
-                        log.error("tenant %s: cannot answer pid %d: %s", tenant.name, n.pid, e)
+                    await self._serve_loop(tenant, fd, ctl)
+                finally:
+                    ctl.close()  # the loop sees its control socket close, and ends
         finally:
             tenant.seccomp_listeners -= 1
-            trio.lowlevel.notify_closing(fd)
+            if loop is not None:
+                tenant.seccomp_loops.discard(loop)
+                tenant.seccomp_ended.update(loop.stats)
+            loop_end.close()
+            broker_end.close()
             os.close(fd)  # the filter's calls now fail with ENOSYS: closed, not open
             log.info("tenant %s: seccomp listener of container %r closed", tenant.name, state.container)
+
+    async def _run_loop(self, tenant: TenantState, state: abi.ProcessState, loop: fast.Loop,
+                        loop_end: socket.socket) -> None:
+        """The C loop, on a thread of its own; it ends when the filter's processes are gone or the
+        broker closes the control socket (a cancelled listener does so before waiting here)."""
+        try:
+            ret = await trio.to_thread.run_sync(loop.run, limiter=self._loop_threads)
+        finally:
+            loop_end.close()  # the broker's side of the control socket reads its end
+        if ret < 0:
+            log.error("tenant %s: seccomp listener of container %r failed: %s", tenant.name, state.container,
+                      os.strerror(-ret))
+
+    async def _serve_loop(self, tenant: TenantState, fd: int, ctl: trio.socket.SocketType) -> None:
+        """Answer what the C loop hands over, one message at a time, until it ends."""
+        while True:
+            try:
+                raw = await ctl.recv(fast.MSG_SIZE + 1)
+            except ConnectionResetError:  # the loop ended with a refill of ours unread
+                return
+            if not raw:
+                return
+            msg = fast.decode_message(raw)  # from the loop, not from the container: a bad one is a bug
+            if msg.kind == fast.REFILL:
+                await self._refill(tenant, ctl, msg)
+                continue
+            n = msg.notification
+            try:
+                await self._notification(tenant, fd, n)
+            except Exception:  # a bug costs this call (EPERM), never the listener or the broker
+                log.exception("tenant %s: internal error serving a seccomp notification of pid %d",
+                              tenant.name, n.pid)
+                try:
+                    self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
+                except OSError as e:
+                    log.error("tenant %s: cannot answer pid %d: %s", tenant.name, n.pid, e)
+
+    async def _refill(self, tenant: TenantState, ctl: trio.socket.SocketType, msg: fast.Message) -> None:
+        """Pre-issued TCP sockets for the loop, judged for the calling process (none: refused, audited)."""
+        peer = _proc_status(msg.pid)
+        socks: list[socket.socket] = []
+        if peer is not None:
+            req = wire.Request(wire.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
+            socks, _ = await self.broker.preissue(tenant, req, peer, "seccomp")
+        # Read right after the issue, with no checkpoint between: the id the sockets are marked with.
+        header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, tenant.gid)
+        try:
+            fds = array.array("i", [s.fileno() for s in socks])
+            await ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if socks else [])
+        except OSError:
+            pass  # the loop has ended; the sockets go with the broker's copies
+        finally:
+            for sock in socks:
+                sock.close()
 
     @staticmethod
     def _respond(fd: int, response: bytes) -> None:

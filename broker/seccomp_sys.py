@@ -1,9 +1,9 @@
 """The system calls of seccomp mode that Python lacks, through cffi.
 
-The seccomp notify ioctls (RECV, SEND, ID_VALID, ADDFD), pidfd_open,
-pidfd_getfd, process_vm_readv (reading an address from the stopped
-program's memory), and installing a filter with a listener (for
-``graft run --seccomp``). Layouts and numbers come from seccomp_abi.py;
+The seccomp notify ioctls the broker makes itself (SEND, ID_VALID, ADDFD,
+SET_FLAGS; RECV is the C loop's, seccomp_fast.c), pidfd_open, pidfd_getfd,
+process_vm_readv (reading an address from the stopped program's memory), and
+installing a filter with a listener (for ``graft run --seccomp``). Layouts and numbers come from seccomp_abi.py;
 this module only moves bytes. Every function raises OSError with the errno.
 """
 from __future__ import annotations
@@ -46,13 +46,6 @@ def _check(ret: int, what: str) -> int:
 
 def _ioctl(fd: int, request: int, buf, what: str) -> int:
     return _check(_libc.ioctl(fd, ffi.cast("unsigned long", request), buf), what)
-
-
-def notif_recv(fd: int) -> bytes:
-    """The next notification (the fd must be readable: RECV blocks otherwise)."""
-    buf = ffi.new("char[]", abi.NOTIF.size)  # zeroed: the kernel refuses anything else
-    _ioctl(fd, abi.IOCTL_NOTIF_RECV, buf, "SECCOMP_IOCTL_NOTIF_RECV")
-    return bytes(ffi.buffer(buf))
 
 
 def notif_send(fd: int, response: bytes) -> None:

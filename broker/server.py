@@ -15,7 +15,7 @@ own copy right after, so it never keeps a grafted socket open.
 
 With kernel confinement on, the broker also runs the connect fast path
 (docs/architecture.md): a shim may ask for unconnected TCP sockets ahead of
-time (PREISSUE, ``_preissue``), and each TCP connect the broker grafts
+time (PREISSUE, ``preissue``), and each TCP connect the broker grafts
 becomes a grant in the kernel, so that those sockets may connect there
 without asking. The kernel's audit records of such connects are drained
 into the audit log by ``_drain_kernel_audit``, a task of the broker nursery.
@@ -103,6 +103,15 @@ class TenantState:
     # Owns the tenant's client tasks and its seccomp listeners' tasks (seccomp.py): they end with it.
     nursery: trio.Nursery | None = None
     seccomp_listeners: int = 0  # notify fds served for its containers now
+    seccomp_loops: set = field(default_factory=set)  # their C loops (seccomp_fast.Loop), running now
+    seccomp_ended: Counter = field(default_factory=Counter)  # the counts of loops that have ended
+
+    def seccomp_calls(self) -> dict[str, int]:
+        """How the seccomp listeners' loops answered the stopped calls, since the tenant started."""
+        total = Counter(self.seccomp_ended)
+        for loop in self.seccomp_loops:
+            total.update(loop.stats)
+        return {k: total[k] for k in ("continued", "installed", "handed_off")}
 
     def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
         """Take a (re)loaded policy. Sockets already handed out keep what they got."""
@@ -315,6 +324,7 @@ class Broker:
                 "counts": {a: t.counts[a] for a in ("graft", "container", "deny", "error")},
                 "preissued": t.preissued,
                 "seccomp_listeners": t.seccomp_listeners,
+                "seccomp_calls": t.seccomp_calls(),
             }
         return {
             "policy": {"version": self.policy.version, "generation": self.generation,
@@ -464,7 +474,8 @@ class Broker:
             return False
 
         if req.op == wire.OP_PREISSUE:
-            socks, reply = await self._preissue(tenant, req, peer)
+            socks, refusal = await self.preissue(tenant, req, peer, "shim")
+            reply = fd_less_reply(refusal) if refusal is not None else wire.encode_reply(wire.V_GRAFT, 0)
             try:
                 return await self._send(conn, reply, socks, tenant, peer)
             finally:
@@ -509,12 +520,17 @@ class Broker:
             return made.sock, wire.encode_reply(wire.V_GRAFT, made.err), v
         return made.sock, wire.encode_reply(wire.V_GRAFT, 0, v.target), v
 
-    async def _preissue(self, tenant: TenantState, req: wire.Request, peer: Peer) -> tuple[list[socket.socket], bytes]:
-        """Unconnected TCP sockets for the shim's fast path: as many as max_sockets and max_rate allow.
+    async def preissue(self, tenant: TenantState, req: wire.Request, peer: Peer,
+                       via: str) -> tuple[list[socket.socket], Verdict | None]:
+        """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
+
+        Both front-ends' (via): the shim's pools, and the seccomp agent's C
+        loop (seccomp_fast.c), which puts them on apps' fds. Returns the
+        sockets, or none and the refusal, audited.
 
         They are issued only while the tenant holds fewer than half its
-        max_sockets, so sockets idling in the shims' pools never make a
-        real connect fail with ENOBUFS; beyond that the shims ask per connect.
+        max_sockets, so sockets idling in pools never make a real connect
+        fail with ENOBUFS; beyond that every connect asks the broker.
 
         Each is marked pre-issued for the tenant: the kernel lets it connect
         only where the broker has granted (``_grant``). Issuing confers no
@@ -523,29 +539,30 @@ class Broker:
         """
         name = tenant.name
         if self.confinement is None or not self._fast_path or not tenant.gid:
-            return self._refuse_preissue(tenant, peer, req, Verdict(
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
                 "kernel's audit ring"))  # nothing would hold them to the policy
         if self.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
-            return self._refuse_preissue(tenant, peer, req, Verdict(
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
         if not tenant.matcher.uid_allowed(peer.uid):
-            return self._refuse_preissue(tenant, peer, req, Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
+            return self._refuse_preissue(tenant, peer, req, via,
+                                         Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
         n = await self.sockets.room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
         if n == 0:
-            return self._refuse_preissue(tenant, peer, req, Verdict(
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"))
         if tenant.bucket is not None:
             n = tenant.bucket.take_up_to(n, time.monotonic())
             if n == 0:
-                return self._refuse_preissue(tenant, peer, req, Verdict("deny", tenant_loc(name, "max_rate"),
-                                                                        errno.EAGAIN))
+                return self._refuse_preissue(tenant, peer, req, via,
+                                             Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
         try:
             socks = await tenant.namespace.sockets(req.family, req.type, req.protocol, n)
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
-            return self._refuse_preissue(tenant, peer, req, Verdict(
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
         try:
             for sock in socks:
@@ -555,15 +572,15 @@ class Broker:
             for sock in socks:
                 sock.close()
             log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return self._refuse_preissue(tenant, peer, req, Verdict(
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
         tenant.preissued += n
-        return socks, wire.encode_reply(wire.V_GRAFT, 0)
+        return socks, None
 
-    def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request,
-                         verdict: Verdict) -> tuple[list[socket.socket], bytes]:
-        self.audit_request(tenant, peer, req, verdict, "shim")
-        return [], fd_less_reply(verdict)
+    def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request, via: str,
+                         verdict: Verdict) -> tuple[list[socket.socket], Verdict]:
+        self.audit_request(tenant, peer, req, verdict, via)
+        return [], verdict
 
     @property
     def grant_serial(self) -> int:

@@ -84,6 +84,20 @@ _LOCK_BIT = {(_S, socket.SO_SNDBUF): 1, (_S, socket.SO_RCVBUF): 2}  # SOCK_SNDBU
 Defaults = dict[tuple[int, int], bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """One admitted option, with the SO_BUF_LOCK bit that says the app fixed it (0: not a buffer size)."""
+    level: int
+    name: int
+    size: int
+    lock_bit: int
+
+
+def allowlist() -> list[Allowed]:
+    """ALLOWED as copy_options reads it: what the seccomp agent's C loop copies (seccomp_fast.c)."""
+    return [Allowed(level, name, size, _LOCK_BIT.get((level, name), 0)) for (level, name), size in ALLOWED.items()]
+
+
 def option_defaults(fresh: socket.socket) -> Defaults:
     """The admitted options that apply to a fresh socket's family and protocol, with its values.
 
