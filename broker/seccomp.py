@@ -252,7 +252,11 @@ class SeccompAgent:
                 return
             if not raw:
                 return
-            msg = fast.decode_message(raw)  # from the loop, not from the container: a bad one is a bug
+            try:
+                msg = fast.decode_message(raw)
+            except ValueError as e:  # from the loop, not from the container: a bug, which ends this listener
+                log.error("tenant %s: the seccomp loop sent a bad message (%s); closing its listener", tenant.name, e)
+                return
             if msg.kind == fast.REFILL:
                 await self._refill(tenant, ctl, msg)
                 continue
@@ -273,7 +277,10 @@ class SeccompAgent:
         socks: list[socket.socket] = []
         if peer is not None:
             req = wire.Request(wire.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
-            socks, _ = await self.broker.preissue(tenant, req, peer, "seccomp")
+            try:
+                socks, _ = await self.broker.preissue(tenant, req, peer, "seccomp")
+            except Exception:  # a bug costs the pool (the loop holds off), never the listener
+                log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
         # Read right after the issue, with no checkpoint between: the id the sockets are marked with.
         header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, tenant.gid)
         try:
