@@ -47,8 +47,8 @@ from harness import (
 )
 from rootfs import default_config, write_bundle
 from static_binaries import build_go, interpreter
-from test_programs import loopback_connect, publish, rules, running
-from test_runtime import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures, used as arguments)
+from programs_env import loopback_connect, publish, rules, running
+from runtime_env import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures, used as arguments)
 
 pytestmark = pytest.mark.netns
 
@@ -65,7 +65,7 @@ def _confinement():
 
 
 def seccomp_rules(**kw) -> str:
-    """test_programs.rules (tenant "t"), with the tenant in seccomp mode."""
+    """programs_env.rules (tenant "t"), with the tenant in seccomp mode."""
     return rules(**kw).replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n', 1)
 
 
