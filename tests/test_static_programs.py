@@ -45,10 +45,10 @@ from harness import (
     run_grafted,
     run_in_netns,
 )
-from rootfs import default_config, write_bundle
-from static_binaries import build_go, interpreter
 from programs_env import loopback_connect, publish, rules, running
+from rootfs import default_config, write_bundle
 from runtime_env import PAGE, annotations, policy, rootfs, rt, site  # noqa: F401 (fixtures, used as arguments)
+from static_binaries import build_go, interpreter
 
 pytestmark = pytest.mark.netns
 
