@@ -69,7 +69,7 @@ _Static_assert(sizeof(struct graft_grant_key) == 28, "struct graft_grant_key mus
 enum {
     POOL_CAP = 2 * GRAFT_FAST_POOL_MAX,
     LOW_WATER = 4, /* ask for more when a pool is down to this */
-    MAX_OPTS = 64,
+    MAX_OPTS = GRAFT_FAST_MAX_OPTS,
     OPT_MAX_SIZE = 16,
 };
 static const int64_t HOLDOFF_MIN_NS = 1000000000LL, HOLDOFF_MAX_NS = 64000000000LL;
@@ -114,9 +114,13 @@ static int cache_find(const struct cache *c, uint32_t a, uint32_t b) {
 }
 
 static void cache_put(struct cache *c, uint32_t a, uint32_t b, int fd) {
-    unsigned i = c->next++ % CACHE_SIZE;
-    if (c->e[i].fd >= 0)
+    unsigned i = 0;
+    while (i < CACHE_SIZE && c->e[i].fd >= 0)
+        i++;
+    if (i == CACHE_SIZE) { /* full: replace round robin */
+        i = c->next++ % CACHE_SIZE;
         close(c->e[i].fd);
+    }
     c->e[i].a = a;
     c->e[i].b = b;
     c->e[i].fd = fd;
@@ -144,7 +148,7 @@ struct loop {
     uint32_t inner_id;    /* the tenant grant map last looked up, by map id, and an fd of it */
     int inner_fd;
     struct cache pidfds;  /* thread id -> its pidfd */
-    struct cache fdinfos; /* (process id, fd) -> /proc/<pid>/fdinfo/<fd> */
+    struct cache fdinfos; /* (thread id, fd) -> /proc/<tid>/fdinfo/<fd> */
 };
 
 /* What answering a call found out besides the answer: a pool to refill. */
@@ -218,8 +222,8 @@ static int granted(struct loop *l, uint32_t grant_id, int type, const struct soc
         a.map_id = id;
         a.open_flags = BPF_F_RDONLY;
         l->inner_fd = (int)syscall(SYS_bpf, BPF_MAP_GET_FD_BY_ID, &a, sizeof a);
-        if (l->inner_fd < 0)
-            return -errno;
+        if (l->inner_fd < 0) /* swapped again since the lookup: not retired, only changing (-EAGAIN) */
+            return errno == ENOENT ? -EAGAIN : -errno;
         l->inner_id = id;
     }
     struct graft_grant_key key;
@@ -283,42 +287,42 @@ struct pidfd_info_v0 {
 #define PIDFD_GET_INFO_V0 _IOWR(0xFF, 11, struct pidfd_info_v0)
 #define PIDFD_INFO_CREDS_BIT 2
 
-/* The thread's effective uid and its process: from its pidfd (Linux 6.13), else from
- * /proc/<tid>/status as the broker reads it (not the /proc directory's owner, which is root for a
- * non-dumpable process). */
-static int caller(int pidfd, uint32_t tid, uint32_t *uid, uint32_t *tgid) {
+/* The thread's effective uid: from its pidfd (Linux 6.13), else from /proc/<tid>/status as the broker
+ * reads it (not the /proc directory's owner, which is root for a non-dumpable process). */
+static int effective_uid(int pidfd, uint32_t tid, uint32_t *uid) {
     struct pidfd_info_v0 info = {.mask = PIDFD_INFO_CREDS_BIT};
     if (ioctl(pidfd, PIDFD_GET_INFO_V0, &info) == 0 && (info.mask & PIDFD_INFO_CREDS_BIT)) {
         *uid = info.euid;
-        *tgid = info.tgid;
         return 0;
     }
     char buf[4096];
     if (read_proc(tid, "status", buf, sizeof buf) < 0)
         return -1;
-    const char *t = strstr(buf, "\nTgid:"), *u = strstr(buf, "\nUid:");
+    const char *line = strstr(buf, "\nUid:");
     unsigned real, effective;
-    if (t == NULL || u == NULL || sscanf(t + 6, "%u", tgid) != 1 || sscanf(u + 5, "%u %u", &real, &effective) != 2)
+    if (line == NULL || sscanf(line + 5, "%u %u", &real, &effective) != 2)
         return -1;
     *uid = effective;
     return 0;
 }
 
-/* Whether the app's fd is close-on-exec (fdinfo's flags): the host socket keeps that. An fdinfo file
- * kept open shows the fd as it is when read, whatever file has the number by then. */
-static bool cloexec(struct loop *l, uint32_t tgid, int fd) {
+/* Whether the app's fd is close-on-exec, in the calling thread's own fd table (fdinfo's flags): the
+ * host socket keeps that. The thread's, not its process's: the main thread may have exited, or this
+ * one may have a table of its own (unshare(CLONE_FILES)). An fdinfo file kept open shows the fd as
+ * it is when read, whatever file has the number by then. */
+static bool cloexec(struct loop *l, uint32_t tid, int fd) {
     char buf[512];
     for (int attempt = 0; attempt < 2; attempt++) {
-        int f = cache_find(&l->fdinfos, tgid, (uint32_t)fd);
+        int f = cache_find(&l->fdinfos, tid, (uint32_t)fd);
         if (f < 0) {
             char path[64];
-            snprintf(path, sizeof path, "/proc/%u/fdinfo/%d", tgid, fd);
+            snprintf(path, sizeof path, "/proc/%u/fdinfo/%d", tid, fd);
             if ((f = open(path, O_RDONLY | O_CLOEXEC)) < 0)
                 return false;
-            cache_put(&l->fdinfos, tgid, (uint32_t)fd, f);
+            cache_put(&l->fdinfos, tid, (uint32_t)fd, f);
         }
         ssize_t n = pread(f, buf, sizeof buf - 1, 0);
-        if (n < 0) { /* of a process that has exited (its pid may be another's now) */
+        if (n < 0) { /* of a thread that has exited (its id may be another's now) */
             cache_drop(&l->fdinfos, f);
             continue;
         }
@@ -332,10 +336,15 @@ static bool cloexec(struct loop *l, uint32_t tgid, int fd) {
 
 /* ---- answers ------------------------------------------------------------------------- */
 
-static enum outcome go_on(struct loop *l, const struct seccomp_notif *req) {
+static void respond_continue(struct loop *l, const struct seccomp_notif *req) {
     struct seccomp_notif_resp resp = {.id = req->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
     /* ENOENT: the thread is gone or its call was interrupted; nothing to answer. */
     ioctl(l->cfg->notify_fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+}
+
+/* The call goes on as it was: nothing of it is the broker's to change. */
+static enum outcome go_on(struct loop *l, const struct seccomp_notif *req) {
+    respond_continue(l, req);
     count(&l->stats->continued);
     return ANSWERED;
 }
@@ -393,8 +402,8 @@ static void want_refill(struct pool *p, uint32_t uid, uint32_t pid, struct refil
 static enum outcome connect_fast(struct loop *l, const struct seccomp_notif *req, int pidfd, int app, int family,
                                  const struct sockaddr_storage *sa, struct refill *refill) {
     struct pool *p = &l->pools[family == AF_INET6];
-    uint32_t uid, tgid;
-    if (caller(pidfd, req->pid, &uid, &tgid) < 0)
+    uint32_t uid;
+    if (effective_uid(pidfd, req->pid, &uid) < 0)
         return HANDOFF;
     if (p->n == 0) {
         /* Also the first connect: the pool's grant id is not known before the broker issues it. */
@@ -427,14 +436,15 @@ static enum outcome connect_fast(struct loop *l, const struct seccomp_notif *req
         .flags = SECCOMP_ADDFD_FLAG_SETFD,
         .srcfd = (uint32_t)host,
         .newfd = (uint32_t)fd,
-        .newfd_flags = cloexec(l, tgid, fd) ? O_CLOEXEC : 0,
+        .newfd_flags = cloexec(l, req->pid, fd) ? O_CLOEXEC : 0,
     };
     int r = ioctl(l->cfg->notify_fd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
     close_keep_errno(host); /* the app has its own now (or, if it failed, nobody: the kernel counts the close) */
     if (r < 0)
         return errno == ENOENT || errno == ESRCH ? ANSWERED : HANDOFF;
+    respond_continue(l, req); /* the app's own connect, judged by the kernel against the grant */
     count(&l->stats->installed);
-    return go_on(l, req); /* the app's own connect, judged by the kernel against the grant */
+    return ANSWERED;
 }
 
 /* The call, with a copy of the socket it is on: answer it, or leave it to the broker. */
@@ -474,7 +484,7 @@ static enum outcome answer(struct loop *l, const struct seccomp_notif *req, stru
     uint64_t ptr = is_connect ? d->args[1] : d->args[4];
     uint32_t len = (uint32_t)(is_connect ? d->args[2] : d->args[5]);
     if (ptr == 0 || len == 0)
-        return HANDOFF;
+        return go_on(l, req); /* names no address: nothing to judge */
     struct sockaddr_storage sa;
     memset(&sa, 0, sizeof sa);
     size_t want = len < sizeof(struct sockaddr_in6) ? len : sizeof(struct sockaddr_in6);
@@ -515,7 +525,7 @@ static int receive_pool(struct loop *l) {
     ssize_t n = recvmsg(l->cfg->ctl_fd, &h, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (n < 0)
         return errno == EAGAIN || errno == EINTR;
-    if (n == 0)
+    if (n == 0 && h.msg_controllen == 0)
         return 0;
     int fds[GRAFT_FAST_POOL_MAX];
     unsigned k = 0;
@@ -539,6 +549,8 @@ static int receive_pool(struct loop *l) {
     }
     struct pool *p = &l->pools[m.family == AF_INET6];
     p->refilling = false;
+    if (k == 0 && (m.flags & GRAFT_FAST_POOL_AGAIN))
+        return 1; /* not refused (the asking thread was gone): the next caller may ask */
     if (k == 0) { /* refused: max_sockets, max_rate, uids, no fast path */
         p->holdoff_ns = p->holdoff_ns ? p->holdoff_ns * 2 : HOLDOFF_MIN_NS;
         if (p->holdoff_ns > HOLDOFF_MAX_NS)

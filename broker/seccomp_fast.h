@@ -20,6 +20,8 @@
 #define GRAFT_FAST_POOL 3    /* broker -> loop: pre-issued sockets (SCM_RIGHTS; none: refused) */
 
 #define GRAFT_FAST_POOL_MAX 16 /* sockets in one POOL message */
+#define GRAFT_FAST_POOL_AGAIN 1 /* a POOL without sockets that is no refusal: no hold-off */
+#define GRAFT_FAST_MAX_OPTS 64 /* entries of the option allowlist the loop reads */
 #define GRAFT_FAST_NOTIF_SIZE 80 /* sizeof(struct seccomp_notif) */
 
 struct graft_fast_msg {
@@ -28,7 +30,7 @@ struct graft_fast_msg {
     uint32_t uid;      /* REFILL: the caller's effective uid; POOL: whose calls may use them */
     uint32_t grant_id; /* POOL: the grant id the sockets are marked with */
     uint32_t pid;      /* REFILL: the calling thread */
-    uint32_t reserved;
+    uint32_t flags;    /* POOL: GRAFT_FAST_POOL_AGAIN */
     uint8_t notif[80]; /* HANDOFF: struct seccomp_notif, as received */
 };
 

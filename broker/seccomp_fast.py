@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import maps, seccomp_abi as abi, sockopts
+from . import maps, seccomp_abi as abi, sockopts, wire
 from .cheader import ffi_of
 
 HEADER = Path(__file__).with_name("seccomp_fast.h")
@@ -30,6 +30,7 @@ HANDOFF = _consts.GRAFT_FAST_HANDOFF
 REFILL = _consts.GRAFT_FAST_REFILL
 POOL = _consts.GRAFT_FAST_POOL
 POOL_MAX = _consts.GRAFT_FAST_POOL_MAX
+POOL_AGAIN = _consts.GRAFT_FAST_POOL_AGAIN
 MSG_SIZE = ffi.sizeof("struct graft_fast_msg")
 
 for _c, _py in (("struct graft_mark", maps.MARK), ("struct graft_grant_key", maps.GRANT_KEY),
@@ -39,6 +40,11 @@ for _c, _py in (("struct graft_mark", maps.MARK), ("struct graft_grant_key", map
         raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_py.size}")
 if _consts.GRAFT_MARK_ANY_PEER != maps.F_ANY_PEER:
     raise RuntimeError(f"{HEADER}: GRAFT_MARK_ANY_PEER differs from maps.F_ANY_PEER")
+if POOL_MAX != wire.PREISSUE_MAX:  # one POOL message carries what Broker.preissue gives at most
+    raise RuntimeError(f"{HEADER}: GRAFT_FAST_POOL_MAX {POOL_MAX} != GRAFT_PREISSUE_MAX {wire.PREISSUE_MAX}")
+if len(sockopts.ALLOWED) > _consts.GRAFT_FAST_MAX_OPTS:
+    raise RuntimeError(f"{HEADER}: the loop reads {_consts.GRAFT_FAST_MAX_OPTS} options, the allowlist has "
+                       f"{len(sockopts.ALLOWED)}")
 
 
 class Unavailable(Exception):
@@ -83,9 +89,14 @@ def decode_message(raw: bytes) -> Message:
     return Message(m.kind, m.family, m.uid, m.pid, n)
 
 
-def encode_pool(family: int, uid: int, grant_id: int) -> bytes:
-    """The header of a POOL message; the sockets go with it in SCM_RIGHTS (none: refused)."""
-    m = ffi.new("struct graft_fast_msg *", {"kind": POOL, "family": family, "uid": uid, "grant_id": grant_id})
+def encode_pool(family: int, uid: int, grant_id: int, again: bool = False) -> bytes:
+    """The header of a POOL message; the sockets go with it in SCM_RIGHTS.
+
+    None: refused (the loop holds further refills off), or with again, not
+    refused but not issued either (the asking thread was gone).
+    """
+    m = ffi.new("struct graft_fast_msg *", {"kind": POOL, "family": family, "uid": uid, "grant_id": grant_id,
+                                            "flags": POOL_AGAIN if again else 0})
     return bytes(ffi.buffer(m))
 
 

@@ -14,12 +14,13 @@ import errno
 import json
 import socket
 import struct
+import subprocess
 import sys
 
 import pytest
 
 from graft.broker import maps, seccomp_abi as abi, seccomp_fast as fast
-from harness import eventually
+from harness import REPO, eventually
 from seccomp_env import (connect_rule, counting_listener, policy, seccomp_broker, seccomp_records,  # noqa: F401
                          seccomp_run, tenant_status)
 
@@ -214,6 +215,22 @@ def test_the_fast_path_keeps_the_apps_options_and_flags(netns, seccomp_broker):
     assert got == [{"connect": "EINPROGRESS" if i % 3 == 0 else 0, "so_error": 0, "nodelay": 1, "keepalive": 1,
                     "keepidle": 70 + i, "rcvbuf": 2 * 65536, "nonblocking": i % 3 == 0, "cloexec": i % 2 == 1,
                     "peer": port} for i in range(n)], got
+
+
+@pytest.mark.parametrize("mode", ["main-exits", "own-table"])
+def test_close_on_exec_is_the_calling_threads(netns, seccomp_broker, tmp_path, mode):
+    """The flag comes from the calling thread's fd table, which is not always its process's main thread's."""
+    binary = tmp_path / "cloexec_threads"
+    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(binary),
+                    str(REPO / "tests" / "c" / "cloexec_threads.c")], check=True)
+    n = 12
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)))
+        r = seccomp_run(broker, netns, str(binary), str(port), mode, str(n))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["connected", str(n), "wrong", "0"], r.stdout
+        assert eventually(lambda: len(arrivals) == n + 1)
+    assert tenant_status(broker)["seccomp_calls"]["installed"] >= n // 2
 
 
 def test_no_pre_issued_sockets_while_the_audit_is_required(netns, seccomp_broker):
