@@ -90,10 +90,12 @@ class HostSockets:
         """
         assert verdict.target is not None
         assert connect or self.confinement is not None, "an unconnected socket is pinned only by confinement"
+        # As they were when the verdict was judged: a reload meanwhile may change them.
+        namespace, grant_id = tenant.namespace, tenant.gid
         if not await self.room(tenant, 1):
             return Made(None, Verdict("deny", tenant_loc(tenant.name, "max_sockets"), errno.ENOBUFS, verdict.target))
         try:
-            sock = await tenant.namespace.socket(req.family, req.type, req.protocol)
+            sock = await namespace.socket(req.family, req.type, req.protocol)
         except NetnsError as e:
             log.error("tenant %s: %s", tenant.name, e.strerror)
             return Made(None, Verdict("error", verdict.rule, UNREACHABLE_ERRNO[req.op_name], verdict.target,
@@ -130,7 +132,7 @@ class HostSockets:
             try:
                 self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
                                       dest=target if req.op == wire.OP_CONNECT else None,
-                                      grant_id=tenant.gid if req.type == socket.SOCK_DGRAM else 0)
+                                      grant_id=grant_id if req.type == socket.SOCK_DGRAM else 0)
                 self.own(tenant, sock)
             except OSError as e:  # fail closed: an unlocked (or uncounted) socket is not handed out
                 sock.close()

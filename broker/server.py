@@ -474,7 +474,7 @@ class Broker:
             return False
 
         if req.op == wire.OP_PREISSUE:
-            socks, refusal = await self.preissue(tenant, req, peer, "shim")
+            socks, refusal, _ = await self.preissue(tenant, req, peer, "shim")
             reply = fd_less_reply(refusal) if refusal is not None else wire.encode_reply(wire.V_GRAFT, 0)
             try:
                 return await self._send(conn, reply, socks, tenant, peer)
@@ -521,12 +521,15 @@ class Broker:
         return made.sock, wire.encode_reply(wire.V_GRAFT, 0, v.target), v
 
     async def preissue(self, tenant: TenantState, req: wire.Request, peer: Peer,
-                       via: str) -> tuple[list[socket.socket], Verdict | None]:
+                       via: str) -> tuple[list[socket.socket], Verdict | None, int]:
         """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
 
         Both front-ends' (via): the shim's pools, and the seccomp agent's C
         loop (seccomp_fast.c), which puts them on apps' fds. Returns the
-        sockets, or none and the refusal, audited.
+        sockets, or none and the refusal, audited; and the grant id they are
+        marked with: the one in force when the peer's uid was checked (a
+        reload that changes the tenant's netns or uids meanwhile gives it a
+        new id, and these sockets are refused rather than marked with it).
 
         They are issued only while the tenant holds fewer than half its
         max_sockets, so sockets idling in pools never make a real connect
@@ -538,7 +541,8 @@ class Broker:
         a refusal is, like every other decision.
         """
         name = tenant.name
-        if self.confinement is None or not self._fast_path or not tenant.gid:
+        grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
+        if self.confinement is None or not self._fast_path or not grant_id:
             return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
                 "kernel's audit ring"))  # nothing would hold them to the policy
@@ -559,14 +563,19 @@ class Broker:
                 return self._refuse_preissue(tenant, peer, req, via,
                                              Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
         try:
-            socks = await tenant.namespace.sockets(req.family, req.type, req.protocol, n)
+            socks = await namespace.sockets(req.family, req.type, req.protocol, n)
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
             return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
+        if tenant.gid != grant_id:
+            for sock in socks:
+                sock.close()
+            return self._refuse_preissue(tenant, peer, req, via, Verdict(
+                "error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"))
         try:
             for sock in socks:
-                self.confinement.mark_preissued(sock, tenant.gid)
+                self.confinement.mark_preissued(sock, grant_id)
                 self.sockets.own(tenant, sock)
         except OSError as e:  # fail closed: none of them leaves
             for sock in socks:
@@ -575,12 +584,12 @@ class Broker:
             return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
         tenant.preissued += n
-        return socks, None
+        return socks, None, grant_id
 
     def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request, via: str,
-                         verdict: Verdict) -> tuple[list[socket.socket], Verdict]:
+                         verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
         self.audit_request(tenant, peer, req, verdict, via)
-        return [], verdict
+        return [], verdict, 0
 
     @property
     def grant_serial(self) -> int:
