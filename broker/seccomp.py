@@ -183,7 +183,8 @@ class SeccompAgent:
             raise Refused(f'tenant {state.tenant} is in mode "{tenant.config.mode}", not "seccomp"')
         try:
             fast.library()
-        except fast.Unavailable as e:
+            abi.native_arch()
+        except (fast.Unavailable, ValueError) as e:
             raise Refused(str(e)) from None
         if tenant.seccomp_listeners >= MAX_LISTENERS_PER_TENANT:
             raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
@@ -208,9 +209,9 @@ class SeccompAgent:
             sys_.notif_sync_wake_up(fd)
         except OSError as e:  # before Linux 6.6: the same, a little slower
             log.debug("seccomp listener: no synchronous wake-ups: %s", e)
-        loop_end, broker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        loop = None
+        loop = loop_end = broker_end = None
         try:
+            loop_end, broker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             conf = self.broker.confinement  # no listener is served without confinement
             loop = fast.Loop(fd, loop_end, conf.map_fd, conf.maps["grants"])
             tenant.seccomp_loops.add(loop)
@@ -221,13 +222,17 @@ class SeccompAgent:
                     await self._serve_loop(tenant, fd, ctl)
                 finally:
                     ctl.close()  # the loop sees its control socket close, and ends
+        except (OSError, fast.Unavailable) as e:  # no fds left for the control socket, say: this listener only
+            log.error("tenant %s: cannot serve the seccomp listener of container %r: %s", tenant.name,
+                      state.container, e)
         finally:
             tenant.seccomp_listeners -= 1
             if loop is not None:
                 tenant.seccomp_loops.discard(loop)
                 tenant.seccomp_ended.update(loop.stats)
-            loop_end.close()
-            broker_end.close()
+            for end in (loop_end, broker_end):
+                if end is not None:
+                    end.close()
             os.close(fd)  # the filter's calls now fail with ENOSYS: closed, not open
             log.info("tenant %s: seccomp listener of container %r closed", tenant.name, state.container)
 
@@ -275,14 +280,16 @@ class SeccompAgent:
         """Pre-issued TCP sockets for the loop, judged for the calling process (none: refused, audited)."""
         peer = _proc_status(msg.pid)
         socks: list[socket.socket] = []
+        grant_id = 0
         if peer is not None:
             req = wire.Request(wire.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
             try:
-                socks, _ = await self.broker.preissue(tenant, req, peer, "seccomp")
+                socks, _, grant_id = await self.broker.preissue(tenant, req, peer, "seccomp")
             except Exception:  # a bug costs the pool (the loop holds off), never the listener
                 log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
-        # Read right after the issue, with no checkpoint between: the id the sockets are marked with.
-        header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, tenant.gid)
+        # The thread that asked is gone: nothing was judged, so nothing was refused; the next may ask.
+        header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, grant_id,
+                                  again=peer is None)
         try:
             fds = array.array("i", [s.fileno() for s in socks])
             await ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if socks else [])
