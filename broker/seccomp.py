@@ -92,6 +92,15 @@ class SeccompAgent:
         self._thread_pidfds = True  # pidfd_open(PIDFD_THREAD) works (Linux 6.9); found out on first use
         # One thread per notify fd runs its C loop; they must not take the default limiter's tokens.
         self._loop_threads = trio.CapacityLimiter(math.inf)
+        # Loaded now, not at the first handshake: loading needs resources (fds, a temporary file)
+        # a busy broker may lack then. Without it the broker runs, and refuses seccomp listeners.
+        self._unavailable: str | None = None
+        try:
+            fast.library()
+            abi.native_arch()
+        except (fast.Unavailable, ValueError) as e:
+            self._unavailable = str(e)
+            log.warning("seccomp mode is unavailable: %s", e)
 
     # ---- seccomp.sock ------------------------------------------------------------------
 
@@ -181,11 +190,8 @@ class SeccompAgent:
             raise Refused(f"no tenant {state.tenant!r} in the policy")
         if tenant.config.mode != "seccomp":
             raise Refused(f'tenant {state.tenant} is in mode "{tenant.config.mode}", not "seccomp"')
-        try:
-            fast.library()
-            abi.native_arch()
-        except (fast.Unavailable, ValueError) as e:
-            raise Refused(str(e)) from None
+        if self._unavailable is not None:
+            raise Refused(self._unavailable)
         if tenant.seccomp_listeners >= MAX_LISTENERS_PER_TENANT:
             raise Refused(f"tenant {state.tenant} already has {MAX_LISTENERS_PER_TENANT} seccomp listeners")
         if tenant.nursery is None or tenant.cancel_scope.cancel_called:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import resource
 import socket
 import struct
 import subprocess
@@ -244,3 +246,25 @@ def test_no_pre_issued_sockets_while_the_audit_is_required(netns, seccomp_broker
     refusals = [r for r in seccomp_records(broker) if r["op"] == "preissue"]
     assert len(refusals) == 1 and refusals[0]["rule"] == "audit.on_error", refusals
     assert errno.EOPNOTSUPP == refusals[0]["errno"]
+
+
+def test_a_broker_out_of_fds_fails_the_listener_not_itself(netns, seccomp_broker):
+    """The listener's control socket is its first new fd after the handshake: without one, that
+    listener ends (the program's socket calls fail), and the broker serves the next."""
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)))
+        pid = broker.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        free = [fd for fd in range(max(used) + 3) if fd not in used]
+        # Room for the handshake's two fds (the connection, the notify fd), none for the socketpair.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[1] + 1, hard))
+        try:
+            starved = connects(broker, netns, port, 1)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert starved == ["ENOSYS"], starved
+        assert "cannot serve the seccomp listener" in broker.stderr()
+        assert broker.proc.poll() is None
+        assert connects(broker, netns, port, 2) == ["connected"] * 2
+        assert eventually(lambda: len(arrivals) == 2)
