@@ -73,6 +73,7 @@ enum {
     OPT_MAX_SIZE = 16,
 };
 static const int64_t HOLDOFF_MIN_NS = 1000000000LL, HOLDOFF_MAX_NS = 64000000000LL;
+static const int64_t REFILL_TIMEOUT_NS = 5000000000LL; /* the broker answers a refill in ms */
 
 /* Pre-issued TCP sockets of one family, all issued for one uid and grant id. */
 struct pool {
@@ -81,7 +82,8 @@ struct pool {
     unsigned n;
     uint32_t uid, grant_id;
     bool filled_once;      /* grant_id and uid are known */
-    bool refilling;        /* a REFILL is out and unanswered */
+    bool refilling;        /* a REFILL is out and unanswered... */
+    int64_t refill_sent;   /* ...since then (a lost answer must not stop refills for good) */
     int64_t holdoff_until; /* after a refused refill, CLOCK_MONOTONIC ns */
     int64_t holdoff_ns;
     /* A fresh socket's value of each allowlisted option (read from the first socket used). */
@@ -392,9 +394,11 @@ static void flush(struct pool *p) {
 }
 
 static void want_refill(struct pool *p, uint32_t uid, uint32_t pid, struct refill *out) {
-    if (p->refilling || now_ns() < p->holdoff_until)
+    int64_t now = now_ns();
+    if ((p->refilling && now - p->refill_sent < REFILL_TIMEOUT_NS) || now < p->holdoff_until)
         return;
     p->refilling = true;
+    p->refill_sent = now;
     *out = (struct refill){p, uid, pid};
 }
 
