@@ -143,12 +143,24 @@ static void cache_clear(struct cache *c) {
     cache_init(c);
 }
 
+/* Host TCP sockets seen on a thread's fd, by socket cookie: every later connect or sendto on one
+ * goes on (the kernel judges it), so a program that names the address on every send (sockperf does,
+ * on TCP) costs a getfd and one getsockopt per call, not the address, three getsockopts and the mark. */
+enum { KNOWN_SIZE = 16 };
+struct known {
+    uint32_t tid;
+    int fd;
+    uint64_t cookie; /* 0: empty */
+};
+
 struct loop {
     const struct graft_fast_config *cfg;
     struct graft_fast_stats *stats;
     struct pool pools[2]; /* AF_INET, AF_INET6 */
     uint32_t inner_id;    /* the tenant grant map last looked up, by map id, and an fd of it */
     int inner_fd;
+    struct known known[KNOWN_SIZE];
+    unsigned known_next;
     struct cache pidfds;  /* thread id -> its pidfd */
     struct cache fdinfos; /* (thread id, fd) -> /proc/<tid>/fdinfo/<fd> */
 };
@@ -338,6 +350,42 @@ static bool cloexec(struct loop *l, uint32_t tid, int fd) {
 
 /* ---- answers ------------------------------------------------------------------------- */
 
+static uint64_t cookie_of(int sock) {
+    uint64_t cookie = 0;
+    socklen_t len = sizeof cookie;
+    return getsockopt(sock, SOL_SOCKET, SO_COOKIE, &cookie, &len) == 0 ? cookie : 0;
+}
+
+static struct known *known_slot(struct loop *l, uint32_t tid, int fd) {
+    for (unsigned i = 0; i < KNOWN_SIZE; i++)
+        if (l->known[i].cookie && l->known[i].tid == tid && l->known[i].fd == fd)
+            return &l->known[i];
+    return NULL;
+}
+
+static void remember_host_tcp(struct loop *l, uint32_t tid, int fd, int sock) {
+    struct known *k = known_slot(l, tid, fd);
+    if (k == NULL)
+        k = &l->known[l->known_next++ % KNOWN_SIZE];
+    *k = (struct known){tid, fd, cookie_of(sock)};
+}
+
+/* Whether the call's fd still holds the host TCP socket seen there before (the number may have been
+ * closed and reused, or dup2'ed over, since). */
+static bool still_host_tcp(struct loop *l, uint32_t tid, int fd) {
+    struct known *k = known_slot(l, tid, fd);
+    if (k == NULL)
+        return false;
+    int pidfd, sock = take_fd(l, tid, fd, &pidfd);
+    uint64_t cookie = sock >= 0 ? cookie_of(sock) : 0;
+    if (sock >= 0)
+        close(sock);
+    if (cookie != 0 && cookie == k->cookie)
+        return true;
+    k->cookie = 0;
+    return false;
+}
+
 static void respond_continue(struct loop *l, const struct seccomp_notif *req) {
     struct seccomp_notif_resp resp = {.id = req->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
     /* ENOENT: the thread is gone or its call was interrupted; nothing to answer. */
@@ -469,6 +517,8 @@ static enum outcome on_socket(struct loop *l, const struct seccomp_notif *req, i
     struct graft_mark mark;
     int r = map_lookup(l->cfg->marks_fd, &sock, &mark);
     if (r == 0) { /* a host socket: the kernel holds it to what the broker judged */
+        if (tcp)
+            remember_host_tcp(l, req->pid, (int)(uint32_t)req->data.args[0], sock);
         if (tcp || is_connect || mark.flags & GRAFT_MARK_ANY_PEER || !mark.tenant)
             return go_on(l, req);
         return granted(l, mark.tenant, SOCK_DGRAM, sa) == 1 ? go_on(l, req) : HANDOFF;
@@ -489,6 +539,8 @@ static enum outcome answer(struct loop *l, const struct seccomp_notif *req, stru
     uint32_t len = (uint32_t)(is_connect ? d->args[2] : d->args[5]);
     if (ptr == 0 || len == 0)
         return go_on(l, req); /* names no address: nothing to judge */
+    if (still_host_tcp(l, req->pid, (int)(uint32_t)d->args[0]))
+        return go_on(l, req); /* whatever the address: as on_socket would answer */
     struct sockaddr_storage sa;
     memset(&sa, 0, sizeof sa);
     size_t want = len < sizeof(struct sockaddr_in6) ? len : sizeof(struct sockaddr_in6);

@@ -268,3 +268,34 @@ def test_a_broker_out_of_fds_fails_the_listener_not_itself(netns, seccomp_broker
         assert broker.proc.poll() is None
         assert connects(broker, netns, port, 2) == ["connected"] * 2
         assert eventually(lambda: len(arrivals) == 2)
+
+
+REUSED_FD = """
+import json, os, socket, sys
+tcp_port, udp_port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.connect(("127.0.0.1", tcp_port))  # a host socket now
+for _ in range(3):  # as sockperf does: the address named on every send; the loop learns the socket
+    s.sendto(b"x", ("127.0.0.1", tcp_port))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+os.dup2(u.fileno(), s.fileno())  # the same fd number, now the container's own UDP socket
+s.sendto(b"hello", ("127.0.0.1", udp_port))  # its first destination: the broker's to judge
+print("sent")
+"""
+
+
+def test_a_fd_number_reused_for_another_socket_is_judged_again(netns, seccomp_broker):
+    """The loop lets calls on a known host TCP socket go on after checking its cookie, not its fd number."""
+    with socket.socket() as listener, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # never accepted: the connection waits in the backlog and takes the bytes
+        tcp_port = listener.getsockname()[1]
+        receiver.bind(("127.0.0.1", 0))
+        udp_port = receiver.getsockname()[1]
+        broker = seccomp_broker(policy(connect_rule(tcp_port), connect_rule(udp_port, "udp")))
+        r = seccomp_run(broker, netns, PY, "-c", REUSED_FD, str(tcp_port), str(udp_port))
+        assert r.returncode == 0 and r.stdout.strip() == "sent", r.stderr
+        receiver.settimeout(10)
+        assert receiver.recv(100) == b"hello"  # through the host: grafted, not sent into the container
+    assert tenant_status(broker)["seccomp_calls"]["continued"] >= 3
+    assert [r["proto"] for r in seccomp_records(broker) if r["action"] == "graft"] == ["tcp", "udp"]
