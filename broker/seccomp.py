@@ -10,7 +10,15 @@ in the tenant's nursery, so it ends with the tenant (reload, stop):
     Broker.run
       └─ SeccompAgent.serve            seccomp.sock (0600): ≤ 32 handshakes at once, 5 s each
       └─ _serve_tenant × tenant
-           └─ _serve_listener × notify fd (≤ 256 per tenant): one notification at a time
+           └─ _serve_listener × notify fd (≤ 256 per tenant)
+                ├─ _run_loop           the fd's C loop (seccomp_fast.c) on a thread of its own:
+                │                      receives every call, answers what needs no decision
+                └─ _serve_loop         what the loop hands over, one at a time, and its refills
+
+What the loop answers itself is in seccomp_fast.c and docs/architecture.md;
+a TCP connect to a destination already granted gets a pre-issued socket
+from it, and the kernel audits that connect (``"via": "kernel"``). What it
+hands over is answered here as follows.
 
 A notification on an inet socket of the container, naming an inet address,
 is judged like a shim's request (Broker.judge: max_rate, decide.judge), the
