@@ -115,6 +115,11 @@ def mark_flags_and_tenant(raw: bytes) -> tuple[int, int]:
     return flags, tenant_id
 
 
+def unconnected_preissued(raw: bytes) -> bool:
+    """A pre-issued socket whose first connect has not been let through: nothing is granted it yet."""
+    return mark_flags_and_tenant(raw)[0] & (F_PREISSUED | F_HAS_DEST) == F_PREISSUED
+
+
 def encode_preissued_mark(tenant_id: int) -> bytes:
     return MARK.pack(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
 

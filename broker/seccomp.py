@@ -426,6 +426,10 @@ class SeccompAgent:
         if sock.family not in abi.INET_FAMILIES or sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             return None
         mark = self.broker.confinement.mark_of(sock)  # no listener is served without confinement
+        if mark is not None and maps.unconnected_preissued(mark):
+            # The C loop's, whose connect the kernel refused (its grant went between the loop's
+            # lookup and the connect: a reload, the LRU): judged again, like the container's own.
+            mark = None
         try:
             addr = wire.decode_sockaddr(raw)
         except wire.WireError:

@@ -516,6 +516,11 @@ static enum outcome on_socket(struct loop *l, const struct seccomp_notif *req, i
         return HANDOFF; /* SCTP, MPTCP, UDP-Lite...: the broker's */
     struct graft_mark mark;
     int r = map_lookup(l->cfg->marks_fd, &sock, &mark);
+    if (r == 0 && tcp && (mark.flags & (GRAFT_MARK_PREISSUED | GRAFT_MARK_HAS_DEST)) == GRAFT_MARK_PREISSUED) {
+        /* Pre-issued by this loop, its connect refused by the kernel (the grant went between the
+         * lookup and the connect): connected nowhere yet, and judged again unless granted now. */
+        return is_connect && granted(l, mark.tenant, SOCK_STREAM, sa) == 1 ? go_on(l, req) : HANDOFF;
+    }
     if (r == 0) { /* a host socket: the kernel holds it to what the broker judged */
         if (tcp)
             remember_host_tcp(l, req->pid, (int)(uint32_t)req->data.args[0], sock);

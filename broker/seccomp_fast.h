@@ -77,7 +77,9 @@ struct graft_grant_key {
     uint8_t addr[16];
 };
 
+#define GRAFT_MARK_HAS_DEST 1
 #define GRAFT_MARK_ANY_PEER 2
+#define GRAFT_MARK_PREISSUED 8
 
 /* Serve cfg->notify_fd until every process of its filter is gone (0) or
  * the control socket closes (0); -errno when the notify fd fails. */

@@ -38,8 +38,10 @@ for _c, _py in (("struct graft_mark", maps.MARK), ("struct graft_grant_key", map
     _size = ffi.sizeof(_c) if _c != "struct seccomp_notif" else _consts.GRAFT_FAST_NOTIF_SIZE
     if _size != _py.size:
         raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_py.size}")
-if _consts.GRAFT_MARK_ANY_PEER != maps.F_ANY_PEER:
-    raise RuntimeError(f"{HEADER}: GRAFT_MARK_ANY_PEER differs from maps.F_ANY_PEER")
+for _c, _py in (("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST), ("GRAFT_MARK_ANY_PEER", maps.F_ANY_PEER),
+                ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED)):
+    if getattr(_consts, _c) != _py:
+        raise RuntimeError(f"{HEADER}: {_c} differs from maps.py")
 if POOL_MAX != wire.PREISSUE_MAX:  # one POOL message carries what Broker.preissue gives at most
     raise RuntimeError(f"{HEADER}: GRAFT_FAST_POOL_MAX {POOL_MAX} != GRAFT_PREISSUE_MAX {wire.PREISSUE_MAX}")
 if len(sockopts.ALLOWED) > _consts.GRAFT_FAST_MAX_OPTS:

@@ -299,3 +299,37 @@ def test_a_fd_number_reused_for_another_socket_is_judged_again(netns, seccomp_br
         assert receiver.recv(100) == b"hello"  # through the host: grafted, not sent into the container
     assert tenant_status(broker)["seccomp_calls"]["continued"] >= 3
     assert [r["proto"] for r in seccomp_records(broker) if r["action"] == "graft"] == ["tcp", "udp"]
+
+
+REFUSED_PREISSUED = """
+import errno, socket, sys
+from graft.broker import wire
+from graft.broker.server import passed_fds
+path, port = sys.argv[1], int(sys.argv[2])
+# An unconnected pre-issued socket on one of the program's fds, as the C loop leaves one when the
+# kernel refused its connect (the grant gone between the loop's lookup and the connect).
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c.connect(path)
+c.sendmsg([wire.encode_request(wire.OP_PREISSUE, None, family=socket.AF_INET)])
+_, anc, _, _ = c.recvmsg(wire.REPLY_SIZE + 1, socket.CMSG_SPACE(4 * wire.PREISSUE_MAX))
+s = socket.socket(fileno=passed_fds(anc)[0])
+s.setblocking(True)  # the broker issues them non-blocking; the loop gives them the app's flags
+try:
+    s.connect(("127.0.0.1", port))  # allowed, never granted
+    print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def test_an_unconnected_pre_issued_socket_is_judged_again(netns, seccomp_broker):
+    """A connect the kernel refused leaves the pre-issued socket on the app's fd: a retry there is
+    the broker's to judge, not a certain EPERM."""
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)))
+        r = seccomp_run(broker, netns, PY, "-c", REFUSED_PREISSUED, str(broker.socket_path), str(port))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "connected"
+        assert eventually(lambda: len(arrivals) == 1)
+    grafts = [(x["op"], x["port"]) for x in seccomp_records(broker) if x["action"] == "graft"]
+    assert grafts == [("connect", port)]
