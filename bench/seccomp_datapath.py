@@ -23,18 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from harness import GRAFT, BrokerProcess, free_port, network_namespace  # noqa: E402
+from common import require, run_client, start_process, wait_line
+from harness import GRAFT, BrokerProcess, free_port, network_namespace  # common.py puts tests/ on the path
 
 PCT50 = re.compile(r"percentile\s+50\.000\s*=\s*([\d.]+)")
 
@@ -53,40 +49,23 @@ ports = {ports}
 """
 
 
-def server(stack: ExitStack, argv: list[str], ready: str) -> None:
-    """Start a server on the host; return once it printed ready (its own readiness line)."""
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stack.callback(lambda: (p.terminate(), p.wait()))
-    for _ in range(50):  # bounded: a server prints a few lines before it is ready
-        line = p.stdout.readline()
-        if not line:
-            raise SystemExit(f"{argv[0]} exited before it was ready")
-        if ready in line:
-            return
-    raise SystemExit(f"{argv[0]} never said {ready!r}")
-
-
-def run(argv: list[str], timeout: float) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout[-600:]}\n{r.stderr[-600:]}")
-    return r.stdout
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=3)
     args = ap.parse_args()
-    missing = [p for p in ("iperf3", "sockperf") if shutil.which(p) is None]
-    if missing:
-        raise SystemExit(f"needs {', '.join(missing)} (make deps installs them)")
+    require("iperf3", "sockperf")
     iperf_port, tcp_port, udp_port = free_port(), free_port(), free_port()
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
-        server(stack, ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port), "--forceflush"], "listening")
-        server(stack, ["sockperf", "server", "-i", "127.0.0.1", "-p", str(tcp_port), "--tcp"], "to block on socket")
-        server(stack, ["sockperf", "server", "-i", "127.0.0.1", "-p", str(udp_port)], "to block on socket")
+        servers = {  # on the host; each ready once it prints its own readiness line
+            "iperf3": (["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port), "--forceflush"], "listening"),
+            "sockperf-tcp": (["sockperf", "server", "-i", "127.0.0.1", "-p", str(tcp_port), "--tcp"],
+                             "to block on socket"),
+            "sockperf-udp": (["sockperf", "server", "-i", "127.0.0.1", "-p", str(udp_port)], "to block on socket"),
+        }
+        for name, (argv, ready) in servers.items():
+            wait_line(start_process(stack, argv, log_to=tmp / f"{name}.log"), ready)
         ns = stack.enter_context(network_namespace("graft-bench"))
         broker = BrokerProcess(tmp, policy([iperf_port, tcp_port, udp_port]))
         stack.callback(broker.stop)
@@ -109,7 +88,7 @@ def main() -> int:
             for name, (argv, parse) in workloads.items():
                 for scenario in order:
                     cmd = argv if scenario == "host" else seccomp + argv
-                    results[name][scenario].append(parse(run(cmd, args.seconds + 60)))
+                    results[name][scenario].append(parse(run_client(cmd, args.seconds + 60).stdout))
     print(f"{args.rounds} rounds of {args.seconds} s, medians; host client vs graft run --seccomp in a namespace\n")
     print("| workload | host | seccomp | seccomp / host |")
     print("|---|---:|---:|---:|")

@@ -251,10 +251,10 @@ static int granted(struct loop *l, uint32_t grant_id, int type, const struct soc
 
 /* A pidfd of the stopped thread, or -1; fresh: not one kept from an earlier call. */
 static int thread_pidfd(struct loop *l, uint32_t tid, bool fresh) {
-    int fd = fresh ? -1 : cache_find(&l->pidfds, tid, 0);
-    if (fd >= 0)
+    int fd = cache_find(&l->pidfds, tid, 0);
+    if (fd >= 0 && !fresh)
         return fd;
-    if (fresh && (fd = cache_find(&l->pidfds, tid, 0)) >= 0)
+    if (fd >= 0)
         cache_drop(&l->pidfds, fd);
     /* Before Linux 6.9 (EINVAL) only a process has one: the broker finds the thread's process. */
     fd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);

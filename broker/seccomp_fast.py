@@ -33,11 +33,11 @@ POOL_MAX = _consts.GRAFT_FAST_POOL_MAX
 POOL_AGAIN = _consts.GRAFT_FAST_POOL_AGAIN
 MSG_SIZE = ffi.sizeof("struct graft_fast_msg")
 
-for _c, _py in (("struct graft_mark", maps.MARK), ("struct graft_grant_key", maps.GRANT_KEY),
-                ("struct seccomp_notif", abi.NOTIF)):
-    _size = ffi.sizeof(_c) if _c != "struct seccomp_notif" else _consts.GRAFT_FAST_NOTIF_SIZE
-    if _size != _py.size:
-        raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_py.size}")
+for _c, _size, _packed in (("struct graft_mark", ffi.sizeof("struct graft_mark"), maps.MARK.size),
+                           ("struct graft_grant_key", ffi.sizeof("struct graft_grant_key"), maps.GRANT_KEY.size),
+                           ("struct seccomp_notif", _consts.GRAFT_FAST_NOTIF_SIZE, abi.NOTIF.size)):
+    if _size != _packed:
+        raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_packed}")
 for _c, _py in (("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST), ("GRAFT_MARK_ANY_PEER", maps.F_ANY_PEER),
                 ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED)):
     if getattr(_consts, _c) != _py:
