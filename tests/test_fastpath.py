@@ -28,6 +28,7 @@ from harness import (
     eventually,
     free_port,
     grant_many,
+    loopback_destination,
     need_confinement,
     network_namespace,
 )
@@ -362,6 +363,29 @@ def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
 
 # More destinations than the one map all tenants shared held (16,384), by a quarter.
 FLOOD = 16384 + 4096
+PROBES = 16  # among the flood's oldest 16,384 (all but a map's 4,096), which an exact LRU would all forget
+
+
+def forgotten(path, destinations: list[str]) -> int:
+    """How many of destinations the kernel no longer lets the tenant's pre-issued sockets connect to.
+
+    A fresh socket for each: one that has tried a connect may not try another.
+    A destination still granted only refuses the connection (port 9 is closed).
+    """
+    client = WireClient(path)
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < len(destinations):
+            _, got = client.preissue()
+            assert got
+            socks += got
+        errs = [connect_errno(sock, (host, 9)) for sock, host in zip(socks, destinations)]
+    finally:
+        for sock in socks:
+            sock.close()
+        client.close()
+    assert set(errs) <= {errno.EPERM, errno.ECONNREFUSED}, errs
+    return errs.count(errno.EPERM)
 
 
 def test_a_tenant_granted_many_destinations_never_evicts_another_tenants_grants(short_tmp):
@@ -388,17 +412,14 @@ proto = "tcp"
         try:
             with pre_issued(broker) as (client, _, quiet_socks):
                 grant(client, port)
-                busy = WireClient(busy_path)
-                try:
-                    _, busy_socks = busy.preissue()
-                finally:
-                    busy.close()
-                quiet_socks += busy_socks  # closed with them
                 grant_many(busy_path, FLOOD)
                 # the quiet tenant's grant is still in the kernel: its connect needs no broker
                 assert connect_errno(quiet_socks[0], ("127.0.0.1", port)) == 0
                 assert echoes(quiet_socks[0])
-                # while the flooder forgot its own oldest grants: the flood did overflow a map
-                assert connect_errno(busy_socks[0], ("127.1.0.1", 9)) == errno.EPERM
+                # while the flooder forgot its own oldest grants: the flood did overflow a map.
+                # Most of them, not each: the kernel's LRU is approximate (a run of entries can
+                # wait on an idle CPU's local list, out of eviction's reach; seen on 6.18).
+                oldest = [loopback_destination(k * 16384 // PROBES) for k in range(PROBES)]
+                assert forgotten(busy_path, oldest) > PROBES // 2
         finally:
             assert broker.stop() == 0, broker.stderr()
