@@ -75,6 +75,17 @@ enum {
 static const int64_t HOLDOFF_MIN_NS = 1000000000LL, HOLDOFF_MAX_NS = 64000000000LL;
 static const int64_t REFILL_TIMEOUT_NS = 5000000000LL; /* the broker answers a refill in ms */
 
+/* After a refused refill, that uid waits before it asks again (from HOLDOFF_MIN_NS, doubling): a
+ * refusal is audited, and a process the policy's uids leave out would otherwise ask at every
+ * connect. Kept per uid, so that it never holds back the uids the broker does issue sockets to;
+ * a few slots, the one that frees soonest reused. */
+enum { HOLDOFF_SLOTS = 4 };
+struct holdoff {
+    uint32_t uid;
+    int64_t until; /* CLOCK_MONOTONIC ns */
+    int64_t ns;    /* 0: a free slot */
+};
+
 /* Pre-issued TCP sockets of one family, all issued for one uid and grant id. */
 struct pool {
     int family;
@@ -84,8 +95,8 @@ struct pool {
     bool filled_once;      /* grant_id and uid are known */
     bool refilling;        /* a REFILL is out and unanswered... */
     int64_t refill_sent;   /* ...since then (a lost answer must not stop refills for good) */
-    int64_t holdoff_until; /* after a refused refill, CLOCK_MONOTONIC ns */
-    int64_t holdoff_ns;
+    uint32_t refill_uid;   /* ...for this uid */
+    struct holdoff holdoffs[HOLDOFF_SLOTS];
     /* A fresh socket's value of each allowlisted option (read from the first socket used). */
     bool have_defaults;
     bool has_default[MAX_OPTS];
@@ -441,12 +452,39 @@ static void flush(struct pool *p) {
         close(p->fds[--p->n]);
 }
 
+static struct holdoff *holdoff_of(struct pool *p, uint32_t uid) {
+    for (unsigned i = 0; i < HOLDOFF_SLOTS; i++)
+        if (p->holdoffs[i].ns && p->holdoffs[i].uid == uid)
+            return &p->holdoffs[i];
+    return NULL;
+}
+
+/* The broker refused the refill it was asked for: that uid waits, twice as long as last time. */
+static void hold_off(struct pool *p, uint32_t uid) {
+    struct holdoff *h = holdoff_of(p, uid);
+    if (h == NULL) {
+        h = &p->holdoffs[0];
+        for (unsigned i = 1; i < HOLDOFF_SLOTS && h->ns; i++)
+            if (!p->holdoffs[i].ns || p->holdoffs[i].until < h->until)
+                h = &p->holdoffs[i];
+        *h = (struct holdoff){.uid = uid};
+    }
+    h->ns = h->ns ? h->ns * 2 : HOLDOFF_MIN_NS;
+    if (h->ns > HOLDOFF_MAX_NS)
+        h->ns = HOLDOFF_MAX_NS;
+    h->until = now_ns() + h->ns;
+}
+
 static void want_refill(struct pool *p, uint32_t uid, uint32_t pid, struct refill *out) {
     int64_t now = now_ns();
-    if ((p->refilling && now - p->refill_sent < REFILL_TIMEOUT_NS) || now < p->holdoff_until)
+    if (p->refilling && now - p->refill_sent < REFILL_TIMEOUT_NS)
+        return;
+    struct holdoff *h = holdoff_of(p, uid);
+    if (h != NULL && now < h->until)
         return;
     p->refilling = true;
     p->refill_sent = now;
+    p->refill_uid = uid;
     *out = (struct refill){p, uid, pid};
 }
 
@@ -613,13 +651,12 @@ static int receive_pool(struct loop *l) {
     if (k == 0 && (m.flags & GRAFT_FAST_POOL_AGAIN))
         return 1; /* not refused (the asking thread was gone): the next caller may ask */
     if (k == 0) { /* refused: max_sockets, max_rate, uids, no fast path */
-        p->holdoff_ns = p->holdoff_ns ? p->holdoff_ns * 2 : HOLDOFF_MIN_NS;
-        if (p->holdoff_ns > HOLDOFF_MAX_NS)
-            p->holdoff_ns = HOLDOFF_MAX_NS;
-        p->holdoff_until = now_ns() + p->holdoff_ns;
+        hold_off(p, p->refill_uid);
         return 1;
     }
-    p->holdoff_ns = 0;
+    struct holdoff *held = holdoff_of(p, p->refill_uid);
+    if (held != NULL)
+        held->ns = 0; /* issued: this uid's next refusal waits the shortest time again */
     if (!p->filled_once || p->grant_id != m.grant_id || p->uid != m.uid) {
         flush(p); /* for another uid, or a grant id a reload has retired */
         if (p->grant_id != m.grant_id)

@@ -172,6 +172,48 @@ def test_a_pool_serves_only_the_uid_it_was_issued_for(netns, seccomp_broker):
     assert [(r["uid"], r["rule"]) for r in denied] == [(65534, "tenants.t.uids")] * 2
 
 
+OTHER_UID_FIRST = """
+import errno, json, os, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def attempt():
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        return "connected"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        s.close()
+result, done = os.pipe(), os.pipe()
+child = os.fork()
+if child == 0:  # a uid the policy leaves out asks first: its refill is refused...
+    os.setresuid(65534, 65534, 65534)
+    os.write(result[1], attempt().encode())
+    os.read(done[0], 1)  # ...judged for it while it lives (the broker reads its uid then)
+    os._exit(0)
+first = os.read(result[0], 64).decode()
+out = [first] + [attempt() for _ in range(n)]  # then root, which the policy allows
+os.write(done[1], b"x")
+os.waitpid(child, 0)
+print(json.dumps(out))
+"""
+
+
+def test_a_refused_uid_does_not_hold_back_the_pool_of_an_allowed_one(netns, seccomp_broker):
+    n = 40
+    with counting_listener() as (port, arrivals):
+        broker = seccomp_broker(policy(connect_rule(port)).replace('default = "deny"\n',
+                                                                    'default = "deny"\nuids = [0]\n'))
+        r = seccomp_run(broker, netns, PY, "-c", OTHER_UID_FIRST, str(port), str(n))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == ["EPERM"] + ["connected"] * n
+        assert eventually(lambda: len(arrivals) == n)
+    refusals = [r for r in seccomp_records(broker) if r["op"] == "preissue"]
+    assert [(r["uid"], r["rule"]) for r in refusals] == [(65534, "tenants.t.uids")], refusals
+    # root's pool came at once (the refused uid's hold-off is its own): most connects are the loop's
+    assert tenant_status(broker)["seccomp_calls"]["installed"] >= n // 2
+
+
 OPTIONS = """
 import errno, fcntl, json, os, select, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
