@@ -4,9 +4,11 @@
   the broker's cgroup, so they run for the sockets the broker creates. A
   socket without a mark (maps.py) is let through at once; on a marked one,
   bind is refused, and connect/sendmsg only reach the destination in the
-  mark (or anyone, for a grafted UDP server). A pre-issued socket's first
-  connect is judged by the tenant's ``grants``, locks the mark to that
-  destination and writes an audit record to the ``events`` ring.
+  mark (or anyone, for a grafted UDP server). A UDP socket may also reach
+  what its tenant's UDP ``grants`` hold, by a datagram or by a connect (which
+  only names where later sends go). A pre-issued socket's first connect is
+  judged by the tenant's ``grants``, locks the mark to that destination and
+  writes an audit record to the ``events`` ring.
 * release: cgroup ``sock_release``, counts closes of handed-out sockets.
 * the listen guard: a socket filter that drops SYNs without ACK, attached
   and locked on connected and pre-issued TCP sockets (docs/security.md,
@@ -28,6 +30,7 @@ LICENSE = "Dual MIT/GPL"
 CTX_USER_IP4 = 4
 CTX_USER_IP6 = 8
 CTX_USER_PORT = 24
+CTX_TYPE = 32
 CTX_SK = 64
 # mark offsets
 M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = 0, 4, 8, 12, 28
@@ -56,17 +59,56 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
         return a.assemble()
     a.mov_reg(7, 0)  # r7 = the mark
     a.ldx_w(1, 7, M_FLAGS)
-    if kind == "sendmsg":
-        a.mov_reg(2, 1)
-        a.and_imm(2, F_ANY_PEER)
-        a.jne_imm(2, 0, "allow")
-    else:
+    if kind == "connect":
+        # A UDP connect only names where later sends go: judged as a datagram (below).
+        a.ldx_w(2, 6, CTX_TYPE)
+        a.jeq_imm(2, socket.SOCK_DGRAM, "datagram")
         a.mov_reg(2, 1)
         a.and_imm(2, F_PREISSUED | F_HAS_DEST)
         a.jeq_imm(2, F_PREISSUED, "first_connect")
-    # Elsewhere than the mark's destination: a connect is refused; a datagram goes
-    # where the tenant's UDP grants allow (the policy's verdicts, made by the broker).
-    elsewhere = "udp_grants" if kind == "sendmsg" else "deny"
+        _to_mark_destination(a, v6, "deny")  # a TCP socket connects only where the broker connected it
+        a.label("datagram")
+    # A datagram elsewhere than the mark's destination goes where the tenant's UDP
+    # grants allow (the policy's verdicts, made by the broker); a UDP server's, anywhere.
+    a.mov_reg(2, 1)
+    a.and_imm(2, F_ANY_PEER)
+    a.jne_imm(2, 0, "allow")
+    _to_mark_destination(a, v6, "udp_grants")
+    a.label("allow")
+    a.mov_imm(0, 1)
+    a.exit()
+    a.label("deny")
+    a.mov_imm(0, 0)
+    a.exit()
+    if kind == "connect":
+        _first_connect(a, v6, maps)
+    a.label("udp_grants")
+    if v6 and kind == "connect":
+        # A datagram to a v4-mapped address runs the IPv4 sendmsg hook, so UDP grants of such
+        # destinations are keyed in IPv4 form (maps.grant_key); a UDP connect6 must look them up so.
+        a.ldx_w(2, 6, CTX_USER_IP6)
+        a.jne_imm(2, 0, "udp_grants_v6")
+        a.ldx_w(2, 6, CTX_USER_IP6 + 4)
+        a.jne_imm(2, 0, "udp_grants_v6")
+        a.ldx_w(2, 6, CTX_USER_IP6 + 8)  # bytes 00 00 ff ff: 0xffff0000 as loaded
+        a.mov_reg(3, 2)
+        a.and_imm(3, 0xFFFF)
+        a.jne_imm(3, 0, "udp_grants_v6")
+        a.rsh_imm(2, 16)  # (an immediate is sign-extended: 0xffff0000 cannot be one)
+        a.jne_imm(2, 0xFFFF, "udp_grants_v6")
+        _grant_lookup(a, v6, socket.SOCK_DGRAM, maps, mapped=True)
+        a.ja("allow")
+        a.label("udp_grants_v6")
+    _grant_lookup(a, v6, socket.SOCK_DGRAM, maps)
+    a.ja("allow")
+    return a.assemble()
+
+
+def _to_mark_destination(a: Asm, v6: bool, elsewhere: str) -> None:
+    """To "allow" if the call's destination is the mark's, else to elsewhere.
+
+    Entered with r1 = the mark's flags, r6 = ctx, r7 = the mark; r1 is lost.
+    """
     need = F_HAS_DEST if v6 else F_HAS_DEST | F_DEST_V4  # a destination, in this hook's family
     a.and_imm(1, need)
     a.jne_imm(1, need, elsewhere)
@@ -83,40 +125,33 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
         a.ldx_w(2, 6, CTX_USER_IP4)
         a.ldx_w(3, 7, M_IP4)
         a.jne_reg(2, 3, elsewhere)
-    a.label("allow")
-    a.mov_imm(0, 1)
-    a.exit()
-    a.label("deny")
-    a.mov_imm(0, 0)
-    a.exit()
-    if kind == "connect":
-        _first_connect(a, v6, maps)
-    else:
-        a.label("udp_grants")
-        _grant_lookup(a, v6, socket.SOCK_DGRAM, maps)
-        a.ja("allow")
-    return a.assemble()
+    a.ja("allow")
 
 
 # Stack of the connect programs: the grant key, the audit record, a state key.
 _KEY_AT, _EVENT_AT, _STATE_KEY_AT = -32, -80, -84
 
 
-def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int]) -> None:
+def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped: bool = False) -> None:
     """Look the destination up in the grants of the mark's tenant; to "deny" if it is not there.
 
     Entered with r6 = ctx, r7 = the mark; the key (as maps.grant_key builds
-    it) is left at _KEY_AT and r0 points at the grant's value.
+    it) is left at _KEY_AT and r0 points at the grant's value. mapped: an
+    IPv6 hook's v4-mapped destination, looked up in its IPv4 form.
     """
     a.ldx_w(1, 7, M_TENANT)
     a.jeq_imm(1, 0, "deny")  # a socket of no tenant's grants (a broker without them)
     a.stx_w(10, _KEY_AT, 1)
-    a.st_w(10, _KEY_AT + 4, grant_kind(sock_type, socket.AF_INET6 if v6 else socket.AF_INET))
+    a.st_w(10, _KEY_AT + 4, grant_kind(sock_type, socket.AF_INET6 if v6 and not mapped else socket.AF_INET))
     a.ldx_w(1, 6, CTX_USER_PORT)
     a.stx_w(10, _KEY_AT + 8, 1)
-    for i in range(4):
-        if v6 or i == 0:
-            a.ldx_w(1, 6, (CTX_USER_IP6 + 4 * i) if v6 else CTX_USER_IP4)
+    if mapped:
+        words = [CTX_USER_IP6 + 12, None, None, None]
+    else:
+        words = [(CTX_USER_IP6 + 4 * i) if v6 else (CTX_USER_IP4 if i == 0 else None) for i in range(4)]
+    for i, word in enumerate(words):
+        if word is not None:
+            a.ldx_w(1, 6, word)
             a.stx_w(10, _KEY_AT + 12 + 4 * i, 1)
         else:
             a.st_w(10, _KEY_AT + 12 + 4 * i, 0)

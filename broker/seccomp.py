@@ -463,11 +463,12 @@ class SeccompAgent:
                            mark: bytes) -> wire.Request | None:
         """A host socket already: confinement holds it to what was judged, so the call goes on.
 
-        Except a datagram of a grafted UDP socket to a destination its
-        tenant's UDP grants do not cover yet: judged first, as the shim's
-        GRANT, so that the socket sends exactly where the policy allows.
+        Except a datagram, or a connect, of a grafted UDP socket to a
+        destination its tenant's UDP grants do not cover yet: judged first,
+        as the shim's GRANT, so that the socket sends exactly where the
+        policy allows (a UDP connect only names where later sends go).
         """
-        if sock.type != socket.SOCK_DGRAM or n.call not in ("sendto", "sendmsg"):
+        if sock.type != socket.SOCK_DGRAM or n.call == "bind":
             return None
         flags, grant_id = maps.mark_flags_and_tenant(mark)
         conf = self.broker.confinement

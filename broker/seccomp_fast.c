@@ -562,8 +562,9 @@ static enum outcome on_socket(struct loop *l, const struct seccomp_notif *req, i
     if (r == 0) { /* a host socket: the kernel holds it to what the broker judged */
         if (tcp)
             remember_host_tcp(l, req->pid, (int)(uint32_t)req->data.args[0], sock);
-        if (tcp || is_connect || mark.flags & GRAFT_MARK_ANY_PEER || !mark.tenant)
+        if (tcp || mark.flags & GRAFT_MARK_ANY_PEER || !mark.tenant)
             return go_on(l, req);
+        /* A UDP datagram or connect (which names where later sends go), as the kernel judges both. */
         return granted(l, mark.tenant, SOCK_DGRAM, sa) == 1 ? go_on(l, req) : HANDOFF;
     }
     if (r != -ENOENT || udp)

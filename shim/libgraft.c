@@ -17,7 +17,8 @@
  * on the data path, so their interposers cost one lock-free table lookup
  * when the fd is anything but a placeholder, and nothing more unless the
  * kernel refuses a grafted UDP socket's destination: the broker is then
- * asked to grant it, and the send is made again. dup/dup3/fcntl(F_DUPFD*)
+ * asked to grant it, and the send (or a connect, which for UDP only names
+ * where later sends go) is made again. dup/dup3/fcntl(F_DUPFD*)
  * keep duplicates of a placeholder together (fdtable.h), and getsockname
  * shows the app the address it bound when a bind rule published it
  * elsewhere.
@@ -837,6 +838,8 @@ static int connect_result(int fd, const struct outcome *o, int saved)
     return wait_connected(fd, o->app.timeout_ms, saved);
 }
 
+static bool again_after_grant(int fd, const struct sockaddr *addr, socklen_t len, int saved); /* UDP, below */
+
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     graft_init();
@@ -852,7 +855,11 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
             return connect_result(fd, &o, saved);
     }
     errno = saved;
-    return graft_real.connect(fd, addr, len);
+    int rc = graft_real.connect(fd, addr, len);
+    /* A grafted UDP socket re-pointed elsewhere than the kernel lets it yet: asked as a send. */
+    if (rc < 0 && again_after_grant(fd, addr, len, saved))
+        rc = graft_real.connect(fd, addr, len);
+    return rc;
 }
 
 /* ---- bind() and listen() ---- */
@@ -1114,10 +1121,11 @@ static int grant_destination(int fd, const struct sockaddr *addr, socklen_t len)
 }
 
 /*
- * After a send with destination addr failed: whether to make it again
- * (errno = saved, as on entry), else errno is what the call fails with.
+ * After a call naming destination addr failed (a send, or a connect, which
+ * for UDP names where later sends go): whether to make it again (errno =
+ * saved, as on entry), else errno is what the call fails with.
  */
-static bool send_again(int fd, const struct sockaddr *addr, socklen_t len, int saved)
+static bool again_after_grant(int fd, const struct sockaddr *addr, socklen_t len, int saved)
 {
     if (errno != EPERM || addr == NULL)
         return false;
@@ -1135,7 +1143,7 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
         return -1;
     errno = saved;
     ssize_t rc = graft_real.sendto(fd, buf, n, flags, addr, len);
-    if (rc < 0 && send_again(fd, addr, len, saved))
+    if (rc < 0 && again_after_grant(fd, addr, len, saved))
         rc = graft_real.sendto(fd, buf, n, flags, addr, len);
     return rc;
 }
@@ -1148,7 +1156,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
         return -1;
     errno = saved;
     ssize_t rc = graft_real.sendmsg(fd, msg, flags);
-    if (rc < 0 && msg != NULL && send_again(fd, msg->msg_name, msg->msg_namelen, saved))
+    if (rc < 0 && msg != NULL && again_after_grant(fd, msg->msg_name, msg->msg_namelen, saved))
         rc = graft_real.sendmsg(fd, msg, flags);
     return rc;
 }
@@ -1177,7 +1185,7 @@ EXPORT int sendmmsg(int fd, struct graft_mmsghdr *vec, unsigned int vlen, int fl
     errno = saved;
     int rc = graft_real.sendmmsg(fd, vec, vlen, flags);
     if (rc < 0 && vec != NULL && vlen > 0 &&
-        send_again(fd, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, saved))
+        again_after_grant(fd, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, saved))
         rc = graft_real.sendmmsg(fd, vec, vlen, flags);
     return rc;
 }

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import pytest
 
 from harness import GRAFT, need_confinement, need_program, run_grafted
+from seccomp_env import seccomp_run
 from test_e2e_udp import program, run_json, udp_echo
 
 pytestmark = pytest.mark.netns
@@ -107,6 +108,27 @@ def test_a_grafted_socket_reaches_every_peer_the_policy_grafts_and_no_other(netn
         [("connect", a, "graft"), ("grant", b, "graft"), ("grant", c, "deny")]
     assert debug_lines(stderr, "grant") == [f"grant udp {fmt(host, b)} -> graft",
                                             f"grant udp {fmt(host, c)} -> deny (Operation not permitted)"]
+
+
+@pytest.mark.parametrize("host, server, cidr", ADDRESSES, ids=["ipv4", "v4-mapped", "ipv6"])
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_a_grafted_socket_re_pointed_by_connect_reaches_what_the_policy_grafts(netns, start_broker, mode, host,
+                                                                               server, cidr):
+    """A UDP connect() only names where later sends go: judged as a send to there would be."""
+    need_confinement()
+    with udp_echo(server) as (a, _), udp_echo(server) as (b, _), silent_peer(server) as (c, c_sock):
+        text = policy(cidr, [a, b], "required")
+        broker = start_broker(text.replace("[tenants.t]\n", f'[tenants.t]\nmode = "{mode}"\n'))
+        cmd = program("udp_client.py", "repoint", host, a, b, c)
+        r = seccomp_run(broker, netns, *cmd) if mode == "seccomp" else run_grafted(broker, netns, *cmd)
+        assert r.returncode == 0, r.stderr
+        at_c = queued(c_sock)
+    # C refused: the socket stays connected to B
+    assert json.loads(r.stdout) == {"steps": [["OK", "echo:a", [host, a]], ["OK", "echo:b1", [host, b]],
+                                              ["EPERM", None, None], ["OK", "echo:b2", [host, b]]]}
+    assert at_c == []
+    assert [(x["op"], x["port"], x["action"]) for x in broker.audit()] == \
+        [("connect", a, "graft"), ("grant", b, "graft"), ("grant", c, "deny")]
 
 
 def test_a_socket_grafted_before_an_exec_reaches_the_peers_the_policy_grafts(netns, start_broker):

@@ -8,6 +8,8 @@ deny HOST PORT            a sendto the policy denies: errno, and whether the soc
 peers HOST A B C          one unconnected socket (tests/test_udp_multi_peer.py): sendto A and recvfrom (the
                           graft), sendmsg B and recvfrom, sendto C (no reply expected), sendto B again and
                           recvfrom; {"steps": [[RESULT, REPLY, PEER], ...]}, RESULT "OK" or the send's errno
+repoint HOST A B C        one socket, re-pointed with connect(): A (the graft), send and recv; B, send and recv;
+                          C (refused or not); send and recv again (B, if C was refused); steps as for peers
 exec HOST A B             sendto A (grafts) and recvfrom, then exec this script in mode "inherited", which
                           sends to B on the inherited socket and recvfrom: {"first": REPLY, "second": [RESULT, REPLY]}
 """
@@ -66,6 +68,22 @@ try:
                 continue
             if to == c:  # C never answers
                 out["steps"].append(["OK", None, None])
+                continue
+            data, peer = s.recvfrom(2048)
+            out["steps"].append(["OK", data.decode(), list(peer[:2])])
+    elif mode == "repoint":
+        a, b, c = port, int(sys.argv[4]), int(sys.argv[5])
+        out["steps"] = []
+        for msg, to in ((b"a", a), (b"b1", b), (b"c", c), (b"b2", None)):
+            try:
+                if to is not None:
+                    s.connect((host, to))
+                if to == c:  # C never answers
+                    out["steps"].append(["OK", None, None])
+                    continue
+                s.send(msg)
+            except OSError as e:
+                out["steps"].append([errno.errorcode[e.errno], None, None])
                 continue
             data, peer = s.recvfrom(2048)
             out["steps"].append(["OK", data.decode(), list(peer[:2])])
