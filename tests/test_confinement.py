@@ -44,6 +44,7 @@ from harness import (
     need_root_and_netns,
     remove_test_cgroup,
 )
+from udp_env import udp_echo, udp_socket
 
 from graft.broker import bpf, bpfasm, confine, programs
 
@@ -127,42 +128,6 @@ proto = "tcp"
 """
 
 
-def udp_socket(host: str, port: int = 0) -> socket.socket:
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind((host, port))
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-@contextmanager
-def udp_echo(sock: socket.socket | None = None):
-    """Echo datagrams on sock (default: a new one on 127.0.0.1) from a thread; yield its port."""
-    s = sock or udp_socket("127.0.0.1")
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                data, peer = s.recvfrom(2048)
-            except OSError:
-                return
-            if data != b"stop":
-                s.sendto(data, peer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield s.getsockname()[1]
-    finally:
-        stop.set()
-        s.sendto(b"stop", s.getsockname())  # wakes the thread: no sleeps
-        t.join()
-        s.close()
-
-
 def v6_and_v4_twin() -> tuple[socket.socket, socket.socket]:
     """UDP sockets on [::1]:P and 127.0.0.1:P, one port P: a grant for the first must not reach the second."""
     for _ in range(20):  # bounded: a port free in v4 and taken in v6 is rare
@@ -216,8 +181,8 @@ def forbidden_servers(*more_udp: socket.socket):
 @contextmanager
 def escape_setup(tmp, mode: str, cgroup: str | None = None, front_end: str = "preload"):
     v6, twin = v6_and_v4_twin()
-    with (v6, twin, echo_server() as tcp, udp_echo() as udp, udp_echo(v6) as udp6, udp_echo() as udp2,
-          forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
+    with (v6, twin, echo_server() as tcp, udp_echo(prefix=b"") as (udp, _), udp_echo(sock=v6, prefix=b"") as (udp6, _),
+          udp_echo(prefix=b"") as (udp2, _), forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
         published = free_port()
         broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6, udp2, front_end), cgroup=cgroup)
         try:
@@ -465,7 +430,7 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
 def test_programs_are_attached_only_to_the_broker_cgroup(short_tmp):
     """Other processes' sockets never run the programs: nothing is attached above the broker."""
     need_confinement()
-    with echo_server() as tcp, udp_echo() as udp:
+    with echo_server() as tcp, udp_echo() as (udp, _):
         broker = BrokerProcess(short_tmp / "b", policy("required", tcp, udp, free_port()))
         try:
             broker.start()

@@ -11,27 +11,15 @@ giving the true peer address.
 """
 from __future__ import annotations
 
-import json
-import os
-import select
 import socket
 import subprocess
-import sys
-import threading
-from contextlib import contextmanager
 
 import pytest
 
 from harness import free_port, graft_cmd, need, run_grafted
-
-PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
-PY = sys.executable
+from udp_env import PY, program, run_json, udp_echo
 
 pytestmark = pytest.mark.netns
-
-
-def program(name: str, *args) -> list[str]:
-    return [PY, os.path.join(PROGRAMS, name), *map(str, args)]
 
 
 def policy(default: str = "deny", connect_ports=(), bind: tuple[int, int] | None = None, proto: str = "udp",
@@ -46,48 +34,6 @@ def policy(default: str = "deny", connect_ports=(), bind: tuple[int, int] | None
         text += (f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{bind[0]}]\nhost = "127.0.0.1:{bind[1]}"\n'
                  f'proto = "udp"\n')
     return text
-
-
-@contextmanager
-def udp_echo(host: str = "127.0.0.1", reply_from_other_port: bool = False):
-    """A UDP echo server on host:ephemeral; yields (port, reply_port).
-
-    With reply_from_other_port it answers from a second socket, so a client
-    whose socket were connected to `port` would never see the reply.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    rx = socket.socket(family, socket.SOCK_DGRAM)
-    rx.bind((host, 0))
-    tx = socket.socket(family, socket.SOCK_DGRAM) if reply_from_other_port else rx
-    if tx is not rx:
-        tx.bind((host, 0))
-    stop_r, stop_w = os.pipe()
-
-    def serve():
-        while True:
-            ready, _, _ = select.select([rx, stop_r], [], [])
-            if stop_r in ready:
-                return
-            data, peer = rx.recvfrom(65536)
-            tx.sendto(b"echo:" + data, peer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield rx.getsockname()[1], tx.getsockname()[1]
-    finally:
-        os.write(stop_w, b"x")
-        t.join()
-        for f in {rx, tx}:
-            f.close()
-        os.close(stop_r)
-        os.close(stop_w)
-
-
-def run_json(broker, ns, *args) -> dict:
-    r = run_grafted(broker, ns, *program(*args), timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def test_connected_udp_client_reaches_a_host_server(netns, start_broker):

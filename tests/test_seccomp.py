@@ -22,6 +22,7 @@ import pytest
 from harness import GRAFT, REPO, eventually, free_port, http_server, need_program, run_in_netns
 from seccomp_env import (connect_rule, counting_listener, policy, seccomp_broker, seccomp_records,  # noqa: F401
                          seccomp_run, tenant_status)
+from udp_env import udp_echo, udp_socket
 
 pytestmark = pytest.mark.netns
 
@@ -158,9 +159,7 @@ print(" ".join(out))
 def test_a_udp_socket_sends_exactly_where_the_policy_allows(netns, seccomp_broker, short_tmp):
     """One unconnected socket: its first destination grafts it, a second allowed one is judged and
     granted by the agent, a forbidden one is refused and never reached, a granted one is not asked again."""
-    from test_confinement import udp_echo, udp_socket
-
-    with udp_echo() as a, udp_echo() as b, udp_socket("127.0.0.1") as forbidden:
+    with udp_echo(prefix=b"") as (a, _), udp_echo(prefix=b"") as (b, _), udp_socket("127.0.0.1") as forbidden:
         c = forbidden.getsockname()[1]
         forbidden.setblocking(False)
         rules = f'[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [{a}, {b}]\nproto = "udp"\n'

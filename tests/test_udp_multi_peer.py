@@ -34,7 +34,7 @@ import pytest
 
 from harness import GRAFT, need_confinement, need_program, run_grafted
 from seccomp_env import seccomp_run
-from test_e2e_udp import program, run_json, udp_echo
+from udp_env import program, run_json, udp_echo
 
 pytestmark = pytest.mark.netns
 
