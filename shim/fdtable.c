@@ -60,6 +60,7 @@ struct entry {
     ino_t ino;               /* the socket's inode while state != FDT_NONE */
     struct fdt_sock sock;
     struct fdt_names names;
+    struct fdt_polls polls; /* while undecided: this fd number's epoll registrations */
 };
 
 typedef _Atomic(struct entry *) slot_t;
@@ -345,6 +346,7 @@ static void reset(struct entry *e, ino_t ino, const struct fdt_sock *desc, enum 
     e->sock = *desc;
     e->sock.gen = gen;
     e->ino = ino;
+    e->polls.n = 0;
     e->claimant = false;
     atomic_store_explicit(&e->has_names, false, memory_order_relaxed);
     set_state(e, state);
@@ -353,6 +355,7 @@ static void reset(struct entry *e, ino_t ino, const struct fdt_sock *desc, enum 
 static void forget(struct entry *e)
 {
     detach(e);
+    e->polls.n = 0;
     e->sock.gen++;
     e->claimant = false;
     atomic_store_explicit(&e->has_names, false, memory_order_relaxed);
@@ -416,6 +419,48 @@ static enum fdt_opt record_locked(struct fdt_sock *s, int level, int name, const
     if (len > 0)
         memcpy(o->val, val, len);
     return FDT_OPT_RECORDED;
+}
+
+static bool undecided(const struct entry *e)
+{
+    int state = state_of(e);
+    return state == FDT_PLACEHOLDER || state == FDT_BUSY;
+}
+
+/* The epoll_ctl that succeeded, on e's list of registrations. */
+static void record_poll(struct fdt_polls *p, int epfd, int op, const struct epoll_event *event)
+{
+    unsigned int i = 0;
+    while (i < p->n && p->at[i].epfd != epfd)
+        i++;
+    if (op == EPOLL_CTL_DEL) {
+        if (i < p->n)
+            p->at[i] = p->at[--p->n];
+        return;
+    }
+    if (i == p->n) {
+        if (op != EPOLL_CTL_ADD || p->n == FDT_MAX_POLLS)
+            return; /* a MOD of what was added before the fd was tracked; or no room: lost at a graft */
+        p->n++;
+    }
+    p->at[i].epfd = epfd;
+    p->at[i].event = *event;
+}
+
+int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real)
+{
+    struct entry *e = live_entry(fd);
+    if (e == NULL || !undecided(e) || !owned() || (op != EPOLL_CTL_DEL && event == NULL))
+        return real(epfd, op, fd, event);
+    struct held h;
+    lock_group(fd, e, &h);
+    int rc = real(epfd, op, fd, event);
+    int saved = errno;
+    if (rc == 0 && undecided(e))
+        record_poll(&e->polls, epfd, op, event);
+    unlock_group(&h);
+    errno = saved;
+    return rc;
 }
 
 enum fdt_opt fdt_record_opt(int fd, int level, int name, const void *val, socklen_t len)
@@ -519,6 +564,7 @@ void fdt_release_bound(int fd, uint64_t gen, const void *addr, socklen_t len)
 static void set_grafted(struct entry *e, ino_t ino, const struct fdt_names *names)
 {
     e->ino = ino;
+    e->polls.n = 0; /* made again on the host socket by install */
     if (names != NULL)
         e->names = *names;
     atomic_store_explicit(&e->has_names, names != NULL, memory_order_relaxed);
@@ -534,7 +580,7 @@ int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
     int err = EBADF; /* the app closed fd while the broker was deciding */
     lock_group(fd, e, &h);
     if (claim_held(e, gen)) {
-        err = install(fd, e->ino, arg);
+        err = install(fd, e->ino, &e->polls, arg);
         if (err != 0) {
             ring_set_state(e, FDT_PLACEHOLDER);
         } else {
@@ -542,9 +588,10 @@ int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
             while (!alone(e)) {
                 struct entry *m = ring_next(e);
                 unlink_entry(m);
-                if (install(m->fd, m->ino, arg) == 0) {
+                if (install(m->fd, m->ino, &m->polls, arg) == 0) {
                     set_grafted(m, ino, names);
                 } else {
+                    m->polls.n = 0;
                     m->sock.gen++;
                     m->claimant = false;
                     set_state(m, FDT_NONE);

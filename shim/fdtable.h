@@ -29,6 +29,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -63,6 +64,23 @@ struct fdt_names {
     socklen_t len;                /* size of both addresses */
     uint8_t app[GRAFT_ADDR_MAX];  /* what the app passed to bind() */
     uint8_t host[GRAFT_ADDR_MAX]; /* what the host socket is bound to */
+};
+
+/*
+ * The epoll registrations of one undecided fd number. epoll keys a
+ * registration by file and fd number, so putting the host socket on the
+ * number drops it with the placeholder's file; a graft makes each again on
+ * the host socket (event loops such as nginx's register a socket before
+ * they connect it).
+ */
+#define FDT_MAX_POLLS 4
+struct fdt_poll {
+    int epfd;
+    struct epoll_event event;
+};
+struct fdt_polls {
+    unsigned int n;
+    struct fdt_poll at[FDT_MAX_POLLS];
 };
 
 enum fdt_claim {
@@ -103,6 +121,16 @@ void fdt_track(int fd, ino_t ino, const struct fdt_sock *desc);
  */
 bool fdt_adopt(int fd, ino_t ino, struct fdt_sock *desc);
 
+/*
+ * epoll_ctl(epfd, op, fd, event) made with real, remembered if fd is
+ * undecided (and there is room: FDT_MAX_POLLS epoll instances). Under the
+ * entry's lock, so that a graft of fd is ordered entirely before the call
+ * (which then registers the host socket) or after it (and registers again).
+ * Returns what real returns, with its errno.
+ */
+typedef int (*fdt_epoll_fn)(int epfd, int op, int fd, struct epoll_event *event);
+int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real);
+
 /* setsockopt() succeeded on fd: remember the option if fd is a placeholder. */
 enum fdt_opt fdt_record_opt(int fd, int level, int name, const void *val, socklen_t len);
 
@@ -121,9 +149,10 @@ void fdt_release_bound(int fd, uint64_t gen, const void *addr, socklen_t len);
 
 /*
  * Puts the host socket on one fd number (the dup3); placeholder_ino is the
- * inode the entry expects on that fd now. Returns 0 or an errno value.
+ * inode the entry expects on that fd now, polls its epoll registrations.
+ * Returns 0 or an errno value.
  */
-typedef int (*fdt_install_fn)(int fd, ino_t placeholder_ino, void *arg);
+typedef int (*fdt_install_fn)(int fd, ino_t placeholder_ino, const struct fdt_polls *polls, void *arg);
 
 /*
  * Settles a claim as GRAFTED by running install on fd, and then on every

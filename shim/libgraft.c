@@ -535,8 +535,15 @@ static int match_nonblock(int hostfd, bool nonblock)
  * duplicate's number that was closed behind the shim's back and reused
  * from being overwritten. FD_CLOEXEC is per fd number, so each keeps its
  * own; O_NONBLOCK was set on the shared file description beforehand.
+ *
+ * The fd number's epoll registrations move with it (fdtable.h, fdt_polls):
+ * each is taken off the placeholder first, which also proves it is still
+ * there (an epoll fd closed since, or its number reused, answers ENOENT or
+ * EINVAL and is skipped), so a placeholder file that lives on elsewhere (a
+ * fork child's copy) reports nothing more under this number; and made
+ * again on the host socket, whose readiness epoll checks as it adds it.
  */
-static int dup_onto_app_fd(int fd, ino_t placeholder_ino, void *arg)
+static int dup_onto_app_fd(int fd, ino_t placeholder_ino, const struct fdt_polls *polls, void *arg)
 {
     const int *hostfd = arg;
     struct stat st;
@@ -545,7 +552,19 @@ static int dup_onto_app_fd(int fd, ino_t placeholder_ino, void *arg)
     int fd_flags = graft_real.fcntl(fd, F_GETFD);
     if (fd_flags < 0)
         return errno;
-    return graft_real.dup3(*hostfd, fd, fd_flags & FD_CLOEXEC ? O_CLOEXEC : 0) < 0 ? errno : 0;
+    bool moved[FDT_MAX_POLLS] = {false};
+    for (unsigned int i = 0; i < polls->n; i++)
+        moved[i] = graft_real.epoll_ctl(polls->at[i].epfd, EPOLL_CTL_DEL, fd, NULL) == 0;
+    int err = 0;
+    if (graft_real.dup3(*hostfd, fd, fd_flags & FD_CLOEXEC ? O_CLOEXEC : 0) < 0)
+        err = errno; /* the placeholder stays: its registrations go back on it */
+    for (unsigned int i = 0; i < polls->n; i++) {
+        struct epoll_event event = polls->at[i].event;
+        if (moved[i] && graft_real.epoll_ctl(polls->at[i].epfd, EPOLL_CTL_ADD, fd, &event) != 0)
+            log_debug("fd %d: its registration in epoll fd %d is lost (errno %d)", fd, polls->at[i].epfd,
+                      errno);
+    }
+    return err;
 }
 
 static bool same_inet_addr(const union inet_sockaddr *a, const union inet_sockaddr *b)
@@ -706,6 +725,17 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     }
     errno = saved;
     return rc;
+}
+
+/*
+ * Only an undecided placeholder's registrations are remembered, to be made
+ * again on its host socket (dup_onto_app_fd); anything else costs one
+ * lock-free table lookup.
+ */
+EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
+{
+    graft_init();
+    return fdt_epoll_ctl(epfd, op, fd, event, graft_real.epoll_ctl);
 }
 
 /* ---- connect() ---- */

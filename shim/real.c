@@ -54,4 +54,5 @@ void graft_real_init(void)
     RESOLVE(dup);
     RESOLVE(fcntl);
     RESOLVE(fcntl64);
+    RESOLVE(epoll_ctl);
 }

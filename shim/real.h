@@ -10,6 +10,7 @@
 #ifndef GRAFT_REAL_H
 #define GRAFT_REAL_H
 
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -31,6 +32,7 @@ struct graft_real_fns {
     int (*dup)(int fd);
     int (*fcntl)(int fd, int cmd, ...);
     int (*fcntl64)(int fd, int cmd, ...);
+    int (*epoll_ctl)(int epfd, int op, int fd, struct epoll_event *event);
 };
 
 extern struct graft_real_fns graft_real;

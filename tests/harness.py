@@ -235,7 +235,7 @@ class BrokerProcess:
 
     def _take_notify(self) -> str:
         """One notify datagram; fds in it are kept (FDSTORE=1) or closed, as a service manager would."""
-        from graft.broker.server import passed_fds
+        from graft.broker.scmrights import passed_fds
 
         msg, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
         fds = passed_fds(anc)
@@ -388,6 +388,11 @@ def run_grafted(broker: BrokerProcess, ns: str | None, *cmd: str, env: dict | No
                           timeout=timeout, check=check, stdin=subprocess.DEVNULL)
 
 
+def program(name: str, *args) -> list[str]:
+    """The argv that runs tests/programs/NAME (a Python script) with args."""
+    return [sys.executable, str(REPO / "tests" / "programs" / name), *map(str, args)]
+
+
 def run_in_netns(ns: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run cmd in ns without the shim (nsenter --net, which leaves /sys alone)."""
     return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", *cmd], capture_output=True, text=True,
@@ -429,7 +434,7 @@ REPLY_ANC_SPACE = socket.CMSG_SPACE(4 * 4)
 def reply_from_msg(data: bytes, ancdata) -> tuple:
     """(Reply, socket or None) from one received message; (None, None) at EOF."""
     from graft.broker import wire
-    from graft.broker.server import passed_fds
+    from graft.broker.scmrights import passed_fds
 
     fds = passed_fds(ancdata)
     assert len(fds) <= 1, f"a reply carried {len(fds)} fds"
@@ -461,7 +466,7 @@ class WireClient:
     def preissue(self, family: int = socket.AF_INET) -> tuple:
         """Ask for pre-issued TCP sockets: (Reply, [sockets])."""
         from graft.broker import wire
-        from graft.broker.server import passed_fds
+        from graft.broker.scmrights import passed_fds
 
         self.send(wire.encode_request(wire.OP_PREISSUE, None, family=family))
         data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, socket.CMSG_SPACE(4 * wire.PREISSUE_MAX))

@@ -65,7 +65,7 @@ def test_shim_exports_only_interposed_symbols():
     out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if line.split()[1] in "TtWi"}
     assert exported == {"socket", "connect", "bind", "listen", "setsockopt", "close", "dup", "dup2", "dup3",
-                        "fcntl", "fcntl64", "close_range", "sendto", "sendmsg", "sendmmsg", "getsockname"}
+                        "fcntl", "fcntl64", "close_range", "sendto", "sendmsg", "sendmmsg", "getsockname", "epoll_ctl"}
 
 
 def test_broker_refuses_a_broken_policy_at_start(tmp_path):

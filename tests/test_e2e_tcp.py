@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -21,11 +22,11 @@ from harness import (
     graft_cmd,
     http_server,
     need_program,
+    program,
     run_grafted,
     run_in_netns,
 )
 
-PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
 PY = sys.executable
 
 pytestmark = pytest.mark.netns
@@ -45,10 +46,6 @@ def policy(connect_port: int | None = None, bind_port: int | None = None, host_p
 def read_all(address: tuple[str, int]) -> str:
     with socket.create_connection(address, timeout=30) as s:
         return b"".join(iter(lambda: s.recv(4096), b"")).decode()
-
-
-def program(name: str, *args) -> list[str]:
-    return [PY, os.path.join(PROGRAMS, name), *map(str, args)]
 
 
 def test_curl_fetches_a_host_only_page(netns, start_broker, tmp_path):
@@ -126,6 +123,19 @@ def test_nonblocking_connect_with_epoll(netns, start_broker):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"connect": "EINPROGRESS", "events": 1, "so_error": 0, "nonblocking": True,
                                     "echo": "epoll says hi"}
+
+
+def test_a_socket_registered_with_epoll_before_its_connect_is_still_watched(netns, start_broker):
+    """Event loops (nginx's upstreams) register before they connect: the graft moves each registration."""
+    with echo_server() as port:
+        broker = start_broker(policy(connect_port=port))
+        r = run_grafted(broker, netns, *program("epoll_first.py", "tcp", "127.0.0.1", port))
+    assert r.returncode == 0, r.stderr
+    # `reused` holds the number of an epoll fd the socket was registered in, closed before the connect
+    assert json.loads(r.stdout) == {"connect": "EINPROGRESS", "a": [select.EPOLLOUT], "b": [select.EPOLLOUT],
+                                    "reused": [], "reused_number": True, "echo": "registered first",
+                                    "a_after_send": [select.EPOLLIN]}
+    assert [a["action"] for a in broker.audit()] == ["graft"]
 
 
 def test_32_threads_by_50_connects(netns, start_broker):

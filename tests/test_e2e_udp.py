@@ -11,6 +11,7 @@ giving the true peer address.
 """
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 
@@ -43,6 +44,14 @@ def test_connected_udp_client_reaches_a_host_server(netns, start_broker):
     assert out == {"data": "echo:hello connected", "peer": ["127.0.0.1", port], "getpeername": ["127.0.0.1", port]}
     (rec,) = broker.audit()
     assert (rec["op"], rec["proto"], rec["action"], rec["port"]) == ("connect", "udp", "graft", port)
+
+
+def test_a_socket_registered_with_epoll_before_its_first_sendto_is_still_watched(netns, start_broker):
+    with udp_echo() as (port, _):
+        broker = start_broker(policy(connect_ports=[port]))
+        out = run_json(broker, netns, "epoll_first.py", "udp", "127.0.0.1", port)
+    assert out == {"a": [select.EPOLLIN], "echo": "echo:udp first"}
+    assert [a["action"] for a in broker.audit()] == ["graft"]
 
 
 def test_sendto_grafts_an_unconnected_socket_that_hears_any_peer(netns, start_broker):

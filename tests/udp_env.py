@@ -13,9 +13,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from harness import run_grafted
+from harness import program, run_grafted
 
-PROGRAMS = os.path.join(os.path.dirname(__file__), "programs")
 PY = sys.executable
 
 
@@ -61,11 +60,6 @@ def udp_echo(host: str = "127.0.0.1", *, sock: socket.socket | None = None, pref
             f.close()
         os.close(stop_r)
         os.close(stop_w)
-
-
-def program(name: str, *args) -> list[str]:
-    """The argv of tests/programs/NAME with args."""
-    return [PY, os.path.join(PROGRAMS, name), *map(str, args)]
 
 
 def run_json(broker, ns, *args) -> dict:
