@@ -37,7 +37,7 @@ from .netns import NetnsError
 from .sockopts import apply_options, split_options
 
 if TYPE_CHECKING:
-    from .server import TenantState
+    from .tenant import TenantState
 
 log = logging.getLogger("graft.broker")
 

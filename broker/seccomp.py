@@ -68,8 +68,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import maps, seccomp_abi as abi, seccomp_fast as fast, seccomp_sys as sys_, wire
-from .server import STRAY_FD_CLOSERS, Peer, TenantState, close_all, passed_fds
+from .scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
+from .tenant import Peer, TenantState
 from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:

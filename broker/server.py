@@ -23,7 +23,7 @@ into the audit log by ``_drain_kernel_audit``, a task of the broker nursery.
 Every byte from a client is untrusted: a malformed message gets an error
 reply and the connection is closed; stray fds in ancillary data are closed;
 a client that vanishes costs nothing but its own connection. A tenant may
-hold at most ``MAX_CLIENTS_PER_TENANT`` connections at once, so one tenant
+hold at most ``tenant.MAX_CLIENTS_PER_TENANT`` connections at once, so one tenant
 cannot exhaust the broker's fds for the others.
 """
 from __future__ import annotations
@@ -35,9 +35,7 @@ import os
 import socket
 import struct
 import time
-from collections import Counter
 from datetime import datetime, timezone
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -54,82 +52,23 @@ from .decide import Verdict, judge, tenant_loc
 from .fdstore import FdStore
 from .hostsock import HostSockets, recorded_options
 from .netns import Namespace
-from .ratelimit import TokenBucket
 from .ringbuf import RingReader
+from .scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
+from .seccomp import SeccompAgent
+from .tenant import Peer, TenantState
 
 log = logging.getLogger("graft.broker")
 
-MAX_CLIENTS_PER_TENANT = 256
 # A client connection idle this long is closed, so processes that graft once
 # and live on do not keep the tenant's slots; the shim's pooled connection
 # then fails on its next call and it retries on a fresh one.
 IDLE_TIMEOUT = 60.0
-# Requests of one tenant the broker works on at once. A tenant's other ready
-# connections wait for a turn off trio's run queue, so however many
-# connections a flooding tenant keeps busy, another tenant's request has at
-# most this many of them ahead of it.
-TURNS_PER_TENANT = 1
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
-STRAY_FD_CLOSERS = 4  # worker threads closing fds clients passed, at most this many at once
 # How often the kernel's audit records of fast-path connects are written out:
 # their lag in the audit log. The ring holds maps.EVENTS_SIZE bytes, about
 # 21,000 records: it would take 400,000 connects/s to overflow it in between.
 KERNEL_AUDIT_INTERVAL = 0.05
-
-
-@dataclass
-class TenantState:
-    name: str
-    config: Tenant
-    matcher: TenantMatcher
-    namespace: Namespace
-    path: Path
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    removed: bool = False  # by a reload: its socket goes too (a stop leaves a stored one in place)
-    done: trio.Event = field(default_factory=trio.Event)  # its task has ended, socket torn down
-    slots: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_CLIENTS_PER_TENANT))
-    turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(TURNS_PER_TENANT))
-    live: set[int] = field(default_factory=set)  # inodes of grafted sockets handed out (no confinement)
-    kid: int = 0  # the id its sockets are counted under in the kernel (confinement on)
-    gid: int = 0  # the id its grants and pre-issued sockets carry; 0: no fast path
-    issued: int = 0  # sockets handed out and counted in the kernel (confinement on)
-    closed: int = 0  # of those, closed as of the kernel's count when last read
-    preissued: int = 0  # of those, pre-issued for the fast path
-    refreshing: trio.Event | None = None  # set when the running liveness dump ends
-    full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
-    bucket: TokenBucket | None = None  # max_rate
-    counts: Counter = field(default_factory=Counter)  # requests by audited action, for graft status
-    # Owns the tenant's client tasks and its seccomp listeners' tasks (seccomp.py): they end with it.
-    nursery: trio.Nursery | None = None
-    seccomp_listeners: int = 0  # notify fds served for its containers now
-    seccomp_loops: set = field(default_factory=set)  # their C loops (seccomp_fast.Loop), running now
-    seccomp_ended: Counter = field(default_factory=Counter)  # the counts of loops that have ended
-
-    def seccomp_calls(self) -> dict[str, int]:
-        """How the seccomp listeners' loops answered the stopped calls, since the tenant started."""
-        total = Counter(self.seccomp_ended)
-        for loop in self.seccomp_loops:
-            total.update(loop.stats)
-        return {k: total[k] for k in ("continued", "installed", "handed_off")}
-
-    def configure(self, config: Tenant, matcher: TenantMatcher) -> None:
-        """Take a (re)loaded policy. Sockets already handed out keep what they got."""
-        self.config, self.matcher = config, matcher
-        owner = config.socket_owner(self.name)
-        if (self.namespace.netns, self.namespace.owner) != (config.netns, owner):
-            self.namespace = Namespace(config.netns, owner)
-        if config.max_rate is None:
-            self.bucket = None
-        elif self.bucket is None or self.bucket.rate != config.max_rate:
-            self.bucket = TokenBucket(config.max_rate, time.monotonic())
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
 
 
 class Broker:
@@ -142,8 +81,6 @@ class Broker:
         self.confinement = confinement
         self.confinement_state = "on" if confinement is not None else "off"
         self.sockets = HostSockets(confinement)  # every front-end's grafted sockets are made there
-        from .seccomp import SeccompAgent  # here: the agent builds on this module's Peer and TenantState
-
         self.seccomp = SeccompAgent(self)
         self.socket_dir = Path(socket_dir)
         self.audit = audit
@@ -793,38 +730,6 @@ def fd_less_reply(verdict: Verdict) -> bytes:
     """The reply to a request answered without a socket: a GRANT granted, or a refusal with its errno."""
     kind = {"graft": wire.V_GRAFT, "deny": wire.V_DENY}.get(verdict.action, wire.V_ERROR)
     return wire.encode_reply(kind, 0 if kind == wire.V_GRAFT else verdict.errno)
-
-
-def passed_fds(ancdata) -> list[int]:
-    """The fds a client passed in SCM_RIGHTS (clients must pass none)."""
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return list(fds)
-
-
-_NO_LINGER = struct.pack("ii", 1, 0)
-
-
-def close_all(fds: list[int]) -> None:
-    """Close fds a client passed.
-
-    Closing the last reference to a socket with SO_LINGER set blocks for as
-    long as its sender chose (an hour, behind a zero window): each socket
-    gets SO_LINGER {1, 0} first, so its close is immediate.
-    """
-    for fd in fds:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:  # not a socket
-            os.close(fd)
-            continue
-        with sock:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-            except OSError:
-                pass  # not one that lingers (a Unix socket)
 
 
 def prepare_socket_dir(path: Path) -> None:

@@ -1,7 +1,7 @@
 """Fairness: a tenant flooding the broker from 64 connections barely moves
 another tenant's grant latency.
 
-The broker gives each tenant one turn at a time (server.TURNS_PER_TENANT),
+The broker gives each tenant one turn at a time (tenant.TURNS_PER_TENANT),
 so a quiet tenant's request waits behind about one of the flooder's, not
 behind all 64. Without turns the quiet tenant's p99 rose about 25x here;
 the design target is 2x, which this 2-core machine (broker, 64 flooding

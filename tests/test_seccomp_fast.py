@@ -346,7 +346,7 @@ def test_a_fd_number_reused_for_another_socket_is_judged_again(netns, seccomp_br
 REFUSED_PREISSUED = """
 import errno, socket, sys
 from graft.broker import wire
-from graft.broker.server import passed_fds
+from graft.broker.scmrights import passed_fds
 path, port = sys.argv[1], int(sys.argv[2])
 # An unconnected pre-issued socket on one of the program's fds, as the C loop leaves one when the
 # kernel refused its connect (the grant gone between the loop's lookup and the connect).
