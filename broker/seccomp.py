@@ -21,7 +21,7 @@ from it, and the kernel audits that connect (``"via": "kernel"``). What it
 hands over is answered here as follows.
 
 A notification on an inet socket of the container, naming an inet address,
-is judged like a shim's request (Broker.judge: max_rate, decide.judge), the
+is judged like a shim's request (decisions.py: max_rate, decide.judge), the
 host socket is made by the shared factory (hostsock.py) with the options
 and flags of the app's socket, put on the app's own fd number
 (SECCOMP_IOCTL_NOTIF_ADDFD with SETFD), and the call goes on:
@@ -356,7 +356,7 @@ class SeccompAgent:
                 if verdict.action == "graft":
                     return self._continue(fd, n)
                 return self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
-            verdict = self.broker.judge(tenant, req, peer)
+            verdict = self.broker.decisions.judge(tenant, req, peer)
             serial = self.broker.grant_serial
             host = None
             if verdict.action == "graft":
@@ -365,8 +365,8 @@ class SeccompAgent:
                 verdict, host = made.verdict, made.sock
             try:
                 # Recorded before it takes effect, as the shim's requests are before their reply.
-                if not self.broker.record(tenant, peer, req, verdict, "seccomp"):
-                    self._respond(fd, abi.encode_response(n.id, error=self.broker.unrecorded_errno(req)))
+                if not self.broker.decisions.record(tenant, peer, req, verdict, "seccomp"):
+                    self._respond(fd, abi.encode_response(n.id, error=self.broker.decisions.unrecorded_errno(req)))
                 elif host is not None:
                     self._install(fd, n, req, sock, host)
                     self.broker.grant(tenant, req, verdict, serial)

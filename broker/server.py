@@ -48,7 +48,8 @@ from .seccomp_abi import SECCOMP_SOCKET
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
-from .decide import Verdict, judge, tenant_loc
+from .decide import Verdict, tenant_loc
+from .decisions import Decisions
 from .fdstore import FdStore
 from .hostsock import HostSockets, recorded_options
 from .netns import Namespace
@@ -80,6 +81,8 @@ class Broker:
         # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
         self.confinement = confinement
         self.confinement_state = "on" if confinement is not None else "off"
+        # Every front-end's decision and audit record (judge, record), and its grafted sockets.
+        self.decisions = Decisions(audit, self.confinement_state, policy.audit.on_error)
         self.sockets = HostSockets(confinement)  # every front-end's grafted sockets are made there
         self.seccomp = SeccompAgent(self)
         self.socket_dir = Path(socket_dir)
@@ -88,7 +91,6 @@ class Broker:
         self._nursery: trio.Nursery | None = None
         self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
-        self.audit_refused = 0  # decisions refused because the audit log could not take them
         self.loaded_at = time.time()
         # The fast path: grants are made only for verdicts of the rules in force (see reload).
         self._grant_serial = 0
@@ -236,6 +238,7 @@ class Broker:
             except (OSError, RuntimeError) as e:
                 failed.append(f"tenant {name}: {e}")
         self.policy = policy
+        self.decisions.on_error = policy.audit.on_error
         self.generation += 1
         self.loaded_at = time.time()
         if failed:
@@ -268,7 +271,7 @@ class Broker:
                        "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat()},
             "confinement": self.confinement_state,
             "audit": {"on_error": self.policy.audit.on_error, "lost": self.audit.lost,
-                      "waiting_bytes": self.audit.waiting, "refused": self.audit_refused},
+                      "waiting_bytes": self.audit.waiting, "refused": self.decisions.refused},
             "tenants": tenants,
         }
 
@@ -423,7 +426,7 @@ class Broker:
             reply = fd_less_reply(self.judge_grant(tenant, req, peer, "shim"))
             return await self._send(conn, reply, [], tenant, peer)
 
-        verdict = self.judge(tenant, req, peer)
+        verdict = self.decisions.judge(tenant, req, peer)
         serial = self._grant_serial
         host_sock, reply = None, None
         if verdict.action == "graft":
@@ -433,11 +436,11 @@ class Broker:
         else:
             reply = wire.encode_reply(wire.V_DENY, verdict.errno)
         try:
-            if not self.record(tenant, peer, req, verdict, "shim"):
+            if not self.decisions.record(tenant, peer, req, verdict, "shim"):
                 if host_sock is not None:
                     host_sock.close()
                     host_sock = None
-                reply = self._unrecorded_reply(req)
+                reply = wire.encode_reply(wire.V_DENY, self.decisions.unrecorded_errno(req))
             elif host_sock is not None:
                 self.grant(tenant, req, verdict, serial)
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
@@ -483,7 +486,7 @@ class Broker:
             return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
                 "kernel's audit ring"))  # nothing would hold them to the policy
-        if self.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
+        if self.decisions.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
             return self._refuse_preissue(tenant, peer, req, via, Verdict(
                 "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
         if not tenant.matcher.uid_allowed(peer.uid):
@@ -525,7 +528,7 @@ class Broker:
 
     def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request, via: str,
                          verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
-        self.audit_request(tenant, peer, req, verdict, via)
+        self.decisions.audit_request(tenant, peer, req, verdict, via)
         return [], verdict, 0
 
     @property
@@ -544,7 +547,7 @@ class Broker:
         every later use until the rules change. Whether the grant was made.
         """
         if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
-                or req.addr is None or (req.type == socket.SOCK_STREAM and self.audit_required)
+                or req.addr is None or (req.type == socket.SOCK_STREAM and self.decisions.audit_required)
                 or serial != self._grant_serial):  # judged by rules no longer in force
             return False
         rule_id = self._rule_ids.get(verdict.rule)
@@ -568,15 +571,15 @@ class Broker:
         carried out on it and is refused. The verdict as recorded; "graft"
         means granted.
         """
-        verdict = self.judge(tenant, req, peer)
+        verdict = self.decisions.judge(tenant, req, peer)
         if verdict.action == "container":
             verdict = Verdict("deny", verdict.rule, errno.EPERM, None,
                               "a grafted socket cannot send through the container's stack")
         elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
             verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
                               "no grants: confinement (or this tenant's grant map) is not in place")
-        if not self.record(tenant, peer, req, verdict, via):
-            return Verdict("deny", verdict.rule, self.unrecorded_errno(req), None, "not recorded")
+        if not self.decisions.record(tenant, peer, req, verdict, via):
+            return Verdict("deny", verdict.rule, self.decisions.unrecorded_errno(req), None, "not recorded")
         if verdict.action == "graft" and not self.grant(tenant, req, verdict, self._grant_serial):
             return Verdict("error", verdict.rule, errno.EPERM, verdict.target, "the grant failed")
         return verdict
@@ -644,65 +647,6 @@ class Broker:
         except OSError as e:
             log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
             return False
-
-    # ---- audit -----------------------------------------------------------
-
-    def judge(self, tenant: TenantState, req: wire.Request, peer: Peer) -> Verdict:
-        """The decision for a bind/connect request of any front-end: max_rate, then the rules."""
-        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
-            return Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
-        return judge(req, tenant.matcher, peer.uid)
-
-    @property
-    def audit_required(self) -> bool:
-        """[audit] on_error = "deny": nothing is granted that the audit log has not taken."""
-        return self.policy.audit.on_error == "deny"
-
-    def record(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> bool:
-        """Audit a decision before it takes effect; whether it may (every front-end's last stage).
-
-        False only when the record was lost and the policy says on_error =
-        "deny": the caller then refuses the request (``unrecorded_errno``)
-        and gives out nothing, so no socket leaves the broker unaudited.
-        """
-        if self.audit_request(tenant, peer, req, verdict, via) or not self.audit_required:
-            return True
-        self.audit_refused += 1
-        return False
-
-    @staticmethod
-    def unrecorded_errno(req: wire.Request) -> int:
-        """What a request refused for want of an audit record fails with: as a policy denial would."""
-        return errno.EACCES if req.op == wire.OP_BIND else errno.EPERM
-
-    def _unrecorded_reply(self, req: wire.Request) -> bytes:
-        return wire.encode_reply(wire.V_DENY, self.unrecorded_errno(req))
-
-    def audit_request(self, tenant: TenantState, peer: Peer, req: wire.Request, verdict: Verdict, via: str) -> bool:
-        """Write the request's audit record and count it for graft status; whether it was recorded.
-
-        via: the front-end that asked, "shim" or "seccomp" (the kernel's
-        fast-path records are written by _write_kernel_events).
-        """
-        tenant.counts[verdict.action] += 1
-        host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
-        return self.audit.write(
-            tenant=tenant.name,
-            pid=peer.pid,
-            uid=peer.uid,
-            op=req.op_name,
-            proto=req.proto,
-            family=req.family_name,
-            addr=str(req.addr.ip) if req.addr is not None else None,  # None: a preissue names no address
-            port=req.addr.port if req.addr is not None else None,
-            host_addr=str(host) if host is not None else None,
-            action=verdict.action,
-            rule=verdict.rule,
-            errno=verdict.errno,
-            confinement=self.confinement_state,
-            via=via,
-            **({"reason": verdict.reason} if verdict.reason else {}),
-        )
 
     def _audit_refusal(self, tenant: TenantState, peer: Peer, e: wire.WireError) -> None:
         tenant.counts["error"] += 1
