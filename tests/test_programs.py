@@ -110,13 +110,17 @@ def program(name: str, *args) -> list[str]:
 # ---- nginx -----------------------------------------------------------------------
 
 
-def nginx_config(root: Path) -> Path:
-    """master + 2 workers, epoll, `listen 80 reuseport`; the error log on stderr (our pipe)."""
+def nginx_config(root: Path, locations: str = "", user: str = "") -> Path:
+    """master + 2 workers, epoll, `listen 80 reuseport`; the error log on stderr (our pipe).
+
+    locations: more location blocks for the server; user: the workers' (default: nginx's own).
+    """
     (root / "www").mkdir(parents=True)
     (root / "www" / "index.html").write_text("served by nginx\n")
     conf = root / "nginx.conf"
     conf.write_text(f"""
 daemon off;
+{f"user {user};" if user else ""}
 master_process on;
 worker_processes 2;
 pid {root}/nginx.pid;
@@ -133,6 +137,7 @@ http {{
         listen 80 reuseport;
         root {root}/www;
         location = /pid {{ return 200 "$pid\\n"; }}
+        {locations}
     }}
 }}
 """)
@@ -170,6 +175,33 @@ def test_nginx_master_and_reuseport_workers_published(netns, start_broker, short
     assert len(binds) == 2, broker.audit()  # one per reuseport copy: SO_REUSEPORT was replayed on the host
     assert {(a["addr"], a["port"], a["host_addr"], a["pid"]) for a in binds} == \
         {("0.0.0.0", 80, f"127.0.0.1:{host_port}", nginx.pid)}
+
+
+def test_nginx_proxies_to_a_host_only_upstream(netns, start_broker, short_tmp):
+    """nginx adds each upstream socket to its epoll set (edge-triggered) before it connects it."""
+    need_program("nginx")
+    need_program("curl")
+    host_port = free_port()
+    (short_tmp / "up").mkdir()
+    (short_tmp / "up" / "page").write_text("served by the upstream\n")
+    with http_server(short_tmp / "up") as upstream:
+        broker = start_broker(rules(bind=[publish(80, f"127.0.0.1:{host_port}")],
+                                    connect=[{"to": ["127.0.0.1/32"], "ports": [upstream], "proto": "tcp"}]))
+        # A lost registration would leave each request waiting for proxy_connect_timeout, then 504.
+        # Workers as root: `graft run` gives them the broker's socket by its path, in a 0700
+        # directory (a container gets it bind-mounted instead, graft-runtime).
+        conf = nginx_config(short_tmp / "nginx", f"location /up/ {{ proxy_pass http://127.0.0.1:{upstream}/; "
+                                                 "proxy_connect_timeout 10s; }", user="root")
+        with running(graft_cmd(broker, netns, "nginx", "-e", "stderr", "-c", str(conf))) as nginx:
+            nginx.expect(r"start worker process (\d+)")  # after every listener is up (see above)
+            n = 6  # each request a new upstream connection (HTTP/1.0 to the upstream)
+            r = subprocess.run(["curl", "-sS", "--max-time", "20", *[f"http://127.0.0.1:{host_port}/up/page"] * n],
+                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, f"curl: {r.stderr}\nnginx:\n{nginx.output()}"
+            assert r.stdout.splitlines() == ["served by the upstream"] * n, nginx.output()
+            assert nginx.stop() == 0, nginx.output()
+    connects = [a for a in broker.audit() if a["op"] == "connect"]
+    assert connects and all(a["port"] == upstream and a["action"] == "graft" for a in connects), connects
 
 
 def test_nginx_denied_bind_fails_with_eacces(netns, start_broker, short_tmp):
