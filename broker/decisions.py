@@ -8,7 +8,7 @@ front-end asked: a max_rate token, then the rules (decide.judge, pure).
 effect (a socket sent or installed, a grant made): with ``[audit] on_error
 = "deny"`` a decision the log cannot take is refused instead, so nothing
 leaves the broker unaudited. The kernel's own records of fast-path
-connects are written by server.py, which drains them.
+connects are written by grants.py, which drains them.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class Decisions:
         """Write the request's audit record and count it for graft status; whether it was recorded.
 
         via: the front-end that asked, "shim" or "seccomp" (the kernel's
-        fast-path records are written by server.py).
+        fast-path records are written by grants.py).
         """
         tenant.counts[verdict.action] += 1
         host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None

@@ -2,7 +2,7 @@
 
 The connect programs leave one record per connect they judge on the fast
 path (programs._first_connect), without waking anyone; the broker drains the
-ring on a timer (server.Broker._drain_kernel_audit) into the audit log.
+ring on a timer (grants.Grants.drain_kernel_audit) into the audit log.
 
 Layout, per the kernel's ringbuf.c: page 0 holds the consumer position
 (the only page userspace may write), page 1 the producer position, and the

@@ -299,7 +299,7 @@ class SeccompAgent:
         if peer is not None:
             req = wire.Request(wire.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
             try:
-                socks, _, grant_id = await self.broker.preissue(tenant, req, peer, "seccomp")
+                socks, _, grant_id = await self.broker.grants.preissue(tenant, req, peer, "seccomp")
             except Exception:  # a bug costs the pool (the loop holds off), never the listener
                 log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
         # The thread that asked is gone: nothing was judged, so nothing was refused; the next may ask.
@@ -352,12 +352,12 @@ class SeccompAgent:
             if peer is None:
                 return self._continue(fd, n)
             if req.op == wire.OP_GRANT:
-                verdict = self.broker.judge_grant(tenant, req, peer, "seccomp")
+                verdict = self.broker.grants.judge_grant(tenant, req, peer, "seccomp")
                 if verdict.action == "graft":
                     return self._continue(fd, n)
                 return self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
             verdict = self.broker.decisions.judge(tenant, req, peer)
-            serial = self.broker.grant_serial
+            serial = self.broker.grants.serial
             host = None
             if verdict.action == "graft":
                 made = await self.broker.sockets.make(
@@ -369,7 +369,7 @@ class SeccompAgent:
                     self._respond(fd, abi.encode_response(n.id, error=self.broker.decisions.unrecorded_errno(req)))
                 elif host is not None:
                     self._install(fd, n, req, sock, host)
-                    self.broker.grant(tenant, req, verdict, serial)
+                    self.broker.grants.grant(tenant, req, verdict, serial)
                 elif verdict.action == "container":
                     self._continue(fd, n)
                 else:

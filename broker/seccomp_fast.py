@@ -42,7 +42,7 @@ for _c, _py in (("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST), ("GRAFT_MARK_ANY_PEER"
                 ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED)):
     if getattr(_consts, _c) != _py:
         raise RuntimeError(f"{HEADER}: {_c} differs from maps.py")
-if POOL_MAX != wire.PREISSUE_MAX:  # one POOL message carries what Broker.preissue gives at most
+if POOL_MAX != wire.PREISSUE_MAX:  # one POOL message carries what Grants.preissue gives at most
     raise RuntimeError(f"{HEADER}: GRAFT_FAST_POOL_MAX {POOL_MAX} != GRAFT_PREISSUE_MAX {wire.PREISSUE_MAX}")
 if len(sockopts.ALLOWED) > _consts.GRAFT_FAST_MAX_OPTS:
     raise RuntimeError(f"{HEADER}: the loop reads {_consts.GRAFT_FAST_MAX_OPTS} options, the allowlist has "

@@ -14,11 +14,10 @@ reply goes back with the host socket attached, and the broker closes its
 own copy right after, so it never keeps a grafted socket open.
 
 With kernel confinement on, the broker also runs the connect fast path
-(docs/architecture.md): a shim may ask for unconnected TCP sockets ahead of
-time (PREISSUE, ``preissue``), and each TCP connect the broker grafts
+(docs/architecture.md, grants.py): a shim may ask for unconnected TCP
+sockets ahead of time (PREISSUE), and each TCP connect the broker grafts
 becomes a grant in the kernel, so that those sockets may connect there
-without asking. The kernel's audit records of such connects are drained
-into the audit log by ``_drain_kernel_audit``, a task of the broker nursery.
+without asking.
 
 Every byte from a client is untrusted: a malformed message gets an error
 reply and the connection is closed; stray fds in ancillary data are closed;
@@ -42,18 +41,18 @@ import trio
 
 from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
-from . import confine, maps, wire
+from . import confine, wire
 from .admin import ADMIN_SOCKET, serve_admin
 from .seccomp_abi import SECCOMP_SOCKET
 from .unixsock import adopt_unix_listener, bind_unix_listener, unlink_if_socket
 from .audit import AuditLog
 from .confine import Confinement
-from .decide import Verdict, tenant_loc
+from .decide import Verdict
 from .decisions import Decisions
+from .grants import Grants
 from .fdstore import FdStore
 from .hostsock import HostSockets, recorded_options
 from .netns import Namespace
-from .ringbuf import RingReader
 from .scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
 from .seccomp import SeccompAgent
 from .tenant import Peer, TenantState
@@ -66,10 +65,6 @@ log = logging.getLogger("graft.broker")
 IDLE_TIMEOUT = 60.0
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
-# How often the kernel's audit records of fast-path connects are written out:
-# their lag in the audit log. The ring holds maps.EVENTS_SIZE bytes, about
-# 21,000 records: it would take 400,000 connects/s to overflow it in between.
-KERNEL_AUDIT_INTERVAL = 0.05
 
 
 class Broker:
@@ -93,12 +88,7 @@ class Broker:
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
         self.loaded_at = time.time()
         # The fast path: grants are made only for verdicts of the rules in force (see reload).
-        self._grant_serial = 0
-        self._tenant_by_gid: dict[int, str] = {}
-        self._rule_ids: dict[str, int] = {}
-        self._rules: list[str] = []
-        self._events_lost = 0
-        self._fast_path = False  # sockets are pre-issued only with confinement and its audit ring
+        self.grants = Grants(confinement, self.tenants, self.decisions, self.sockets)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -112,14 +102,9 @@ class Broker:
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
             self._drop_leftover_listeners()
-            if self.confinement is not None:
-                try:
-                    ring = RingReader(self.confinement.maps["events"], maps.EVENTS_SIZE)
-                except OSError as e:  # no audit of fast-path connects: then no fast path
-                    log.error("fast path off: cannot map the kernel's audit ring: %s", e)
-                else:
-                    self._fast_path = True
-                    nursery.start_soon(self._drain_kernel_audit, ring)
+            ring = self.grants.open_audit_ring()
+            if ring is not None:
+                nursery.start_soon(self.grants.drain_kernel_audit, ring)
             await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
             await nursery.start(self.seccomp.serve, self.socket_dir / SECCOMP_SOCKET)
             task_status.started()
@@ -134,7 +119,7 @@ class Broker:
                 state.kid = self.confinement.new_tenant_id()
             except confine.Unavailable as e:
                 raise RuntimeError(str(e)) from None
-            self._new_grant_id(state)
+            self.grants.new_id(state)
         try:
             await self._nursery.start(self._serve_tenant, state)
         except BaseException:
@@ -142,53 +127,15 @@ class Broker:
             raise
         self.tenants[name] = state  # only once it listens: a failed start leaves no half tenant
 
-    def _new_grant_id(self, tenant: TenantState) -> None:
-        """A new id for the tenant's grants and pre-issued sockets: those issued before lose all grants."""
-        assert self.confinement is not None
-        self._drop_grants(tenant)
-        try:
-            tenant.gid = self.confinement.new_grant_id()
-        except (confine.Unavailable, OSError) as e:
-            tenant.gid = 0
-            log.error("tenant %s: fast path off: %s", tenant.name, e)
-            return
-        self._tenant_by_gid[tenant.gid] = tenant.name
-
-    def _drop_grants(self, tenant: TenantState) -> None:
-        """The tenant's grant id retires: its grants (its own map in the kernel) go."""
-        if self.confinement is None or not tenant.gid:
-            return
-        try:
-            self.confinement.drop_grants(tenant.gid)
-        except OSError as e:  # the map stays in the kernel, unreachable: no socket carries the id any more
-            log.error("tenant %s: cannot remove its grants: %s", tenant.name, e)
-        tenant.gid = 0
-
     def _forget(self, tenant: TenantState) -> None:
         """A tenant gone: its grants and its close count go (its sockets stay counted nowhere)."""
-        self._drop_grants(tenant)
+        self.grants.drop(tenant)
         if self.confinement is None or not tenant.kid:
             return
         try:
             self.confinement.forget_tenant(tenant.kid)
         except OSError as e:  # a leftover count entry costs one map slot
             log.error("tenant %s: cannot remove its socket count: %s", tenant.name, e)
-
-    def _new_rules(self) -> None:
-        """The rules change: grants made under the old ones, and verdicts still being carried out, go.
-
-        Called in the same step as the tenants take their new rules (no
-        checkpoint in between), so that no request judged by an old rule
-        can make a grant that a new one would not.
-        """
-        self._grant_serial += 1
-        if self.confinement is None:
-            return
-        try:
-            self.confinement.revoke_grants()
-        except OSError as e:  # cannot happen short of a kernel error; then no pre-issued socket can be trusted
-            self._fast_path = False
-            log.error("fast path off: cannot revoke the old rules' grants in the kernel: %s", e)
 
     async def reload(self, policy: PolicyFile) -> None:
         """Apply a validated policy: new decisions for new requests only.
@@ -205,9 +152,9 @@ class Broker:
             if getattr(policy.broker, key) != getattr(self.policy.broker, key):
                 log.warning("broker.%s changed in the policy; it takes effect at the next restart", key)
         # One step, with no checkpoint: removed tenants are cancelled, the others
-        # take their new rules, and the old rules' grants go (_new_rules). Existing
-        # tenants come first, so that a new tenant whose listener cannot start
-        # leaves none of them on the old rules.
+        # take their new rules, and the old rules' grants go (Grants.new_rules).
+        # Existing tenants come first, so that a new tenant whose listener cannot
+        # start leaves none of them on the old rules.
         removed = [self.tenants.pop(name) for name in list(self.tenants) if name not in policy.tenants]
         for gone in removed:
             gone.removed = True
@@ -220,12 +167,12 @@ class Broker:
             reissue = (config.netns, config.uids) != (state.config.netns, state.config.uids)
             state.configure(config, matchers[name])
             if reissue and self.confinement is not None and state.gid:
-                self._new_grant_id(state)
+                self.grants.new_id(state)
             try:
                 os.chmod(state.path, config.socket_mode_int)
             except OSError as e:
                 log.error("tenant %s: cannot set the mode of %s: %s", name, state.path, e)
-        self._new_rules()
+        self.grants.new_rules()
         for gone in removed:
             await gone.done.wait()  # READY=1 after a reload means the removal is complete
             self._forget(gone)
@@ -414,7 +361,7 @@ class Broker:
             return False
 
         if req.op == wire.OP_PREISSUE:
-            socks, refusal, _ = await self.preissue(tenant, req, peer, "shim")
+            socks, refusal, _ = await self.grants.preissue(tenant, req, peer, "shim")
             reply = fd_less_reply(refusal) if refusal is not None else wire.encode_reply(wire.V_GRAFT, 0)
             try:
                 return await self._send(conn, reply, socks, tenant, peer)
@@ -423,11 +370,11 @@ class Broker:
                     sock.close()
 
         if req.op == wire.OP_GRANT:
-            reply = fd_less_reply(self.judge_grant(tenant, req, peer, "shim"))
+            reply = fd_less_reply(self.grants.judge_grant(tenant, req, peer, "shim"))
             return await self._send(conn, reply, [], tenant, peer)
 
         verdict = self.decisions.judge(tenant, req, peer)
-        serial = self._grant_serial
+        serial = self.grants.serial
         host_sock, reply = None, None
         if verdict.action == "graft":
             host_sock, reply, verdict = await self._graft(tenant, req, verdict)
@@ -442,7 +389,7 @@ class Broker:
                     host_sock = None
                 reply = wire.encode_reply(wire.V_DENY, self.decisions.unrecorded_errno(req))
             elif host_sock is not None:
-                self.grant(tenant, req, verdict, serial)
+                self.grants.grant(tenant, req, verdict, serial)
             return await self._send(conn, reply, [host_sock] if host_sock is not None else [], tenant, peer)
         finally:
             if host_sock is not None:
@@ -459,176 +406,6 @@ class Broker:
         if req.op == wire.OP_CONNECT:
             return made.sock, wire.encode_reply(wire.V_GRAFT, made.err), v
         return made.sock, wire.encode_reply(wire.V_GRAFT, 0, v.target), v
-
-    async def preissue(self, tenant: TenantState, req: wire.Request, peer: Peer,
-                       via: str) -> tuple[list[socket.socket], Verdict | None, int]:
-        """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
-
-        Both front-ends' (via): the shim's pools, and the seccomp agent's C
-        loop (seccomp_fast.c), which puts them on apps' fds. Returns the
-        sockets, or none and the refusal, audited; and the grant id they are
-        marked with: the one in force when the peer's uid was checked (a
-        reload that changes the tenant's netns or uids meanwhile gives it a
-        new id, and these sockets are refused rather than marked with it).
-
-        They are issued only while the tenant holds fewer than half its
-        max_sockets, so sockets idling in pools never make a real connect
-        fail with ENOBUFS; beyond that every connect asks the broker.
-
-        Each is marked pre-issued for the tenant: the kernel lets it connect
-        only where the broker has granted (``_grant``). Issuing confers no
-        access, so an issue is not audited (the connects are, by the kernel);
-        a refusal is, like every other decision.
-        """
-        name = tenant.name
-        grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
-        if self.confinement is None or not self._fast_path or not grant_id:
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
-                "kernel's audit ring"))  # nothing would hold them to the policy
-        if self.decisions.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
-        if not tenant.matcher.uid_allowed(peer.uid):
-            return self._refuse_preissue(tenant, peer, req, via,
-                                         Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
-        # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
-        n = await self.sockets.room(tenant, wire.PREISSUE_MAX, tenant.config.max_sockets // 2)
-        if n == 0:
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"))
-        if tenant.bucket is not None:
-            n = tenant.bucket.take_up_to(n, time.monotonic())
-            if n == 0:
-                return self._refuse_preissue(tenant, peer, req, via,
-                                             Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
-        try:
-            socks = await namespace.sockets(req.family, req.type, req.protocol, n)
-        except OSError as e:
-            log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
-        if tenant.gid != grant_id:
-            for sock in socks:
-                sock.close()
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"))
-        try:
-            for sock in socks:
-                self.confinement.mark_preissued(sock, grant_id)
-                self.sockets.own(tenant, sock)
-        except OSError as e:  # fail closed: none of them leaves
-            for sock in socks:
-                sock.close()
-            log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return self._refuse_preissue(tenant, peer, req, via, Verdict(
-                "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
-        tenant.preissued += n
-        return socks, None, grant_id
-
-    def _refuse_preissue(self, tenant: TenantState, peer: Peer, req: wire.Request, via: str,
-                         verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
-        self.decisions.audit_request(tenant, peer, req, verdict, via)
-        return [], verdict, 0
-
-    @property
-    def grant_serial(self) -> int:
-        """Read before a verdict is carried out; grant() makes no grant if a reload came in between."""
-        return self._grant_serial
-
-    def grant(self, tenant: TenantState, req: wire.Request, verdict: Verdict, serial: int) -> bool:
-        """A connect (or sendto) was grafted: the kernel lets the tenant's sockets reach there too.
-
-        TCP: its pre-issued sockets may connect there (the fast path, off
-        while the audit is required: the kernel's records of those connects
-        can be lost). UDP: its grafted UDP sockets may send there. The
-        verdict depends on the tenant, protocol, address and port only (the
-        uid was checked when the sockets were handed out), so it holds for
-        every later use until the rules change. Whether the grant was made.
-        """
-        if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
-                or req.addr is None or (req.type == socket.SOCK_STREAM and self.decisions.audit_required)
-                or serial != self._grant_serial):  # judged by rules no longer in force
-            return False
-        rule_id = self._rule_ids.get(verdict.rule)
-        if rule_id is None:
-            rule_id = self._rule_ids[verdict.rule] = len(self._rules)
-            self._rules.append(verdict.rule)
-        try:
-            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id, req.type)
-        except OSError as e:  # only a destination lost: the broker still answers
-            log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
-            return False
-        return True
-
-    def judge_grant(self, tenant: TenantState, req: wire.Request, peer: Peer, via: str) -> Verdict:
-        """GRANT: a new destination of a grafted UDP socket, judged as its sendto and granted in the kernel.
-
-        Every front-end's: the shim asks when the kernel refused a send, the
-        seccomp agent before it lets one go on. Synchronous from the
-        judgement to the grant, so no reload can come between them. The
-        socket is on the host already: a "container" verdict cannot be
-        carried out on it and is refused. The verdict as recorded; "graft"
-        means granted.
-        """
-        verdict = self.decisions.judge(tenant, req, peer)
-        if verdict.action == "container":
-            verdict = Verdict("deny", verdict.rule, errno.EPERM, None,
-                              "a grafted socket cannot send through the container's stack")
-        elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
-            verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
-                              "no grants: confinement (or this tenant's grant map) is not in place")
-        if not self.decisions.record(tenant, peer, req, verdict, via):
-            return Verdict("deny", verdict.rule, self.decisions.unrecorded_errno(req), None, "not recorded")
-        if verdict.action == "graft" and not self.grant(tenant, req, verdict, self._grant_serial):
-            return Verdict("error", verdict.rule, errno.EPERM, verdict.target, "the grant failed")
-        return verdict
-
-    async def _drain_kernel_audit(self, ring: RingReader) -> None:
-        """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
-        try:
-            while True:
-                await trio.sleep(KERNEL_AUDIT_INTERVAL)
-                self._audit_kernel_events(ring)
-        finally:
-            # Until the next broker starts, no pre-issued socket may connect anywhere:
-            # nobody would audit it, nor answer for rules that may change meanwhile.
-            self._new_rules()
-            self._audit_kernel_events(ring)  # what the last interval left
-            ring.close()
-
-    def _audit_kernel_events(self, ring: RingReader) -> None:
-        try:
-            self._write_kernel_events(ring)
-        except Exception:  # a bug here must cost audit records, never the broker
-            log.exception("audit: cannot write the kernel's records of fast-path connects")
-
-    def _write_kernel_events(self, ring: RingReader) -> None:
-        for raw in ring.drain():
-            ev = maps.decode_event(raw)
-            name = self._tenant_by_gid.get(ev.tenant_id)
-            extra = {}
-            if name is None:
-                # Judged by an earlier broker's grant after it stopped uncleanly
-                # (a crash): its tenant names and rules are not known here.
-                extra = {"reason": f"judged in the kernel by a grant of an earlier broker (tenant id {ev.tenant_id})"}
-                log.warning("audit: a fast-path connect of pid %d was judged by an earlier broker's grant", ev.pid)
-            else:
-                tenant = self.tenants.get(name)
-                if tenant is not None and tenant.gid == ev.tenant_id:
-                    tenant.counts["graft"] += 1
-            rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
-            self.audit.write(
-                tenant=name, pid=ev.pid, uid=ev.uid, op="connect", proto="tcp", family=wire.family_name(ev.family),
-                addr=ev.addr, port=ev.port, host_addr=None, action="graft", rule=rule, errno=0,
-                confinement=self.confinement_state, via="kernel", **extra,
-            )
-        assert self.confinement is not None
-        lost = self.confinement.events_lost()
-        if lost > self._events_lost:
-            log.error("audit: %d record(s) of fast-path connects lost (the kernel's ring was full)",
-                      lost - self._events_lost)
-            self._events_lost = lost
 
     async def _send(self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState,
                     peer: Peer) -> bool:
