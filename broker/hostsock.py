@@ -1,7 +1,7 @@
 """The host-socket factory: the one place a tenant's grafted socket is made.
 
 Both front-ends end here once ``decide.judge`` has said "graft": the shim's
-requests (server.py) and the seccomp agent's notifications (seccomp.py).
+requests (shim_front.py) and the seccomp agent's notifications (seccomp.py).
 
     front-end (shim | seccomp) → decide.judge → HostSockets.make → audit
 

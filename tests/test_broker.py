@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from graft.broker import hostsock, server, unixsock, wire
+from graft.broker import hostsock, shim_front, unixsock, wire
 from graft.broker.audit import AuditLog
 from graft.broker.outlet import Outlet
 from graft.broker.server import Broker
@@ -412,7 +412,7 @@ async def test_reload_applies_everything_but_a_tenant_that_cannot_start(env):
 
 
 async def test_idle_client_connections_are_closed(env, monkeypatch):
-    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.05)
+    monkeypatch.setattr(shim_front, "IDLE_TIMEOUT", 0.05)
     c = await env.client()
     with trio.fail_after(5):
         assert await c.reply() == (None, None)  # the broker hung up on the idle connection
