@@ -15,7 +15,7 @@ A record that cannot be recorded (no room left, disk full, a closed stderr)
 is lost and counted, with an error logged at most once a minute, and
 ``write()`` says so: the policy's ``[audit] on_error`` decides what that
 costs. "drop" (the default): networking goes on, the operator hears about
-it. "deny": the decision is refused (server.py, docs/policy.md).
+it. "deny": the decision is refused (decisions.py, docs/policy.md).
 """
 from __future__ import annotations
 
