@@ -17,11 +17,9 @@ import json
 import errno
 import os
 import re
-import select
 import socket
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,48 +31,19 @@ from harness import (
     graft_cmd,
     http_server,
     need_program,
+    program,
     run_grafted,
     run_in_netns,
 )
 from programs_env import ANSI, loopback_connect, publish, rules, running
+from udp_env import udp_echo
 
 pytestmark = pytest.mark.netns
 
-PROGRAMS = Path(__file__).resolve().parent / "programs"
 PY = sys.executable
 
 
 # ---- local helpers -------------------------------------------------------------
-
-
-@contextmanager
-def udp_echo_server(host: str = "127.0.0.1"):
-    """A UDP echo thread on host:ephemeral (bound before it yields); yields (port, peers seen)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    peers: list = []
-    stop_r, stop_w = os.pipe()
-
-    def serve():
-        while True:
-            ready, _, _ = select.select([sock, stop_r], [], [])
-            if stop_r in ready:
-                return
-            data, peer = sock.recvfrom(65536)
-            peers.append(peer)
-            sock.sendto(data, peer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield sock.getsockname()[1], peers
-    finally:
-        os.write(stop_w, b"x")
-        t.join()
-        sock.close()
-        os.close(stop_r)
-        os.close(stop_w)
 
 
 def grafts(broker, op: str, proto: str = "tcp") -> list[dict]:
@@ -101,10 +70,6 @@ def socket_option_in(pid: int, port: int, level: int, name: int) -> int:
     finally:
         os.close(pidfd)
     raise AssertionError(f"process {pid} has no socket on port {port}")
-
-
-def program(name: str, *args) -> list[str]:
-    return [PY, str(PROGRAMS / name), *map(str, args)]
 
 
 # ---- nginx -----------------------------------------------------------------------
@@ -357,7 +322,8 @@ def test_socat_tcp_client(netns, start_broker):
 def test_socat_udp_client(netns, start_broker, address):
     """UDP: connect() then send(); UDP-SENDTO: sendto() on an unconnected, unbound socket."""
     need_program("socat")
-    with udp_echo_server() as (port, peers):
+    peers: list = []
+    with udp_echo(prefix=b"", peers=peers) as (port, _):
         broker = start_broker(rules(connect=[loopback_connect(port, "udp")]))
         # socat has no end-of-data on UDP; drive it line by line and stop it ourselves.
         with running(graft_cmd(broker, netns, "socat", "-", f"{address}:127.0.0.1:{port}"), stdin=True,

@@ -31,11 +31,12 @@ def udp_socket(host: str, port: int = 0) -> socket.socket:
 
 @contextmanager
 def udp_echo(host: str = "127.0.0.1", *, sock: socket.socket | None = None, prefix: bytes = b"echo:",
-             reply_from_other_port: bool = False):
+             reply_from_other_port: bool = False, peers: list | None = None):
     """Echo datagrams, prefixed, from a thread on sock (default: a new one on host); yields (port, reply_port).
 
     With reply_from_other_port it answers from a second socket, so a client
-    whose socket were connected to `port` would never see the reply.
+    whose socket were connected to `port` would never see the reply. Each
+    sender's address is appended to peers, if given.
     """
     rx = sock or udp_socket(host)
     tx = udp_socket(rx.getsockname()[0]) if reply_from_other_port else rx
@@ -47,6 +48,8 @@ def udp_echo(host: str = "127.0.0.1", *, sock: socket.socket | None = None, pref
             if stop_r in ready:
                 return
             data, peer = rx.recvfrom(65536)
+            if peers is not None:
+                peers.append(peer)
             tx.sendto(prefix + data, peer)
 
     t = threading.Thread(target=serve, daemon=True)
