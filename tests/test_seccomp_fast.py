@@ -140,7 +140,8 @@ def test_a_reload_that_revokes_the_grant_sends_connects_back_to_the_broker(netns
         assert eventually(lambda: len(arrivals) == 8)
 
 
-SWITCH_UID = """
+# A script's start: attempt() connects to argv[1] on 127.0.0.1, as the uid the process has then.
+ATTEMPT = """
 import errno, json, os, socket, sys
 port = int(sys.argv[1])
 def attempt():
@@ -152,6 +153,9 @@ def attempt():
         return errno.errorcode[e.errno]
     finally:
         s.close()
+"""
+
+SWITCH_UID = ATTEMPT + """
 out = [attempt() for _ in range(4)]  # as root: the pool is issued for uid 0
 os.setresuid(65534, 65534, 65534)
 out += [attempt() for _ in range(2)]
@@ -172,18 +176,8 @@ def test_a_pool_serves_only_the_uid_it_was_issued_for(netns, seccomp_broker):
     assert [(r["uid"], r["rule"]) for r in denied] == [(65534, "tenants.t.uids")] * 2
 
 
-OTHER_UID_FIRST = """
-import errno, json, os, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-def attempt():
-    s = socket.socket()
-    try:
-        s.connect(("127.0.0.1", port))
-        return "connected"
-    except OSError as e:
-        return errno.errorcode[e.errno]
-    finally:
-        s.close()
+OTHER_UID_FIRST = ATTEMPT + """
+n = int(sys.argv[2])
 result, done = os.pipe(), os.pipe()
 child = os.fork()
 if child == 0:  # a uid the policy leaves out asks first: its refill is refused...
