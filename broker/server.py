@@ -1,14 +1,15 @@
 """The broker's composition root: the stages wired together, the tenants, reload and status.
 
-Each request goes through the same stages, whichever front-end brings it
+A request goes through the same stages whichever front-end brings it
 (docs/architecture.md, "Front-ends, one decision, one factory"):
 
-    front-end ─ shim_front.py (the tenants' sockets) | seccomp.py (notify fds) | the kernel (grants)
-      → decisions.py (judge: max_rate, decide.judge) → hostsock.py (the host socket) → decisions.py (record)
+    shim_front.py (tenant sockets) ┐
+    seccomp.py (notify fds)        ┴→ Decisions.judge → HostSockets.make → Decisions.record
 
-with grants.py keeping the broker's verdicts in the kernel (grants,
-pre-issued sockets, the kernel's audit records). ``Broker`` makes one of
-each, owns the task tree, and keeps the tenants as the policy says:
+and grants.py keeps the broker's verdicts in the kernel, which then judges
+connects of pre-issued sockets itself and leaves a record of each in a ring
+that grants.py drains into the audit log. ``Broker`` makes one of each
+stage, owns the task tree, and keeps the tenants as the policy says:
 
     Broker.run                         (owns the broker nursery)
       ├─ serve_admin                   _admin.sock (admin.py)
@@ -65,10 +66,10 @@ class Broker:
         self._nursery: trio.Nursery | None = None
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
         self.loaded_at = time.time()
-        # The stages every front-end shares, then the front-ends.
+        # The stages every front-end shares, made once so that both front-ends go through the
+        # same ones; then the front-ends, which reach them through this object.
         self.decisions = Decisions(audit, self.confinement_state, policy.audit.on_error)
         self.sockets = HostSockets(confinement)
-        # The fast path: grants are made only for verdicts of the rules in force (see reload).
         self.grants = Grants(confinement, self.tenants, self.decisions, self.sockets)
         self.shim = ShimFront(self)
         self.seccomp = SeccompAgent(self)
