@@ -133,7 +133,8 @@ def test_a_socket_registered_with_epoll_before_its_connect_is_still_watched(netn
     assert r.returncode == 0, r.stderr
     # `reused` holds the number of an epoll fd the socket was registered in, closed before the connect
     assert json.loads(r.stdout) == {"connect": "EINPROGRESS", "a": [select.EPOLLOUT], "b": [select.EPOLLOUT],
-                                    "reused": [], "reused_number": True, "echo": "registered first",
+                                    "reused": [], "reused_number": True, "dup": [select.EPOLLOUT],
+                                    "echo": "registered first",
                                     "a_after_send": [select.EPOLLIN]}
     assert [a["action"] for a in broker.audit()] == ["graft"]
 

@@ -6,12 +6,14 @@ or "udp" (a sendto to a UDP echo server). Prints one JSON line.
 tcp: the socket is in three epoll instances before its connect: `a` (added
 for EPOLLOUT, edge-triggered), `b` (added for EPOLLIN, then modified to
 EPOLLIN|EPOLLOUT) and `gone` (added, then closed); `reused` is a fresh epoll
-instance, likely on gone's old number, that never saw the socket. After the
+instance, likely on gone's old number, that never saw the socket; `dup`
+has a duplicate of the socket's fd, made before the connect, added. After the
 connect each instance reports what the app asked of it, as without graft,
 and the app can still modify and remove its registrations.
 """
 import errno
 import json
+import os
 import select
 import socket
 import sys
@@ -31,12 +33,15 @@ if mode == "tcp":
     b.register(s.fileno(), select.EPOLLIN)
     b.modify(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
     gone.register(s.fileno(), select.EPOLLOUT)
+    d = os.dup(s.fileno())
+    dup = select.epoll()
+    dup.register(d, select.EPOLLOUT)
     gone_fd = gone.fileno()
     gone.close()
     reused = select.epoll()
     rc = s.connect_ex((host, port))
     out = {"connect": errno.errorcode.get(rc, rc), "a": masks(a, 10), "b": masks(b, 10),
-           "reused": masks(reused, 0), "reused_number": reused.fileno() == gone_fd}
+           "reused": masks(reused, 0), "reused_number": reused.fileno() == gone_fd, "dup": masks(dup, 10)}
     a.modify(s.fileno(), select.EPOLLIN)
     b.unregister(s.fileno())
     s.setblocking(True)
