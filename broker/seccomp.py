@@ -67,10 +67,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import maps, seccomp_abi as abi, seccomp_fast as fast, seccomp_sys as sys_, wire
+from . import maps, procfs, seccomp_abi as abi, seccomp_fast as fast, seccomp_sys as sys_, wire
 from .scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
 from .sockopts import Defaults, copy_options, option_defaults
-from .tenant import Peer, TenantState
+from .tenant import TenantState
 from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ class SeccompAgent:
 
     async def _refill(self, tenant: TenantState, ctl: trio.socket.SocketType, msg: fast.Message) -> None:
         """Pre-issued TCP sockets for the loop, judged for the calling process (none: refused, audited)."""
-        peer = _proc_status(msg.pid)
+        peer = procfs.proc_status(msg.pid)
         socks: list[socket.socket] = []
         grant_id = 0
         if peer is not None:
@@ -345,7 +345,7 @@ class SeccompAgent:
             req = self._request(n, sock, found)
             if req is None:
                 return self._continue(fd, n)
-            peer = _proc_status(n.pid)
+            peer = procfs.proc_status(n.pid)
             # What was read (address, fd, credentials) belongs to this call only if it is still pending.
             if not sys_.notif_id_valid(fd, n.id):
                 return  # its thread is gone: nothing to answer
@@ -389,7 +389,7 @@ class SeccompAgent:
                         return None
                     self._thread_pidfds = False  # before Linux 6.9: a thread's process is needed
             if not self._thread_pidfds:
-                proc = _proc_status(n.pid)
+                proc = procfs.proc_status(n.pid)
                 if proc is None:
                     return None
                 pidfd = sys_.pidfd_open(proc.pid)
@@ -483,7 +483,7 @@ class SeccompAgent:
         """Put the host socket on the app's fd number, as the app had its flags, and let the call finish."""
         host.setblocking(not fcntl.fcntl(app_sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
         try:
-            sys_.notif_addfd(fd, abi.encode_addfd(n.id, host.fileno(), n.fd, _cloexec(n.pid, n.fd)))
+            sys_.notif_addfd(fd, abi.encode_addfd(n.id, host.fileno(), n.fd, procfs.cloexec(n.pid, n.fd)))
         except OSError as e:
             if e.errno in _GONE:  # the caller died: the socket goes with the broker's copy
                 log.info("pid %d went away before its grafted socket was installed", n.pid)
@@ -501,57 +501,3 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-def _read_proc(path: str) -> bytes | None:
-    """A small /proc file in one read (no buffered file object: this is on every stopped call)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 8192)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _field(text: bytes, name: bytes) -> list[bytes]:
-    """The words of a "Name:\tvalue ..." line of a /proc file."""
-    at = text.find(b"\n" + name + b":")
-    if at < 0:
-        at = 0 if text.startswith(name + b":") else -1
-    if at < 0:
-        raise ValueError(name)
-    start = text.index(b":", at) + 1
-    end = text.find(b"\n", start)
-    return text[start:end if end >= 0 else None].split()
-
-
-def _proc_status(tid: int) -> Peer | None:
-    """The process of a thread, with its effective uid and gid, or None if it is gone.
-
-    /proc/<tid>/status, not the directory's owner: a process that made
-    itself non-dumpable shows as root there, which the uids check must not
-    believe.
-    """
-    text = _read_proc(f"/proc/{tid}/status")
-    if text is None:
-        return None
-    try:
-        tgid = int(_field(text, b"Tgid")[0])
-        uid = int(_field(text, b"Uid")[1])
-        gid = int(_field(text, b"Gid")[1])
-    except (ValueError, IndexError):
-        return None
-    return Peer(tgid, uid, gid)
-
-
-def _cloexec(tid: int, fd: int) -> bool:
-    """Whether the app's fd is close-on-exec (fdinfo's flags, in octal); the host socket keeps that."""
-    text = _read_proc(f"/proc/{tid}/fdinfo/{fd}")
-    try:
-        return text is not None and bool(int(_field(text, b"flags")[0], 8) & os.O_CLOEXEC)
-    except (ValueError, IndexError):
-        return False
