@@ -427,8 +427,8 @@ static bool undecided(const struct entry *e)
     return state == FDT_PLACEHOLDER || state == FDT_BUSY;
 }
 
-/* The epoll_ctl that succeeded, on e's list of registrations. */
-static void record_poll(struct fdt_polls *p, int epfd, int op, const struct epoll_event *event)
+/* The epoll_ctl that succeeded, on e's list of registrations; false if an ADD found no room. */
+static bool record_poll(struct fdt_polls *p, int epfd, int op, const struct epoll_event *event)
 {
     unsigned int i = 0;
     while (i < p->n && p->at[i].epfd != epfd)
@@ -436,19 +436,23 @@ static void record_poll(struct fdt_polls *p, int epfd, int op, const struct epol
     if (op == EPOLL_CTL_DEL) {
         if (i < p->n)
             p->at[i] = p->at[--p->n];
-        return;
+        return true;
     }
     if (i == p->n) {
-        if (op != EPOLL_CTL_ADD || p->n == FDT_MAX_POLLS)
-            return; /* a MOD of what was added before the fd was tracked; or no room: lost at a graft */
+        if (op != EPOLL_CTL_ADD)
+            return true; /* a MOD of what was added before the fd was tracked */
+        if (p->n == FDT_MAX_POLLS)
+            return false;
         p->n++;
     }
     p->at[i].epfd = epfd;
     p->at[i].event = *event;
+    return true;
 }
 
-int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real)
+int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real, bool *unrecorded)
 {
+    *unrecorded = false;
     struct entry *e = live_entry(fd);
     if (e == NULL || !undecided(e) || !owned() || (op != EPOLL_CTL_DEL && event == NULL))
         return real(epfd, op, fd, event);
@@ -457,7 +461,7 @@ int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll
     int rc = real(epfd, op, fd, event);
     int saved = errno;
     if (rc == 0 && undecided(e))
-        record_poll(&e->polls, epfd, op, event);
+        *unrecorded = !record_poll(&e->polls, epfd, op, event);
     unlock_group(&h);
     errno = saved;
     return rc;

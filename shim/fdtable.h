@@ -126,10 +126,11 @@ bool fdt_adopt(int fd, ino_t ino, struct fdt_sock *desc);
  * undecided (and there is room: FDT_MAX_POLLS epoll instances). Under the
  * entry's lock, so that a graft of fd is ordered entirely before the call
  * (which then registers the host socket) or after it (and registers again).
- * Returns what real returns, with its errno.
+ * Returns what real returns, with its errno; *unrecorded says whether a
+ * registration of an undecided fd found no room (a graft will not move it).
  */
 typedef int (*fdt_epoll_fn)(int epfd, int op, int fd, struct epoll_event *event);
-int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real);
+int fdt_epoll_ctl(int epfd, int op, int fd, struct epoll_event *event, fdt_epoll_fn real, bool *unrecorded);
 
 /* setsockopt() succeeded on fd: remember the option if fd is a placeholder. */
 enum fdt_opt fdt_record_opt(int fd, int level, int name, const void *val, socklen_t len);

@@ -735,7 +735,15 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
 EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 {
     graft_init();
-    return fdt_epoll_ctl(epfd, op, fd, event, graft_real.epoll_ctl);
+    bool unrecorded;
+    int rc = fdt_epoll_ctl(epfd, op, fd, event, graft_real.epoll_ctl, &unrecorded);
+    if (unrecorded) {
+        int saved = errno;
+        log_debug("epoll_ctl fd %d: its registration in epoll fd %d will not move to a host socket "
+                  "(%d epoll sets remembered already)", fd, epfd, FDT_MAX_POLLS);
+        errno = saved;
+    }
+    return rc;
 }
 
 /* ---- connect() ---- */

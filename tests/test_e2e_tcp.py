@@ -139,6 +139,16 @@ def test_a_socket_registered_with_epoll_before_its_connect_is_still_watched(netn
     assert [a["action"] for a in broker.audit()] == ["graft"]
 
 
+def test_a_fifth_epoll_set_is_not_moved_and_the_debug_log_says_so(netns, start_broker):
+    with echo_server() as port:
+        broker = start_broker(policy(connect_port=port))
+        r = run_grafted(broker, netns, *program("epoll_first.py", "many", "127.0.0.1", port),
+                        env=dict(os.environ, GRAFT_DEBUG="1"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"connect": "EINPROGRESS", "sets": [[select.EPOLLOUT]] * 4 + [[]]}
+    assert len(re.findall(r"will not move to a host socket \(4 epoll sets remembered already\)", r.stderr)) == 1
+
+
 def test_32_threads_by_50_connects(netns, start_broker):
     with echo_server() as port:
         broker = start_broker(policy(connect_port=port))

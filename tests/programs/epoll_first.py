@@ -1,7 +1,8 @@
 """A socket registered with epoll before its first connect or sendto, as nginx registers its upstreams.
 
-argv: MODE HOST PORT, MODE "tcp" (a non-blocking connect to an echo server)
-or "udp" (a sendto to a UDP echo server). Prints one JSON line.
+argv: MODE HOST PORT, MODE "tcp" (a non-blocking connect to an echo server),
+"udp" (a sendto to a UDP echo server) or "many" (a non-blocking connect of
+a socket in five epoll sets: what each reports). Prints one JSON line.
 
 tcp: the socket is in three epoll instances before its connect: `a` (added
 for EPOLLOUT, edge-triggered), `b` (added for EPOLLIN, then modified to
@@ -48,6 +49,13 @@ if mode == "tcp":
     s.sendall(b"registered first")
     out["a_after_send"] = masks(a, 10)  # the echo is readable on `a`, now for EPOLLIN
     out["echo"] = s.recv(100).decode()
+elif mode == "many":
+    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sets = [select.epoll() for _ in range(5)]
+    for ep in sets:
+        ep.register(s.fileno(), select.EPOLLOUT)
+    rc = s.connect_ex((host, port))
+    out = {"connect": errno.errorcode.get(rc, rc), "sets": [masks(ep, 10 if i < 4 else 0) for i, ep in enumerate(sets)]}
 else:
     s = socket.socket(family, socket.SOCK_DGRAM)
     a = select.epoll()
