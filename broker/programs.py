@@ -146,12 +146,14 @@ def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped
     a.ldx_w(1, 6, CTX_USER_PORT)
     a.stx_w(10, _KEY_AT + 8, 1)
     if mapped:
-        words = [CTX_USER_IP6 + 12, None, None, None]
+        words = [CTX_USER_IP6 + 12]
+    elif v6:
+        words = [CTX_USER_IP6 + 4 * i for i in range(4)]
     else:
-        words = [(CTX_USER_IP6 + 4 * i) if v6 else (CTX_USER_IP4 if i == 0 else None) for i in range(4)]
-    for i, word in enumerate(words):
-        if word is not None:
-            a.ldx_w(1, 6, word)
+        words = [CTX_USER_IP4]
+    for i in range(4):  # the address field of the key: the words loaded, zeros after them
+        if i < len(words):
+            a.ldx_w(1, 6, words[i])
             a.stx_w(10, _KEY_AT + 12 + 4 * i, 1)
         else:
             a.st_w(10, _KEY_AT + 12 + 4 * i, 0)

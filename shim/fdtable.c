@@ -568,7 +568,6 @@ void fdt_release_bound(int fd, uint64_t gen, const void *addr, socklen_t len)
 static void set_grafted(struct entry *e, ino_t ino, const struct fdt_names *names)
 {
     e->ino = ino;
-    e->polls.n = 0; /* made again on the host socket by install */
     if (names != NULL)
         e->names = *names;
     atomic_store_explicit(&e->has_names, names != NULL, memory_order_relaxed);
@@ -595,7 +594,6 @@ int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
                 if (install(m->fd, m->ino, &m->polls, arg) == 0) {
                     set_grafted(m, ino, names);
                 } else {
-                    m->polls.n = 0;
                     m->sock.gen++;
                     m->claimant = false;
                     set_state(m, FDT_NONE);

@@ -16,9 +16,10 @@ import pytest
 from harness import GRAFT, need_confinement
 
 
-def policy(*rules: str, default: str = "deny", mode: str = "seccomp") -> str:
+def policy(*rules: str, default: str = "deny", mode: str = "seccomp", tenant_keys: str = "") -> str:
+    """Tenant "t" in mode, with more of its keys (TOML lines) and then its rules."""
     text = (f'version = 1\n[broker]\nconfinement = "required"\n'
-            f'[tenants.t]\nmode = "{mode}"\ndefault = "{default}"\n')
+            f'[tenants.t]\nmode = "{mode}"\ndefault = "{default}"\n{tenant_keys}')
     return text + "".join(rules)
 
 

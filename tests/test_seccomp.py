@@ -453,8 +453,7 @@ print("third connected")
 
 def test_options_are_copied_and_max_sockets_counts_seccomp_grafts(netns, seccomp_broker):
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port)).replace('default = "deny"\n',
-                                                                   'default = "deny"\nmax_sockets = 1\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='max_sockets = 1\n'))
         r = seccomp_run(broker, netns, PY, "-c", TWO_CONNECTS, str(port))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:3] == ["nodelay True", "second ENOBUFS", "third connected"]

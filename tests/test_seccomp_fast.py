@@ -165,8 +165,7 @@ print(json.dumps(out))
 
 def test_a_pool_serves_only_the_uid_it_was_issued_for(netns, seccomp_broker):
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port)).replace('default = "deny"\n',
-                                                                    'default = "deny"\nuids = [0]\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='uids = [0]\n'))
         r = seccomp_run(broker, netns, PY, "-c", SWITCH_UID, str(port))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == ["connected"] * 4 + ["EPERM"] * 2
@@ -196,8 +195,7 @@ print(json.dumps(out))
 def test_a_refused_uid_does_not_hold_back_the_pool_of_an_allowed_one(netns, seccomp_broker):
     n = 40
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port)).replace('default = "deny"\n',
-                                                                    'default = "deny"\nuids = [0]\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='uids = [0]\n'))
         r = seccomp_run(broker, netns, PY, "-c", OTHER_UID_FIRST, str(port), str(n))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == ["EPERM"] + ["connected"] * n

@@ -42,8 +42,8 @@ PY = sys.executable
 DEBUG = dict(os.environ, GRAFT_DEBUG="1")
 
 
-def policy(cidr: str, ports: list[int], confinement: str) -> str:
-    return (f'version = 1\n[broker]\nconfinement = "{confinement}"\n[tenants.t]\ndefault = "deny"\n'
+def policy(cidr: str, ports: list[int], confinement: str, mode: str = "preload") -> str:
+    return (f'version = 1\n[broker]\nconfinement = "{confinement}"\n[tenants.t]\nmode = "{mode}"\ndefault = "deny"\n'
             f'[[tenants.t.connect]]\nto = ["{cidr}"]\nports = {ports}\nproto = "udp"\n')
 
 
@@ -117,8 +117,7 @@ def test_a_grafted_socket_re_pointed_by_connect_reaches_what_the_policy_grafts(n
     """A UDP connect() only names where later sends go: judged as a send to there would be."""
     need_confinement()
     with udp_echo(server) as (a, _), udp_echo(server) as (b, _), silent_peer(server) as (c, c_sock):
-        text = policy(cidr, [a, b], "required")
-        broker = start_broker(text.replace("[tenants.t]\n", f'[tenants.t]\nmode = "{mode}"\n'))
+        broker = start_broker(policy(cidr, [a, b], "required", mode))
         cmd = program("udp_client.py", "repoint", host, a, b, c)
         r = seccomp_run(broker, netns, *cmd) if mode == "seccomp" else run_grafted(broker, netns, *cmd)
         assert r.returncode == 0, r.stderr
