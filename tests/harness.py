@@ -169,11 +169,21 @@ class BrokerProcess:
     keeps every fd pushed under a name (but one per file) until a removal.
     ``stored`` maps names to this process's copies; ``release_store()``
     closes them.
+
+    ``kernel_audit_interval`` replaces grants.KERNEL_AUDIT_INTERVAL in the
+    broker (started through the interpreter, not its script): with a long one
+    the kernel's records of fast-path connects reach the log only as the
+    broker stops, which is what a test of that stop needs.
+
+    The log lags the kernel's ring by up to that interval while the broker
+    runs: a test that counts ``"via": "kernel"`` records reads them with
+    ``stop_and_audit()``, or waits for its exact count with ``eventually``.
     """
 
     def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None,
-                 fdstore: bool = False, stderr_fd: int | None = None):
+                 fdstore: bool = False, stderr_fd: int | None = None, kernel_audit_interval: float | None = None):
         self.cgroup = cgroup
+        self.kernel_audit_interval = kernel_audit_interval
         self.stderr_fd = stderr_fd  # the broker's stderr, if not the file stderr() reads
         self._owns_cgroup = cgroup is None
         self.dir = tmp
@@ -203,7 +213,7 @@ class BrokerProcess:
         if self.cgroup is None and self._owns_cgroup:
             self.cgroup = make_test_cgroup()
         cg_dir = cgroup2_dir(self.cgroup) if self.cgroup else None
-        cmd = [GRAFT_BROKER, "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
+        cmd = [*self._broker_cmd(), "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
                "--audit-log", str(self.audit_path), "--log-level", "debug", *extra]
         passed: list[int] = []
         try:
@@ -220,6 +230,12 @@ class BrokerProcess:
                 os.close(fd)
         self.expect_notify("READY=1")
         return self
+
+    def _broker_cmd(self) -> list[str]:
+        if self.kernel_audit_interval is None:
+            return [GRAFT_BROKER]
+        return [sys.executable, "-c", "import sys; from graft.broker import grants, main; "
+                f"grants.KERNEL_AUDIT_INTERVAL = {self.kernel_audit_interval!r}; sys.exit(main.main())"]
 
     def _pass_stored(self, cmd: list[str], env: dict) -> tuple[list[str], list[int]]:
         """cmd wrapped to receive the stored fds as systemd passes them; the fds to pass."""
@@ -321,7 +337,18 @@ class BrokerProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
+    def stop_and_audit(self) -> list[dict]:
+        """Stop the broker (it must exit 0), then its whole audit log.
+
+        On its way out the broker writes what the kernel's ring still holds,
+        so every fast-path connect made before the stop is in what this reads.
+        """
+        rc = self.stop()
+        assert rc == 0, f"broker exited {rc}:\n{self.stderr()}"
+        return self.audit()
+
     def audit(self) -> list[dict]:
+        """The audit log so far; records of fast-path connects may lag (see the class)."""
         if not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
