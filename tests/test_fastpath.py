@@ -62,8 +62,8 @@ proto = "tcp"
 
 
 @contextmanager
-def running(tmp, text: str, cgroup: str | None = None):
-    broker = BrokerProcess(tmp, text, cgroup=cgroup).start()
+def running(tmp, text: str, cgroup: str | None = None, **kwargs):
+    broker = BrokerProcess(tmp, text, cgroup=cgroup, **kwargs).start()
     try:
         yield broker
     finally:
@@ -140,6 +140,26 @@ def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tm
                                        "rule", "errno")} == {
         "tenant": "t", "pid": pid, "uid": os.getuid(), "op": "connect", "proto": "tcp", "family": "inet",
         "addr": "127.0.0.1", "port": port, "action": "graft", "rule": "tenants.t.connect[0]", "errno": 0}
+
+
+def test_a_stopping_broker_writes_every_fast_path_connect_first(short_tmp):
+    """SIGTERM right after the connects: every one the kernel judged is in the log the broker leaves.
+
+    Its periodic write of the kernel's records is an hour away here, so only the
+    write on its way out can bring them; a broker that exits without draining
+    the ring leaves none.
+    """
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port), kernel_audit_interval=3600.0) as broker:
+        with pre_issued(broker) as (client, reply, socks):
+            assert reply.verdict == wire.V_GRAFT and len(socks) == wire.PREISSUE_MAX, reply
+            grant(client, port)
+            assert [connect_errno(s, ("127.0.0.1", port)) for s in socks] == [0] * len(socks)
+            assert not [r for r in broker.audit() if r.get("via") == "kernel"]  # none written yet
+            audit = broker.stop_and_audit()
+    kernel = [r for r in audit if r.get("via") == "kernel"]
+    assert len(kernel) == wire.PREISSUE_MAX, audit
+    assert {(r["pid"], r["op"], r["port"], r["action"]) for r in kernel} == {(os.getpid(), "connect", port, "graft")}
 
 
 def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
