@@ -1,63 +1,73 @@
 """Fairness: a tenant flooding the broker from 64 connections barely moves
-another tenant's grant latency.
+another tenant's turn.
 
 The broker gives each tenant one turn at a time (tenant.TURNS_PER_TENANT),
 so a quiet tenant's request waits behind about one of the flooder's, not
-behind all 64. Without turns the quiet tenant's p99 rose about 25x here;
-the design target is 2x, which this 2-core machine (broker, 64 flooding
-clients and the measuring client all on it) meets only about half the
-time, so the test's bound is 4x: far below what FIFO service gives, with
-room for the machine's noise.
+behind all of the flooder's ready connections. The test counts that in the
+broker's own order of service, its audit log: how many of the flooder's
+requests the broker served between two consecutive requests of the quiet
+tenant, which asks again as soon as it has its answer. A count, not a
+latency: CPU contention from elsewhere slows both tenants alike and leaves
+it alone, where it made a latency bound flaky on this 2-core machine. What
+the flood costs the quiet tenant in microseconds is a benchmark's
+(bench/load_tenants.py, docs/reliability.md).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from graft.broker import wire
-from harness import GRAFT, REPO, WireClient, connect_request, eventually
+from graft.brokerstatus import read_status
+from harness import REPO, WireClient, connect_request, eventually
 
 sys.path.insert(0, str(REPO / "bench"))
 import load_tenants  # noqa: E402  (the flooding clients)
 
-BOUND = 4.0
+# Flooder requests served between two of the quiet tenant's, at the 90th
+# percentile. With turns it is 2 here (the one in progress, and one while the
+# quiet client turns its answer round), with a CPU hog running too; without
+# turns (TURNS_PER_TENANT = 1000) it was 74-83, the median 64: every ready
+# connection of the flooder's.
+BOUND = 8
 REQUESTS = 1500
 
 
-def grant_latencies(path: Path, port: int, n: int = REQUESTS) -> tuple[float, float]:
-    """(p50, p99) in seconds of n sequential UDP connect grafts on one connection."""
+def quiet_requests(path: Path, port: int, n: int = REQUESTS) -> None:
+    """n sequential UDP connect grafts on one connection, each sent as soon as the last is answered."""
     req = connect_request(port, udp=True)
     c = WireClient(path)
-    lat = []
     try:
         for _ in range(n):
-            t0 = time.perf_counter()
             c.send(req)
             rep, sock = c.reply()
-            lat.append(time.perf_counter() - t0)
             assert rep.verdict == wire.V_GRAFT
             sock.close()
     finally:
         c.close()
-    lat.sort()
-    return statistics.median(lat), lat[int(0.99 * (n - 1))]
 
 
-def served(broker, tenant: str) -> int:
-    """How many grafts the broker has made for tenant (graft status counters)."""
-    r = subprocess.run([GRAFT, "status", "--socket-dir", str(broker.socket_dir), "--json"], capture_output=True,
-                       text=True)
-    return json.loads(r.stdout)["tenants"][tenant]["counts"]["graft"] if r.returncode == 0 else 0
+def grafts(broker, tenant: str) -> int:
+    return read_status(str(broker.socket_dir))["tenants"][tenant]["counts"]["graft"]
 
 
-def flooded_and_alone(broker) -> tuple[tuple, tuple]:
-    quiet = broker.socket_dir / "t1.sock"
-    alone = grant_latencies(quiet, load_tenants.BASE_PORT + 1)
+def served_between(audit: list[dict], quiet: str, other: str) -> list[int]:
+    """For each of quiet's records after its first: how many of other's came since quiet's last."""
+    gaps, since, seen_quiet = [], 0, False
+    for r in audit:
+        if r["tenant"] == quiet:
+            if seen_quiet:
+                gaps.append(since)
+            seen_quiet, since = True, 0
+        elif r["tenant"] == other:
+            since += 1
+    return gaps
+
+
+def test_a_flooding_tenant_does_not_starve_another(start_broker):
+    broker = start_broker(load_tenants.policy(2), "t0", "--log-level", "warning")
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     flooder = ctx.Process(target=load_tenants.tenant_process,
@@ -66,17 +76,16 @@ def flooded_and_alone(broker) -> tuple[tuple, tuple]:
     flooder.start()
     try:
         # The flood is on once the broker has served the flooder 1,000 times.
-        assert eventually(lambda: served(broker, "t0") > 1000, timeout=20, interval=0.05)
-        flooded = grant_latencies(quiet, load_tenants.BASE_PORT + 1)
-        assert flooder.is_alive()  # still flooding when the measurement ended
+        assert eventually(lambda: grafts(broker, "t0") > 1000, timeout=20, interval=0.05)
+        quiet_requests(broker.socket_dir / "t1.sock", load_tenants.BASE_PORT + 1)
+        assert flooder.is_alive()  # still flooding when the quiet tenant was done
     finally:
         flooder.terminate()
         flooder.join()
-    return alone, flooded
-
-
-def test_a_flooding_tenant_does_not_starve_another(start_broker):
-    broker = start_broker(load_tenants.policy(2), "t0", "--audit-log", "off", "--log-level", "warning")
-    alone, flooded = flooded_and_alone(broker)
-    ratio = flooded[1] / alone[1]
-    assert ratio < BOUND, f"quiet tenant p99 {alone[1] * 1e6:.0f} us alone, {flooded[1] * 1e6:.0f} us flooded"
+    gaps = sorted(served_between(broker.stop_and_audit(), "t1", "t0"))
+    assert len(gaps) == REQUESTS - 1, len(gaps)
+    # the flood went on between the quiet tenant's requests, not only around them
+    assert sum(gaps) >= REQUESTS, sum(gaps)
+    p90 = gaps[int(0.9 * (len(gaps) - 1))]
+    assert p90 <= BOUND, f"flooder requests served between two of the quiet tenant's: p50 {gaps[len(gaps) // 2]}, " \
+                         f"p90 {p90}, max {gaps[-1]}"
