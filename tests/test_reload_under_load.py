@@ -1,5 +1,9 @@
 """Policy hot reload while about 1,000 grafts a second are running: the new
-decisions apply at once, and no request fails because of the reload."""
+decisions apply at once, and no request fails because of the reload.
+
+The load is paced to that rate; what the test asserts of it is not its rate
+(a loaded machine may not reach it, and targets live in bench/) but that every
+client kept being answered across every reload."""
 from __future__ import annotations
 
 import threading
@@ -29,7 +33,7 @@ def request() -> bytes:
 
 
 def load(path, stop: threading.Event, seen: list, problems: list) -> None:
-    """Paced requests on one connection; record (time sent, verdict) and anything abnormal."""
+    """Paced requests on one connection; record (time sent, verdict) in seen, and anything abnormal."""
     c = WireClient(path)
     req = request()
     interval = 1.0 / RATE_PER_CLIENT
@@ -59,27 +63,23 @@ def load(path, stop: threading.Event, seen: list, problems: list) -> None:
 
 def test_reload_under_load(start_broker):
     broker = start_broker(POLICY.format(action="graft"), "t", "--audit-log", "off")
-    stop, seen, problems = threading.Event(), [], []
-    threads = [threading.Thread(target=load, args=(broker.socket_path, stop, seen, problems))
-               for _ in range(CLIENTS)]
+    stop, problems = threading.Event(), []
+    seen: list[list] = [[] for _ in range(CLIENTS)]  # per client
+    threads = [threading.Thread(target=load, args=(broker.socket_path, stop, mine, problems)) for mine in seen]
     for t in threads:
         t.start()
-    switches = []
     try:
         for i in range(RELOADS):
             action = "deny" if i % 2 == 0 else "graft"
             broker.reload(POLICY.format(action=action))  # returns once READY=1 follows RELOADING=1
-            switches.append((time.monotonic(), wire.V_DENY if action == "deny" else wire.V_GRAFT))
+            switched_at, want = time.monotonic(), wire.V_DENY if action == "deny" else wire.V_GRAFT
             # Requests sent from now on reach the broker after its READY=1, so
-            # they must carry the new decision.
-            mark = len(seen)
-            assert eventually(lambda: len(seen) >= mark + 50)  # answers to 50 requests after the switch
-            after = [v for ts, v in seen[mark:] if ts > switches[-1][0]]
-            assert after and all(v == switches[-1][1] for v in after), (action, after[:10])
+            # they must carry the new decision; every client gets answers to some.
+            after = lambda: [[v for ts, v in mine if ts > switched_at] for mine in seen]  # noqa: E731
+            assert eventually(lambda: problems or min(map(len, after())) >= 10, timeout=10), [len(m) for m in seen]
+            assert problems == [] and all(v == want for mine in after() for v in mine), (action, problems)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert problems == []
-    duration = seen[-1][0] - seen[0][0]
-    assert len(seen) / duration > 0.8 * RATE_PER_CLIENT * CLIENTS, f"{len(seen) / duration:.0f} requests/s"
