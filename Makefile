@@ -9,7 +9,7 @@ APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nfta
 # The commands those packages provide; apt runs only if one is missing.
 APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make systemd-analyze runc crun podman busybox go
 
-.PHONY: all build deps venv demo test clean install-service bench bench-deps
+.PHONY: all build deps venv demo test lint clean install-service bench bench-deps
 
 all: build
 
@@ -29,13 +29,22 @@ venv: $(VENV)/.installed
 
 build: venv
 	$(MAKE) -C shim
-	$(MAKE) -C broker
+	$(MAKE) -C broker/seccomp
 
 demo: deps build
 	$(VPY) demo/demo.py
 
 test: deps build
 	CI=$${CI:-} $(VPY) -m pytest
+
+# ruff's lint and format checks (ruff.toml); `$(VENV)/bin/ruff format .` applies the format.
+$(VENV)/.lint-installed: $(VENV)/.installed setup.py constraints.txt
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,lint]'
+	touch $@
+
+lint: deps $(VENV)/.lint-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # make bench [QUICK=1] [ROUNDS=N]: host, nat, pasta, slirp4netns and graft, see docs/benchmarks.md.
 # Run as root. ROUNDS: more rounds narrow each ratio's confidence interval.
@@ -63,6 +72,7 @@ bench: bench-deps build $(VENV)/.bench-installed
 
 clean:
 	$(MAKE) -C shim clean
+	$(MAKE) -C broker/seccomp clean
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # Render and install the systemd unit (docs/systemd.md). Run as root.

@@ -5,8 +5,8 @@ policy/, graft/ for the CLI); they install as one ``graft`` package namespace
 so nothing generic like ``policy`` lands at the top of site-packages.
 ``build_py`` compiles libgraft.so with the shim's own Makefile and ships it,
 with the wire header the broker parses, inside ``graft.shim``; and the
-seccomp agent's C loop, libgraft_seccomp.so (broker/Makefile), with its
-header, inside ``graft.broker``.
+seccomp agent's C loop, libgraft_seccomp.so (broker/seccomp/Makefile), with
+its header, inside ``graft.broker.seccomp``.
 """
 import os
 import subprocess
@@ -15,12 +15,13 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BROKER_LAYERS = ("core", "shim", "seccomp", "confine", "io")  # broker/__init__.py
 
 
 class BuildWithShim(build_py):
     def run(self):
         subprocess.run(["make", "-C", os.path.join(HERE, "shim"), "libgraft.so"], check=True)
-        subprocess.run(["make", "-C", os.path.join(HERE, "broker"), "libgraft_seccomp.so"], check=True)
+        subprocess.run(["make", "-C", os.path.join(HERE, "broker", "seccomp"), "libgraft_seccomp.so"], check=True)
         super().run()
 
 
@@ -29,16 +30,17 @@ setup(
     version="0.1.0",
     description="Graft container sockets onto the host network stack, under policy",
     python_requires=">=3.11",
-    packages=["graft", "graft.broker", "graft.policy", "graft.shim"],
+    packages=["graft", "graft.broker", *(f"graft.broker.{p}" for p in BROKER_LAYERS), "graft.policy", "graft.shim"],
     package_dir={
         "graft": "graft",
         "graft.broker": "broker",
+        **{f"graft.broker.{p}": f"broker/{p}" for p in BROKER_LAYERS},
         "graft.policy": "policy",
         "graft.shim": "shim",
     },
     package_data={
         "graft.shim": ["libgraft.so", "graft_wire.h"],
-        "graft.broker": ["libgraft_seccomp.so", "seccomp_fast.h"],
+        "graft.broker.seccomp": ["libgraft_seccomp.so", "seccomp_fast.h"],
         "graft.policy": ["examples/*.toml"],
     },
     install_requires=[
@@ -49,6 +51,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-trio", "hypothesis"],
+        "lint": ["ruff"],  # make lint
         # make bench: figures (Agg backend) and the broker profile (docs/benchmarks.md)
         "bench": ["matplotlib", "py-spy"],
     },

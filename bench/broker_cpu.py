@@ -27,9 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, WireClient, connect_request, eventually  # noqa: E402
-
-from graft.broker import wire  # noqa: E402
+from graft.broker.shim import wire  # noqa: E402
+from support.harness import BrokerProcess, WireClient, connect_request, eventually  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

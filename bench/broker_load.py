@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     count = 1280 if args.quick else 6400  # divisible by every level
     common.require("cc", "nsenter")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     machine = common.machine_info()
     runs = []
     prof = None

@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, create_namespace, free_port, graft_cmd  # noqa: E402
+from support.harness import BrokerProcess, create_namespace, free_port, graft_cmd  # noqa: E402
 
 # The nat scenario's /30. It exists only on this run's veth pair: one end in
 # the host, one in the run's own namespace, no route anywhere else.
@@ -85,7 +85,7 @@ def start_process(stack: ExitStack, argv: list[str], *, log_to: Path | None = No
     Its stdout and stderr go to log_to (a file, so a chatty server never
     blocks on a full pipe); wait_line() reads that file.
     """
-    out = open(log_to, "wb") if log_to is not None else subprocess.DEVNULL
+    out = open(log_to, "wb") if log_to is not None else subprocess.DEVNULL  # noqa: SIM115  (closed below)
     try:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
     finally:
@@ -254,7 +254,7 @@ class Ports:
     redis_graft: int = 0
 
     @classmethod
-    def pick(cls) -> "Ports":
+    def pick(cls) -> Ports:
         seen: set[int] = set()
         vals = {}
         for f in cls.__dataclass_fields__:

@@ -40,7 +40,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graft.broker import bpf, confine, programs  # noqa: E402
+from graft.broker.confine import (
+    bpf,  # noqa: E402
+    lifecycle,  # noqa: E402
+    programs,  # noqa: E402
+)
 
 
 def move_to(cgroup_dir: str) -> None:
@@ -127,15 +131,15 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (cgroups and BPF)", file=sys.stderr)
         return 1
-    mount = confine.cgroup2_mount()
-    origin = confine.own_cgroup()
+    mount = lifecycle.cgroup2_mount()
+    origin = lifecycle.own_cgroup()
     base = os.path.join(origin, f"graft-bench-{uuid.uuid4().hex[:8]}")
     load = base + "/load"  # where this process runs while measuring
-    confined = load + "/" + confine.CGROUP_NAME  # graft's layout: below, not at, the measured process
+    confined = load + "/" + lifecycle.CGROUP_NAME  # graft's layout: below, not at, the measured process
     for cg in (base, load, confined):
         os.mkdir(mount + cg)
-    bpffs = confine.bpffs_mount(create=True)
-    pin_dir = confine.pin_dir_for(bpffs, confined)
+    bpffs = lifecycle.bpffs_mount(create=True)
+    pin_dir = lifecycle.pin_dir_for(bpffs, confined)
     os.makedirs(pin_dir, mode=0o700)
     conf = None
     lsn = socket.socket()
@@ -161,7 +165,7 @@ def main() -> int:
 
     try:
         move_to(mount + load)
-        conf = confine._load_or_reuse(confined, mount + confined, pin_dir)
+        conf = lifecycle._load_or_reuse(confined, mount + confined, pin_dir)
         load_fd = os.open(mount + load, os.O_RDONLY)
         results: dict[str, list[float]] = {k: [] for k in ("none", "graft", "shared", "c_off", "c_on", "u_off",
                                                           "u_on", "u_off_noaddr", "u_on_noaddr", "mark",
@@ -173,7 +177,7 @@ def main() -> int:
                 results["none"].append(connect_cycles(n, addr))
 
             def graft():
-                confine._attach(conf)  # the graft layout: below this process
+                lifecycle._attach(conf)  # the graft layout: below this process
                 results["graft"].append(connect_cycles(n, addr))
                 detach_all(mount + confined, conf)
 
@@ -188,7 +192,7 @@ def main() -> int:
                 f()
                 drain()
             # -- 2. grafted sockets: the broker's side, UDP sends, TCP round trips --------
-            confine._attach(conf)
+            lifecycle._attach(conf)
             u_plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u_plain.connect(uaddr)
             def c_off():
@@ -214,10 +218,14 @@ def main() -> int:
             u_marked.connect(uaddr)
             conf.mark(u_marked, False, uaddr)
             move_to(mount + load)
-            results["u_off"].append(udp_sends(n, u_plain, uaddr, True)); drain()
-            results["u_on"].append(udp_sends(n, u_marked, uaddr, True)); drain()
-            results["u_off_noaddr"].append(udp_sends(n, u_plain, uaddr, False)); drain()
-            results["u_on_noaddr"].append(udp_sends(n, u_marked, uaddr, False)); drain()
+            results["u_off"].append(udp_sends(n, u_plain, uaddr, True))
+            drain()
+            results["u_on"].append(udp_sends(n, u_marked, uaddr, True))
+            drain()
+            results["u_off_noaddr"].append(udp_sends(n, u_plain, uaddr, False))
+            drain()
+            results["u_on_noaddr"].append(udp_sends(n, u_marked, uaddr, False))
+            drain()
             u_plain.close()
             u_marked.close()
             t_plain = tcp_pair(addr, lsn)
@@ -248,7 +256,7 @@ def main() -> int:
         sink.close()
         if conf is not None:
             conf.close()
-        confine.remove(confined, pin_dir, rmdir_cgroup=True)
+        lifecycle.remove(confined, pin_dir, rmdir_cgroup=True)
         for cg in (confined, load, base):
             if os.path.isdir(mount + cg):
                 os.rmdir(mount + cg)

@@ -8,7 +8,7 @@ for the same grafts one at a time on one connection, first with the broker to
 itself, then during the flood, in each round; the table gives its p50 and p99
 both ways and the flooded/alone ratio of the p99 (design target: 2x). The
 mechanism this measures, per-tenant turns, is asserted by count in
-tests/test_fairness.py; its latency on this 2-core machine, where the clients
+tests/reliability/test_fairness.py; its latency on this 2-core machine, where the clients
 share the cores with the broker, is this script's. Results: docs/reliability.md.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import load_tenants  # noqa: E402
-from harness import BrokerProcess, WireClient, connect_request, eventually  # noqa: E402
 
-from graft.broker import wire  # noqa: E402
+from graft.broker.shim import wire  # noqa: E402
 from graft.brokerstatus import read_status  # noqa: E402
+from support.harness import BrokerProcess, WireClient, connect_request, eventually  # noqa: E402
 
 
 def grant_latencies(path: Path, port: int, n: int) -> tuple[float, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import socket
 import sys
 import tempfile
 import time
@@ -27,9 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, WireClient, grant_many, loopback_destination  # noqa: E402
-
-from graft.broker import wire  # noqa: E402
+from graft.broker.shim import wire  # noqa: E402
+from support.harness import BrokerProcess, WireClient, grant_many, loopback_destination  # noqa: E402
 
 PORT = 9
 QUIET_NET, BUSY_NET = 200, 1  # 127.200.x.y for quiet, 127.1.x.y onwards for busy

@@ -17,8 +17,8 @@ with SCM_RIGHTS; no policy, no audit):
 
 Each client run also times native socket()+connect() calls, interleaved with
 the round trips, so every row carries its own baseline: "delta" is the round
-trip's p50 minus the native connect's p50, the figure DESIGN.md's "+40 µs"
-target is about. Rounds rotate the order of the variants. Loopback only;
+trip's p50 minus the native connect's p50, the figure the "+40 µs" target
+(docs/benchmarks.md, Targets) is about. Rounds rotate the order of the variants. Loopback only;
 needs 2 CPUs for the cross-CPU rows (taskset); no root needed.
 """
 from __future__ import annotations

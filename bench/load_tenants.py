@@ -25,9 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import BrokerProcess, WireClient, connect_request  # noqa: E402
-
-from graft.broker import wire  # noqa: E402
+from graft.broker.shim import wire  # noqa: E402
+from support.harness import BrokerProcess, WireClient, connect_request  # noqa: E402
 
 BASE_PORT = 20000  # tenant i's destination is 127.0.0.1:(BASE_PORT + i); nothing needs to listen (UDP)
 

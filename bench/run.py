@@ -42,10 +42,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,7 +69,7 @@ class Config:
     redis_n: int
 
     @classmethod
-    def make(cls, quick: bool, reps: int | None) -> "Config":
+    def make(cls, quick: bool, reps: int | None) -> Config:
         """reps: rounds; every round runs every scenario once."""
         if quick:
             # five scenarios in under 5 minutes with broker_load.py: sockperf alone
@@ -427,7 +427,7 @@ def fmt_ratio(vs: dict | None, interval: bool = True) -> str:
 
 
 def targets(summary: dict) -> list[dict]:
-    """The DESIGN targets, each with the measured ratio and met / not met, and graft's connect against pasta's and slirp4netns's."""
+    """The design's targets (docs/benchmarks.md), each with the measured ratio and met / not met, and graft's connect against pasta's and slirp4netns's."""
     s = summary
     med = lambda w, m, sc: s.get(w, {}).get(m, {}).get(sc, {}).get("median")  # noqa: E731
     vs = lambda w, m: s.get(w, {}).get(m, {}).get("vs", {}).get("host", {}).get("estimate")  # noqa: E731
@@ -542,7 +542,7 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
             continue
         ms = w.metrics
         fig, axes = plt.subplots(1, len(ms), figsize=(4.4 * len(ms) + 1.0, 3.6), squeeze=False)
-        for ax, m in zip(axes[0], ms):
+        for ax, m in zip(axes[0], ms, strict=True):
             row = summary[w.name][m.key]
             xs = [sc for sc in SCENARIOS if sc in row]
             meds, lo, hi = [], [], []
@@ -618,7 +618,7 @@ def main(argv=None) -> int:
         sys.exit(128 + signal.SIGTERM)
     signal.signal(signal.SIGTERM, on_sigterm)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     runs: list = []
     info = {"machine": common.machine_info(), "config": cfg.__dict__, "quick": args.quick,

@@ -29,14 +29,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import build_connbench, create_namespace, free_port, log, require, run_client, start_process, wait_line
-from harness import GRAFT, BrokerProcess  # common.py puts tests/ on the path
+
+from support.harness import GRAFT, BrokerProcess  # common.py puts tests/ on the path
 
 ROWS = ("native", "preload slow", "preload fast", "seccomp")
 TARGET_US = 60.0
 
 
 def policy(port: int, confinement: str) -> str:
-    rule = '[[tenants.{t}.connect]]\nto = ["127.0.0.1/32"]\nports = [%d]\nproto = "tcp"\n' % port
+    rule = f'[[tenants.{{t}}.connect]]\nto = ["127.0.0.1/32"]\nports = [{port}]\nproto = "tcp"\n'
     return (f'version = 1\n[broker]\nconfinement = "{confinement}"\n'
             '[tenants.preload]\ndefault = "deny"\n' + rule.format(t="preload")
             + '[tenants.seccomp_t]\nmode = "seccomp"\ndefault = "deny"\n' + rule.format(t="seccomp_t"))

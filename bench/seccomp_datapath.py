@@ -30,7 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import require, run_client, start_process, wait_line
-from harness import GRAFT, BrokerProcess, free_port, network_namespace  # common.py puts tests/ on the path
+
+from support.harness import GRAFT, BrokerProcess, free_port, network_namespace  # common.py puts tests/ on the path
 
 PCT50 = re.compile(r"percentile\s+50\.000\s*=\s*([\d.]+)")
 

@@ -1,10 +1,13 @@
 """graft-broker: the trio daemon that opens grafted sockets in the host stack.
 
-main.py is the command line; server.py the composition root (the task
-tree, tenants, reload); shim_front.py and seccomp.py the front-ends, which
-share decisions.py (judge, record), hostsock.py (the host socket) and
-grants.py (the kernel's grants); wire.py and decide.py the pure codec and
-decision; the other modules are the edges (namespaces, confinement, audit,
-admin socket).
+The folders are its layers, and imports point down (tests/unit/test_layers.py
+keeps it so):
+
+    main.py, server.py, admin.py, fdstore.py   the service: command line, composition root
+    shim/, seccomp/                             the two front-ends
+    core/                                       the one decision and the host-socket factory
+    confine/                                    kernel confinement (cgroup BPF)
+    io/                                         Unix sockets, SCM_RIGHTS, outlet, sd_notify
+
 docs/architecture.md walks through it.
 """

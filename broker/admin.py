@@ -11,37 +11,36 @@ import functools
 import json
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from graft.brokerstatus import ADMIN_SOCKET  # noqa: F401  (server.py's; named where the reader is)
 
-from .unixsock import accept_forever, bind_unix_listener, unlink_if_socket
+from .io.unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 
-if TYPE_CHECKING:
-    from .server import Broker
+Status = Callable[[], Awaitable[dict]]  # what `graft status` shows: server.Broker.status
 
 ADMIN_TIMEOUT = 5.0  # a reader that does not read cannot hold a task for longer
 
 log = logging.getLogger("graft.broker")
 
 
-async def serve_admin(broker: "Broker", path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_admin(status: Status, path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     with listener:
         identity = await bind_unix_listener(listener, path, 0o600, socket.SOCK_STREAM)
         try:
             task_status.started()
-            await accept_forever(listener, functools.partial(_answer, broker), "admin socket")
+            await accept_forever(listener, functools.partial(_answer, status), "admin socket")
         finally:
             unlink_if_socket(path, identity)
 
 
-async def _answer(broker: "Broker", conn) -> None:
+async def _answer(status: Status, conn) -> None:
     with conn, trio.move_on_after(ADMIN_TIMEOUT):
         try:
-            data = (json.dumps(await broker.status()) + "\n").encode()
+            data = (json.dumps(await status()) + "\n").encode()
             while data:
                 sent = await conn.send(data)
                 data = data[sent:]

@@ -29,12 +29,12 @@ import trio
 
 from graft.policy import PolicyError, load_policy
 
-from . import confine
-from .audit import AuditLog
-from .confine import Confinement
-from .fdstore import FdStore
-from .notify import sd_notify
-from .outlet import LogHandler, Outlet
+from .confine import lifecycle
+from .confine.lifecycle import Confinement
+from .core.audit import AuditLog
+from .io.fdstore import FdStore
+from .io.outlet import LogHandler, Outlet
+from .io.sdnotify import sd_notify
 from .server import Broker
 
 log = logging.getLogger("graft.broker")
@@ -106,8 +106,8 @@ def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
         log.info('confinement: OFF (policy: confinement = "off"); grafted sockets are not locked by the kernel')
         return None, None
     try:
-        confinement = confine.establish()
-    except confine.Unavailable as e:
+        confinement = lifecycle.establish()
+    except lifecycle.Unavailable as e:
         if mode == "required":
             return None, (
                 'refusing to start: confinement = "required" but kernel confinement (cgroup2 + BPF) cannot be '

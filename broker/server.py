@@ -1,22 +1,13 @@
 """The broker's composition root: the stages wired together, the tenants, reload and status.
 
 A request goes through the same stages whichever front-end brings it
-(docs/architecture.md, "Front-ends, one decision, one factory"):
-
-    shim_front.py (tenant sockets) ┐
-    seccomp.py (notify fds)        ┴→ Decisions.judge → HostSockets.make → Decisions.record
-
-and grants.py keeps the broker's verdicts in the kernel, which then judges
-connects of pre-issued sockets itself and leaves a record of each in a ring
-that grants.py drains into the audit log. ``Broker`` makes one of each
-stage, owns the task tree, and keeps the tenants as the policy says:
-
-    Broker.run                         (owns the broker nursery)
-      ├─ serve_admin                   _admin.sock (admin.py)
-      ├─ SeccompAgent.serve            seccomp.sock (seccomp.py)
-      ├─ Grants.drain_kernel_audit     confinement on: the kernel's fast-path audit records
-      └─ _serve_tenant × tenant        own cancel scope: removed on reload
-           └─ the tenant's nursery     ShimFront's client connections, SeccompAgent's notify fds
+(shim/front.py, seccomp/agent.py): ``core.stages.Stages.carry_out``, with
+grants.py keeping the broker's verdicts in the kernel, which then judges
+connects of pre-issued sockets itself and leaves a record of each that
+grants.py drains into the audit log. ``Broker`` makes one of each stage,
+gives each front-end the stages and what it needs of its own, owns the task
+tree (docs/architecture.md draws it, with each task's owner and
+cancellation), and keeps the tenants as the policy says.
 
 A reload gives the tenants their new rules in one step, removes and adds
 tenants, and revokes the grants of the old rules; grafted sockets belong
@@ -27,26 +18,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 
 from graft.policy import PolicyFile, Tenant, TenantMatcher, compile_policy
 
-from . import confine
 from .admin import ADMIN_SOCKET, serve_admin
-from .audit import AuditLog
-from .confine import Confinement
-from .decisions import Decisions
-from .fdstore import FdStore
-from .grants import Grants
-from .hostsock import HostSockets
-from .netns import Namespace
-from .seccomp import SeccompAgent
-from .seccomp_abi import SECCOMP_SOCKET
-from .shim_front import ShimFront
-from .tenant import TenantState
+from .confine import lifecycle
+from .confine.lifecycle import Confinement
+from .core.audit import AuditLog
+from .core.decisions import Decisions
+from .core.grants import Grants
+from .core.hostsock import HostSockets
+from .core.netns import Namespace
+from .core.stages import Stages
+from .core.tenant import TenantState
+from .io.fdstore import FdStore
+from .seccomp.abi import SECCOMP_SOCKET
+from .seccomp.agent import SeccompAgent
+from .shim.front import ShimFront
 
 log = logging.getLogger("graft.broker")
 
@@ -56,7 +48,7 @@ class Broker:
                  fdstore: FdStore | None = None):
         self.policy = policy
         self.fdstore = fdstore if fdstore is not None else FdStore()
-        # Kernel confinement (confine.py): every grafted socket is marked before it is sent.
+        # Kernel confinement (confine/lifecycle.py): every grafted socket is marked before it is sent.
         # None (tests that build a Broker in-process, confinement "off"/unavailable): not locked.
         self.confinement = confinement
         self.confinement_state = "on" if confinement is not None else "off"
@@ -67,12 +59,13 @@ class Broker:
         self.generation = 1  # of the policy in force: 1 at start, +1 per reload
         self.loaded_at = time.time()
         # The stages every front-end shares, made once so that both front-ends go through the
-        # same ones; then the front-ends, which reach them through this object.
+        # same ones; then the front-ends, each given those stages and what it needs of its own.
         self.decisions = Decisions(audit, self.confinement_state, policy.audit.on_error)
         self.sockets = HostSockets(confinement)
         self.grants = Grants(confinement, self.tenants, self.decisions, self.sockets)
-        self.shim = ShimFront(self)
-        self.seccomp = SeccompAgent(self)
+        stages = Stages(self.decisions, self.sockets, self.grants)
+        self.shim = ShimFront(stages, self.fdstore, self.socket_dir)
+        self.seccomp = SeccompAgent(stages, self.tenants)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -89,7 +82,7 @@ class Broker:
             ring = self.grants.open_audit_ring()
             if ring is not None:
                 nursery.start_soon(self.grants.drain_kernel_audit, ring)
-            await nursery.start(serve_admin, self, self.socket_dir / ADMIN_SOCKET)
+            await nursery.start(serve_admin, self.status, self.socket_dir / ADMIN_SOCKET)
             await nursery.start(self.seccomp.serve, self.socket_dir / SECCOMP_SOCKET)
             task_status.started()
 
@@ -101,7 +94,7 @@ class Broker:
         if self.confinement is not None:
             try:
                 state.kid = self.confinement.new_tenant_id()
-            except confine.Unavailable as e:
+            except lifecycle.Unavailable as e:
                 raise RuntimeError(str(e)) from None
             self.grants.new_id(state)
         try:
@@ -130,7 +123,7 @@ class Broker:
                     log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
                     async with trio.open_nursery() as tasks:
                         tenant.nursery = tasks  # the seccomp agent starts the tenant's notify fds' tasks here
-                        await self.shim.accept(tenant, listener, tasks)
+                        await self.shim.accept(tenant, listener)
         finally:
             tenant.done.set()
 
@@ -212,7 +205,7 @@ class Broker:
             }
         return {
             "policy": {"version": self.policy.version, "generation": self.generation,
-                       "loaded_at": datetime.fromtimestamp(self.loaded_at, timezone.utc).isoformat()},
+                       "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat()},
             "confinement": self.confinement_state,
             "audit": {"on_error": self.policy.audit.on_error, "lost": self.audit.lost,
                       "waiting_bytes": self.audit.waiting, "refused": self.decisions.refused},

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import (  # noqa: E402  (the demo reuses the test harness)
+from support.harness import (  # noqa: E402  (the demo reuses the test harness)
     BrokerProcess,
     graft_cmd,
     http_server,
@@ -38,7 +38,7 @@ from harness import (  # noqa: E402  (the demo reuses the test harness)
     run_grafted,
     run_in_netns,
 )
-from rootfs import Runtime, build_rootfs, default_config, real_runtime, write_bundle  # noqa: E402
+from support.rootfs import Runtime, build_rootfs, default_config, real_runtime, write_bundle  # noqa: E402
 
 HOST_PORT, PUBLISHED_PORT, DENIED_PORT = 8000, 8080, 8001
 PAGE = "Hello from the host's 127.0.0.1 - served through graft.\n"

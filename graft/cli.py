@@ -53,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_seccomp(args: argparse.Namespace, cmd: list[str]) -> int:
     """No shim: the broker's seccomp agent, next to the tenant socket, answers CMD's socket calls."""
-    from graft.broker.seccomp_abi import SECCOMP_SOCKET
+    from graft.broker.seccomp.abi import SECCOMP_SOCKET
     from graft.seccomp_run import run_seccomp
 
     if args.socket:
@@ -101,9 +101,9 @@ def _cmd_policy_schema(args: argparse.Namespace) -> int:
 
 def _cmd_confinement(args: argparse.Namespace) -> int:
     """List, or detach and unpin, the confinement programs that graft-broker left in bpffs."""
-    from graft.broker import confine
+    from graft.broker.confine import lifecycle
 
-    found = confine.installed()
+    found = lifecycle.installed()
     if not found:
         print("no graft confinement is installed (nothing under <bpffs>/graft)")
         return 0
@@ -112,7 +112,7 @@ def _cmd_confinement(args: argparse.Namespace) -> int:
             print(f"cgroup {cgroup}: pins in {pin_dir}")
             continue
         try:
-            for line in confine.remove(cgroup, pin_dir):
+            for line in lifecycle.remove(cgroup, pin_dir):
                 print(line)
         except OSError as e:
             print(f"graft confinement remove: {pin_dir}: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 graft-runtime (graft/runtime.py) reads a bundle's config, asks the broker
 for its status, and hands both to ``mode_from_status`` and ``graft_config``
 here; this module does no I/O, so every edit is unit-tested on plain dicts
-(tests/test_oci.py). The edits, for a bundle annotated
+(tests/unit/test_oci_config.py). The edits, for a bundle annotated
 ``io.graft.tenant=<name>`` (docs/containers.md):
 
 - read-only bind mounts of libgraft.so at /run/graft/libgraft.so and of the
@@ -13,7 +13,7 @@ here; this module does no I/O, so every edit is unit-tested on plain dicts
   already preloads;
 - seccomp mode: no LD_PRELOAD (every socket call traps to the broker anyway,
   so the shim would only add a round trip), and a ``linux.seccomp`` rule that
-  notifies on graft.broker.seccomp_calls.NOTIFIED_SYSCALLS, with the broker's
+  notifies on graft.broker.seccomp.calls.NOTIFIED_SYSCALLS, with the broker's
   seccomp agent as listener. A profile already in the bundle is kept and
   extended; see ``_notify_seccomp`` for how rules on the same system calls
   are reconciled.
@@ -29,8 +29,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from graft.broker.seccomp_abi import SECCOMP_SOCKET, SENDTO_DEST_ARG
-from graft.broker.seccomp_calls import NOTIFIED_SYSCALLS
+from graft.broker.seccomp.abi import SECCOMP_SOCKET, SENDTO_DEST_ARG
+from graft.broker.seccomp.calls import NOTIFIED_SYSCALLS
 from graft.cli import DEFAULT_SOCKET_DIR
 
 TENANT_ANNOTATION = "io.graft.tenant"

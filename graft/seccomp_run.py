@@ -36,7 +36,7 @@ import socket
 import struct
 import sys
 
-from graft.broker import seccomp_abi as abi, seccomp_sys
+from graft.broker.seccomp import abi, syscalls
 
 ANSWER_TIMEOUT = 10.0
 # The child's report on the pipe: (step, listener fd number) once done, else (failed step, errno).
@@ -99,7 +99,7 @@ def _child(cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r
 
             pyroute2_netns.setns(netns, flags=0)  # flags=0: never create one
         step = _STEP_FILTER
-        listener = seccomp_sys.install_notify_filter(program)
+        listener = syscalls.install_notify_filter(program)
     except OSError as e:
         os.write(ready_w, _REPORT.pack(step, e.errno or errno.EIO))
         os._exit(1)
@@ -127,9 +127,9 @@ def _hand_over(pid: int, ready_r: int, seccomp_socket: str, tenant: str, netns: 
     if step == _STEP_FILTER:
         return f"cannot install the seccomp filter: {os.strerror(number)}"
     try:
-        pidfd = seccomp_sys.pidfd_open(pid)
+        pidfd = syscalls.pidfd_open(pid)
         try:
-            listener = seccomp_sys.pidfd_getfd(pidfd, number)
+            listener = syscalls.pidfd_getfd(pidfd, number)
         finally:
             os.close(pidfd)
     except OSError as e:

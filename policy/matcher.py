@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from .models import BindRule, ConnectRule, PolicyFile, Tenant, format_loc
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _V4_BASE = 0xFFFF << 32  # ::ffff:0.0.0.0, where IPv4 lives in the unified space
 _V4_LAST = _V4_BASE + 0xFFFFFFFF
@@ -65,13 +65,13 @@ def _net_intervals(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[t
     hi = int(net.broadcast_address)
     if net.version == 4:
         return [(_V4_BASE + lo, _V4_BASE + hi)]
-    if lo <= _V4_BASE and _V4_LAST <= hi and not (lo == _V4_BASE and hi == _V4_LAST):
+    if lo <= _V4_BASE and hi >= _V4_LAST and not (lo == _V4_BASE and hi == _V4_LAST):
         # A wider IPv6 network (::/0, ::/64, ...) that contains the v4-mapped /96: IPv4 is not
         # part of what it means, so cut the /96 out.
         out = []
         if lo < _V4_BASE:
             out.append((lo, _V4_BASE - 1))
-        if _V4_LAST < hi:
+        if hi > _V4_LAST:
             out.append((_V4_LAST + 1, hi))
         return out
     return [(lo, hi)]  # disjoint from the /96, or inside it (an IPv4 range written as IPv6)

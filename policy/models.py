@@ -1,6 +1,6 @@
 """The policy file, version 1, as pydantic models.
 
-This is the schema of the TOML file an operator writes (DESIGN.md, "Policy file, version 1").
+This is the schema of the TOML file an operator writes (docs/policy.md).
 The models *parse* rather than merely validate: CIDRs become ``ipaddress`` networks, port
 entries become inclusive ``PortRange`` intervals, a bind rule's ``host`` becomes a
 ``HostTarget``.  ``loader.py`` turns validation errors into operator-facing messages;
@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zlib
-from typing import Annotated, Any, Literal, NamedTuple, Union
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 TENANT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SOCKET_MODE_RE = r"^0?[0-7]{3}$"
@@ -42,7 +42,7 @@ _SOCKET_MODE = re.compile(SOCKET_MODE_RE)
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _PORT_RANGE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel; it is never a peer's uid
-# <socket_dir>/seccomp.sock is the broker's seccomp agent (DESIGN.md), not a tenant's socket.
+# <socket_dir>/seccomp.sock is the broker's seccomp agent (docs/containers.md), not a tenant's socket.
 RESERVED_TENANT_NAMES = ("seccomp",)
 
 EMPTY_LIST_MSG = "matches nothing; omit the key to match any"

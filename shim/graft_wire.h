@@ -2,7 +2,7 @@
  * graft_wire.h: the one definition of the shim <-> broker wire format.
  *
  * libgraft.so includes this header; the broker parses the region between
- * the WIRE-BEGIN and WIRE-END markers with cffi (broker/wire.py), so both
+ * the WIRE-BEGIN and WIRE-END markers with cffi (broker/shim/wire.py), so both
  * sides read the same struct layout and constants and cannot drift apart.
  * Keep that region free of preprocessor logic other than integer #defines:
  * cffi's cdef parser accepts nothing else.

@@ -1,13 +1,51 @@
-"""Shared fixtures. Helpers live in harness.py; this file only wires them up."""
+"""Shared fixtures, and each test's kind from its folder (tests/README.md).
+
+Helpers live in support/; this file only wires them up. A test in unit/,
+broker/, e2e/ or reliability/ gets that marker, so ``pytest -m unit`` runs
+the pure tests alone.
+"""
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from harness import BrokerProcess, need_root_and_netns, network_namespace
+from support.harness import BrokerProcess, need_root_and_netns, network_namespace
+from support.runtime_env import rootfs, rt, site  # noqa: F401  (fixtures)
+from support.seccomp_env import seccomp_broker  # noqa: F401  (a fixture)
+
+KINDS = ("unit", "broker", "e2e", "reliability")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        kind = Path(item.path).relative_to(TESTS).parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of {', '.join(KINDS)} (tests/README.md)")
+        item.add_marker(kind)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_open_no_sockets(request, monkeypatch):
+    """unit/ is pure: a test there that opens a socket fails, and belongs in broker/ or e2e/.
+
+    A socket object made from an fd that exists already (socket.socketpair,
+    which trio's wake-up channel uses) is let through: it opens nothing.
+    """
+    if request.node.get_closest_marker("unit") is None:
+        return
+    real = socket.socket
+
+    def no_new_sockets(family=-1, type=-1, proto=-1, fileno=None):
+        if fileno is None:
+            raise AssertionError("a unit test opened a socket (tests/README.md: unit/ is pure)")
+        return real(family, type, proto, fileno)
+
+    monkeypatch.setattr(socket, "socket", no_new_sockets)
 
 
 @pytest.fixture

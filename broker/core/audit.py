@@ -1,0 +1,117 @@
+"""The audit log: one JSON object per line, for every request the broker judges.
+
+Fields are fixed by the design (ts, tenant, pid, uid, op, proto, family, addr,
+port, host_addr, action, rule, errno); ``confinement`` says whether the
+socket was locked by the kernel, ``via`` which front-end asked, and
+``reason`` is added when a request was refused as malformed or failed on the
+host, so an operator sees why.
+
+Each record is one whole line, written at once when the reader has room,
+so `tail -f` and log shippers see each decision at once and lines never
+interleave. Writes never block the broker (outlet.py): a stalled reader
+makes records wait in memory, in order, up to a bound.
+
+A record that cannot be recorded (no room left, disk full, a closed stderr)
+is lost and counted, with an error logged at most once a minute, and
+``write()`` says so: the policy's ``[audit] on_error`` decides what that
+costs. "drop" (the default): networking goes on, the operator hears about
+it. "deny": the decision is refused (decisions.py, docs/policy.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from ..io.outlet import DEFAULT_LIMIT, Outlet
+
+log = logging.getLogger("graft.broker")
+DROP_REPORT_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One audit record: the design's fixed fields, in the order they are written, then ``reason``.
+
+    ``addr``/``port`` are the request's (None for a preissue, which names
+    none, and for a request too malformed to read); ``host_addr`` the host
+    address used when it differs from the request's.
+    """
+
+    tenant: str | None  # None: judged in the kernel by a grant of an earlier broker
+    pid: int
+    uid: int
+    op: str | None
+    proto: str | None
+    family: str | None
+    addr: str | None
+    port: int | None
+    host_addr: str | None
+    action: str  # "graft" | "container" | "deny" | "error"
+    rule: str | None
+    errno: int
+    confinement: str  # "on" | "off"
+    via: str  # "shim" | "seccomp" | "kernel"
+    reason: str | None = None  # written only when there is one
+
+    def to_json(self, ts: str) -> bytes:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        if self.reason is None:
+            del fields["reason"]
+        return (json.dumps({"ts": ts, **fields}, separators=(",", ":")) + "\n").encode()
+
+
+class AuditLog:
+    """Writes audit records to stderr, a file (appended), or nowhere."""
+
+    def __init__(self, target: str, limit: int = DEFAULT_LIMIT):
+        self.target = target
+        self._reported_at = float("-inf")
+        if target == "stderr":
+            self._out: Outlet | None = Outlet.inherited(2, limit)
+        elif target == "off":
+            self._out = None
+        else:
+            self._out = Outlet.open_path(target, limit)
+
+    @property
+    def lost(self) -> int:
+        """Records that could not be recorded since the start."""
+        return self._out.lost if self._out is not None else 0
+
+    @property
+    def waiting(self) -> int:
+        """Bytes of records waiting for a slow reader."""
+        return self._out.waiting if self._out is not None else 0
+
+    def write(self, record: Record) -> bool:
+        """Record a decision: True once it is written or waits for the reader, False if it is lost."""
+        if self._out is None:
+            return True
+        line = record.to_json(datetime.now(UTC).isoformat(timespec="microseconds"))
+        try:
+            if self._out.offer(line):
+                return True
+            why = f"the reader is not keeping up ({self._out.waiting // 1024} KiB waiting)"
+        except OSError as e:
+            why = str(e)
+        now = time.monotonic()
+        if now - self._reported_at >= DROP_REPORT_INTERVAL:
+            self._reported_at = now
+            log.error("audit log %s: cannot record (%s); %d record(s) lost so far", self.target, why, self.lost)
+        return False
+
+    async def run(self) -> None:
+        """Write waiting records as the reader makes room (a task of the broker's nursery)."""
+        if self._out is None:
+            await trio.sleep_forever()
+        await self._out.run()
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        self._out = None

@@ -1,0 +1,327 @@
+"""What the kernel lets grafted sockets do without asking: grants, pre-issued sockets, their audit.
+
+The broker's verdicts live on in the kernel as grants (confine/lifecycle.py, maps.py):
+
+* A TCP connect the broker grafted becomes a grant: the tenant's
+  pre-issued sockets (``preissue``: unconnected, marked, handed to a
+  shim's pool or a seccomp loop ahead of time) may then connect there
+  without asking, and the kernel itself checks each such connect (the
+  fast path, docs/architecture.md).
+* A UDP destination the broker grafted becomes a grant for the tenant's
+  grafted UDP sockets; a later destination is judged when a front-end asks
+  (``judge_grant``).
+
+Each tenant's grants sit under a grant id of its own; a reload that
+changes its netns or uids gives it a new id (``new_id``), and any rules
+change revokes every grant (``new_rules``). A grant is made only for a
+verdict of the rules still in force: a front-end reads ``serial`` before
+it judges, and ``grant`` refuses if a reload came in between.
+
+The kernel writes a record of every fast-path connect to its audit ring;
+``drain_kernel_audit``, a task of the broker nursery, moves them into the
+audit log (``"via": "kernel"``). Without that ring there is no fast path.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+
+import trio
+
+from ..confine import lifecycle, maps
+from ..confine.lifecycle import Confinement
+from ..confine.ringbuf import RingReader
+from . import request
+from .audit import Record
+from .decisions import Decisions
+from .hostsock import HostSockets
+from .tenant import Peer, TenantState
+from .verdict import Verdict, tenant_loc
+
+log = logging.getLogger("graft.broker")
+
+# How often the kernel's audit records of fast-path connects are written out:
+# their lag in the audit log. The ring holds maps.EVENTS_SIZE bytes, about
+# 21,000 records: it would take 400,000 connects/s to overflow it in between.
+KERNEL_AUDIT_INTERVAL = 0.05
+
+
+class Grants:
+    def __init__(self, confinement: Confinement | None, tenants: dict[str, TenantState], decisions: Decisions,
+                 sockets: HostSockets):
+        self.confinement = confinement
+        self.tenants = tenants  # the broker's, by name: the kernel's records name a tenant by its grant id
+        self.decisions = decisions
+        self.sockets = sockets
+        self._serial = 0
+        self._tenant_by_gid: dict[int, str] = {}
+        self._rule_ids: dict[str, int] = {}
+        self._rules: list[str] = []
+        self._events_lost = 0
+        self._fast_path = False  # sockets are pre-issued only with confinement and its audit ring
+
+    # ---- grant ids and rules -----------------------------------------------
+
+    def new_id(self, tenant: TenantState) -> None:
+        """A new id for the tenant's grants and pre-issued sockets: those issued before lose all grants."""
+        assert self.confinement is not None
+        self.drop(tenant)
+        try:
+            tenant.gid = self.confinement.new_grant_id()
+        except (lifecycle.Unavailable, OSError) as e:
+            tenant.gid = 0
+            log.error("tenant %s: fast path off: %s", tenant.name, e)
+            return
+        self._tenant_by_gid[tenant.gid] = tenant.name
+
+    def drop(self, tenant: TenantState) -> None:
+        """The tenant's grant id retires: its grants (its own map in the kernel) go."""
+        if self.confinement is None or not tenant.gid:
+            return
+        try:
+            self.confinement.drop_grants(tenant.gid)
+        except OSError as e:  # the map stays in the kernel, unreachable: no socket carries the id any more
+            log.error("tenant %s: cannot remove its grants: %s", tenant.name, e)
+        tenant.gid = 0
+
+    def new_rules(self) -> None:
+        """The rules change: grants made under the old ones, and verdicts still being carried out, go.
+
+        Called in the same step as the tenants take their new rules (no
+        checkpoint in between), so that no request judged by an old rule
+        can make a grant that a new one would not.
+        """
+        self._serial += 1
+        if self.confinement is None:
+            return
+        try:
+            self.confinement.revoke_grants()
+        except OSError as e:  # cannot happen short of a kernel error; then no pre-issued socket can be trusted
+            self._fast_path = False
+            log.error("fast path off: cannot revoke the old rules' grants in the kernel: %s", e)
+
+    @property
+    def serial(self) -> int:
+        """Read before a verdict is carried out; grant() makes no grant if a reload came in between."""
+        return self._serial
+
+    # ---- grants ------------------------------------------------------------
+
+    def grant(self, tenant: TenantState, req: request.Request, verdict: Verdict, serial: int) -> bool:
+        """A connect (or sendto) was grafted: the kernel lets the tenant's sockets reach there too.
+
+        TCP: its pre-issued sockets may connect there (the fast path, off
+        while the audit is required: the kernel's records of those connects
+        can be lost). UDP: its grafted UDP sockets may send there. The
+        verdict depends on the tenant, protocol, address and port only (the
+        uid was checked when the sockets were handed out), so it holds for
+        every later use until the rules change. Whether the grant was made.
+        """
+        if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
+                or req.addr is None or (req.type == socket.SOCK_STREAM and self.decisions.audit_required)
+                or serial != self._serial):  # judged by rules no longer in force
+            return False
+        rule_id = self._rule_ids.get(verdict.rule)
+        if rule_id is None:
+            rule_id = self._rule_ids[verdict.rule] = len(self._rules)
+            self._rules.append(verdict.rule)
+        try:
+            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id, req.type)
+        except OSError as e:  # only a destination lost: the broker still answers
+            log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
+            return False
+        return True
+
+    def judge_grant(self, tenant: TenantState, req: request.Request, peer: Peer, via: str) -> Verdict:
+        """GRANT: a new destination of a grafted UDP socket, judged as its sendto and granted in the kernel.
+
+        Every front-end's: the shim asks when the kernel refused a send, the
+        seccomp agent before it lets one go on. Synchronous from the
+        judgement to the grant, so no reload can come between them. The
+        socket is on the host already: a "container" verdict cannot be
+        carried out on it and is refused. The verdict as recorded; "graft"
+        means granted.
+        """
+        verdict = self.decisions.judge(tenant, req, peer)
+        if verdict.action == "container":
+            verdict = Verdict("deny", verdict.rule, errno.EPERM, None,
+                              "a grafted socket cannot send through the container's stack")
+        elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
+            verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
+                              "no grants: confinement (or this tenant's grant map) is not in place")
+        if not self.decisions.record(tenant, peer, req, verdict, via):
+            return Verdict("deny", verdict.rule, self.decisions.unrecorded_errno(req), None, "not recorded")
+        if verdict.action == "graft" and not self.grant(tenant, req, verdict, self._serial):
+            return Verdict("error", verdict.rule, errno.EPERM, verdict.target, "the grant failed")
+        return verdict
+
+    # ---- what the kernel holds of a socket (the seccomp front-end asks) -----
+
+    @property
+    def confined(self) -> bool:
+        """Whether the kernel confines the sockets the broker hands out."""
+        return self.confinement is not None
+
+    def loop_maps(self) -> tuple[int, int]:
+        """The maps the seccomp agent's C loop reads (marks, grants), which it never writes."""
+        assert self.confinement is not None
+        return self.confinement.map_fd, self.confinement.maps["grants"]
+
+    def held(self, sock: socket.socket) -> bytes | None:
+        """sock's mark when it is a socket the broker handed out and the kernel holds; else None.
+
+        A pre-issued socket whose first connect the kernel refused (its
+        grant went meanwhile: a reload, the LRU) holds nothing yet: None, so
+        that the connect is judged again like one on the container's own.
+        """
+        assert self.confinement is not None
+        mark = self.confinement.mark_of(sock)
+        return None if mark is None or maps.unconnected_preissued(mark) else mark
+
+    def needs_no_grant(self, mark: bytes, addr: request.SockAddr) -> bool:
+        """Whether a send to addr on a held UDP socket is the kernel's alone to judge.
+
+        So it is when the socket may send to any peer, when addr is granted
+        already, or when the socket carries no grant id (no grant could help).
+        """
+        assert self.confinement is not None
+        flags, grant_id = maps.mark_flags_and_tenant(mark)
+        return bool(flags & maps.F_ANY_PEER) or not grant_id or self.confinement.granted(
+            grant_id, addr.family, str(addr.ip), addr.port, socket.SOCK_DGRAM)
+
+    # ---- pre-issued sockets ------------------------------------------------
+
+    async def preissue(self, tenant: TenantState, req: request.Request, peer: Peer,
+                       via: str) -> tuple[list[socket.socket], Verdict | None, int]:
+        """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
+
+        Both front-ends' (via): the shim's pools, and the seccomp agent's C
+        loop (seccomp_fast.c), which puts them on apps' fds. Returns the
+        sockets, or none and the refusal, audited; and the grant id they are
+        marked with: the one in force when the peer's uid was checked (a
+        reload that changes the tenant's netns or uids meanwhile gives it a
+        new id, and these sockets are refused rather than marked with it).
+
+        They are issued only while the tenant holds fewer than half its
+        max_sockets, so sockets idling in pools never make a real connect
+        fail with ENOBUFS; beyond that every connect asks the broker.
+
+        Each is marked pre-issued for the tenant: the kernel lets it connect
+        only where the broker has granted (``grant``). Issuing confers no
+        access, so an issue is not audited (the connects are, by the kernel);
+        a refusal is, like every other decision.
+        """
+        name = tenant.name
+        grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
+        if self.confinement is None or not self._fast_path or not grant_id:
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
+                "kernel's audit ring"))  # nothing would hold them to the policy
+        if self.decisions.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
+        if not tenant.matcher.uid_allowed(peer.uid):
+            return self._refuse(tenant, peer, req, via, Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
+        # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
+        n = await self.sockets.room(tenant, request.PREISSUE_MAX, tenant.config.max_sockets // 2)
+        if n == 0:
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"))
+        if tenant.bucket is not None:
+            n = tenant.bucket.take_up_to(n, time.monotonic())
+            if n == 0:
+                return self._refuse(tenant, peer, req, via, Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
+        try:
+            socks = await namespace.sockets(req.family, req.type, req.protocol, n)
+        except OSError as e:
+            log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
+        if tenant.gid != grant_id:
+            for sock in socks:
+                sock.close()
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"))
+        try:
+            for sock in socks:
+                self.confinement.mark_preissued(sock, grant_id)
+                self.sockets.own(tenant, sock)
+        except OSError as e:  # fail closed: none of them leaves
+            for sock in socks:
+                sock.close()
+            log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
+            return self._refuse(tenant, peer, req, via, Verdict(
+                "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
+        tenant.preissued += n
+        return socks, None, grant_id
+
+    def _refuse(self, tenant: TenantState, peer: Peer, req: request.Request, via: str,
+                verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
+        self.decisions.audit_request(tenant, peer, req, verdict, via)
+        return [], verdict, 0
+
+    # ---- the kernel's audit records ----------------------------------------
+
+    def open_audit_ring(self) -> RingReader | None:
+        """The kernel's ring of fast-path connect records, mapped: the fast path is on from here.
+
+        None, and the fast path stays off, without confinement or when the
+        ring cannot be mapped: nobody would audit those connects.
+        """
+        if self.confinement is None:
+            return None
+        try:
+            ring = RingReader(self.confinement.maps["events"], maps.EVENTS_SIZE)
+        except OSError as e:
+            log.error("fast path off: cannot map the kernel's audit ring: %s", e)
+            return None
+        self._fast_path = True
+        return ring
+
+    async def drain_kernel_audit(self, ring: RingReader) -> None:
+        """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
+        try:
+            while True:
+                await trio.sleep(KERNEL_AUDIT_INTERVAL)
+                self._audit_kernel_events(ring)
+        finally:
+            # Until the next broker starts, no pre-issued socket may connect anywhere:
+            # nobody would audit it, nor answer for rules that may change meanwhile.
+            self.new_rules()
+            self._audit_kernel_events(ring)  # what the last interval left
+            ring.close()
+
+    def _audit_kernel_events(self, ring: RingReader) -> None:
+        try:
+            self._write_kernel_events(ring)
+        except Exception:  # a bug here must cost audit records, never the broker
+            log.exception("audit: cannot write the kernel's records of fast-path connects")
+
+    def _write_kernel_events(self, ring: RingReader) -> None:
+        for raw in ring.drain():
+            ev = maps.decode_event(raw)
+            name = self._tenant_by_gid.get(ev.tenant_id)
+            reason = None
+            if name is None:
+                # Judged by an earlier broker's grant after it stopped uncleanly
+                # (a crash): its tenant names and rules are not known here.
+                reason = f"judged in the kernel by a grant of an earlier broker (tenant id {ev.tenant_id})"
+                log.warning("audit: a fast-path connect of pid %d was judged by an earlier broker's grant", ev.pid)
+            else:
+                tenant = self.tenants.get(name)
+                if tenant is not None and tenant.gid == ev.tenant_id:
+                    tenant.counts["graft"] += 1
+            rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
+            self.decisions.audit.write(Record(
+                tenant=name, pid=ev.pid, uid=ev.uid, op="connect", proto="tcp", family=request.family_name(ev.family),
+                addr=ev.addr, port=ev.port, host_addr=None, action="graft", rule=rule, errno=0,
+                confinement=self.decisions.confinement_state, via="kernel", reason=reason,
+            ))
+        assert self.confinement is not None
+        lost = self.confinement.events_lost()
+        if lost > self._events_lost:
+            log.error("audit: %d record(s) of fast-path connects lost (the kernel's ring was full)",
+                      lost - self._events_lost)
+            self._events_lost = lost

@@ -1,0 +1,183 @@
+"""End to end: the shim's connect fast path, in a namespace with only `lo`.
+
+tests/support/programs/fastpath_client.py connects over and over under graft. The
+first connect to a destination goes to the broker, which grants it in the
+kernel; later ones take a pre-issued socket from the shim's pool and
+connect it directly (GRAFT_DEBUG says "(fast)", the audit log "via":
+"kernel"). The tests check that this is invisible to the app, and that
+everything that must send a connect back to the broker does: a reload, a
+broker without confinement, an app that closed the pool's fds.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from graft.broker.shim import wire
+from support.harness import GRAFT, PROGRAMS, echo_server, eventually, free_port, graft_cmd
+
+PY = sys.executable
+CLIENT = str(PROGRAMS / "fastpath_client.py")
+
+pytestmark = pytest.mark.netns
+
+
+def policy(port: int, confinement: str = "required", action: str = "graft") -> str:
+    return f"""version = 1
+[broker]
+confinement = "{confinement}"
+[tenants.t]
+default = "deny"
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{port}]
+proto = "tcp"
+action = "{action}"
+"""
+
+
+class Client:
+    """fastpath_client.py under graft: one command in, one line out."""
+
+    def __init__(self, broker, netns: str, port: int, cmd: list[str] | None = None):
+        """The client of port under graft with broker's socket, in netns; or run by cmd + its arguments."""
+        args = [PY, CLIENT, "127.0.0.1", str(port)]
+        cmd = graft_cmd(broker, netns, *args) if cmd is None else [*cmd, *args]
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, GRAFT_DEBUG="1"), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask(self, command: str, timeout: float = 60) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"no answer to {command!r} in {timeout} s"
+        return self.proc.stdout.readline().strip()
+
+    def finish(self) -> str:
+        """Let it exit; its stderr (the GRAFT_DEBUG lines)."""
+        _, err = self.proc.communicate(timeout=60)
+        return err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def connects(broker) -> tuple[list[dict], list[dict]]:
+    """The audited connects: (answered by the broker, judged in the kernel)."""
+    records = [r for r in broker.audit() if r["op"] == "connect"]
+    return [r for r in records if r.get("via") == "shim"], [r for r in records if r.get("via") == "kernel"]
+
+
+@contextmanager
+def grafted_client(netns, start_broker, port: int, **policy_args):
+    """A broker allowing port, and the client under graft in netns: (broker, client)."""
+    broker = start_broker(policy(port, **policy_args))
+    client = Client(broker, netns, port)
+    try:
+        yield broker, client
+    finally:
+        client.kill()
+
+
+def test_repeated_connects_take_the_fast_path(netns, start_broker):
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (broker, client):
+        assert client.ask("connect 1") == "ok"
+        assert client.ask("connect 40") == "ok"
+        err = client.finish()
+        assert eventually(lambda: len(connects(broker)[1]) == 40), connects(broker)
+    by_broker, by_kernel = connects(broker)
+    assert [r["action"] for r in by_broker] == ["graft"]  # the first: it made the grant
+    assert {(r["pid"], r["action"], r["rule"], r["port"]) for r in by_kernel} == {
+        (client.proc.pid, "graft", "tenants.t.connect[0]", port)}
+    assert err.count("-> graft (fast)") == 40, err
+
+
+def test_a_refused_connect_fails_the_same_on_the_fast_path(netns, start_broker):
+    port = free_port()  # allowed, nothing listens
+    with grafted_client(netns, start_broker, port) as (_, client):
+        assert [client.ask("connect 1") for _ in range(3)] == ["ECONNREFUSED"] * 3
+        err = client.finish()
+    assert err.count("-> graft (fast)") == 2, err
+
+
+def test_a_reload_sends_connects_back_to_the_broker(netns, start_broker):
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (broker, client):
+        assert client.ask("connect 3") == "ok"
+        broker.reload(policy(port, action="deny"))
+        assert client.ask("connect 1") == "EPERM"
+        broker.reload(policy(port))
+        assert client.ask("connect 3") == "ok"
+    by_broker, _ = connects(broker)
+    assert [r["action"] for r in by_broker] == ["graft", "deny", "graft"]
+
+
+def test_a_fork_child_never_uses_its_parents_pool(netns, start_broker):
+    """Parent and child connect at once: shared pre-issued sockets would cross their payloads."""
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (broker, client):
+        assert client.ask("connect 2") == "ok"  # the parent has a pool now
+        assert client.ask("fork 30") == "ok"
+        assert eventually(lambda: len({r["pid"] for r in connects(broker)[1]}) == 2), connects(broker)
+
+
+def test_fds_closed_behind_the_shims_back_are_never_used(netns, start_broker):
+    """A raw close_range() takes the pool's fds; their numbers then belong to the app's files."""
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (_, client):
+        assert client.ask("connect 2") == "ok"
+        assert client.ask("closeall") == "ok"
+        assert client.ask("connect 20") == "ok"
+        assert client.ask("files") == "ok"
+
+
+def test_without_confinement_every_connect_asks_the_broker(netns, start_broker):
+    with echo_server() as port, grafted_client(netns, start_broker, port, confinement="off") as (broker, client):
+        assert client.ask("connect 10") == "ok"
+        err = client.finish()
+    by_broker, by_kernel = connects(broker)
+    assert (len(by_broker), by_kernel) == (10, [])
+    assert "(fast)" not in err
+
+
+def test_a_broker_that_stops_answering_costs_one_timeout_not_two(netns, short_tmp):
+    """The refill finds the broker wedged: the connect fails after one broker timeout (10 s)."""
+    path = short_tmp / "wedged.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen()
+    stop = threading.Event()
+
+    def wedged_broker():
+        """Grafts the first request (a connect, not to be connected here), then answers nothing."""
+        conn, _ = listener.accept()
+        with conn, socket.socket() as host:
+            conn.recv(wire.REQUEST_SIZE)
+            conn.sendmsg([wire.encode_reply(wire.V_GRAFT, errno.ECONNREFUSED)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))])
+            stop.wait(60)
+
+    t = threading.Thread(target=wedged_broker)
+    t.start()
+    try:
+        client = Client(None, netns, 9, cmd=[GRAFT, "run", "--socket", str(path), "--netns", netns, "--"])
+        try:
+            assert client.ask("connect 1") == "ECONNREFUSED"  # the broker's graft: the grant is cached
+            started = time.monotonic()
+            assert client.ask("connect 1", timeout=40) == "ENETUNREACH"  # the refill times out: unreachable
+            assert time.monotonic() - started < 15
+        finally:
+            client.kill()
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
