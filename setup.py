@@ -8,6 +8,7 @@ with the wire header the broker parses, inside ``graft.shim``; and the
 seccomp agent's C loop, libgraft_seccomp.so (broker/seccomp/Makefile), with
 its header, inside ``graft.broker.seccomp``.
 """
+
 import os
 import subprocess
 

@@ -14,6 +14,7 @@ plays the shim, asking for pre-issued sockets (16 per request) and
 connecting them itself to the granted listener; the broker's share is the
 refills plus writing the kernel's audit records, per connect.
 """
+
 from __future__ import annotations
 
 import argparse

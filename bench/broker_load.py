@@ -14,6 +14,7 @@ loops grafted connects, and prints where the broker's CPU time goes
 (self time by function, and time under the broker's own functions).
 Results go to bench/results/<ts>-broker.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,26 @@ def profile(env, seconds: int) -> dict:
         return {"error": "py-spy not installed (pip install -e '.[bench]')"}
     raw = env.tmp / "broker-profile.txt"
     rate = 500
-    spy = subprocess.Popen([pyspy, "record", "--pid", str(env.broker.proc.pid), "--duration", str(seconds),
-                            "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    spy = subprocess.Popen(
+        [
+            pyspy,
+            "record",
+            "--pid",
+            str(env.broker.proc.pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)  # py-spy attaches
         deadline = time.monotonic() + seconds
@@ -82,11 +100,20 @@ def profile(env, seconds: int) -> dict:
         self_t[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
+
     def top(c, k=25):
         return [{"frame": f, "samples": n, "share": round(n / total, 4)} for f, n in c.most_common(k)]
-    return {"seconds": seconds, "rate_hz": rate, "samples": total,
-            "busy_share": round(total / (seconds * rate), 3),
-            "self": top(self_t), "inclusive": top(incl, 40), "last_client": client, "raw": str(raw)}
+
+    return {
+        "seconds": seconds,
+        "rate_hz": rate,
+        "samples": total,
+        "busy_share": round(total / (seconds * rate), 3),
+        "self": top(self_t),
+        "inclusive": top(incl, 40),
+        "last_client": client,
+        "raw": str(raw),
+    }
 
 
 def figure(summary: dict, path: Path, title: str) -> None:
@@ -133,14 +160,19 @@ def main(argv=None) -> int:
     machine = common.machine_info()
     runs = []
     prof = None
-    with common.environment(broker_log_level=args.log_level, with_nat=False,
-                            max_sockets=args.max_sockets, audit=args.audit) as env:
-        srv = start_process(env.stack, env.server_cpu([env.connbench, "server", "127.0.0.1", str(env.ports.conn)]),
-                            stdin=subprocess.PIPE, log_to=env.tmp / "connbench-server.log")
+    with common.environment(
+        broker_log_level=args.log_level, with_nat=False, max_sockets=args.max_sockets, audit=args.audit
+    ) as env:
+        srv = start_process(
+            env.stack,
+            env.server_cpu([env.connbench, "server", "127.0.0.1", str(env.ports.conn)]),
+            stdin=subprocess.PIPE,
+            log_to=env.tmp / "connbench-server.log",
+        )
         wait_line(srv, "ready")
         for rep in range(reps):
             for clients in LEVELS:
-                for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
+                for mode in MODES if rep % 2 == 0 else MODES[::-1]:
                     try:
                         d = one(env, mode, clients, count)
                         runs.append({"mode": mode, "clients": clients, "rep": rep, **d})
@@ -155,12 +187,17 @@ def main(argv=None) -> int:
         for clients in LEVELS:
             rs = [r for r in runs if r["mode"] == mode and r["clients"] == clients and "rate" in r]
             if rs:
-                summary[f"{mode}/{clients}"] = {k: statistics.median(r[k] for r in rs)
-                                                for k in ("rate", "p50_us", "p99_us")} | {"n": len(rs)}
-    print(f"grafted connects per second ({count} socket+connect+close cycles per run, median of {reps} runs); "
-          f"host TIME-WAIT sockets at start: {machine['host_time_wait_at_start']}")
-    print(f"{'clients':>7} | {'host rate/s':>11} {'p50 µs':>8} {'p99 µs':>8} | {'graft rate/s':>12} {'p50 µs':>8} "
-          f"{'p99 µs':>8} | {'graft/host rate':>15}")
+                summary[f"{mode}/{clients}"] = {
+                    k: statistics.median(r[k] for r in rs) for k in ("rate", "p50_us", "p99_us")
+                } | {"n": len(rs)}
+    print(
+        f"grafted connects per second ({count} socket+connect+close cycles per run, median of {reps} runs); "
+        f"host TIME-WAIT sockets at start: {machine['host_time_wait_at_start']}"
+    )
+    print(
+        f"{'clients':>7} | {'host rate/s':>11} {'p50 µs':>8} {'p99 µs':>8} | {'graft rate/s':>12} {'p50 µs':>8} "
+        f"{'p99 µs':>8} | {'graft/host rate':>15}"
+    )
     print("-" * 96)
     for clients in LEVELS:
         h, g = summary.get(f"host/{clients}"), summary.get(f"graft/{clients}")
@@ -173,8 +210,10 @@ def main(argv=None) -> int:
         if "error" in prof:
             print(f"profile: {prof['error']}")
         else:
-            print(f"py-spy: {prof['samples']} samples in {prof['seconds']}s at {prof['rate_hz']} Hz "
-                  f"(broker on CPU {prof['busy_share']:.0%} of the time)")
+            print(
+                f"py-spy: {prof['samples']} samples in {prof['seconds']}s at {prof['rate_hz']} Hz "
+                f"(broker on CPU {prof['busy_share']:.0%} of the time)"
+            )
             print("self time (top 15):")
             for e in prof["self"][:15]:
                 print(f"  {e['share']:6.1%}  {e['frame']}")
@@ -182,13 +221,26 @@ def main(argv=None) -> int:
             for e in prof["inclusive"][:25]:
                 print(f"  {e['share']:6.1%}  {e['frame']}")
     out = RESULTS / f"{stamp}-broker.json"
-    out.write_text(json.dumps({"machine": machine, "count": count, "reps": reps, "runs": runs,
-                               "summary": summary, "profile": prof, "broker_log_level": args.log_level,
-                               "max_sockets": args.max_sockets, "audit": args.audit},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "count": count,
+                "reps": reps,
+                "runs": runs,
+                "summary": summary,
+                "profile": prof,
+                "broker_log_level": args.log_level,
+                "max_sockets": args.max_sockets,
+                "audit": args.audit,
+            },
+            indent=2,
+        )
+    )
     png = out.with_suffix(".png")
-    figure(summary, png, f"grafted connects, 1/8/64 client processes (max_sockets "
-                         f"{args.max_sockets or 'default 1024'})")
+    figure(
+        summary, png, f"grafted connects, 1/8/64 client processes (max_sockets {args.max_sockets or 'default 1024'})"
+    )
     if args.docs_img:
         (common.REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
         shutil.copy(png, common.REPO / "docs" / "img" / "bench-broker-load.png")

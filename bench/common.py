@@ -26,6 +26,7 @@ pasta and slirp4netns processes, the broker, every process) is removed
 when the ExitStack unwinds, pass or fail.
 Namespaces and links are made with pyroute2; nothing shells out to `ip`.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -78,8 +79,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             f.close()
 
 
-def start_process(stack: ExitStack, argv: list[str], *, log_to: Path | None = None, stdin=subprocess.DEVNULL,
-                  env=None, pass_fds=()) -> subprocess.Popen:
+def start_process(
+    stack: ExitStack, argv: list[str], *, log_to: Path | None = None, stdin=subprocess.DEVNULL, env=None, pass_fds=()
+) -> subprocess.Popen:
     """Start a server process; stopped (and reaped) when stack unwinds.
 
     Its stdout and stderr go to log_to (a file, so a chatty server never
@@ -110,8 +112,9 @@ def wait_line(proc: subprocess.Popen, needle: str, timeout: float = 15.0) -> Non
     raise RuntimeError(f"{proc.args[0]}: no {needle!r} within {timeout}s (exit {proc.poll()}): {text[-2000:]}")
 
 
-def wait_reply(addr: str, port: int, request: bytes, expect: bytes, timeout: float = 15.0,
-               proc: subprocess.Popen | None = None) -> None:
+def wait_reply(
+    addr: str, port: int, request: bytes, expect: bytes, timeout: float = 15.0, proc: subprocess.Popen | None = None
+) -> None:
     """Wait (bounded) until a request to addr:port from the host gets a reply containing expect.
 
     An accepted connection is not enough: pasta and slirp4netns accept on the
@@ -138,7 +141,9 @@ def wait_reply(addr: str, port: int, request: bytes, expect: bytes, timeout: flo
 def run_client(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-1500:]} {r.stdout.strip()[-500:]}")
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-1500:]} {r.stdout.strip()[-500:]}"
+        )
     return r
 
 
@@ -171,8 +176,10 @@ def nft_ruleset(table: str, veth_host: str, published: dict[int, int]) -> str:
 
     published: host port -> port in the namespace (like `docker run -p H:C`).
     """
-    out = "\n".join(f"        ip daddr != 127.0.0.0/8 fib daddr type local tcp dport {h} dnat to {NAT_NS}:{c}"
-                    for h, c in published.items())
+    out = "\n".join(
+        f"        ip daddr != 127.0.0.0/8 fib daddr type local tcp dport {h} dnat to {NAT_NS}:{c}"
+        for h, c in published.items()
+    )
     return f"""\
 table ip {table} {{
     # Docker's DOCKER chain for a published port, as reached from the host
@@ -214,6 +221,7 @@ def nat_namespace(published: dict[int, int], run_id: str):
                     idx = i2.link_lookup(ifname=veth_host)
                     if idx:
                         i2.link("del", index=idx[0])
+
             stack.callback(_del_link)
             (hidx,) = ipr.link_lookup(ifname=veth_host)
             ipr.addr("add", index=hidx, address=NAT_HOST, prefixlen=NAT_NET.prefixlen)
@@ -372,25 +380,43 @@ def require(*programs: str) -> None:
 
 
 @contextmanager
-def environment(broker_log_level: str = "info", audit: str = "file", with_nat: bool = True,
-                max_sockets: int | None = None, pin: bool = True, user_nets: bool = False):
+def environment(
+    broker_log_level: str = "info",
+    audit: str = "file",
+    with_nat: bool = True,
+    max_sockets: int | None = None,
+    pin: bool = True,
+    user_nets: bool = False,
+):
     """Set up host, nat (with_nat), pasta and slirp4netns (user_nets) and graft; tear everything down on exit."""
     run_id = uuid.uuid4().hex[:6]
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
         ports = Ports.pick()
         connbench = build_connbench(tmp)
-        nat = stack.enter_context(nat_namespace(
-            {ports.nginx_nat: NGINX_NS_PORT, ports.redis_nat: REDIS_NS_PORT}, run_id)) if with_nat else {}
+        nat = (
+            stack.enter_context(nat_namespace({ports.nginx_nat: NGINX_NS_PORT, ports.redis_nat: REDIS_NS_PORT}, run_id))
+            if with_nat
+            else {}
+        )
         usernet, server_addrs = {}, {"nat": NAT_HOST}
         if user_nets:
             import usernet as un
 
-            usernet["pasta"] = stack.enter_context(un.pasta_namespace(
-                run_id, tmp, tcp_in={ports.nginx_pasta: NGINX_NS_PORT, ports.redis_pasta: REDIS_NS_PORT},
-                tcp_out=[ports.iperf, ports.sockperf, ports.conn], udp_out=[ports.sockperf]))
-            usernet["slirp4netns"] = stack.enter_context(un.slirp_namespace(
-                run_id, tmp, tcp_in={ports.nginx_slirp4netns: NGINX_NS_PORT, ports.redis_slirp4netns: REDIS_NS_PORT}))
+            usernet["pasta"] = stack.enter_context(
+                un.pasta_namespace(
+                    run_id,
+                    tmp,
+                    tcp_in={ports.nginx_pasta: NGINX_NS_PORT, ports.redis_pasta: REDIS_NS_PORT},
+                    tcp_out=[ports.iperf, ports.sockperf, ports.conn],
+                    udp_out=[ports.sockperf],
+                )
+            )
+            usernet["slirp4netns"] = stack.enter_context(
+                un.slirp_namespace(
+                    run_id, tmp, tcp_in={ports.nginx_slirp4netns: NGINX_NS_PORT, ports.redis_slirp4netns: REDIS_NS_PORT}
+                )
+            )
             server_addrs["slirp4netns"] = un.SLIRP_GATEWAY
         graft_ns = f"graft-bench-g-{run_id}"
         create_namespace(graft_ns)
@@ -399,10 +425,24 @@ def environment(broker_log_level: str = "info", audit: str = "file", with_nat: b
         stack.callback(broker.stop)
         audit_arg = str(tmp / "broker" / "audit.jsonl") if audit == "file" else audit
         broker.start("--log-level", broker_log_level, "--audit-log", audit_arg)
-        yield Env(stack=stack, tmp=tmp, ports=ports, nat=nat, graft_ns=graft_ns, broker=broker,
-                  connbench=connbench, usernet=usernet, server_addrs=server_addrs, notes={"broker_log_level": broker_log_level, "audit_log": audit,
-                                                    "max_sockets": max_sockets or "default (1024)",
-                                                    "pinned": pin}, pin=pin)
+        yield Env(
+            stack=stack,
+            tmp=tmp,
+            ports=ports,
+            nat=nat,
+            graft_ns=graft_ns,
+            broker=broker,
+            connbench=connbench,
+            usernet=usernet,
+            server_addrs=server_addrs,
+            notes={
+                "broker_log_level": broker_log_level,
+                "audit_log": audit,
+                "max_sockets": max_sockets or "default (1024)",
+                "pinned": pin,
+            },
+            pin=pin,
+        )
 
 
 def host_time_wait() -> int:
@@ -429,11 +469,19 @@ def machine_info() -> dict:
         pass
     u = os.uname()
     load = os.getloadavg()
+
     def git(*args):
         r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
+
     dirty = git("status", "--porcelain", "--", "shim", "broker", "policy", "graft")
-    return {"nproc": os.cpu_count(), "kernel": u.release, "cpu": cpu, "machine": u.machine,
-            "loadavg_at_start": [round(x, 2) for x in load], "host_time_wait_at_start": host_time_wait(),
-            "git_commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes_in": sorted({ln[3:].split("/")[0] for ln in (dirty or "").splitlines()})}
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": u.release,
+        "cpu": cpu,
+        "machine": u.machine,
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "host_time_wait_at_start": host_time_wait(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes_in": sorted({ln[3:].split("/")[0] for ln in (dirty or "").splitlines()}),
+    }

@@ -27,6 +27,7 @@
        handed-out sockets for max_sockets) runs when it is closed.
 Everything the bench creates (cgroups, programs, pins) is removed at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -167,9 +168,25 @@ def main() -> int:
         move_to(mount + load)
         conf = lifecycle._load_or_reuse(confined, mount + confined, pin_dir)
         load_fd = os.open(mount + load, os.O_RDONLY)
-        results: dict[str, list[float]] = {k: [] for k in ("none", "graft", "shared", "c_off", "c_on", "u_off",
-                                                          "u_on", "u_off_noaddr", "u_on_noaddr", "mark",
-                                                          "t_off", "t_on", "a_off", "a_on")}
+        results: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "none",
+                "graft",
+                "shared",
+                "c_off",
+                "c_on",
+                "u_off",
+                "u_on",
+                "u_off_noaddr",
+                "u_on_noaddr",
+                "mark",
+                "t_off",
+                "t_on",
+                "a_off",
+                "a_on",
+            )
+        }
         n = args.n
         for r in range(args.rounds):
             # -- 1. other processes' sockets, in a different order each round --------
@@ -188,13 +205,14 @@ def main() -> int:
                 detach_all(mount + load, conf)
 
             order = [none, graft, shared]
-            for f in order[r % 3:] + order[: r % 3]:
+            for f in order[r % 3 :] + order[: r % 3]:
                 f()
                 drain()
             # -- 2. grafted sockets: the broker's side, UDP sends, TCP round trips --------
             lifecycle._attach(conf)
             u_plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u_plain.connect(uaddr)
+
             def c_off():
                 results["c_off"].append(connect_cycles(n, addr))
 
@@ -203,7 +221,7 @@ def main() -> int:
                 results["c_on"].append(connect_cycles(n, addr, mark=lambda s: conf.mark(s, False, addr)))
                 move_to(mount + load)
 
-            for f in ([c_off, c_on] if r % 2 else [c_on, c_off]):
+            for f in [c_off, c_on] if r % 2 else [c_on, c_off]:
                 f()
                 drain()
             t0 = time.perf_counter()
@@ -233,8 +251,9 @@ def main() -> int:
             t_marked = tcp_pair(addr, lsn)
             conf.mark(t_marked[0], False, addr)
             move_to(mount + load)
-            for key, pair in ((("t_on", t_marked), ("t_off", t_plain)) if r % 2 else
-                              (("t_off", t_plain), ("t_on", t_marked))):
+            for key, pair in (
+                (("t_on", t_marked), ("t_off", t_plain)) if r % 2 else (("t_off", t_plain), ("t_on", t_marked))
+            ):
                 results[key].append(tcp_round_trips(n, *pair))
             for sock in (*t_plain, *t_marked):
                 sock.close()
@@ -243,8 +262,9 @@ def main() -> int:
             l_marked = socket.create_server(("127.0.0.1", 0), backlog=128)
             conf.mark(l_marked, False)  # a bind graft: accepted sockets clone the mark
             move_to(mount + load)
-            for key, lsock in ((("a_on", l_marked), ("a_off", l_plain)) if r % 2 else
-                               (("a_off", l_plain), ("a_on", l_marked))):
+            for key, lsock in (
+                (("a_on", l_marked), ("a_off", l_plain)) if r % 2 else (("a_off", l_plain), ("a_on", l_marked))
+            ):
                 results[key].append(accept_cycles(n, lsock))
             l_plain.close()
             l_marked.close()
@@ -262,25 +282,33 @@ def main() -> int:
                 os.rmdir(mount + cg)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"confinement overhead: {args.rounds} interleaved rounds x {args.n} ops, medians, kernel {os.uname().release}")
+    print(
+        f"confinement overhead: {args.rounds} interleaved rounds x {args.n} ops, medians, kernel {os.uname().release}"
+    )
     print()
     print("1. other processes' sockets: connect+close on loopback")
     print(f"   {'layout':<52} {'cycles/s':>10} {'ratio':>7}")
-    for k, label in (("none", "no programs"),
-                     ("graft", "graft: programs on <cgroup>/graft-broker (below us)"),
-                     ("shared", "comparison: programs on our own (shared) cgroup")):
+    for k, label in (
+        ("none", "no programs"),
+        ("graft", "graft: programs on <cgroup>/graft-broker (below us)"),
+        ("shared", "comparison: programs on our own (shared) cgroup"),
+    ):
         print(f"   {label:<52} {1 / med[k]:>10.0f} {med['none'] / med[k]:>7.3f}")
     print()
     print("2. grafted sockets, per operation")
     print(f"   {'operation':<52} {'off µs':>8} {'on µs':>8} {'delta µs':>9}")
-    rows = (("broker: socket+connect(+mark)+close", "c_off", "c_on"),
-            ("UDP sendto(granted dest), program compares", "u_off", "u_on"))
+    rows = (
+        ("broker: socket+connect(+mark)+close", "c_off", "c_on"),
+        ("UDP sendto(granted dest), program compares", "u_off", "u_on"),
+    )
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     print(f"   {'of which the mark (one bpf map update)':<52} {'':>8} {med['mark'] * 1e6:>8.2f}")
-    rows = (("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),
-            ("TCP 1-byte round trip (listen guard per packet)", "t_off", "t_on"),
-            ("connection to a grafted listener (release program)", "a_off", "a_on"))
+    rows = (
+        ("UDP send(), no address: no program runs", "u_off_noaddr", "u_on_noaddr"),
+        ("TCP 1-byte round trip (listen guard per packet)", "t_off", "t_on"),
+        ("connection to a grafted listener (release program)", "a_off", "a_on"),
+    )
     for label, off, on in rows:
         print(f"   {label:<52} {med[off] * 1e6:>8.2f} {med[on] * 1e6:>8.2f} {(med[on] - med[off]) * 1e6:>9.2f}")
     return 0

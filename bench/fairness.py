@@ -11,6 +11,7 @@ mechanism this measures, per-tenant turns, is asserted by count in
 tests/reliability/test_fairness.py; its latency on this 2-core machine, where the clients
 share the cores with the broker, is this script's. Results: docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,10 @@ def one_round(broker, n: int) -> tuple[tuple, tuple]:
     quiet = broker.socket_dir / "t1.sock"
     alone = grant_latencies(quiet, load_tenants.BASE_PORT + 1, n)
     ctx = multiprocessing.get_context("fork")
-    flooder = ctx.Process(target=load_tenants.tenant_process,
-                          args=("t0", str(broker.socket_dir / "t0.sock"), load_tenants.BASE_PORT, 64,
-                                time.monotonic(), 60, ctx.Queue()))
+    flooder = ctx.Process(
+        target=load_tenants.tenant_process,
+        args=("t0", str(broker.socket_dir / "t0.sock"), load_tenants.BASE_PORT, 64, time.monotonic(), 60, ctx.Queue()),
+    )
     before = grafts(broker, "t0")
     flooder.start()
     try:
@@ -91,8 +93,10 @@ def main() -> int:
     print(f"quiet tenant, {args.requests} sequential UDP connect grafts; flooder: 64 connections")
     print(f"{'round':>5} {'alone p50':>10} {'alone p99':>10} {'flooded p50':>12} {'flooded p99':>12} {'p99 ratio':>10}")
     for i, ((a50, a99), (f50, f99)) in enumerate(rows, 1):
-        print(f"{i:>5} {a50 * 1e6:>8.0f}us {a99 * 1e6:>8.0f}us {f50 * 1e6:>10.0f}us {f99 * 1e6:>10.0f}us "
-              f"{f99 / a99:>9.2f}x")
+        print(
+            f"{i:>5} {a50 * 1e6:>8.0f}us {a99 * 1e6:>8.0f}us {f50 * 1e6:>10.0f}us {f99 * 1e6:>10.0f}us "
+            f"{f99 / a99:>9.2f}x"
+        )
     return 0 if rc == 0 else 1
 
 

@@ -14,6 +14,7 @@ destinations, to show the flood really overflowed a map. Destinations are
 distinct loopback addresses with a closed port: a hit is a connection
 reset, a miss EPERM. Confinement is required (the fast path needs it).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -21,6 +21,7 @@ trip's p50 minus the native connect's p50, the figure the "+40 µs" target
 (docs/benchmarks.md, Targets) is about. Rounds rotate the order of the variants. Loopback only;
 needs 2 CPUs for the cross-CPU rows (taskset); no root needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,12 @@ def run_variant(binary: str, tmp: Path, kind: str, client_cpu: str, spin: bool, 
     try:
         if srv.stdout.readline().strip() != "ready":
             raise SystemExit(f"{kind} server did not start")
-        r = subprocess.run(["taskset", "-c", client_cpu, binary, "client", path, str(count), str(int(spin))],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            ["taskset", "-c", client_cpu, binary, "client", path, str(count), str(int(spin))],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if r.returncode != 0:
             raise SystemExit(f"client failed: {r.stderr}")
         srv.wait(timeout=30)  # the client's close ends the server
@@ -128,15 +133,17 @@ def main() -> int:
         tmp = Path(d)
         binary = build(tmp)
         for r in range(args.rounds):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for label, kind, cpu, spin in order:
                 results[label].append(run_variant(binary, tmp, kind, cpu, spin, args.count))
 
     def med(label: str, key: str) -> float:
         return statistics.median(x[key] for x in results[label])
 
-    print(f"broker round-trip floor: {args.rounds} rounds x {args.count} round trips, medians, "
-          f"kernel {os.uname().release}")
+    print(
+        f"broker round-trip floor: {args.rounds} rounds x {args.count} round trips, medians, "
+        f"kernel {os.uname().release}"
+    )
     print(f"{'variant':<40} {'native p50':>10} {'rt p50':>8} {'rt p99':>8} {'delta p50':>10}")
     for label, *_ in VARIANTS:
         n, p50, p99 = med(label, "native_p50"), med(label, "rt_p50"), med(label, "rt_p99")

@@ -11,6 +11,7 @@ TIME_WAIT sockets, so the run measures the broker, not port exhaustion.
 Prints a table per tenant with grafts/s and grant latency p50/p99, and
 exits 1 if any graft failed or was wrong. Results: docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,12 @@ BASE_PORT = 20000  # tenant i's destination is 127.0.0.1:(BASE_PORT + i); nothin
 
 
 def policy(tenants: int) -> str:
-    text = 'version = 1\n'
+    text = "version = 1\n"
     for i in range(tenants):
-        text += (f'[tenants.t{i}]\nmax_sockets = 100000\n[[tenants.t{i}.connect]]\nto = ["127.0.0.1/32"]\n'
-                 f'ports = [{BASE_PORT + i}]\nproto = "udp"\n')
+        text += (
+            f'[tenants.t{i}]\nmax_sockets = 100000\n[[tenants.t{i}.connect]]\nto = ["127.0.0.1/32"]\n'
+            f'ports = [{BASE_PORT + i}]\nproto = "udp"\n'
+        )
     return text
 
 
@@ -78,10 +81,16 @@ def tenant_process(name: str, path: str, port: int, clients: int, start_at: floa
     for t in threads:
         t.join()
     lat = sorted(x for r in results for x in r[3])
-    q.put({"tenant": name, "ok": sum(r[0] for r in results), "failed": sum(r[1] for r in results),
-           "wrong": sum(r[2] for r in results),
-           "p50_ms": 1000 * statistics.median(lat) if lat else None,
-           "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else None})
+    q.put(
+        {
+            "tenant": name,
+            "ok": sum(r[0] for r in results),
+            "failed": sum(r[1] for r in results),
+            "wrong": sum(r[2] for r in results),
+            "p50_ms": 1000 * statistics.median(lat) if lat else None,
+            "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else None,
+        }
+    )
 
 
 def main() -> int:
@@ -97,9 +106,21 @@ def main() -> int:
             ctx = multiprocessing.get_context("fork")
             q = ctx.Queue()
             start_at = time.monotonic() + 1.0
-            procs = [ctx.Process(target=tenant_process, args=(f"t{i}", str(broker.socket_dir / f"t{i}.sock"), BASE_PORT + i,
-                                                             args.clients, start_at, args.seconds, q))
-                     for i in range(args.tenants)]
+            procs = [
+                ctx.Process(
+                    target=tenant_process,
+                    args=(
+                        f"t{i}",
+                        str(broker.socket_dir / f"t{i}.sock"),
+                        BASE_PORT + i,
+                        args.clients,
+                        start_at,
+                        args.seconds,
+                        q,
+                    ),
+                )
+                for i in range(args.tenants)
+            ]
             for p in procs:
                 p.start()
             rows = [q.get(timeout=args.seconds + 120) for _ in procs]
@@ -111,12 +132,16 @@ def main() -> int:
     print(f"{args.tenants} tenants x {args.clients} clients x {args.seconds:.0f} s, UDP connect grafts")
     print(f"{'tenant':>6} {'grafts':>9} {'per s':>8} {'failed':>7} {'wrong':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for r in sorted(rows, key=lambda r: r["tenant"]):
-        print(f"{r['tenant']:>6} {r['ok']:>9,} {r['ok'] / args.seconds:>8,.0f} {r['failed']:>7} {r['wrong']:>6}"
-              f" {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+        print(
+            f"{r['tenant']:>6} {r['ok']:>9,} {r['ok'] / args.seconds:>8,.0f} {r['failed']:>7} {r['wrong']:>6}"
+            f" {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}"
+        )
     total = sum(r["ok"] for r in rows)
     bad = sum(r["failed"] + r["wrong"] for r in rows)
-    print(f"total {total:,} grafts ({total / args.seconds:,.0f}/s), {bad} failed or wrong; broker alive: {alive}, "
-          f"exit {rc}")
+    print(
+        f"total {total:,} grafts ({total / args.seconds:,.0f}/s), {bad} failed or wrong; broker alive: {alive}, "
+        f"exit {rc}"
+    )
     return 0 if bad == 0 and alive and rc == 0 else 1
 
 

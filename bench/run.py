@@ -29,6 +29,7 @@ against pasta and slirp4netns, and the rounds each row needs to resolve ±2%;
 writes bench/results/<ts>.json, <ts>.md and a PNG per workload to
 bench/results/ (and to docs/img/ with --docs-img).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,7 @@ class Workload:
     title: str
     metrics: list[Metric]
     servers: Callable  # (env, cfg) -> context manager
-    run: Callable      # (env, cfg, scenario) -> {metric key: value}
+    run: Callable  # (env, cfg, scenario) -> {metric key: value}
 
 
 # ---- iperf3 -------------------------------------------------------------------
@@ -107,8 +108,11 @@ class Workload:
 def iperf_servers(env, cfg):
     with ExitStack() as st:
         for addr in ("127.0.0.1", NAT_HOST):
-            p = start_process(st, env.server_cpu(["iperf3", "-s", "-B", addr, "-p", str(env.ports.iperf), "--forceflush"]),
-                              log_to=env.tmp / f"iperf3-{addr}.log")
+            p = start_process(
+                st,
+                env.server_cpu(["iperf3", "-s", "-B", addr, "-p", str(env.ports.iperf), "--forceflush"]),
+                log_to=env.tmp / f"iperf3-{addr}.log",
+            )
             wait_line(p, "Server listening")
         yield
 
@@ -121,6 +125,7 @@ def iperf_run(reverse: bool):
         r = run_client(env.client_in(sc, *argv), timeout=cfg.iperf_t + 30)
         data = json.loads(r.stdout)
         return {"gbps": data["end"]["sum_received"]["bits_per_second"] / 1e9}
+
     return run
 
 
@@ -134,7 +139,9 @@ def sockperf_servers(env, cfg, tcp: bool):
             argv = ["sockperf", "server", "-i", addr, "-p", str(env.ports.sockperf)] + (["--tcp"] if tcp else [])
             # same core as the client: a ping-pong is sequential, and on one core the
             # round trip is the network path's cost, not cross-core wake-ups
-            p = start_process(st, env.client_cpu(argv), log_to=env.tmp / f"sockperf-{'tcp' if tcp else 'udp'}-{addr}.log")
+            p = start_process(
+                st, env.client_cpu(argv), log_to=env.tmp / f"sockperf-{'tcp' if tcp else 'udp'}-{addr}.log"
+            )
             wait_line(p, "to block on socket")
         yield
 
@@ -144,13 +151,25 @@ PCT = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([\d.]+)")
 
 def sockperf_run(tcp: bool):
     def run(env, cfg, sc):
-        argv = ["sockperf", "ping-pong", "-i", env.host_server_addr(sc), "-p", str(env.ports.sockperf),
-                "-t", str(cfg.sockperf_t), "-m", "64", "--full-rtt"] + (["--tcp"] if tcp else [])
+        argv = [
+            "sockperf",
+            "ping-pong",
+            "-i",
+            env.host_server_addr(sc),
+            "-p",
+            str(env.ports.sockperf),
+            "-t",
+            str(cfg.sockperf_t),
+            "-m",
+            "64",
+            "--full-rtt",
+        ] + (["--tcp"] if tcp else [])
         r = run_client(env.client_in(sc, *argv), timeout=cfg.sockperf_t + 30)
         pcts = {float(a): float(b) for a, b in PCT.findall(r.stdout + r.stderr)}
         if 50.0 not in pcts or 99.0 not in pcts:
             raise RuntimeError(f"sockperf printed no percentiles: {r.stdout[-800:]}")
         return {"p50_us": pcts[50.0], "p99_us": pcts[99.0]}
+
     return run
 
 
@@ -161,15 +180,26 @@ def sockperf_run(tcp: bool):
 def conn_servers(env, cfg):
     with ExitStack() as st:
         for addr in ("127.0.0.1", NAT_HOST):
-            p = start_process(st, env.server_cpu([env.connbench, "server", addr, str(env.ports.conn)]),
-                              stdin=subprocess.PIPE, log_to=env.tmp / f"connbench-{addr}.log")
+            p = start_process(
+                st,
+                env.server_cpu([env.connbench, "server", addr, str(env.ports.conn)]),
+                stdin=subprocess.PIPE,
+                log_to=env.tmp / f"connbench-{addr}.log",
+            )
             wait_line(p, "ready")
         yield
 
 
 def conn_run(env, cfg, sc, procs: int = 1, count: int | None = None):
-    argv = [env.connbench, "client", env.host_server_addr(sc), str(env.ports.conn),
-            str(count or cfg.connects), str(procs), "100"]
+    argv = [
+        env.connbench,
+        "client",
+        env.host_server_addr(sc),
+        str(env.ports.conn),
+        str(count or cfg.connects),
+        str(procs),
+        "100",
+    ]
     r = run_client(env.client_in(sc, *argv), timeout=120)
     d = json.loads(r.stdout)
     return {"p50_us": d["p50_us"], "p99_us": d["p99_us"], "rate": d["rate"]}
@@ -182,16 +212,25 @@ def conn_reply_run(env, cfg, sc):
     then connects to the server, so its connect() alone says nothing about
     reaching the server; this row compares what every scenario needs for that.
     """
-    argv = [env.connbench, "client", env.host_server_addr(sc), str(env.ports.conn), str(cfg.connects), "1", "100",
-            "eof"]
+    argv = [
+        env.connbench,
+        "client",
+        env.host_server_addr(sc),
+        str(env.ports.conn),
+        str(cfg.connects),
+        "1",
+        "100",
+        "eof",
+    ]
     d = json.loads(run_client(env.client_in(sc, *argv), timeout=120).stdout)
     return {"p50_us": d["p50_us"], "p99_us": d["p99_us"]}
 
 
 # ---- nginx + wrk ----------------------------------------------------------------------
 
-PAGE = ("<!DOCTYPE html><html><head><title>graft bench</title></head><body>"
-        + "<p>" + "x" * 520 + "</p></body></html>\n")  # ~612 bytes, nginx's default page size
+PAGE = (
+    "<!DOCTYPE html><html><head><title>graft bench</title></head><body>" + "<p>" + "x" * 520 + "</p></body></html>\n"
+)  # ~612 bytes, nginx's default page size
 
 NGINX_CONF = """\
 daemon off;
@@ -229,8 +268,11 @@ def nginx_servers(env, cfg):
             d.mkdir(exist_ok=True)
             listen = f"127.0.0.1:{env.ports.nginx_host}" if sc == "host" else str(common.NGINX_NS_PORT)
             (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, www=www, listen=listen))
-            p = start_process(st, env.server_in(sc, "nginx", "-p", str(d), "-e", str(d / "error.log"),
-                                                   "-c", str(d / "nginx.conf")), log_to=d / "stdout.log")
+            p = start_process(
+                st,
+                env.server_in(sc, "nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")),
+                log_to=d / "stdout.log",
+            )
             wait_reply(*env.published(sc, "nginx"), b"GET / HTTP/1.0\r\n\r\n", b" 200 ", proc=p)
         yield
 
@@ -257,6 +299,7 @@ def wrk_run(close: bool):
         if n:
             out["errors"] += int(n.group(1))
         return out
+
     return run
 
 
@@ -275,10 +318,30 @@ def redis_servers(env, cfg):
                 bind, port = "0.0.0.0", common.REDIS_NS_PORT
             d = env.tmp / f"redis-{sc}"
             d.mkdir(exist_ok=True)
-            p = start_process(st, env.server_in(
-                sc, "redis-server", "--bind", bind, "--port", str(port), "--save", "", "--appendonly", "no",
-                "--protected-mode", "no", "--daemonize", "no", "--dir", str(d), "--logfile", str(d / "redis.log")),
-                log_to=d / "stdout.log")
+            p = start_process(
+                st,
+                env.server_in(
+                    sc,
+                    "redis-server",
+                    "--bind",
+                    bind,
+                    "--port",
+                    str(port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--dir",
+                    str(d),
+                    "--logfile",
+                    str(d / "redis.log"),
+                ),
+                log_to=d / "stdout.log",
+            )
             wait_reply(*env.published(sc, "redis"), b"PING\r\n", b"+PONG", proc=p)
         yield
 
@@ -287,9 +350,26 @@ def redis_run(env, cfg, sc):
     addr, port = env.published(sc, "redis")
     # bounded at 2,000 requests/s per test and 20 s to spare: slirp4netns's forwarder
     # (listen backlog 1) can leave some of the 50 connections hanging
-    r = run_client(env.client_cpu(["redis-benchmark", "-h", addr, "-p", str(port), "-q", "-n", str(cfg.redis_n),
-                                   "-c", "50", "-t", ",".join(REDIS_TESTS), "--csv"]),
-                   timeout=20 + cfg.redis_n * len(REDIS_TESTS) / 2000)
+    r = run_client(
+        env.client_cpu(
+            [
+                "redis-benchmark",
+                "-h",
+                addr,
+                "-p",
+                str(port),
+                "-q",
+                "-n",
+                str(cfg.redis_n),
+                "-c",
+                "50",
+                "-t",
+                ",".join(REDIS_TESTS),
+                "--csv",
+            ]
+        ),
+        timeout=20 + cfg.redis_n * len(REDIS_TESTS) / 2000,
+    )
     out = {}
     for line in r.stdout.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
@@ -303,34 +383,73 @@ def redis_run(env, cfg, sc):
 # ---- the workloads ---------------------------------------------------------------------
 
 WORKLOADS = [
-    Workload("iperf3", "iperf3 TCP throughput, client in the container -> server on the host",
-             [Metric("gbps", "throughput", "Gbit/s", True)],
-             iperf_servers, iperf_run(False)),
-    Workload("iperf3-R", "iperf3 -R TCP throughput, server on the host -> client in the container",
-             [Metric("gbps", "throughput", "Gbit/s", True)],
-             iperf_servers, iperf_run(True)),
-    Workload("sockperf-tcp", "sockperf TCP ping-pong round trip, 64 B",
-             [Metric("p50_us", "p50 RTT", "µs", False), Metric("p99_us", "p99 RTT", "µs", False)],
-             lambda env, cfg: sockperf_servers(env, cfg, True), sockperf_run(True)),
-    Workload("sockperf-udp", "sockperf UDP ping-pong round trip, 64 B (unconnected sendto)",
-             [Metric("p50_us", "p50 RTT", "µs", False), Metric("p99_us", "p99 RTT", "µs", False)],
-             lambda env, cfg: sockperf_servers(env, cfg, False), sockperf_run(False)),
-    Workload("connect", "TCP connect() latency and socket+connect+close cycles/s (connbench.c)",
-             [Metric("p50_us", "connect p50", "µs", False), Metric("p99_us", "connect p99", "µs", False),
-              Metric("rate", "cycles/s", "1/s", True)],
-             conn_servers, conn_run),
-    Workload("connect-reply", "TCP connect() until the server's close arrives: the connection reached the server",
-             [Metric("p50_us", "p50 to server", "µs", False), Metric("p99_us", "p99 to server", "µs", False)],
-             conn_servers, conn_reply_run),
-    Workload("nginx-keepalive", "nginx in the container, wrk on the host, keep-alive",
-             [Metric("rps", "requests/s", "1/s", True)],
-             nginx_servers, wrk_run(False)),
-    Workload("nginx-close", "nginx in the container, wrk on the host, Connection: close",
-             [Metric("rps", "requests/s", "1/s", True)],
-             nginx_servers, wrk_run(True)),
-    Workload("redis", "redis-server in the container, redis-benchmark on the host (-c 50)",
-             [Metric(f"{t}_rps", t.upper(), "1/s", True) for t in REDIS_TESTS],
-             redis_servers, redis_run),
+    Workload(
+        "iperf3",
+        "iperf3 TCP throughput, client in the container -> server on the host",
+        [Metric("gbps", "throughput", "Gbit/s", True)],
+        iperf_servers,
+        iperf_run(False),
+    ),
+    Workload(
+        "iperf3-R",
+        "iperf3 -R TCP throughput, server on the host -> client in the container",
+        [Metric("gbps", "throughput", "Gbit/s", True)],
+        iperf_servers,
+        iperf_run(True),
+    ),
+    Workload(
+        "sockperf-tcp",
+        "sockperf TCP ping-pong round trip, 64 B",
+        [Metric("p50_us", "p50 RTT", "µs", False), Metric("p99_us", "p99 RTT", "µs", False)],
+        lambda env, cfg: sockperf_servers(env, cfg, True),
+        sockperf_run(True),
+    ),
+    Workload(
+        "sockperf-udp",
+        "sockperf UDP ping-pong round trip, 64 B (unconnected sendto)",
+        [Metric("p50_us", "p50 RTT", "µs", False), Metric("p99_us", "p99 RTT", "µs", False)],
+        lambda env, cfg: sockperf_servers(env, cfg, False),
+        sockperf_run(False),
+    ),
+    Workload(
+        "connect",
+        "TCP connect() latency and socket+connect+close cycles/s (connbench.c)",
+        [
+            Metric("p50_us", "connect p50", "µs", False),
+            Metric("p99_us", "connect p99", "µs", False),
+            Metric("rate", "cycles/s", "1/s", True),
+        ],
+        conn_servers,
+        conn_run,
+    ),
+    Workload(
+        "connect-reply",
+        "TCP connect() until the server's close arrives: the connection reached the server",
+        [Metric("p50_us", "p50 to server", "µs", False), Metric("p99_us", "p99 to server", "µs", False)],
+        conn_servers,
+        conn_reply_run,
+    ),
+    Workload(
+        "nginx-keepalive",
+        "nginx in the container, wrk on the host, keep-alive",
+        [Metric("rps", "requests/s", "1/s", True)],
+        nginx_servers,
+        wrk_run(False),
+    ),
+    Workload(
+        "nginx-close",
+        "nginx in the container, wrk on the host, Connection: close",
+        [Metric("rps", "requests/s", "1/s", True)],
+        nginx_servers,
+        wrk_run(True),
+    ),
+    Workload(
+        "redis",
+        "redis-server in the container, redis-benchmark on the host (-c 50)",
+        [Metric(f"{t}_rps", t.upper(), "1/s", True) for t in REDIS_TESTS],
+        redis_servers,
+        redis_run,
+    ),
 ]
 
 
@@ -371,8 +490,11 @@ def per_round_ratios(runs: list, workload: str, key: str, num: str, den: str) ->
     for r in runs:
         if r["workload"] == workload and "metrics" in r and r["scenario"] in (num, den):
             by[(r["rep"], r["scenario"])] = r["metrics"][key]
-    return [by[(rep, num)] / by[(rep, den)] for rep in sorted({rep for rep, _ in by})
-            if (rep, num) in by and (rep, den) in by and by[(rep, den)]]
+    return [
+        by[(rep, num)] / by[(rep, den)]
+        for rep in sorted({rep for rep, _ in by})
+        if (rep, num) in by and (rep, den) in by and by[(rep, den)]
+    ]
 
 
 def summarise(runs: list) -> dict:
@@ -383,20 +505,37 @@ def summarise(runs: list) -> dict:
         for m in w.metrics:
             row = {}
             for sc in SCENARIOS:
-                vals = [r["metrics"][m.key] for r in runs
-                        if r["workload"] == w.name and r["scenario"] == sc and "metrics" in r]
+                vals = [
+                    r["metrics"][m.key]
+                    for r in runs
+                    if r["workload"] == w.name and r["scenario"] == sc and "metrics" in r
+                ]
                 errs = [r["error"] for r in runs if r["workload"] == w.name and r["scenario"] == sc and "error" in r]
-                row[sc] = ({"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
-                            "values": vals} if vals else {"median": None, "n": 0})
+                row[sc] = (
+                    {
+                        "median": statistics.median(vals),
+                        "min": min(vals),
+                        "max": max(vals),
+                        "n": len(vals),
+                        "values": vals,
+                    }
+                    if vals
+                    else {"median": None, "n": 0}
+                )
                 if errs:
                     row[sc]["errors"] = errs
             row["vs"] = {}
             for b in BASELINES:
                 ratios = per_round_ratios(runs, w.name, m.key, "graft", b)
                 ci = stats.ratio_interval(ratios)
-                row["vs"][b] = {"ratios": ratios, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
-                                "verdict": ci.verdict(m.higher_better),
-                                "rounds_needed": stats.rounds_needed(ratios, RESOLVE)}
+                row["vs"][b] = {
+                    "ratios": ratios,
+                    "estimate": ci.estimate,
+                    "low": ci.low,
+                    "high": ci.high,
+                    "verdict": ci.verdict(m.higher_better),
+                    "rounds_needed": stats.rounds_needed(ratios, RESOLVE),
+                }
             hv = row["host"]
             row["host_spread"] = hv["max"] / hv["min"] if hv.get("n") and hv["min"] else None
             out[w.name][m.key] = row
@@ -427,7 +566,10 @@ def fmt_ratio(vs: dict | None, interval: bool = True) -> str:
 
 
 def targets(summary: dict) -> list[dict]:
-    """The design's targets (docs/benchmarks.md), each with the measured ratio and met / not met, and graft's connect against pasta's and slirp4netns's."""
+    """The design's targets (docs/benchmarks.md), each with the measured ratio and met / not met.
+
+    Also graft's connect against pasta's and slirp4netns's.
+    """
     s = summary
     med = lambda w, m, sc: s.get(w, {}).get(m, {}).get(sc, {}).get("median")  # noqa: E731
     vs = lambda w, m: s.get(w, {}).get(m, {}).get("vs", {}).get("host", {}).get("estimate")  # noqa: E731
@@ -444,19 +586,34 @@ def targets(summary: dict) -> list[dict]:
     g = med("connect", "p50_us", "graft")
     for b, label in (("host", "native p50 + 40 µs (host)"), ("nat", "native p50 + 40 µs (nat)")):
         x = med("connect", "p50_us", b)
-        add(f"connect: graft p50 ≤ {label}", None if g is None or x is None else g - x, 40.0, "<=",
-            f"µs above {b}'s connect p50")
+        add(
+            f"connect: graft p50 ≤ {label}",
+            None if g is None or x is None else g - x,
+            40.0,
+            "<=",
+            f"µs above {b}'s connect p50",
+        )
     for w in ("connect", "connect-reply"):
         g = med(w, "p50_us", "graft")
         for b in ("pasta", "slirp4netns"):
             x = med(w, "p50_us", b)
-            add(f"{w}: graft p50 below {b}'s", None if g is None or x is None else g - x, 0.0, "<=",
-                f"µs above {b}'s p50 (issue 15's goal)")
+            add(
+                f"{w}: graft p50 below {b}'s",
+                None if g is None or x is None else g - x,
+                0.0,
+                "<=",
+                f"µs above {b}'s p50 (issue 15's goal)",
+            )
     for w in ("nginx-keepalive", "nginx-close"):
         add(f"{w}: graft ≥ 0.97× host", vs(w, "rps"), 0.97, ">=", "graft/host, per-round geometric mean")
     for t in REDIS_TESTS:
-        add(f"redis {t.upper()}: graft ≥ 0.97× host", vs("redis", f"{t}_rps"), 0.97, ">=",
-            "graft/host, per-round geometric mean")
+        add(
+            f"redis {t.upper()}: graft ≥ 0.97× host",
+            vs("redis", f"{t}_rps"),
+            0.97,
+            ">=",
+            "graft/host, per-round geometric mean",
+        )
     return out
 
 
@@ -469,30 +626,55 @@ def rows(summary: dict):
 
 
 def medians_cells(m: Metric, row: dict) -> list[str]:
-    return [fmt(row.get(sc, {}).get("median"), m.unit) if row.get(sc, {}).get("median") is not None else "fail"
-            for sc in SCENARIOS]
+    return [
+        fmt(row.get(sc, {}).get("median"), m.unit) if row.get(sc, {}).get("median") is not None else "fail"
+        for sc in SCENARIOS
+    ]
+
+
+def rounds_needed(vs: dict) -> tuple[str, str]:
+    """The rounds a ±2% interval needs against the host and against pasta ("—" when unknown)."""
+    return tuple(str(vs.get(b, {}).get("rounds_needed") or "—") for b in ("host", "pasta"))
 
 
 def table(summary: dict, reps: int) -> str:
     """Two text tables: medians per scenario, then graft's ratios with 95% intervals and verdicts."""
     names = {"slirp4netns": "slirp"}
-    lines = [f"medians over {reps} interleaved rounds", "",
-             f"{'workload':<16} {'metric':<12} {'unit':<7} " + " ".join(f"{sc:>11}" for sc in SCENARIOS)
-             + f" {'host max/min':>12}", "-" * 112]
+    lines = [
+        f"medians over {reps} interleaved rounds",
+        "",
+        f"{'workload':<16} {'metric':<12} {'unit':<7} "
+        + " ".join(f"{sc:>11}" for sc in SCENARIOS)
+        + f" {'host max/min':>12}",
+        "-" * 112,
+    ]
     for w, m, row in rows(summary):
         spread = f"{row['host_spread']:.2f}" if row.get("host_spread") else "—"
-        lines.append(f"{w.name:<16} {m.label:<12} {m.unit:<7} "
-                     + " ".join(f"{c:>11}" for c in medians_cells(m, row)) + f" {spread:>12}")
-    lines += ["", "graft/X: geometric mean of per-round ratios [95% t-interval]; "
-              "ahead/behind only when the whole interval is on one side of 1; "
-              f"n±{RESOLVE:.0%}: rounds for a ±{RESOLVE:.0%} interval at this spread", "",
-              f"{'workload':<16} {'metric':<12} " + " ".join(f"{'graft/' + names.get(b, b):>21}" for b in BASELINES)
-              + f" {'vs pasta':>12} {'vs slirp':>12} {'n±2% host':>9} {'n±2% pasta':>10}", "-" * 170]
+        lines.append(
+            f"{w.name:<16} {m.label:<12} {m.unit:<7} "
+            + " ".join(f"{c:>11}" for c in medians_cells(m, row))
+            + f" {spread:>12}"
+        )
+    lines += [
+        "",
+        "graft/X: geometric mean of per-round ratios [95% t-interval]; "
+        "ahead/behind only when the whole interval is on one side of 1; "
+        f"n±{RESOLVE:.0%}: rounds for a ±{RESOLVE:.0%} interval at this spread",
+        "",
+        f"{'workload':<16} {'metric':<12} "
+        + " ".join(f"{'graft/' + names.get(b, b):>21}" for b in BASELINES)
+        + f" {'vs pasta':>12} {'vs slirp':>12} {'n±2% host':>9} {'n±2% pasta':>10}",
+        "-" * 170,
+    ]
     for w, m, row in rows(summary):
         vs = row.get("vs", {})
-        lines.append(f"{w.name:<16} {m.label:<12} " + " ".join(f"{fmt_ratio(vs.get(b)):>21}" for b in BASELINES)
-                     + f" {vs.get('pasta', {}).get('verdict', '—'):>12} {vs.get('slirp4netns', {}).get('verdict', '—'):>12}"
-                     + f" {vs.get('host', {}).get('rounds_needed') or '—':>9} {vs.get('pasta', {}).get('rounds_needed') or '—':>10}")
+        host_n, pasta_n = rounds_needed(vs)
+        lines.append(
+            f"{w.name:<16} {m.label:<12} "
+            + " ".join(f"{fmt_ratio(vs.get(b)):>21}" for b in BASELINES)
+            + f" {vs.get('pasta', {}).get('verdict', '—'):>12} {vs.get('slirp4netns', {}).get('verdict', '—'):>12}"
+            + f" {host_n:>9} {pasta_n:>10}"
+        )
     return "\n".join(lines)
 
 
@@ -507,19 +689,32 @@ def targets_table(tg: list[dict]) -> str:
 
 def markdown(summary: dict, tg: list[dict]) -> str:
     """The same tables, as Markdown for docs/benchmarks.md."""
-    out = ["| workload | metric | " + " | ".join(SCENARIOS) + " | host max/min |",
-           "|---|---|" + "--:|" * len(SCENARIOS) + "--:|"]
+    out = [
+        "| workload | metric | " + " | ".join(SCENARIOS) + " | host max/min |",
+        "|---|---|" + "--:|" * len(SCENARIOS) + "--:|",
+    ]
     for w, m, row in rows(summary):
-        out.append(f"| {w.name} | {m.label} ({m.unit}) | " + " | ".join(medians_cells(m, row))
-                   + (f" | {row['host_spread']:.2f} |" if row.get("host_spread") else " | — |"))
-    out += ["", "| workload | metric | " + " | ".join(f"graft/{b}" for b in BASELINES)
-            + " | vs pasta | vs slirp4netns | rounds for ±2% (host / pasta) |",
-            "|---|---|" + "--:|" * len(BASELINES) + "---|---|--:|"]
+        out.append(
+            f"| {w.name} | {m.label} ({m.unit}) | "
+            + " | ".join(medians_cells(m, row))
+            + (f" | {row['host_spread']:.2f} |" if row.get("host_spread") else " | — |")
+        )
+    out += [
+        "",
+        "| workload | metric | "
+        + " | ".join(f"graft/{b}" for b in BASELINES)
+        + " | vs pasta | vs slirp4netns | rounds for ±2% (host / pasta) |",
+        "|---|---|" + "--:|" * len(BASELINES) + "---|---|--:|",
+    ]
     for w, m, row in rows(summary):
         vs = row.get("vs", {})
-        out.append(f"| {w.name} | {m.label} | " + " | ".join(fmt_ratio(vs.get(b)) for b in BASELINES)
-                   + f" | {vs.get('pasta', {}).get('verdict', '—')} | {vs.get('slirp4netns', {}).get('verdict', '—')}"
-                   + f" | {vs.get('host', {}).get('rounds_needed') or '—'} / {vs.get('pasta', {}).get('rounds_needed') or '—'} |")
+        host_n, pasta_n = rounds_needed(vs)
+        out.append(
+            f"| {w.name} | {m.label} | "
+            + " | ".join(fmt_ratio(vs.get(b)) for b in BASELINES)
+            + f" | {vs.get('pasta', {}).get('verdict', '—')} | {vs.get('slirp4netns', {}).get('verdict', '—')}"
+            + f" | {host_n} / {pasta_n} |"
+        )
     out += ["", "| target | measured | limit | result |", "|---|--:|--:|---|"]
     for t in tg:
         v = t["measured"]
@@ -534,8 +729,7 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"host": "#4c72b0", "nat": "#dd8452", "pasta": "#8172b3", "slirp4netns": "#937860",
-               "graft": "#55a868"}
+    colours = {"host": "#4c72b0", "nat": "#dd8452", "pasta": "#8172b3", "slirp4netns": "#937860", "graft": "#55a868"}
     made = []
     for w in WORKLOADS:
         if w.name not in summary:
@@ -560,8 +754,7 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
             ax.set_ylabel(m.unit)
             ax.tick_params(axis="x", labelsize=8)
         fig.suptitle(w.title, fontsize=9)
-        fig.text(0.99, 0.01, "bars: median; whiskers: min-max over rounds", ha="right", fontsize=7,
-                 color="grey")
+        fig.text(0.99, 0.01, "bars: median; whiskers: min-max over rounds", ha="right", fontsize=7, color="grey")
         fig.tight_layout(rect=(0, 0.03, 1, 0.95))
         path = RESULTS / f"{stamp}-{w.name}.png"
         fig.savefig(path, dpi=110)
@@ -576,9 +769,15 @@ def figures(summary: dict, stamp: str, docs_img: bool) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs, 3 rounds")
-    ap.add_argument("--rounds", "--reps", dest="reps", type=int, metavar="N",
-                    help="rounds, each running every scenario once (default 3 quick, 5 full); "
-                         "more rounds narrow the intervals (docs/benchmarks.md says how many each row needs)")
+    ap.add_argument(
+        "--rounds",
+        "--reps",
+        dest="reps",
+        type=int,
+        metavar="N",
+        help="rounds, each running every scenario once (default 3 quick, 5 full); "
+        "more rounds narrow the intervals (docs/benchmarks.md says how many each row needs)",
+    )
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(w.name for w in WORKLOADS))
     ap.add_argument("--docs-img", action="store_true", help="also copy the figures to docs/img/bench-<workload>.png")
     ap.add_argument("--no-figures", action="store_true")
@@ -603,8 +802,19 @@ def main(argv=None) -> int:
         chosen = [w for w in WORKLOADS if w.name in names]
     if cfg.reps < 1:
         ap.error("--rounds must be at least 1")
-    common.require("iperf3", "sockperf", "nginx", "wrk", "redis-server", "redis-benchmark", "nft", "nsenter", "cc",
-                   "pasta", "slirp4netns")
+    common.require(
+        "iperf3",
+        "sockperf",
+        "nginx",
+        "wrk",
+        "redis-server",
+        "redis-benchmark",
+        "nft",
+        "nsenter",
+        "cc",
+        "pasta",
+        "slirp4netns",
+    )
 
     # SIGTERM unwinds like Ctrl-C, so the namespaces, nft table and pasta and
     # slirp4netns processes are removed on `kill` too (SIGKILL cannot be caught).
@@ -616,18 +826,33 @@ def main(argv=None) -> int:
         if os.getpid() != me:
             os._exit(128 + signal.SIGTERM)
         sys.exit(128 + signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, on_sigterm)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     runs: list = []
-    info = {"machine": common.machine_info(), "config": cfg.__dict__, "quick": args.quick,
-            "started_utc": stamp, "scenarios": list(SCENARIOS), "usernet_versions": usernet.versions()}
-    log(f"graft bench: {'quick' if args.quick else 'full'}, {cfg.reps} rounds, "
-        f"{len(chosen)} workloads; machine {info['machine']}")
+    info = {
+        "machine": common.machine_info(),
+        "config": cfg.__dict__,
+        "quick": args.quick,
+        "started_utc": stamp,
+        "scenarios": list(SCENARIOS),
+        "usernet_versions": usernet.versions(),
+    }
+    log(
+        f"graft bench: {'quick' if args.quick else 'full'}, {cfg.reps} rounds, "
+        f"{len(chosen)} workloads; machine {info['machine']}"
+    )
     with common.environment(pin=not args.no_pin, user_nets=True) as env:
-        info["env"] = {"nat": {k: v for k, v in env.nat.items()}, "graft_netns": env.graft_ns, "usernet": env.usernet,
-                       "ports": env.ports.__dict__, "policy": common.policy_text(env.ports), **env.notes}
+        info["env"] = {
+            "nat": {k: v for k, v in env.nat.items()},
+            "graft_netns": env.graft_ns,
+            "usernet": env.usernet,
+            "ports": env.ports.__dict__,
+            "policy": common.policy_text(env.ports),
+            **env.notes,
+        }
         for w in chosen:
             log(f"- {w.name}")
             run_workload(env, cfg, w, runs)
@@ -643,8 +868,10 @@ def main(argv=None) -> int:
     print()
     print(targets_table(tg))
     print()
-    print(f"machine: {info['machine']['nproc']} cores, {info['machine']['cpu']}, kernel {info['machine']['kernel']}, "
-          f"load at start {info['machine']['loadavg_at_start']}")
+    print(
+        f"machine: {info['machine']['nproc']} cores, {info['machine']['cpu']}, kernel {info['machine']['kernel']}, "
+        f"load at start {info['machine']['loadavg_at_start']}"
+    )
     print(f"results: {out}  ({info['elapsed_s']}s)")
     failed = [r for r in runs if "error" in r]
     if failed:

@@ -16,6 +16,7 @@ rotated each repetition; the table shows the median over repetitions of
 each run's p50 and p99, and p50's ratio and difference to native. Target
 (issue 13): seccomp within +60 µs of native at p50. Needs root.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,13 @@ TARGET_US = 60.0
 
 def policy(port: int, confinement: str) -> str:
     rule = f'[[tenants.{{t}}.connect]]\nto = ["127.0.0.1/32"]\nports = [{port}]\nproto = "tcp"\n'
-    return (f'version = 1\n[broker]\nconfinement = "{confinement}"\n'
-            '[tenants.preload]\ndefault = "deny"\n' + rule.format(t="preload")
-            + '[tenants.seccomp_t]\nmode = "seccomp"\ndefault = "deny"\n' + rule.format(t="seccomp_t"))
+    return (
+        f'version = 1\n[broker]\nconfinement = "{confinement}"\n'
+        '[tenants.preload]\ndefault = "deny"\n'
+        + rule.format(t="preload")
+        + '[tenants.seccomp_t]\nmode = "seccomp"\ndefault = "deny"\n'
+        + rule.format(t="seccomp_t")
+    )
 
 
 def argv_for(row: str, netns: str, brokers: dict, client: list[str]) -> list[str]:
@@ -48,8 +53,17 @@ def argv_for(row: str, netns: str, brokers: dict, client: list[str]) -> list[str
         return client
     broker = brokers["off" if row == "preload slow" else "on"]
     if row == "seccomp":
-        return [GRAFT, "run", "--seccomp", "--socket", str(broker.socket_dir / "seccomp_t.sock"), "--netns", netns,
-                "--", *client]
+        return [
+            GRAFT,
+            "run",
+            "--seccomp",
+            "--socket",
+            str(broker.socket_dir / "seccomp_t.sock"),
+            "--netns",
+            netns,
+            "--",
+            *client,
+        ]
     return [GRAFT, "run", "--socket", str(broker.socket_dir / "preload.sock"), "--netns", netns, "--", *client]
 
 
@@ -67,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
         connbench = build_connbench(tmp)
         port = free_port()
-        server = start_process(stack, ["taskset", "-c", "0", connbench, "server", "127.0.0.1", str(port)],
-                               stdin=subprocess.PIPE, log_to=tmp / "server.log")
+        server = start_process(
+            stack,
+            ["taskset", "-c", "0", connbench, "server", "127.0.0.1", str(port)],
+            stdin=subprocess.PIPE,
+            log_to=tmp / "server.log",
+        )
         wait_line(server, "ready")
         netns = f"graft-bench-sc-{uuid.uuid4().hex[:6]}"
         from pyroute2 import netns as _netns
@@ -77,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(_netns.remove, netns)
         brokers = {}
         for conf in ("on", "off"):
-            b = BrokerProcess(tmp / f"broker-{conf}", policy(port, "required" if conf == "on" else "off"),
-                              tenant="preload")
+            b = BrokerProcess(
+                tmp / f"broker-{conf}", policy(port, "required" if conf == "on" else "off"), tenant="preload"
+            )
             stack.callback(b.stop)
             b.start("--log-level", "warning", "--audit-log", "off")
             brokers[conf] = b
         client = ["taskset", "-c", "1", connbench, "client", "127.0.0.1", str(port), str(connects), "1", "200"]
         for rep in range(reps):
-            for row in ROWS[rep % len(ROWS):] + ROWS[:rep % len(ROWS)]:
+            for row in ROWS[rep % len(ROWS) :] + ROWS[: rep % len(ROWS)]:
                 log(f"rep {rep + 1}/{reps}: {row}")
                 r = run_client(argv_for(row, netns, brokers, client), timeout=600)
                 results[row].append(json.loads(r.stdout))
@@ -97,16 +116,23 @@ def table(results: dict[str, list[dict]], connects: int, reps: int) -> str:
         return statistics.median(r[key] for r in results[row])
 
     base = med("native", "p50_us")
-    lines = [f"connect() latency, {connects} connects per run, median of {reps} run(s)", "",
-             f"{'row':<14} {'p50 µs':>8} {'p99 µs':>8} {'p50/native':>11} {'p50 - native':>13} {'errors':>7}"]
+    lines = [
+        f"connect() latency, {connects} connects per run, median of {reps} run(s)",
+        "",
+        f"{'row':<14} {'p50 µs':>8} {'p99 µs':>8} {'p50/native':>11} {'p50 - native':>13} {'errors':>7}",
+    ]
     for row in ROWS:
         p50 = med(row, "p50_us")
         errors = sum(r["errors"] for r in results[row])
-        lines.append(f"{row:<14} {p50:>8.1f} {med(row, 'p99_us'):>8.1f} {p50 / base:>10.2f}x {p50 - base:>+12.1f} "
-                     f"{errors:>7}")
+        lines.append(
+            f"{row:<14} {p50:>8.1f} {med(row, 'p99_us'):>8.1f} {p50 / base:>10.2f}x {p50 - base:>+12.1f} {errors:>7}"
+        )
     delta = med("seccomp", "p50_us") - base
-    lines += ["", f"target: seccomp p50 within +{TARGET_US:.0f} µs of native: "
-                  f"{'met' if delta <= TARGET_US else 'NOT met'} ({delta:+.1f} µs)"]
+    lines += [
+        "",
+        f"target: seccomp p50 within +{TARGET_US:.0f} µs of native: "
+        f"{'met' if delta <= TARGET_US else 'NOT met'} ({delta:+.1f} µs)",
+    ]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ same server on the host's 127.0.0.1, in alternating order, N rounds:
 
 The table shows the median over rounds of each, and seccomp / host.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,10 @@ def main() -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
         servers = {  # on the host; each ready once it prints its own readiness line
             "iperf3": (["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port), "--forceflush"], "listening"),
-            "sockperf-tcp": (["sockperf", "server", "-i", "127.0.0.1", "-p", str(tcp_port), "--tcp"],
-                             "to block on socket"),
+            "sockperf-tcp": (
+                ["sockperf", "server", "-i", "127.0.0.1", "-p", str(tcp_port), "--tcp"],
+                "to block on socket",
+            ),
             "sockperf-udp": (["sockperf", "server", "-i", "127.0.0.1", "-p", str(udp_port)], "to block on socket"),
         }
         for name, (argv, ready) in servers.items():
@@ -74,14 +77,31 @@ def main() -> int:
         seccomp = [GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns", ns, "--"]
         t = str(args.seconds)
         workloads = {
-            "iperf3 Gbit/s": (["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", t, "-J"],
-                              lambda out: json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9),
-            "sockperf-tcp p50 µs": (["sockperf", "ping-pong", "-i", "127.0.0.1", "-p", str(tcp_port), "--tcp",
-                                      "-t", t, "-m", "64", "--full-rtt"],
-                                     lambda out: float(PCT50.search(out).group(1))),
-            "sockperf-udp p50 µs": (["sockperf", "ping-pong", "-i", "127.0.0.1", "-p", str(udp_port),
-                                      "-t", t, "-m", "64", "--full-rtt"],
-                                     lambda out: float(PCT50.search(out).group(1))),
+            "iperf3 Gbit/s": (
+                ["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", t, "-J"],
+                lambda out: json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9,
+            ),
+            "sockperf-tcp p50 µs": (
+                [
+                    "sockperf",
+                    "ping-pong",
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    str(tcp_port),
+                    "--tcp",
+                    "-t",
+                    t,
+                    "-m",
+                    "64",
+                    "--full-rtt",
+                ],
+                lambda out: float(PCT50.search(out).group(1)),
+            ),
+            "sockperf-udp p50 µs": (
+                ["sockperf", "ping-pong", "-i", "127.0.0.1", "-p", str(udp_port), "-t", t, "-m", "64", "--full-rtt"],
+                lambda out: float(PCT50.search(out).group(1)),
+            ),
         }
         results = {name: {"host": [], "seccomp": []} for name in workloads}
         for r in range(args.rounds):

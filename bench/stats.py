@@ -26,6 +26,7 @@ position in the round from biasing one scenario.
 >>> ratio_interval([1.1]).low is None        # one round: no interval
 True
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,38 @@ import statistics
 from dataclasses import dataclass
 
 # Student t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t975(df: int) -> float:
@@ -57,11 +87,11 @@ def t975(df: int) -> float:
 
 @dataclass(frozen=True)
 class RatioInterval:
-    estimate: float | None   # geometric mean of the per-round ratios
-    low: float | None        # 95% interval; None with fewer than two rounds
+    estimate: float | None  # geometric mean of the per-round ratios
+    low: float | None  # 95% interval; None with fewer than two rounds
     high: float | None
     n: int
-    log_sd: float | None     # sample standard deviation of the log ratios
+    log_sd: float | None  # sample standard deviation of the log ratios
 
     @property
     def half_width(self) -> float | None:

@@ -25,6 +25,7 @@ So traffic only ever crosses the host's loopback and the namespaces made
 here. Every process and namespace is removed when the caller's ExitStack
 unwinds, pass or fail.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -41,8 +42,8 @@ from common import create_namespace, remove_namespace, start_process
 
 # slirp4netns's default virtual network; it exists only inside its namespace.
 SLIRP_NET = ipaddress.ip_network("10.0.2.0/24")
-SLIRP_GUEST = "10.0.2.100"   # the namespace's address (what --configure would set)
-SLIRP_GATEWAY = "10.0.2.2"   # slirp's alias for the host's 127.0.0.1
+SLIRP_GUEST = "10.0.2.100"  # the namespace's address (what --configure would set)
+SLIRP_GATEWAY = "10.0.2.2"  # slirp's alias for the host's 127.0.0.1
 SLIRP_TAP = "tap0"
 # podman's MTU for both programs (containers.conf); slirp4netns's own default is 1500.
 MTU = 65520
@@ -61,19 +62,32 @@ def _wait_file(path: Path, proc, timeout: float = 15.0) -> None:
     raise RuntimeError(f"{proc.args[0]}: no {path} within {timeout}s (exit {proc.poll()}): {log}")
 
 
-def pasta_argv(netns_path: str, pidfile: Path, logfile: Path, *, tcp_in: dict[int, int],
-               tcp_out: list[int], udp_out: list[int]) -> list[str]:
+def pasta_argv(
+    netns_path: str, pidfile: Path, logfile: Path, *, tcp_in: dict[int, int], tcp_out: list[int], udp_out: list[int]
+) -> list[str]:
     """pasta's command line: explicit forwards only (its default, `auto`, would follow the namespace's binds).
 
     tcp_in: host port on 127.0.0.1 -> port in the namespace (podman's `-p 127.0.0.1:H:C`).
     """
+
     def spec(ports):
         return ",".join(str(p) for p in ports) if ports else "none"
 
-    argv = ["pasta", "--foreground", "--quiet", "--log-file", str(logfile), "--pid", str(pidfile),
-            # As root, pasta drops to `nobody` and then cannot join a namespace owned
-            # by the initial user namespace; podman (rootful) keeps root the same way.
-            "--runas", "0:0", "--netns", netns_path]
+    argv = [
+        "pasta",
+        "--foreground",
+        "--quiet",
+        "--log-file",
+        str(logfile),
+        "--pid",
+        str(pidfile),
+        # As root, pasta drops to `nobody` and then cannot join a namespace owned
+        # by the initial user namespace; podman (rootful) keeps root the same way.
+        "--runas",
+        "0:0",
+        "--netns",
+        netns_path,
+    ]
     for h, c in tcp_in.items():
         argv += ["-t", f"127.0.0.1/{h}:{c}"]
     if not tcp_in:
@@ -127,8 +141,20 @@ def slirp_namespace(run_id: str, tmp: Path, *, tcp_in: dict[int, int]):
         # --disable-host-loopback (the client workloads reach the host's 127.0.0.1).
         # --disable-dns: nothing here resolves names, so nothing may leave for a resolver.
         ready_r, ready_w = os.pipe()
-        argv = ["slirp4netns", "--mtu", str(MTU), "--enable-seccomp", "--disable-dns", "--api-socket", str(api),
-                "--ready-fd", str(ready_w), "--netns-type=path", f"/run/netns/{name}", SLIRP_TAP]
+        argv = [
+            "slirp4netns",
+            "--mtu",
+            str(MTU),
+            "--enable-seccomp",
+            "--disable-dns",
+            "--api-socket",
+            str(api),
+            "--ready-fd",
+            str(ready_w),
+            "--netns-type=path",
+            f"/run/netns/{name}",
+            SLIRP_TAP,
+        ]
         try:
             proc = start_process(stack, argv, log_to=tmp / "slirp4netns.log", pass_fds=(ready_w,))
         finally:
@@ -143,9 +169,14 @@ def slirp_namespace(run_id: str, tmp: Path, *, tcp_in: dict[int, int]):
             ns.link("set", index=idx, mtu=MTU)
             ns.addr("add", index=idx, address=SLIRP_GUEST, prefixlen=SLIRP_NET.prefixlen)
             ns.link("set", index=idx, state="up")
-        fwds = [slirp_api(api, "add_hostfwd", {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": h,
-                                               "guest_addr": SLIRP_GUEST, "guest_port": c})
-                for h, c in tcp_in.items()]
+        fwds = [
+            slirp_api(
+                api,
+                "add_hostfwd",
+                {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": h, "guest_addr": SLIRP_GUEST, "guest_port": c},
+            )
+            for h, c in tcp_in.items()
+        ]
         yield {"netns": name, "argv": argv, "pid": proc.pid, "hostfwd": fwds}
 
 

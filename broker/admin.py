@@ -5,6 +5,7 @@ only root reaches it. The name cannot clash with a tenant's socket: tenant
 names start with a letter or digit. Each connection gets one JSON document
 and is closed; there are no commands, so nothing here can change the broker.
 """
+
 from __future__ import annotations
 
 import functools

@@ -16,6 +16,7 @@ which mode is in force; "required" refuses to start (exit 2) without it;
 "off" never loads it. It is put in place before anything else is served,
 because it moves the broker into its own cgroup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policy", required=True, type=Path, help="policy file (TOML, version 1)")
     p.add_argument("--socket-dir", type=Path, help="directory of the tenant sockets (overrides broker.socket_dir)")
     p.add_argument("--audit-log", help="'stderr', 'off' or a file path (overrides broker.audit_log)")
-    p.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
-    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
     return p.parse_args(argv)
 
 
@@ -115,16 +114,23 @@ def establish_confinement(mode: str) -> tuple[Confinement | None, str | None]:
             )
         log.warning(
             'confinement: OFF (policy: confinement = "auto", and it is unavailable here: %s); grafted sockets '
-            "can be re-pointed by raw system calls", e,
+            "can be re-pointed by raw system calls",
+            e,
         )
         return None, None
     log.info("confinement: ON (policy: confinement = %r; %s)", mode, confinement.describe())
     return confinement, None
 
 
-async def _serve(policy, socket_dir: Path, audit: AuditLog, policy_path: Path,
-                 confinement: Confinement | None = None, fdstore: FdStore | None = None,
-                 log_outlet: Outlet | None = None) -> None:
+async def _serve(
+    policy,
+    socket_dir: Path,
+    audit: AuditLog,
+    policy_path: Path,
+    confinement: Confinement | None = None,
+    fdstore: FdStore | None = None,
+    log_outlet: Outlet | None = None,
+) -> None:
     # The signal receiver exists before READY=1, so an early SIGTERM is a clean stop.
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

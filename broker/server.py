@@ -13,6 +13,7 @@ A reload gives the tenants their new rules in one step, removes and adds
 tenants, and revokes the grants of the old rules; grafted sockets belong
 to the apps and are never touched.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,14 @@ log = logging.getLogger("graft.broker")
 
 
 class Broker:
-    def __init__(self, policy: PolicyFile, socket_dir: Path, audit: AuditLog, confinement: Confinement | None = None,
-                 fdstore: FdStore | None = None):
+    def __init__(
+        self,
+        policy: PolicyFile,
+        socket_dir: Path,
+        audit: AuditLog,
+        confinement: Confinement | None = None,
+        fdstore: FdStore | None = None,
+    ):
         self.policy = policy
         self.fdstore = fdstore if fdstore is not None else FdStore()
         # Kernel confinement (confine/lifecycle.py): every grafted socket is marked before it is sent.
@@ -88,8 +95,9 @@ class Broker:
 
     async def _add_tenant(self, name: str, config: Tenant, matcher: TenantMatcher) -> None:
         assert self._nursery is not None
-        state = TenantState(name, config, matcher, Namespace(config.netns, config.socket_owner(name)),
-                            self.socket_dir / f"{name}.sock")
+        state = TenantState(
+            name, config, matcher, Namespace(config.netns, config.socket_owner(name)), self.socket_dir / f"{name}.sock"
+        )
         state.configure(config, matcher)
         if self.confinement is not None:
             try:
@@ -204,11 +212,18 @@ class Broker:
                 "seccomp_calls": t.seccomp_calls(),
             }
         return {
-            "policy": {"version": self.policy.version, "generation": self.generation,
-                       "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat()},
+            "policy": {
+                "version": self.policy.version,
+                "generation": self.generation,
+                "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(),
+            },
             "confinement": self.confinement_state,
-            "audit": {"on_error": self.policy.audit.on_error, "lost": self.audit.lost,
-                      "waiting_bytes": self.audit.waiting, "refused": self.decisions.refused},
+            "audit": {
+                "on_error": self.policy.audit.on_error,
+                "lost": self.audit.lost,
+                "waiting_bytes": self.audit.waiting,
+                "refused": self.decisions.refused,
+            },
             "tenants": tenants,
         }
 

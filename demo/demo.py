@@ -18,6 +18,7 @@ under `graft run`. The demo shows, each with its audit line:
 
 It exits 0 only if all of them behave so, and removes everything it made.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ class Containers:
 
     def run(self, name: str, args: list[str], tenant: str | None = None) -> subprocess.CompletedProcess:
         """Run args in a new container `name` of tenant (default: the broker's); deleted afterwards."""
-        annotations = {"io.graft.tenant": tenant or self.broker.tenant,
-                       "io.graft.socket-dir": str(self.broker.socket_dir)}
+        annotations = {
+            "io.graft.tenant": tenant or self.broker.tenant,
+            "io.graft.socket-dir": str(self.broker.socket_dir),
+        }
         bundle = write_bundle(self.tmp / f"bundle-{name}", default_config(self.rootfs, args, annotations))
         print(f"    bundle {bundle}: annotations {json.dumps(annotations)}")
         print(f"    $ graft-runtime run --bundle {bundle} {name}    (real runtime: {self.runtime.real})")
@@ -90,9 +93,11 @@ class Containers:
             done = self.runtime.run("run", "--bundle", str(bundle), cid)
         added = json.loads((bundle / "config.json").read_text())
         mounts = [f"{m['source']} -> {m['destination']}" for m in added["mounts"][-2:]]
-        print(f"    graft-runtime added: {'; '.join(mounts)}"
-              + "".join(f"; {e}" for e in added["process"]["env"] if e.startswith("LD_PRELOAD="))
-              + ("; a seccomp notify rule" if "seccomp" in added.get("linux", {}) else ""))
+        print(
+            f"    graft-runtime added: {'; '.join(mounts)}"
+            + "".join(f"; {e}" for e in added["process"]["env"] if e.startswith("LD_PRELOAD="))
+            + ("; a seccomp notify rule" if "seccomp" in added.get("linux", {}) else "")
+        )
         if done.stderr.strip():
             print(f"    stderr: {done.stderr.strip()}")
         return done
@@ -128,17 +133,34 @@ def main() -> int:
 
         step(f"(b) python3 -m http.server 80 in the namespace, published on host 127.0.0.1:{PUBLISHED_PORT}")
         server = subprocess.Popen(
-            graft_cmd(broker, ns, sys.executable, "-u", "-m", "http.server", "80", "--bind", "0.0.0.0",
-                      "--directory", str(tmp / "app")),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            graft_cmd(
+                broker,
+                ns,
+                sys.executable,
+                "-u",
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                str(tmp / "app"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         stack.callback(lambda: (server.terminate(), server.wait()))
         ready = server.stdout.readline()  # http.server prints this once it listens
         check("Serving HTTP" in ready, f"the server is listening ({ready.strip()})")
-        host = subprocess.run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{PUBLISHED_PORT}/"],
-                              capture_output=True, text=True)
+        host = subprocess.run(
+            ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{PUBLISHED_PORT}/"], capture_output=True, text=True
+        )
         print(f"    host curl says: {host.stdout.strip()!r}")
-        check(host.returncode == 0 and "inside the namespace" in host.stdout,
-              "curl on the host fetches from the namespace's server")
+        check(
+            host.returncode == 0 and "inside the namespace" in host.stdout,
+            "curl on the host fetches from the namespace's server",
+        )
         audit_line(broker, op="bind", port=80, action="graft", host_addr=f"127.0.0.1:{PUBLISHED_PORT}")
 
         step(f"(c) a connection the policy denies: namespace -> host 127.0.0.1:{DENIED_PORT}")
@@ -158,9 +180,11 @@ def main() -> int:
         seen = len(broker.audit())
         run = containers.run("wget", ["busybox", "wget", "-q", "-O", "-", url], tenant="static")
         print(f"    static busybox wget in the container says: {run.stdout.strip()!r}")
-        check(run.returncode == 0 and run.stdout == PAGE,
-              "a static binary in a seccomp-mode container fetches the host's page through graft"
-              + ("" if run.returncode == 0 else f" (exit status {run.returncode})"))
+        check(
+            run.returncode == 0 and run.stdout == PAGE,
+            "a static binary in a seccomp-mode container fetches the host's page through graft"
+            + ("" if run.returncode == 0 else f" (exit status {run.returncode})"),
+        )
         audit_line(broker, since=seen, tenant="static", op="connect", port=HOST_PORT, action="graft", via="seccomp")
 
         step("clean-up")

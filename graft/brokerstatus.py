@@ -5,6 +5,7 @@ The broker side is broker/admin.py: each connection to
 prints it; graft-runtime checks that a container's tenant exists, and its
 mode, before it grafts the container.
 """
+
 from __future__ import annotations
 
 import errno

@@ -1,12 +1,13 @@
 """The ``graft`` command: run a program under the shim, and policy tools.
 
-    graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
-    graft policy check FILE
-    graft policy schema
-    graft shim-path
-    graft confinement status|remove
-    graft status [--socket-dir DIR] [--json]
+graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
+graft policy check FILE
+graft policy schema
+graft shim-path
+graft confinement status|remove
+graft status [--socket-dir DIR] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def _run_seccomp(args: argparse.Namespace, cmd: list[str]) -> int:
     if args.socket:
         socket_dir, name = os.path.split(os.path.abspath(args.socket))
         if not name.endswith(".sock") or name == SECCOMP_SOCKET:
-            print(f"graft run: --socket {args.socket} is not a tenant socket <socket_dir>/<tenant>.sock",
-                  file=sys.stderr)
+            print(
+                f"graft run: --socket {args.socket} is not a tenant socket <socket_dir>/<tenant>.sock", file=sys.stderr
+            )
             return 2
         tenant = name[: -len(".sock")]
     else:
@@ -133,19 +135,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     pol = status["policy"]
-    print(f"policy version {pol['version']}, generation {pol['generation']} (loaded {pol['loaded_at']})"
-          f"  confinement {status['confinement']}")
+    print(
+        f"policy version {pol['version']}, generation {pol['generation']} (loaded {pol['loaded_at']})"
+        f"  confinement {status['confinement']}"
+    )
     audit = status["audit"]
-    print(f"audit on_error {audit['on_error']}: {audit['lost']} record(s) lost, {audit['refused']} decision(s)"
-          f" refused for want of a record, {audit['waiting_bytes']} byte(s) waiting for the reader")
-    print(f"{'tenant':<20} {'mode':<8} {'live':>6} {'max':>6} {'graft':>8} {'container':>9} {'deny':>7}"
-          f" {'error':>6} {'preissued':>9} {'seccomp':>7}  netns")
+    print(
+        f"audit on_error {audit['on_error']}: {audit['lost']} record(s) lost, {audit['refused']} decision(s)"
+        f" refused for want of a record, {audit['waiting_bytes']} byte(s) waiting for the reader"
+    )
+    print(
+        f"{'tenant':<20} {'mode':<8} {'live':>6} {'max':>6} {'graft':>8} {'container':>9} {'deny':>7}"
+        f" {'error':>6} {'preissued':>9} {'seccomp':>7}  netns"
+    )
     for name, t in status["tenants"].items():
         live = f"{t['live_sockets']}{'' if t['live_exact'] else '?'}"
         c = t["counts"]
-        print(f"{name:<20} {t.get('mode', 'preload'):<8} {live:>6} {t['max_sockets']:>6} {c['graft']:>8}"
-              f" {c['container']:>9} {c['deny']:>7} {c['error']:>6} {t.get('preissued', 0):>9}"
-              f" {t.get('seccomp_listeners', 0):>7}  {t['netns']}")
+        print(
+            f"{name:<20} {t.get('mode', 'preload'):<8} {live:>6} {t['max_sockets']:>6} {c['graft']:>8}"
+            f" {c['container']:>9} {c['deny']:>7} {c['error']:>6} {t.get('preissued', 0):>9}"
+            f" {t.get('seccomp_listeners', 0):>7}  {t['netns']}"
+        )
     return 0
 
 
@@ -159,9 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--socket", help="path of the tenant socket")
     run.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, help=f"default: {DEFAULT_SOCKET_DIR}")
     run.add_argument("--netns", help="run the command in this network namespace (name in /run/netns or path)")
-    run.add_argument("--seccomp", action="store_true",
-                     help="graft with a seccomp filter served by the broker instead of the shim (static programs "
-                          "too; the tenant must be in mode \"seccomp\")")
+    run.add_argument(
+        "--seccomp",
+        action="store_true",
+        help="graft with a seccomp filter served by the broker instead of the shim (static programs "
+        'too; the tenant must be in mode "seccomp")',
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 
@@ -183,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("confinement", help="graft-broker's kernel confinement (BPF) on this host")
     conf_sub = conf.add_subparsers(dest="confinement_command", required=True)
     conf_sub.add_parser("status", help="list installed confinement: cgroups and bpffs pins").set_defaults(
-        func=_cmd_confinement)
+        func=_cmd_confinement
+    )
     conf_sub.add_parser(
         "remove", help="detach the programs, unpin them and the map, remove the broker cgroups (stop the broker first)"
     ).set_defaults(func=_cmd_confinement)

@@ -11,6 +11,7 @@ Only positive evidence refuses: a root filesystem whose libraries come from
 mounts (as in the tests) or that cannot be read is given the benefit of the
 doubt. The decision is ``verdict``, pure; ``scan`` is the I/O.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ class Image:
     """What a root filesystem shows of its C library."""
 
     musl_loaders: tuple[str, ...] = ()
-    glibc: tuple[int, int] | None = None   # the newest libc.so.6 found
+    glibc: tuple[int, int] | None = None  # the newest libc.so.6 found
     glibc_path: str | None = None
 
 
@@ -48,12 +49,16 @@ def glibc_release(libc: bytes) -> tuple[int, int] | None:
 def verdict(image: Image, needed: tuple[int, int] | None) -> str | None:
     """Why the shim cannot load in image, or None if nothing says it cannot."""
     if image.glibc is None and image.musl_loaders:
-        return (f"the image's programs use musl ({image.musl_loaders[0]}), and libgraft.so is built for glibc; "
-                "put the tenant in seccomp mode")
+        return (
+            f"the image's programs use musl ({image.musl_loaders[0]}), and libgraft.so is built for glibc; "
+            "put the tenant in seccomp mode"
+        )
     if image.glibc is not None and needed is not None and image.glibc < needed:
         have, want = ".".join(map(str, image.glibc)), ".".join(map(str, needed))
-        return (f"the image's glibc is {have} ({image.glibc_path}), and libgraft.so needs {want}; "
-                "put the tenant in seccomp mode, or build the shim in the image")
+        return (
+            f"the image's glibc is {have} ({image.glibc_path}), and libgraft.so needs {want}; "
+            "put the tenant in seccomp mode, or build the shim in the image"
+        )
     return None
 
 
@@ -64,8 +69,11 @@ def scan(rootfs: str) -> Image:
 
     def inside(pattern: str) -> list[Path]:
         try:
-            return [p for p in sorted(root.glob(pattern))
-                    if os.path.realpath(p).startswith(real_root + os.sep) and os.path.isfile(p)]
+            return [
+                p
+                for p in sorted(root.glob(pattern))
+                if os.path.realpath(p).startswith(real_root + os.sep) and os.path.isfile(p)
+            ]
         except OSError:
             return []
 

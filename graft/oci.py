@@ -22,6 +22,7 @@ Applying the edits to an already grafted config changes nothing, so a bundle
 that is run again (as runc users do) does not pile up mounts; if its tenant's
 mode changed in between, the other mode's edits are undone first.
 """
+
 from __future__ import annotations
 
 import copy
@@ -98,21 +99,29 @@ def mode_from_status(status: dict, request: Request) -> str:
     tenant = status["tenants"].get(request.tenant)
     if tenant is None:
         known = ", ".join(sorted(status["tenants"])) or "none"
-        raise BundleError(f"tenant {request.tenant!r} is not in the policy of the broker at "
-                          f"{request.socket_dir} (its tenants: {known})")
+        raise BundleError(
+            f"tenant {request.tenant!r} is not in the policy of the broker at "
+            f"{request.socket_dir} (its tenants: {known})"
+        )
     # The mount source must be the socket the broker serves, not merely a file of
     # that name (realpath: /var/run/graft and /run/graft are one directory on Debian).
     served = str(tenant.get("socket", ""))
     if os.path.realpath(served) != os.path.realpath(request.tenant_socket):
-        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} serves it at "
-                          f"{served}, not {request.tenant_socket}")
+        raise BundleError(
+            f"tenant {request.tenant!r}: the broker at {request.socket_dir} serves it at "
+            f"{served}, not {request.tenant_socket}"
+        )
     if "mode" not in tenant:
-        raise BundleError(f"tenant {request.tenant!r}: the broker at {request.socket_dir} does not report "
-                          "tenant modes; it is older than this graft-runtime")
+        raise BundleError(
+            f"tenant {request.tenant!r}: the broker at {request.socket_dir} does not report "
+            "tenant modes; it is older than this graft-runtime"
+        )
     mode = tenant["mode"]
     if mode == "seccomp" and status.get("confinement") != "on":
-        raise BundleError(f"tenant {request.tenant!r} is in seccomp mode, which needs kernel confinement, "
-                          f"and the broker at {request.socket_dir} runs without it")
+        raise BundleError(
+            f"tenant {request.tenant!r} is in seccomp mode, which needs kernel confinement, "
+            f"and the broker at {request.socket_dir} runs without it"
+        )
     return mode
 
 
@@ -153,7 +162,7 @@ def _preload(env: list[str]) -> None:
         if not entry.startswith("LD_PRELOAD="):
             continue
         found = True
-        value = entry[len("LD_PRELOAD="):]
+        value = entry[len("LD_PRELOAD=") :]
         if CONTAINER_LIB not in _LD_SEPARATORS.split(value):
             env[i] = f"LD_PRELOAD={CONTAINER_LIB} {value}".rstrip()
     if not found:
@@ -165,7 +174,7 @@ def _unpreload(env: list[str]) -> None:
     for i, entry in reversed(list(enumerate(env))):
         if not entry.startswith("LD_PRELOAD="):
             continue
-        items = _LD_SEPARATORS.split(entry[len("LD_PRELOAD="):])
+        items = _LD_SEPARATORS.split(entry[len("LD_PRELOAD=") :])
         if CONTAINER_LIB not in items:
             continue
         rest = " ".join(item for item in items if item and item != CONTAINER_LIB)
@@ -186,8 +195,10 @@ def notify_rules(default_permissive: bool) -> list[dict]:
     allowed sendto).
     """
     destination = {"index": SENDTO_DEST_ARG, "value": 0}
-    rules = [{"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": NOTIFY},
-             {"names": ["sendto"], "action": NOTIFY, "args": [{**destination, "op": "SCMP_CMP_NE"}]}]
+    rules = [
+        {"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": NOTIFY},
+        {"names": ["sendto"], "action": NOTIFY, "args": [{**destination, "op": "SCMP_CMP_NE"}]},
+    ]
     if not default_permissive:
         rules.append({"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [{**destination, "op": "SCMP_CMP_EQ"}]})
     return rules
@@ -262,16 +273,19 @@ def _notify_seccomp(profile: dict | None, listener: str, tenant: str) -> dict:
         action = rule.get("action")
         if action not in (*PERMISSIVE, NOTIFY) or rule.get("args"):
             how = f"{action} with argument conditions" if rule.get("args") else action
-            raise BundleError(f"the bundle's seccomp profile (syscalls[{index}]) sets {how} for "
-                              f"{', '.join(sorted(clash))}; graft's seccomp mode must notify on it")
+            raise BundleError(
+                f"the bundle's seccomp profile (syscalls[{index}]) sets {how} for "
+                f"{', '.join(sorted(clash))}; graft's seccomp mode must notify on it"
+            )
         allowed |= clash
         rest = [n for n in names if n not in ours]
         if rest:
             kept.append({**rule, "names": rest})
     if default not in PERMISSIVE and allowed != ours:
         refused = ", ".join(sorted(ours - allowed))
-        raise BundleError(f"the bundle's seccomp profile refuses {refused} (defaultAction {default}); "
-                          "grafting would allow it")
+        raise BundleError(
+            f"the bundle's seccomp profile refuses {refused} (defaultAction {default}); grafting would allow it"
+        )
     kept += notify_rules(default in PERMISSIVE)
     out["syscalls"] = kept
     out["listenerPath"] = listener

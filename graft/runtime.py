@@ -17,6 +17,7 @@ engines read, if one was given) and exit 1 before the real runtime is
 called, so no container starts half grafted. A bundle without the
 annotation is never written to.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,13 +50,13 @@ class UsageError(Exception):
 class Invocation:
     """One graft-runtime command line, split into what is ours and what the real runtime gets."""
 
-    runtime: str | None = None                          # --graft-runtime
-    args: list[str] = field(default_factory=list)       # for the real runtime, in order
+    runtime: str | None = None  # --graft-runtime
+    args: list[str] = field(default_factory=list)  # for the real runtime, in order
     command: str | None = None
-    log: str | None = None                              # the real runtime's --log, where engines look for errors
+    log: str | None = None  # the real runtime's --log, where engines look for errors
     log_format: str = "text"
-    bundle: str | None = None                           # create/run only: --bundle, or None for the cwd
-    config: str | None = None                           # create/run only: crun's --config, or None
+    bundle: str | None = None  # create/run only: --bundle, or None for the cwd
+    config: str | None = None  # create/run only: crun's --config, or None
 
 
 def _is_flag(word: str) -> bool:
@@ -99,7 +100,7 @@ def parse(argv: list[str]) -> Invocation:
     if i < len(argv) and argv[i] != "--":
         inv.command = argv[i]
     if inv.command in GRAFTED_COMMANDS:
-        _command_paths(inv, argv[i + 1:])
+        _command_paths(inv, argv[i + 1 :])
     return inv
 
 
@@ -133,10 +134,13 @@ def real_runtime(explicit: str | None) -> str:
             raise UsageError(f"the real runtime {path} is graft-runtime itself")
         return path
     if wanted:
-        raise UsageError(f"real runtime {wanted!r} is not an executable (from "
-                         f"{'--graft-runtime' if explicit else '$' + ENV_RUNTIME})")
-    raise UsageError(f"no real runtime: none of {', '.join(DEFAULT_RUNTIMES)} is on PATH; "
-                     f"set ${ENV_RUNTIME} or --graft-runtime")
+        raise UsageError(
+            f"real runtime {wanted!r} is not an executable (from "
+            f"{'--graft-runtime' if explicit else '$' + ENV_RUNTIME})"
+        )
+    raise UsageError(
+        f"no real runtime: none of {', '.join(DEFAULT_RUNTIMES)} is on PATH; set ${ENV_RUNTIME} or --graft-runtime"
+    )
 
 
 def prepare_bundle(bundle: str, path: str) -> None:
@@ -170,8 +174,9 @@ def prepare_bundle(bundle: str, path: str) -> None:
         rootfs = os.path.join(bundle, config["root"]["path"])
     except (AttributeError, TypeError, KeyError) as e:
         # A field of another type than the OCI spec's (or the broker's status) says.
-        raise oci.BundleError(f"{path} or the broker's status has an unexpected shape: "
-                              f"{type(e).__name__}: {e}") from None
+        raise oci.BundleError(
+            f"{path} or the broker's status has an unexpected shape: {type(e).__name__}: {e}"
+        ) from None
     if mode == "preload" and (why := imagecheck.check(rootfs, str(LIB_PATH))):
         raise oci.BundleError(f"tenant {request.tenant!r} is in preload mode, but {why}")
     if grafted != config:

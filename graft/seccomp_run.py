@@ -26,6 +26,7 @@ they reach CMD directly (same process group), and passing them on would
 deliver them twice. The exit status is CMD's, or 128 + the signal that
 killed it.
 """
+
 from __future__ import annotations
 
 import array

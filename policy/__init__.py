@@ -6,6 +6,7 @@ every problem by its place in the file; ``compile_policy`` turns a policy into p
 ``summarize`` and ``json_schema`` serve ``graft policy check`` and ``graft policy schema``.
 Example policies live in ``examples/``.
 """
+
 from .loader import PolicyError, PolicyIssue, check_environment, load_policy, parse_policy
 from .matcher import Decision, TenantMatcher, compile_policy
 from .models import BindRule, BrokerSettings, ConnectRule, HostTarget, PolicyFile, PortRange, Tenant

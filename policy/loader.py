@@ -6,6 +6,7 @@ place in the file (``tenants.web.connect[2].ports``), so an operator fixes a fil
 and the broker can fail closed with a useful log.  ``check_environment`` adds the checks that
 depend on the machine rather than the file (does the netns exist?).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -79,10 +80,13 @@ def cross_tenant_issues(policy: PolicyFile) -> list[PolicyIssue]:
         uid = tenant.socket_owner(name)
         if uid in owners:
             other = owners[uid]
-            issues.append(PolicyIssue(
-                format_loc(("tenants", name, "socket_uid")),
-                f"tenant {other!r} already owns its host sockets as uid {uid}; tenants with one owner share "
-                f"SO_REUSEPORT groups: give one of them a socket_uid of its own"))
+            issues.append(
+                PolicyIssue(
+                    format_loc(("tenants", name, "socket_uid")),
+                    f"tenant {other!r} already owns its host sockets as uid {uid}; tenants with one owner share "
+                    f"SO_REUSEPORT groups: give one of them a socket_uid of its own",
+                )
+            )
         else:
             owners[uid] = name
     return issues

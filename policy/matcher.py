@@ -20,6 +20,7 @@ Other embeddings (IPv4-compatible ::a.b.c.d, NAT64 64:ff9b::/96, 6to4) are plain
 Rules are tried in file order and the first whose every present key matches decides; no
 match means the tenant's ``default``.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -123,8 +124,7 @@ class TenantMatcher:
         self.uids: frozenset[int] | None = None if tenant.uids is None else frozenset(tenant.uids)
         self._rules = {
             op: tuple(
-                _compile_rule(rule, format_loc(("tenants", name, op, i)))
-                for i, rule in enumerate(getattr(tenant, op))
+                _compile_rule(rule, format_loc(("tenants", name, op, i))) for i, rule in enumerate(getattr(tenant, op))
             )
             for op in _OPS
         }

@@ -11,6 +11,7 @@ Every model forbids unknown keys and runs in strict mode: in a security policy a
 Custom checks raise ``PydanticCustomError`` with finished text (see ``_fail``), so messages
 reach the operator without pydantic's "Value error, " decoration.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -116,7 +117,7 @@ def _parse_cidr(value: Any) -> IPNetwork:
     # "10.0.0.1/8" may mean 10.0.0.0/8 or the single host 10.0.0.1: refuse rather than guess.
     raise _fail(
         "graft_cidr",
-        f"{show(value)} has host bits set; write \"{loose}\" for the network, or the address alone for one host",
+        f'{show(value)} has host bits set; write "{loose}" for the network, or the address alone for one host',
     )
 
 
@@ -124,11 +125,13 @@ CIDR = Annotated[
     IPNetwork,
     PlainValidator(_parse_cidr),
     PlainSerializer(str, return_type=str),
-    WithJsonSchema({
-        "type": "string",
-        "description": "IPv4 or IPv6 network (CIDR) with zero host bits; an address alone means /32 or /128",
-        "examples": ["127.0.0.1/32", "10.0.0.0/8", "::1/128"],
-    }),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "IPv4 or IPv6 network (CIDR) with zero host bits; an address alone means /32 or /128",
+            "examples": ["127.0.0.1/32", "10.0.0.0/8", "::1/128"],
+        }
+    ),
 ]
 
 
@@ -159,7 +162,7 @@ def _port_parser(minimum: int):
                 if not (minimum <= lo <= 65535 and minimum <= hi <= 65535):
                     raise _fail("graft_port", f"port range {show(value)} is outside {minimum}-65535")
                 if lo > hi:
-                    raise _fail("graft_port", f"port range {show(value)} is reversed; write \"{hi}-{lo}\"")
+                    raise _fail("graft_port", f'port range {show(value)} is reversed; write "{hi}-{lo}"')
                 return PortRange(lo, hi)
         raise _fail("graft_port", f"{msg} (got {show(value)})")
 
@@ -213,15 +216,14 @@ def _parse_host(value: Any) -> HostTarget:
     value = _require_str(value, "host", '"127.0.0.1:8080", "[::1]:8080" or "127.0.0.1"')
     bad = _fail(
         "graft_host",
-        f"host {show(value)} must be 'ADDR:PORT' ('[ADDR]:PORT' for IPv6), "
-        "or an address alone to keep the app's port",
+        f"host {show(value)} must be 'ADDR:PORT' ('[ADDR]:PORT' for IPv6), or an address alone to keep the app's port",
     )
     text, port_text = value.strip(), None
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
             raise bad
-        text, rest = text[1:close], text[close + 1:]
+        text, rest = text[1:close], text[close + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise bad
@@ -245,12 +247,14 @@ Host = Annotated[
     HostTarget,
     PlainValidator(_parse_host),
     PlainSerializer(str, return_type=str),
-    WithJsonSchema({
-        "type": "string",
-        "description": "address the broker binds on the host instead: 'ADDR:PORT', '[V6ADDR]:PORT', "
-                       "or an address alone to keep the app's port",
-        "examples": ["127.0.0.1:8080", "[::1]:8080", "127.0.0.1"],
-    }),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "address the broker binds on the host instead: 'ADDR:PORT', '[V6ADDR]:PORT', "
+            "or an address alone to keep the app's port",
+            "examples": ["127.0.0.1:8080", "[::1]:8080", "127.0.0.1"],
+        }
+    ),
 ]
 
 
@@ -283,9 +287,7 @@ def _tenant_name(value: str) -> str:
     return value
 
 
-TenantName = Annotated[
-    str, AfterValidator(_tenant_name), WithJsonSchema({"type": "string", "pattern": TENANT_NAME_RE})
-]
+TenantName = Annotated[str, AfterValidator(_tenant_name), WithJsonSchema({"type": "string", "pattern": TENANT_NAME_RE})]
 Proto = Literal["tcp", "udp", "any"]
 Action = Literal["graft", "deny", "container"]
 Uid = Annotated[int, Field(ge=0, le=MAX_UID)]
@@ -317,9 +319,7 @@ class ConnectRule(_Strict):
         "destination ports or 'a-b' ranges; absent = any port"
     )
     proto: Proto = Field("any", description="'tcp', 'udp' or 'any'")
-    action: Action = Field(
-        "graft", description="'graft' (host socket), 'deny' (EPERM), 'container' (container stack)"
-    )
+    action: Action = Field("graft", description="'graft' (host socket), 'deny' (EPERM), 'container' (container stack)")
 
 
 class BindRule(_Strict):
@@ -332,9 +332,7 @@ class BindRule(_Strict):
         "bind ports or 'a-b' ranges; 0 is an ephemeral-port bind; absent = any port"
     )
     proto: Proto = Field("any", description="'tcp', 'udp' or 'any'")
-    action: Action = Field(
-        "graft", description="'graft' (host socket), 'deny' (EACCES), 'container' (container stack)"
-    )
+    action: Action = Field("graft", description="'graft' (host socket), 'deny' (EACCES), 'container' (container stack)")
     # Declared after `action` so that its validator sees the validated action.
     host: Host | None = Field(None, description="publish: the broker binds this host address instead (graft only)")
 
@@ -362,8 +360,9 @@ class Tenant(_Strict):
         description="how the tenant's programs reach the broker: 'preload' (libgraft.so in LD_PRELOAD) or "
         "'seccomp' (the broker's seccomp agent answers their socket calls; static binaries too)",
     )
-    socket_mode: str = Field("0666", description="mode of <socket_dir>/<tenant>.sock, an octal string",
-                             pattern=SOCKET_MODE_RE)
+    socket_mode: str = Field(
+        "0666", description="mode of <socket_dir>/<tenant>.sock, an octal string", pattern=SOCKET_MODE_RE
+    )
     max_sockets: int = Field(1024, ge=1, description="grafted sockets open at once")
     # Our addition to the v1 keys: requests per second the broker answers for this tenant
     # (a token bucket with a burst of one second's worth), so a flooding tenant cannot take
@@ -380,8 +379,9 @@ class Tenant(_Strict):
     # groups or a host service's; netfilter's owner match sees it too. Absent = one derived from
     # the tenant's name (socket_owner); 0 = root-owned, as host services' sockets are.
     socket_uid: Uid | None = Field(
-        None, description="owner uid of the tenant's host sockets (SO_REUSEPORT groups, netfilter owner match); "
-        f"absent = {SOCKET_UID_BASE:#x} + crc32(tenant name) mod 2^24"
+        None,
+        description="owner uid of the tenant's host sockets (SO_REUSEPORT groups, netfilter owner match); "
+        f"absent = {SOCKET_UID_BASE:#x} + crc32(tenant name) mod 2^24",
     )
     connect: list[ConnectRule] = Field(default_factory=list, description="connect rules; the first match decides")
     bind: list[BindRule] = Field(default_factory=list, description="bind rules; the first match decides")
@@ -444,9 +444,7 @@ def _absolute_path(value: str) -> str:
 def _audit_log(value: str) -> str:
     if value in ("stderr", "off") or value.startswith("/"):
         return value
-    raise _fail(
-        "graft_audit_log", f"audit_log must be 'stderr', 'off' or an absolute file path (got {show(value)})"
-    )
+    raise _fail("graft_audit_log", f"audit_log must be 'stderr', 'off' or an absolute file path (got {show(value)})")
 
 
 class BrokerSettings(_Strict):
@@ -469,7 +467,7 @@ class AuditSettings(_Strict):
     on_error: Literal["drop", "deny"] = Field(
         "drop",
         description="a decision the audit log cannot record: 'drop' the record (networking goes on) or 'deny' "
-                    "the request (EPERM, EACCES for bind); 'deny' also turns the connect fast path off",
+        "the request (EPERM, EACCES for bind); 'deny' also turns the connect fast path off",
     )
 
 
@@ -489,9 +487,7 @@ def _some_tenant(value: dict) -> dict:
 class PolicyFile(_Strict):
     """The whole policy file, version 1."""
 
-    version: Annotated[Literal[1], BeforeValidator(_version_not_bool)] = Field(
-        description="policy format version: 1"
-    )
+    version: Annotated[Literal[1], BeforeValidator(_version_not_bool)] = Field(description="policy format version: 1")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     tenants: Annotated[dict[TenantName, Tenant], AfterValidator(_some_tenant)] = Field(

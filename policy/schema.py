@@ -5,6 +5,7 @@ check TOML against a JSON Schema (e.g. Taplo / Even Better TOML) can use it dire
 schema is advisory; the loader remains the authority (it also checks, for example, that a
 bind rule's ``host`` goes with action "graft").
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@ It shows the policy as the broker will apply it, defaults filled in, one line pe
 the same place names (``connect[0]``) the audit log's ``rule`` field and error messages use,
 so an operator can read a log line against the summary.
 """
+
 from __future__ import annotations
 
 from .models import BindRule, ConnectRule, PolicyFile, Tenant, format_loc

@@ -3,6 +3,7 @@
 libgraft.so itself is C (libgraft.c); this module only tells Python where the
 installed library and the wire header are.
 """
+
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent

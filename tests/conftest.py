@@ -4,6 +4,7 @@ Helpers live in support/; this file only wires them up. A test in unit/,
 broker/, e2e/ or reliability/ gets that marker, so ``pytest -m unit`` runs
 the pure tests alone.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -3,6 +3,7 @@
 There is no compiler at run time, so the programs (programs.py) are written
 here instruction by instruction. Encodings follow <linux/bpf.h>.
 """
+
 from __future__ import annotations
 
 import struct

@@ -9,6 +9,7 @@ attr shorter than its own union as long as it knows every byte it is given.
 Functions raise ``BpfError`` (an OSError) with the errno, and for a refused
 program the verifier's log.
 """
+
 from __future__ import annotations
 
 import os
@@ -264,8 +265,18 @@ def btf_load(blob: bytes) -> int:
 # ---- maps ---------------------------------------------------------------------
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: str,
-               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0, inner_map_fd: int = 0) -> int:
+def map_create(
+    map_type: int,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    flags: int,
+    name: str,
+    btf_fd: int = 0,
+    btf_key_type_id: int = 0,
+    btf_value_type_id: int = 0,
+    inner_map_fd: int = 0,
+) -> int:
     """A new map; for a map of maps, inner_map_fd is a map of the shape its values will have."""
     attr = ffi.new("struct graft_bpf_map_create *")
     attr.map_type, attr.key_size, attr.value_size = map_type, key_size, value_size

@@ -58,6 +58,7 @@ This module is the lifecycle: cgroup, bpffs, load or reuse, attach, mark,
 remove. The maps' layouts are in maps.py, the programs in programs.py, the
 assembler they are written with in confine/asm.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -176,6 +177,7 @@ _TENANT_BITS = 16
 @dataclass(frozen=True)
 class _GrantMap:
     """One tenant's grants: the map (held open by the broker) and its preallocated updater."""
+
     fd: int
     updater: bpf.MapUpdater
 
@@ -281,8 +283,9 @@ class Confinement:
     def _new_grant_map(self, grant_id: int) -> _GrantMap:
         """An empty grant map, put in place for grant_id (replacing any there, in one step)."""
         spec = TENANT_GRANTS
-        fd = bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags,
-                            "graft_tgrants")
+        fd = bpf.map_create(
+            spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, "graft_tgrants"
+        )
         try:
             bpf.map_update(self.maps["grants"], struct.pack("=I", grant_id), struct.pack("=I", fd))
         except BaseException:
@@ -290,20 +293,24 @@ class Confinement:
             raise
         return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY.size, GRANT_VALUE.size))
 
-    def grant(self, grant_id: int, family: int, host: str, port: int, rule_id: int,
-              sock_type: int = socket.SOCK_STREAM) -> None:
+    def grant(
+        self, grant_id: int, family: int, host: str, port: int, rule_id: int, sock_type: int = socket.SOCK_STREAM
+    ) -> None:
         """From now on the tenant's sockets may reach (host, port) without the broker.
 
         TCP: its pre-issued sockets may connect there. UDP: its grafted UDP
         sockets may send there.
         """
-        self._grant_maps[grant_id].updater.update(grant_key(grant_id, family, host, port, sock_type),
-                                                   GRANT_VALUE.pack(rule_id, 0))
+        self._grant_maps[grant_id].updater.update(
+            grant_key(grant_id, family, host, port, sock_type), GRANT_VALUE.pack(rule_id, 0)
+        )
 
     def granted(self, grant_id: int, family: int, host: str, port: int, sock_type: int) -> bool:
         """Whether the grant id's grants let its sockets reach (host, port) (the kernel's own lookup)."""
         grants = self._grant_maps.get(grant_id)
-        return grants is not None and grants.updater.lookup(grant_key(grant_id, family, host, port, sock_type)) is not None
+        return (
+            grants is not None and grants.updater.lookup(grant_key(grant_id, family, host, port, sock_type)) is not None
+        )
 
     def revoke_grants(self) -> None:
         """Forget every grant (a new policy): pre-issued sockets ask the broker again.
@@ -342,8 +349,12 @@ class Confinement:
         return struct.unpack("=Q", raw)[0] if raw is not None else 0
 
     def close(self) -> None:
-        for fd in [*self.maps.values(), *self.prog_fds.values(), self.guard_fd,
-                   *(g.fd for g in self._grant_maps.values())]:
+        for fd in [
+            *self.maps.values(),
+            *self.prog_fds.values(),
+            self.guard_fd,
+            *(g.fd for g in self._grant_maps.values()),
+        ]:
             if fd >= 0:
                 os.close(fd)
         self.prog_fds.clear()
@@ -406,15 +417,27 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
         except BaseException:
             os.close(map_fd)
             raise
-        if (info.type, info.value_size, info.map_flags & bpf.F_CLONE) != (bpf.MAP_TYPE_SK_STORAGE, MARK_SIZE,
-                                                                         bpf.F_CLONE):
+        if (info.type, info.value_size, info.map_flags & bpf.F_CLONE) != (
+            bpf.MAP_TYPE_SK_STORAGE,
+            MARK_SIZE,
+            bpf.F_CLONE,
+        ):
             os.close(map_fd)
             raise Unavailable(f"{map_path} is not graft's mark map (remove it: graft confinement remove)")
     else:
         btf_fd = bpf.btf_load(mark_btf())
         try:
-            map_fd = bpf.map_create(bpf.MAP_TYPE_SK_STORAGE, 4, MARK_SIZE, 0, bpf.F_NO_PREALLOC | bpf.F_CLONE,
-                                    MAP_NAME, btf_fd, BTF_KEY_ID, BTF_VALUE_ID)
+            map_fd = bpf.map_create(
+                bpf.MAP_TYPE_SK_STORAGE,
+                4,
+                MARK_SIZE,
+                0,
+                bpf.F_NO_PREALLOC | bpf.F_CLONE,
+                MAP_NAME,
+                btf_fd,
+                BTF_KEY_ID,
+                BTF_VALUE_ID,
+            )
         finally:
             os.close(btf_fd)
     conf = Confinement(cgroup, cgroup_dir, pin_dir, {"marks": map_fd})
@@ -448,7 +471,11 @@ def _load_or_reuse_map(pin_dir: str, name: str, spec: MapSpec) -> tuple[int, boo
             os.close(fd)
             raise
         if (info.type, info.key_size, info.value_size, info.max_entries) == (
-                spec.map_type, spec.key_size, spec.value_size, spec.max_entries) and _inner_fits(fd, spec):
+            spec.map_type,
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+        ) and _inner_fits(fd, spec):
             return fd, True
         os.close(fd)
         log.info("confinement: map %s changed shape since it was pinned; replacing it", name)
@@ -467,8 +494,9 @@ def _create_map(spec: MapSpec, name: str) -> int:
         return bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name)
     template = _create_map(spec.inner, name[:12] + "_tpl")
     try:
-        return bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name,
-                              inner_map_fd=template)
+        return bpf.map_create(
+            spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name, inner_map_fd=template
+        )
     finally:
         os.close(template)
 
@@ -512,8 +540,9 @@ def _start_epoch(conf: Confinement) -> None:
     bpf.map_clear(conf.maps["released"], 4)
 
 
-def _load_or_reuse_program(conf: Confinement, name: str, kind: str, v6: bool, attach_type: int,
-                           maps_reused: bool) -> int:
+def _load_or_reuse_program(
+    conf: Confinement, name: str, kind: str, v6: bool, attach_type: int, maps_reused: bool
+) -> int:
     """The pinned program if it is the one this broker would load, else the fresh one, pinned.
 
     Programs are always assembled and loaded (cheap), and the kernel's tags

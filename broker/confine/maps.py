@@ -6,6 +6,7 @@ Pure (no system calls): the mark a grafted socket carries in the
 (``MAPS``). The programs (programs.py) read the same layouts; confine/lifecycle.py
 creates, pins and updates the maps.
 """
+
 from __future__ import annotations
 
 import socket
@@ -57,8 +58,12 @@ def mark_btf() -> bytes:
     u32 = 2
     members = [("flags", u32, 0), ("port", u32, 32), ("ip4", u32, 64), ("ip6", 3, 96), ("tenant", u32, 224)]
     return bpf.btf_blob(
-        [("int", "int", 4, True), ("int", "__u32", 4, False), ("array", u32, u32, 4),
-         ("struct", "graft_mark", MARK_SIZE, members)],
+        [
+            ("int", "int", 4, True),
+            ("int", "__u32", 4, False),
+            ("array", u32, u32, 4),
+            ("struct", "graft_mark", MARK_SIZE, members),
+        ],
         [],
     )
 
@@ -94,6 +99,7 @@ def encode_mark(dest: tuple | None, any_peer: bool, tenant_id: int = 0) -> bytes
 @dataclass(frozen=True, slots=True)
 class ConnectEvent:
     """A connect the kernel judged by a grant (the fast path's audit record)."""
+
     tenant_id: int
     rule_id: int
     pid: int
@@ -104,14 +110,14 @@ class ConnectEvent:
 
 
 def decode_event(raw: bytes) -> ConnectEvent:
-    tenant_id, rule_id, pid, uid, family, port, addr = EVENT.unpack(raw[:EVENT.size])
+    tenant_id, rule_id, pid, uid, family, port, addr = EVENT.unpack(raw[: EVENT.size])
     host = socket.inet_ntop(family, addr[:4] if family == socket.AF_INET else addr)
     return ConnectEvent(tenant_id, rule_id, pid, uid, family, host, struct.unpack("!H", port)[0])
 
 
 def mark_flags_and_tenant(raw: bytes) -> tuple[int, int]:
     """A mark's flags (F_*) and grant id."""
-    flags, _, _, _, tenant_id = MARK.unpack(raw[:MARK.size])
+    flags, _, _, _, tenant_id = MARK.unpack(raw[: MARK.size])
     return flags, tenant_id
 
 

@@ -16,6 +16,7 @@
 
 Refused means the system call fails with EPERM.
 """
+
 from __future__ import annotations
 
 import socket

@@ -14,6 +14,7 @@ Positions are read with plain loads: correct on x86-64, whose stores are
 seen in order. A weakly ordered machine would need an acquire load of the
 producer position, which Python cannot express.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -52,7 +53,7 @@ class RingReader:
                 break
             length = word & ~(_BUSY | _DISCARD)
             if not word & _DISCARD:
-                out.append(self._producer[at + _HDR:at + _HDR + length])
+                out.append(self._producer[at + _HDR : at + _HDR + length])
             cons += (length + _HDR + 7) & ~7
         _POS.pack_into(self._consumer, 0, cons)
         return out

@@ -17,6 +17,7 @@ is lost and counted, with an error logged at most once a minute, and
 costs. "drop" (the default): networking goes on, the operator hears about
 it. "deny": the decision is refused (decisions.py, docs/policy.md).
 """
+
 from __future__ import annotations
 
 import json

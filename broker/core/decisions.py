@@ -9,6 +9,7 @@ leaves the broker unaudited. The kernel's own records of fast-path
 connects are written by grants.py, which drains them. stages.py puts
 these stages in their one order.
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,20 +64,45 @@ class Decisions:
         """
         tenant.counts[verdict.action] += 1
         host = verdict.target if verdict.action in ("graft", "error") and verdict.target != req.addr else None
-        return self.audit.write(Record(
-            tenant=tenant.name, pid=peer.pid, uid=peer.uid, op=req.op_name, proto=req.proto, family=req.family_name,
-            addr=str(req.addr.ip) if req.addr is not None else None,  # None: a preissue names no address
-            port=req.addr.port if req.addr is not None else None,
-            host_addr=str(host) if host is not None else None,
-            action=verdict.action, rule=verdict.rule, errno=verdict.errno, confinement=self.confinement_state,
-            via=via, reason=verdict.reason,
-        ))
+        return self.audit.write(
+            Record(
+                tenant=tenant.name,
+                pid=peer.pid,
+                uid=peer.uid,
+                op=req.op_name,
+                proto=req.proto,
+                family=req.family_name,
+                addr=str(req.addr.ip) if req.addr is not None else None,  # None: a preissue names no address
+                port=req.addr.port if req.addr is not None else None,
+                host_addr=str(host) if host is not None else None,
+                action=verdict.action,
+                rule=verdict.rule,
+                errno=verdict.errno,
+                confinement=self.confinement_state,
+                via=via,
+                reason=verdict.reason,
+            )
+        )
 
     def audit_malformed(self, tenant: TenantState, peer: Peer, err: int, reason: str, via: str) -> None:
         """A request that could not be read: an error, with no op or address to name."""
         tenant.counts["error"] += 1
-        self.audit.write(Record(
-            tenant=tenant.name, pid=peer.pid, uid=peer.uid, op=None, proto=None, family=None, addr=None, port=None,
-            host_addr=None, action="error", rule=None, errno=err, confinement=self.confinement_state, via=via,
-            reason=reason,
-        ))
+        self.audit.write(
+            Record(
+                tenant=tenant.name,
+                pid=peer.pid,
+                uid=peer.uid,
+                op=None,
+                proto=None,
+                family=None,
+                addr=None,
+                port=None,
+                host_addr=None,
+                action="error",
+                rule=None,
+                errno=err,
+                confinement=self.confinement_state,
+                via=via,
+                reason=reason,
+            )
+        )

@@ -21,6 +21,7 @@ The kernel writes a record of every fast-path connect to its audit ring;
 ``drain_kernel_audit``, a task of the broker nursery, moves them into the
 audit log (``"via": "kernel"``). Without that ring there is no fast path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,8 +50,13 @@ KERNEL_AUDIT_INTERVAL = 0.05
 
 
 class Grants:
-    def __init__(self, confinement: Confinement | None, tenants: dict[str, TenantState], decisions: Decisions,
-                 sockets: HostSockets):
+    def __init__(
+        self,
+        confinement: Confinement | None,
+        tenants: dict[str, TenantState],
+        decisions: Decisions,
+        sockets: HostSockets,
+    ):
         self.confinement = confinement
         self.tenants = tenants  # the broker's, by name: the kernel's records name a tenant by its grant id
         self.decisions = decisions
@@ -119,9 +125,15 @@ class Grants:
         uid was checked when the sockets were handed out), so it holds for
         every later use until the rules change. Whether the grant was made.
         """
-        if (self.confinement is None or not tenant.gid or req.judged_as != "connect" or verdict.action != "graft"
-                or req.addr is None or (req.type == socket.SOCK_STREAM and self.decisions.audit_required)
-                or serial != self._serial):  # judged by rules no longer in force
+        if (
+            self.confinement is None
+            or not tenant.gid
+            or req.judged_as != "connect"
+            or verdict.action != "graft"
+            or req.addr is None
+            or (req.type == socket.SOCK_STREAM and self.decisions.audit_required)
+            or serial != self._serial
+        ):  # judged by rules no longer in force
             return False
         rule_id = self._rule_ids.get(verdict.rule)
         if rule_id is None:
@@ -146,11 +158,17 @@ class Grants:
         """
         verdict = self.decisions.judge(tenant, req, peer)
         if verdict.action == "container":
-            verdict = Verdict("deny", verdict.rule, errno.EPERM, None,
-                              "a grafted socket cannot send through the container's stack")
+            verdict = Verdict(
+                "deny", verdict.rule, errno.EPERM, None, "a grafted socket cannot send through the container's stack"
+            )
         elif verdict.action == "graft" and (self.confinement is None or not tenant.gid):
-            verdict = Verdict("error", verdict.rule, errno.EPERM, verdict.target,
-                              "no grants: confinement (or this tenant's grant map) is not in place")
+            verdict = Verdict(
+                "error",
+                verdict.rule,
+                errno.EPERM,
+                verdict.target,
+                "no grants: confinement (or this tenant's grant map) is not in place",
+            )
         if not self.decisions.record(tenant, peer, req, verdict, via):
             return Verdict("deny", verdict.rule, self.decisions.unrecorded_errno(req), None, "not recorded")
         if verdict.action == "graft" and not self.grant(tenant, req, verdict, self._serial):
@@ -188,13 +206,17 @@ class Grants:
         """
         assert self.confinement is not None
         flags, grant_id = maps.mark_flags_and_tenant(mark)
-        return bool(flags & maps.F_ANY_PEER) or not grant_id or self.confinement.granted(
-            grant_id, addr.family, str(addr.ip), addr.port, socket.SOCK_DGRAM)
+        return (
+            bool(flags & maps.F_ANY_PEER)
+            or not grant_id
+            or self.confinement.granted(grant_id, addr.family, str(addr.ip), addr.port, socket.SOCK_DGRAM)
+        )
 
     # ---- pre-issued sockets ------------------------------------------------
 
-    async def preissue(self, tenant: TenantState, req: request.Request, peer: Peer,
-                       via: str) -> tuple[list[socket.socket], Verdict | None, int]:
+    async def preissue(
+        self, tenant: TenantState, req: request.Request, peer: Peer, via: str
+    ) -> tuple[list[socket.socket], Verdict | None, int]:
         """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
 
         Both front-ends' (via): the shim's pools, and the seccomp agent's C
@@ -216,19 +238,40 @@ class Grants:
         name = tenant.name
         grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
         if self.confinement is None or not self._fast_path or not grant_id:
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "deny", "broker.confinement", errno.EOPNOTSUPP, reason="no fast path: it needs confinement and the "
-                "kernel's audit ring"))  # nothing would hold them to the policy
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict(
+                    "deny",
+                    "broker.confinement",
+                    errno.EOPNOTSUPP,
+                    reason="no fast path: it needs confinement and the kernel's audit ring",
+                ),
+            )  # nothing would hold them to the policy
         if self.decisions.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "deny", "audit.on_error", errno.EOPNOTSUPP, reason="no fast path while on_error = \"deny\""))
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict("deny", "audit.on_error", errno.EOPNOTSUPP, reason='no fast path while on_error = "deny"'),
+            )
         if not tenant.matcher.uid_allowed(peer.uid):
             return self._refuse(tenant, peer, req, via, Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
         n = await self.sockets.room(tenant, request.PREISSUE_MAX, tenant.config.max_sockets // 2)
         if n == 0:
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"))
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict(
+                    "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"
+                ),
+            )
         if tenant.bucket is not None:
             n = tenant.bucket.take_up_to(n, time.monotonic())
             if n == 0:
@@ -237,13 +280,23 @@ class Grants:
             socks = await namespace.sockets(req.family, req.type, req.protocol, n)
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"))
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict("error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"),
+            )
         if tenant.gid != grant_id:
             for sock in socks:
                 sock.close()
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"))
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict("error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"),
+            )
         try:
             for sock in socks:
                 self.confinement.mark_preissued(sock, grant_id)
@@ -252,13 +305,19 @@ class Grants:
             for sock in socks:
                 sock.close()
             log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return self._refuse(tenant, peer, req, via, Verdict(
-                "error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"))
+            return self._refuse(
+                tenant,
+                peer,
+                req,
+                via,
+                Verdict("error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"),
+            )
         tenant.preissued += n
         return socks, None, grant_id
 
-    def _refuse(self, tenant: TenantState, peer: Peer, req: request.Request, via: str,
-                verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
+    def _refuse(
+        self, tenant: TenantState, peer: Peer, req: request.Request, via: str, verdict: Verdict
+    ) -> tuple[list[socket.socket], Verdict, int]:
         self.decisions.audit_request(tenant, peer, req, verdict, via)
         return [], verdict, 0
 
@@ -314,14 +373,29 @@ class Grants:
                 if tenant is not None and tenant.gid == ev.tenant_id:
                     tenant.counts["graft"] += 1
             rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
-            self.decisions.audit.write(Record(
-                tenant=name, pid=ev.pid, uid=ev.uid, op="connect", proto="tcp", family=request.family_name(ev.family),
-                addr=ev.addr, port=ev.port, host_addr=None, action="graft", rule=rule, errno=0,
-                confinement=self.decisions.confinement_state, via="kernel", reason=reason,
-            ))
+            self.decisions.audit.write(
+                Record(
+                    tenant=name,
+                    pid=ev.pid,
+                    uid=ev.uid,
+                    op="connect",
+                    proto="tcp",
+                    family=request.family_name(ev.family),
+                    addr=ev.addr,
+                    port=ev.port,
+                    host_addr=None,
+                    action="graft",
+                    rule=rule,
+                    errno=0,
+                    confinement=self.decisions.confinement_state,
+                    via="kernel",
+                    reason=reason,
+                )
+            )
         assert self.confinement is not None
         lost = self.confinement.events_lost()
         if lost > self._events_lost:
-            log.error("audit: %d record(s) of fast-path connects lost (the kernel's ring was full)",
-                      lost - self._events_lost)
+            log.error(
+                "audit: %d record(s) of fast-path connects lost (the kernel's ring was full)", lost - self._events_lost
+            )
             self._events_lost = lost

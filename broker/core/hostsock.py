@@ -18,6 +18,7 @@ A verdict the factory cannot carry out comes back as a changed Verdict:
 socket() fails, bind/connect fails, or the socket cannot be locked (fail
 closed: an unlocked socket is never handed out).
 """
+
 from __future__ import annotations
 
 import errno
@@ -79,8 +80,15 @@ class HostSockets:
     def __init__(self, confinement: Confinement | None):
         self.confinement = confinement
 
-    async def make(self, tenant: TenantState, req: request.Request, verdict: Verdict,
-                   configure: Callable[[socket.socket], None], *, connect: bool = True) -> Made:
+    async def make(
+        self,
+        tenant: TenantState,
+        req: request.Request,
+        verdict: Verdict,
+        configure: Callable[[socket.socket], None],
+        *,
+        connect: bool = True,
+    ) -> Made:
         """Open, set up, bind or connect, lock and count the host socket for a graft verdict.
 
         connect=False leaves a connect to the caller (the seccomp agent lets
@@ -99,12 +107,14 @@ class HostSockets:
             sock = await namespace.socket(req.family, req.type, req.protocol)
         except NetnsError as e:
             log.error("tenant %s: %s", tenant.name, e.strerror)
-            return Made(None, Verdict("error", verdict.rule, UNREACHABLE_ERRNO[req.op_name], verdict.target,
-                                      e.strerror))
+            return Made(
+                None, Verdict("error", verdict.rule, UNREACHABLE_ERRNO[req.op_name], verdict.target, e.strerror)
+            )
         except OSError as e:
             log.error("tenant %s: cannot open a socket: %s", tenant.name, e)
-            return Made(None, Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target,
-                                      f"socket(): {e.strerror}"))
+            return Made(
+                None, Verdict("error", verdict.rule, e.errno or errno.EIO, verdict.target, f"socket(): {e.strerror}")
+            )
         try:
             configure(sock)
             target = verdict.target.to_python()
@@ -131,15 +141,19 @@ class HostSockets:
             # Locked after the broker's own bind/connect, before the fd leaves: from here on the
             # kernel refuses re-pointing. A grafted UDP server may answer any peer.
             try:
-                self.confinement.mark(sock, allow_any_peer=self._may_send_anywhere(tenant, req),
-                                      dest=target if req.op == request.OP_CONNECT else None,
-                                      grant_id=grant_id if req.type == socket.SOCK_DGRAM else 0)
+                self.confinement.mark(
+                    sock,
+                    allow_any_peer=self._may_send_anywhere(tenant, req),
+                    dest=target if req.op == request.OP_CONNECT else None,
+                    grant_id=grant_id if req.type == socket.SOCK_DGRAM else 0,
+                )
                 self.own(tenant, sock)
             except OSError as e:  # fail closed: an unlocked (or uncounted) socket is not handed out
                 sock.close()
                 log.error("tenant %s: cannot lock a grafted socket: %s", tenant.name, e)
-                return Made(None, Verdict("error", verdict.rule, errno.EPERM, verdict.target,
-                                          f"confinement: {e.strerror}"))
+                return Made(
+                    None, Verdict("error", verdict.rule, errno.EPERM, verdict.target, f"confinement: {e.strerror}")
+                )
         else:
             tenant.live.add(os.fstat(sock.fileno()).st_ino)
         if err not in (0, errno.EINPROGRESS):

@@ -19,6 +19,7 @@ or another tenant's, and take a share of its connections.
 The same per-namespace entry point serves the sock_diag dump that tells which
 grafted sockets are still alive, for ``max_sockets``.
 """
+
 from __future__ import annotations
 
 import errno

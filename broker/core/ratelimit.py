@@ -3,6 +3,7 @@
 The bucket holds up to one second's worth of requests, so a tenant may
 burst to its rate at once and is then held to it on average.
 """
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ region, is shim/wire.py's, which takes ``ffi`` from here.
 ``decode_sockaddr`` reads a struct sockaddr from untrusted bytes (a shim
 message, or a stopped program's memory) and raises ``BadRequest``.
 """
+
 from __future__ import annotations
 
 import errno

@@ -9,6 +9,7 @@ SO_*BUFFORCE, SO_PRIORITY above 6, ...): the allowlist below admits only
 options any unprivileged process may set on its own socket, each with the
 exact value size the kernel expects. Anything else is dropped and reported.
 """
+
 from __future__ import annotations
 
 import socket
@@ -87,6 +88,7 @@ Defaults = dict[tuple[int, int], bytes]
 @dataclass(frozen=True, slots=True)
 class Allowed:
     """One admitted option, with the SO_BUF_LOCK bit that says the app fixed it (0: not a buffer size)."""
+
     level: int
     name: int
     size: int

@@ -13,6 +13,7 @@ kernel. The front-end then only delivers the ``Outcome``: a shim reply with
 the socket attached, or the socket installed on a stopped program's fd.
 GRANT and PREISSUE have their own steps in grants.py, shared the same way.
 """
+
 from __future__ import annotations
 
 import socket
@@ -51,8 +52,16 @@ class Stages:
     sockets: HostSockets
     grants: Grants
 
-    async def carry_out(self, tenant: TenantState, req: request.Request, peer: Peer, via: str,
-                        configure: Callable[[socket.socket], None], *, connect: bool = True) -> Outcome:
+    async def carry_out(
+        self,
+        tenant: TenantState,
+        req: request.Request,
+        peer: Peer,
+        via: str,
+        configure: Callable[[socket.socket], None],
+        *,
+        connect: bool = True,
+    ) -> Outcome:
         """Judge req and carry the verdict out up to its delivery (see the module doc).
 
         configure sets the fresh host socket up (the shim's recorded options,
@@ -68,8 +77,9 @@ class Stages:
         try:
             if not self.decisions.record(tenant, peer, req, out.verdict, via):
                 out.close()
-                return Outcome(Verdict("deny", out.verdict.rule, self.decisions.unrecorded_errno(req), None,
-                                       "not recorded"))
+                return Outcome(
+                    Verdict("deny", out.verdict.rule, self.decisions.unrecorded_errno(req), None, "not recorded")
+                )
             if out.sock is not None:
                 self.grants.grant(tenant, req, out.verdict, serial)
             return out

@@ -10,6 +10,7 @@ and rate bucket and counts its verdicts; the host-socket factory
 id its grants and pre-issued sockets carry. ``Peer`` is who asked: a shim's
 SO_PEERCRED, or a stopped thread's process and effective ids.
 """
+
 from __future__ import annotations
 
 import time

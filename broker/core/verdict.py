@@ -6,6 +6,7 @@ bind or connect), run the call in the container, or deny with the errno the
 brief fixes (EPERM for connect, EACCES for bind). The server performs the
 verdict; keeping the decision here lets it be tested without sockets.
 """
+
 from __future__ import annotations
 
 import errno
@@ -74,8 +75,9 @@ def destination(ip: IPAddress) -> IPAddress:
         return ip
     if ip.version == 4:
         return _LOOPBACK_V4
-    return ipaddress.IPv6Address("::1") if ip == ipaddress.IPv6Address("::") else ipaddress.IPv6Address(
-        "::ffff:127.0.0.1")
+    return (
+        ipaddress.IPv6Address("::1") if ip == ipaddress.IPv6Address("::") else ipaddress.IPv6Address("::ffff:127.0.0.1")
+    )
 
 
 def judge(req: Request, matcher: TenantMatcher, uid: int) -> Verdict:

@@ -4,6 +4,7 @@ A header marks the region cffi reads with ``/* NAME-BEGIN */`` and
 ``/* NAME-END */``: the shim's wire format (wire.py) and the seccomp
 agent's C loop (seccomp/fast.py) use it.
 """
+
 from __future__ import annotations
 
 import re

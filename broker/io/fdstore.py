@@ -20,6 +20,7 @@ positive number (systemd 254 and later set it from
 ``FileDescriptorStoreMax=``; graft's unit sets both, for older systemd) and
 ``$NOTIFY_SOCKET`` is set. docs/systemd.md has the operator's side.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,10 +60,9 @@ class FdStore:
         for fd, name in _listen_fds(env):
             if name.startswith(FDNAME_PREFIX) and _is_socket(fd):
                 os.set_inheritable(fd, False)
-                store._inherited.setdefault(name[len(FDNAME_PREFIX):], []).append(socket.socket(fileno=fd))
+                store._inherited.setdefault(name[len(FDNAME_PREFIX) :], []).append(socket.socket(fileno=fd))
                 continue
-            log.warning("fd %d passed in as %r is not a tenant listener: closed, and dropped from the store",
-                        fd, name)
+            log.warning("fd %d passed in as %r is not a tenant listener: closed, and dropped from the store", fd, name)
             try:
                 os.close(fd)
             except OSError:  # LISTEN_FDS counted more fds than were passed
@@ -85,8 +85,12 @@ class FdStore:
 
     def check_capacity(self, tenants: int) -> None:
         if self.enabled and tenants > self.capacity:
-            log.warning("%d tenants but the fd store keeps %d ($FDSTORE, FileDescriptorStoreMax=): the "
-                        "listeners beyond it will not survive a restart", tenants, self.capacity)
+            log.warning(
+                "%d tenants but the fd store keeps %d ($FDSTORE, FileDescriptorStoreMax=): the "
+                "listeners beyond it will not survive a restart",
+                tenants,
+                self.capacity,
+            )
 
     def push(self, tenant: str, sock) -> bool:
         """Have the service manager keep sock, and only it, under tenant's name; whether it was sent.
@@ -94,9 +98,9 @@ class FdStore:
         systemd keeps every fd pushed under a name: the old ones go first.
         """
         name = FDNAME_PREFIX + tenant
-        return (self._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", f"tenant {tenant}: replace the stored listener")
-                and self._notify(f"FDSTORE=1\nFDNAME={name}", f"tenant {tenant}: store the listener",
-                                 (sock.fileno(),)))
+        return self._notify(
+            f"FDSTOREREMOVE=1\nFDNAME={name}", f"tenant {tenant}: replace the stored listener"
+        ) and self._notify(f"FDSTORE=1\nFDNAME={name}", f"tenant {tenant}: store the listener", (sock.fileno(),))
 
     def remove(self, tenant: str) -> None:
         self._notify(f"FDSTOREREMOVE=1\nFDNAME={FDNAME_PREFIX}{tenant}", f"tenant {tenant}: drop the stored listener")

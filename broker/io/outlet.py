@@ -24,6 +24,7 @@ own. A socket (journald's stream under systemd) cannot be opened that way;
 it is written with MSG_DONTWAIT instead, which is non-blocking per call. A
 regular file is never "full" and never waits here.
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,8 +75,7 @@ class Outlet:
 
     @classmethod
     def open_path(cls, path: str, limit: int = DEFAULT_LIMIT) -> Outlet:
-        return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640),
-                   limit)
+        return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o640), limit)
 
     @classmethod
     def inherited(cls, fd: int, limit: int = DEFAULT_LIMIT) -> Outlet:

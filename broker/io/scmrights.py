@@ -5,6 +5,7 @@ none; a runtime's handshake carries one notify fd), so both front-ends
 close whatever else arrives: off the event loop, because a close can block
 (``close_all``), and at most ``STRAY_FD_CLOSERS`` at once per front-end.
 """
+
 from __future__ import annotations
 
 import array

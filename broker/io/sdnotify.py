@@ -4,6 +4,7 @@ One datagram per state change to $NOTIFY_SOCKET; a name starting with "@"
 is in the abstract namespace. Without $NOTIFY_SOCKET this does nothing.
 File descriptors ride along with SCM_RIGHTS (the fd store, fdstore.py).
 """
+
 from __future__ import annotations
 
 import array

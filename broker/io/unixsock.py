@@ -5,6 +5,7 @@ live broker still answers on is not: two brokers must never share a socket
 directory. A listener handed over by the service manager (fdstore.py) is
 adopted only if it is still the one at its path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ async def bind_unix_listener(sock, path: Path, mode: int, kind: int = socket.SOC
     return st.st_dev, st.st_ino
 
 
-def adopt_unix_listener(sock: socket.socket, path: Path, mode: int, kind: int = socket.SOCK_SEQPACKET) -> tuple[int, int]:
+def adopt_unix_listener(
+    sock: socket.socket, path: Path, mode: int, kind: int = socket.SOCK_SEQPACKET
+) -> tuple[int, int]:
     """Take over a listener bound and listening at path by an earlier broker.
 
     Returns the socket file's (st_dev, st_ino), like bind_unix_listener;
@@ -107,8 +110,12 @@ def unlink_if_socket(path: Path, identity: tuple[int, int] | None = None) -> Non
         pass
 
 
-async def accept_forever(listener, handler: Callable[[trio.socket.SocketType], Awaitable[None]], what: str,
-                         limiter: trio.CapacityLimiter | None = None) -> None:
+async def accept_forever(
+    listener,
+    handler: Callable[[trio.socket.SocketType], Awaitable[None]],
+    what: str,
+    limiter: trio.CapacityLimiter | None = None,
+) -> None:
     """Accept on listener until cancelled; each connection is served by handler(conn) in a task of its own.
 
     A failed accept is logged and retried after ACCEPT_BACKOFF, never

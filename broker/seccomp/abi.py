@@ -15,6 +15,7 @@ without a kernel (tests/unit/test_seccomp_abi.py):
   send it as JSON in one stream message, the fd in SCM_RIGHTS, and do not
   wait for an answer), and the broker's one-line answer.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ class Notification:
 
     @property
     def call(self) -> str | None:
-        """"connect" | "bind" | "sendto" | "sendmsg", or None for a call this agent does not know."""
+        """ "connect" | "bind" | "sendto" | "sendmsg", or None for a call this agent does not know."""
         return _NAMES.get(self.arch, {}).get(self.nr)
 
     @property
@@ -202,15 +203,26 @@ def notify_filter(arch: int) -> bytes:
     a "container" verdict, and never on a host socket without confinement's say.
     """
     table = SYSCALLS[arch]
-    prog: list[tuple] = [(_BPF_LD_W_ABS, _DATA_ARCH, 0, 0), (_BPF_JEQ_K, arch, 0, "allow"),
-                         (_BPF_LD_W_ABS, _DATA_NR, 0, 0)]
+    prog: list[tuple] = [
+        (_BPF_LD_W_ABS, _DATA_ARCH, 0, 0),
+        (_BPF_JEQ_K, arch, 0, "allow"),
+        (_BPF_LD_W_ABS, _DATA_NR, 0, 0),
+    ]
     for name in NOTIFIED_SYSCALLS:
         prog.append((_BPF_JEQ_K, table[name], "sendto" if name == "sendto" else "notify", 0))
-    prog += [("label", "allow"), (_BPF_RET_K, RET_ALLOW, 0, 0),
-             ("label", "sendto"), (_BPF_LD_W_ABS, _SENDTO_DEST, 0, 0), (_BPF_JEQ_K, 0, 0, "notify"),
-             (_BPF_LD_W_ABS, _SENDTO_DEST + 4, 0, 0), (_BPF_JEQ_K, 0, "allow2", "notify"),
-             ("label", "allow2"), (_BPF_RET_K, RET_ALLOW, 0, 0),
-             ("label", "notify"), (_BPF_RET_K, RET_USER_NOTIF, 0, 0)]
+    prog += [
+        ("label", "allow"),
+        (_BPF_RET_K, RET_ALLOW, 0, 0),
+        ("label", "sendto"),
+        (_BPF_LD_W_ABS, _SENDTO_DEST, 0, 0),
+        (_BPF_JEQ_K, 0, 0, "notify"),
+        (_BPF_LD_W_ABS, _SENDTO_DEST + 4, 0, 0),
+        (_BPF_JEQ_K, 0, "allow2", "notify"),
+        ("label", "allow2"),
+        (_BPF_RET_K, RET_ALLOW, 0, 0),
+        ("label", "notify"),
+        (_BPF_RET_K, RET_USER_NOTIF, 0, 0),
+    ]
     return _assemble(prog)
 
 
@@ -266,10 +278,15 @@ def decode_process_state(raw: bytes, n_fds: int) -> ProcessState:
 
 def encode_process_state(tenant: str, pid: int, container: str) -> bytes:
     """The message graft run --seccomp sends, in the runtime-spec's format as runc sends it."""
-    return json.dumps({
-        "ociVersion": "1.0.2", "fds": [SECCOMP_FD_NAME], "pid": pid, "metadata": tenant,
-        "state": {"ociVersion": "1.0.2", "id": container, "status": "creating", "pid": pid, "bundle": ""},
-    }).encode()
+    return json.dumps(
+        {
+            "ociVersion": "1.0.2",
+            "fds": [SECCOMP_FD_NAME],
+            "pid": pid,
+            "metadata": tenant,
+            "state": {"ociVersion": "1.0.2", "id": container, "status": "creating", "pid": pid, "bundle": ""},
+        }
+    ).encode()
 
 
 def encode_answer(error: str | None) -> bytes:

@@ -47,6 +47,7 @@ fd, a tenant not in seccomp mode get one JSON line back and the connection
 closed; a program that dies mid-notification makes the ioctls fail with
 ENOENT, which ends that notification only.
 """
+
 from __future__ import annotations
 
 import array
@@ -180,8 +181,9 @@ class SeccompAgent:
         except abi.StateError as e:
             raise Refused(str(e)) from None
         if not self.stages.grants.confined:
-            raise Refused("seccomp mode needs kernel confinement, and this broker runs without it "
-                          "(docs/policy.md, mode)")
+            raise Refused(
+                "seccomp mode needs kernel confinement, and this broker runs without it (docs/policy.md, mode)"
+            )
         fd = fds[state.fd_index]
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
@@ -211,8 +213,9 @@ class SeccompAgent:
     # ---- one notify fd -----------------------------------------------------------------
 
     async def _serve_listener(self, tenant: TenantState, fd: int, state: abi.ProcessState) -> None:
-        log.info("tenant %s: serving the seccomp listener of container %r (pid %d)", tenant.name,
-                 state.container, state.pid)
+        log.info(
+            "tenant %s: serving the seccomp listener of container %r (pid %d)", tenant.name, state.container, state.pid
+        )
         try:
             # Each answer is a hand-off: the stopped thread runs while the agent waits (ADDFD) or
             # goes on to the next call. Waking it on this CPU saves a cross-CPU wake-up per hand-off.
@@ -233,8 +236,9 @@ class SeccompAgent:
                 finally:
                     ctl.close()  # the loop sees its control socket close, and ends
         except (OSError, fast.Unavailable) as e:  # no fds left for the control socket, say: this listener only
-            log.error("tenant %s: cannot serve the seccomp listener of container %r: %s", tenant.name,
-                      state.container, e)
+            log.error(
+                "tenant %s: cannot serve the seccomp listener of container %r: %s", tenant.name, state.container, e
+            )
         finally:
             tenant.seccomp_listeners -= 1
             if loop is not None:
@@ -246,8 +250,9 @@ class SeccompAgent:
             os.close(fd)  # the filter's calls now fail with ENOSYS: closed, not open
             log.info("tenant %s: seccomp listener of container %r closed", tenant.name, state.container)
 
-    async def _run_loop(self, tenant: TenantState, state: abi.ProcessState, loop: fast.Loop,
-                        loop_end: socket.socket) -> None:
+    async def _run_loop(
+        self, tenant: TenantState, state: abi.ProcessState, loop: fast.Loop, loop_end: socket.socket
+    ) -> None:
         """The C loop, on a thread of its own; it ends when the filter's processes are gone or the
         broker closes the control socket (a cancelled listener does so before waiting here)."""
         try:
@@ -255,8 +260,12 @@ class SeccompAgent:
         finally:
             loop_end.close()  # the broker's side of the control socket reads its end
         if ret < 0:
-            log.error("tenant %s: seccomp listener of container %r failed: %s", tenant.name, state.container,
-                      os.strerror(-ret))
+            log.error(
+                "tenant %s: seccomp listener of container %r failed: %s",
+                tenant.name,
+                state.container,
+                os.strerror(-ret),
+            )
 
     async def _serve_loop(self, tenant: TenantState, fd: int, ctl: trio.socket.SocketType) -> None:
         """Answer what the C loop hands over, one message at a time, until it ends."""
@@ -279,8 +288,7 @@ class SeccompAgent:
             try:
                 await self._notification(tenant, fd, n)
             except Exception:  # a bug costs this call (EPERM), never the listener or the broker
-                log.exception("tenant %s: internal error serving a seccomp notification of pid %d",
-                              tenant.name, n.pid)
+                log.exception("tenant %s: internal error serving a seccomp notification of pid %d", tenant.name, n.pid)
                 try:
                     self._respond(fd, abi.encode_response(n.id, error=errno.EPERM))
                 except OSError as e:
@@ -298,8 +306,7 @@ class SeccompAgent:
             except Exception:  # a bug costs the pool (the loop holds off), never the listener
                 log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
         # The thread that asked is gone: nothing was judged, so nothing was refused; the next may ask.
-        header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, grant_id,
-                                  again=peer is None)
+        header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, grant_id, again=peer is None)
         try:
             fds = array.array("i", [s.fileno() for s in socks])
             await ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if socks else [])
@@ -351,8 +358,9 @@ class SeccompAgent:
                 if verdict.action == "graft":
                     return self._continue(fd, n)
                 return self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
-            out = await self.stages.carry_out(tenant, req, peer, "seccomp",
-                                              lambda fresh: self._copy_options(tenant, sock, fresh), connect=False)
+            out = await self.stages.carry_out(
+                tenant, req, peer, "seccomp", lambda fresh: self._copy_options(tenant, sock, fresh), connect=False
+            )
             try:  # recorded (and granted) by now; delivered here
                 if out.sock is not None:
                     self._install(fd, n, req, sock, out.sock)
@@ -441,8 +449,9 @@ class SeccompAgent:
         for o, e in copy_options(src, dst, defaults):
             log.debug("tenant %s: socket option level=%d name=%d refused: %s", tenant.name, o.level, o.name, e)
 
-    def _later_destination(self, n: abi.Notification, sock: socket.socket, addr: request.SockAddr,
-                           mark: bytes) -> request.Request | None:
+    def _later_destination(
+        self, n: abi.Notification, sock: socket.socket, addr: request.SockAddr, mark: bytes
+    ) -> request.Request | None:
         """A host socket already: confinement holds it to what was judged, so the call goes on.
 
         Except a datagram, or a connect, of a grafted UDP socket to a
@@ -456,8 +465,9 @@ class SeccompAgent:
             return None
         return request.Request(request.OP_GRANT, sock.family, sock.type, sock.proto, request.REQF_SENDTO, addr, ())
 
-    def _install(self, fd: int, n: abi.Notification, req: request.Request, app_sock: socket.socket,
-                 host: socket.socket) -> None:
+    def _install(
+        self, fd: int, n: abi.Notification, req: request.Request, app_sock: socket.socket, host: socket.socket
+    ) -> None:
         """Put the host socket on the app's fd number, as the app had its flags, and let the call finish."""
         host.setblocking(not fcntl.fcntl(app_sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
         try:

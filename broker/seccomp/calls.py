@@ -8,4 +8,5 @@ answers exactly these. ``sendmmsg`` is left out on purpose: a datagram it
 sends to an address goes out through the container's own stack, which in
 seccomp mode has nothing but ``lo``, so it is not an escape, only not grafted.
 """
+
 NOTIFIED_SYSCALLS = ("connect", "bind", "sendto", "sendmsg")

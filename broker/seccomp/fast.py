@@ -11,6 +11,7 @@ the shim's header. The kernel maps' layouts there must be maps.py's: that is
 checked when this module loads, so a drift fails the broker's start, not a
 connect.
 """
+
 from __future__ import annotations
 
 import socket
@@ -35,20 +36,26 @@ POOL_MAX = _consts.GRAFT_FAST_POOL_MAX
 POOL_AGAIN = _consts.GRAFT_FAST_POOL_AGAIN
 MSG_SIZE = ffi.sizeof("struct graft_fast_msg")
 
-for _c, _size, _packed in (("struct graft_mark", ffi.sizeof("struct graft_mark"), maps.MARK.size),
-                           ("struct graft_grant_key", ffi.sizeof("struct graft_grant_key"), maps.GRANT_KEY.size),
-                           ("struct seccomp_notif", _consts.GRAFT_FAST_NOTIF_SIZE, abi.NOTIF.size)):
+for _c, _size, _packed in (
+    ("struct graft_mark", ffi.sizeof("struct graft_mark"), maps.MARK.size),
+    ("struct graft_grant_key", ffi.sizeof("struct graft_grant_key"), maps.GRANT_KEY.size),
+    ("struct seccomp_notif", _consts.GRAFT_FAST_NOTIF_SIZE, abi.NOTIF.size),
+):
     if _size != _packed:
         raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_packed}")
-for _c, _py in (("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST), ("GRAFT_MARK_ANY_PEER", maps.F_ANY_PEER),
-                ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED)):
+for _c, _py in (
+    ("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST),
+    ("GRAFT_MARK_ANY_PEER", maps.F_ANY_PEER),
+    ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED),
+):
     if getattr(_consts, _c) != _py:
         raise RuntimeError(f"{HEADER}: {_c} differs from maps.py")
 if POOL_MAX != request.PREISSUE_MAX:  # one POOL message carries what Grants.preissue gives at most
     raise RuntimeError(f"{HEADER}: GRAFT_FAST_POOL_MAX {POOL_MAX} != GRAFT_PREISSUE_MAX {request.PREISSUE_MAX}")
 if len(sockopts.ALLOWED) > _consts.GRAFT_FAST_MAX_OPTS:
-    raise RuntimeError(f"{HEADER}: the loop reads {_consts.GRAFT_FAST_MAX_OPTS} options, the allowlist has "
-                       f"{len(sockopts.ALLOWED)}")
+    raise RuntimeError(
+        f"{HEADER}: the loop reads {_consts.GRAFT_FAST_MAX_OPTS} options, the allowlist has {len(sockopts.ALLOWED)}"
+    )
 
 
 class Unavailable(Exception):
@@ -71,9 +78,11 @@ def library():
 
 # ---- messages ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """A message of the loop: a notification handed off, or a pool to refill."""
+
     kind: int
     family: int
     uid: int
@@ -99,8 +108,10 @@ def encode_pool(family: int, uid: int, grant_id: int, again: bool = False) -> by
     None: refused (the loop holds further refills off), or with again, not
     refused but not issued either (the asking thread was gone).
     """
-    m = ffi.new("struct graft_fast_msg *", {"kind": POOL, "family": family, "uid": uid, "grant_id": grant_id,
-                                            "flags": POOL_AGAIN if again else 0})
+    m = ffi.new(
+        "struct graft_fast_msg *",
+        {"kind": POOL, "family": family, "uid": uid, "grant_id": grant_id, "flags": POOL_AGAIN if again else 0},
+    )
     return bytes(ffi.buffer(m))
 
 
@@ -112,6 +123,7 @@ def encode_refill(family: int, uid: int, pid: int) -> bytes:
 
 # ---- the loop --------------------------------------------------------------------------
 
+
 class Loop:
     """One notify fd's loop, set up to run on a thread: ``run()`` returns when it ends."""
 
@@ -120,12 +132,24 @@ class Loop:
         arch = abi.native_arch()
         allow = sockopts.allowlist()
         # Kept referenced: the loop reads these while it runs.
-        self._opts = ffi.new("struct graft_fast_opt[]", [
-            {"level": o.level, "name": o.name, "size": o.size, "lock_bit": o.lock_bit} for o in allow])
-        self._config = ffi.new("struct graft_fast_config *", {
-            "notify_fd": notify_fd, "ctl_fd": ctl.fileno(), "marks_fd": marks_fd, "grants_fd": grants_fd,
-            "arch": arch, "nr_connect": abi.SYSCALLS[arch]["connect"], "nr_sendto": abi.SYSCALLS[arch]["sendto"],
-            "opts": self._opts, "n_opts": len(allow)})
+        self._opts = ffi.new(
+            "struct graft_fast_opt[]",
+            [{"level": o.level, "name": o.name, "size": o.size, "lock_bit": o.lock_bit} for o in allow],
+        )
+        self._config = ffi.new(
+            "struct graft_fast_config *",
+            {
+                "notify_fd": notify_fd,
+                "ctl_fd": ctl.fileno(),
+                "marks_fd": marks_fd,
+                "grants_fd": grants_fd,
+                "arch": arch,
+                "nr_connect": abi.SYSCALLS[arch]["connect"],
+                "nr_sendto": abi.SYSCALLS[arch]["sendto"],
+                "opts": self._opts,
+                "n_opts": len(allow),
+            },
+        )
         self._stats = ffi.new("struct graft_fast_stats *")
 
     def run(self) -> int:
@@ -134,5 +158,8 @@ class Loop:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"continued": self._stats.continued, "installed": self._stats.installed,
-                "handed_off": self._stats.handed_off}
+        return {
+            "continued": self._stats.continued,
+            "installed": self._stats.installed,
+            "handed_off": self._stats.handed_off,
+        }

@@ -5,6 +5,7 @@ each is one open and one read, with no buffered file object. A thread that
 has exited reads as None (or False): its call is then answered as the
 kernel would, never judged on a stale id.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ def field(text: bytes, name: bytes) -> list[bytes]:
         raise ValueError(name)
     start = text.index(b":", at) + 1
     end = text.find(b"\n", start)
-    return text[start:end if end >= 0 else None].split()
+    return text[start : end if end >= 0 else None].split()
 
 
 def proc_status(tid: int) -> Peer | None:

@@ -6,6 +6,7 @@ process_vm_readv (reading an address from the stopped program's memory), and
 installing a filter with a listener (for ``graft run --seccomp``). Layouts and numbers come from seccomp/abi.py;
 this module only moves bytes. Every function raises OSError with the errno.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,19 +71,32 @@ def notif_addfd(fd: int, request: bytes) -> int:
 
 def notif_sync_wake_up(fd: int) -> None:
     """Ask for synchronous wake-ups between agent and stopped thread (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)."""
-    _ioctl(fd, abi.IOCTL_NOTIF_SET_FLAGS, ffi.cast("unsigned long", abi.USER_NOTIF_FD_SYNC_WAKE_UP),
-           "SECCOMP_IOCTL_NOTIF_SET_FLAGS")
+    _ioctl(
+        fd,
+        abi.IOCTL_NOTIF_SET_FLAGS,
+        ffi.cast("unsigned long", abi.USER_NOTIF_FD_SYNC_WAKE_UP),
+        "SECCOMP_IOCTL_NOTIF_SET_FLAGS",
+    )
 
 
 def pidfd_open(pid: int, flags: int = 0) -> int:
-    return _check(_libc.syscall(ffi.cast("long", _SYS_PIDFD_OPEN), ffi.cast("int", pid),
-                                ffi.cast("unsigned int", flags)), "pidfd_open")
+    return _check(
+        _libc.syscall(ffi.cast("long", _SYS_PIDFD_OPEN), ffi.cast("int", pid), ffi.cast("unsigned int", flags)),
+        "pidfd_open",
+    )
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A copy of another process's fd (close-on-exec), as a dup across processes."""
-    return _check(_libc.syscall(ffi.cast("long", _SYS_PIDFD_GETFD), ffi.cast("int", pidfd),
-                                ffi.cast("int", targetfd), ffi.cast("unsigned int", 0)), "pidfd_getfd")
+    return _check(
+        _libc.syscall(
+            ffi.cast("long", _SYS_PIDFD_GETFD),
+            ffi.cast("int", pidfd),
+            ffi.cast("int", targetfd),
+            ffi.cast("unsigned int", 0),
+        ),
+        "pidfd_getfd",
+    )
 
 
 def read_memory(pid: int, addr: int, length: int) -> bytes:
@@ -104,9 +118,24 @@ def install_notify_filter(program: bytes) -> int:
         number = _SYS_SECCOMP[platform.machine()]
     except KeyError:
         raise OSError(38, f"seccomp mode does not know {platform.machine()}") from None  # ENOSYS
-    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, ffi.cast("unsigned long", 1), ffi.cast("unsigned long", 0),
-                       ffi.cast("unsigned long", 0), ffi.cast("unsigned long", 0)), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(
+        _libc.prctl(
+            _PR_SET_NO_NEW_PRIVS,
+            ffi.cast("unsigned long", 1),
+            ffi.cast("unsigned long", 0),
+            ffi.cast("unsigned long", 0),
+            ffi.cast("unsigned long", 0),
+        ),
+        "prctl(PR_SET_NO_NEW_PRIVS)",
+    )
     insns = ffi.from_buffer(program)
     prog = ffi.new("struct sock_fprog *", {"len": len(program) // abi.SOCK_FILTER.size, "filter": insns})
-    return _check(_libc.syscall(ffi.cast("long", number), ffi.cast("unsigned int", abi.SET_MODE_FILTER),
-                                ffi.cast("unsigned int", abi.FILTER_FLAG_NEW_LISTENER), prog), "seccomp")
+    return _check(
+        _libc.syscall(
+            ffi.cast("long", number),
+            ffi.cast("unsigned int", abi.SET_MODE_FILTER),
+            ffi.cast("unsigned int", abi.FILTER_FLAG_NEW_LISTENER),
+            prog,
+        ),
+        "seccomp",
+    )

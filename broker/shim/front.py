@@ -19,6 +19,7 @@ at once, so one tenant cannot exhaust the broker's fds for the others, and
 is served ``TURNS_PER_TENANT`` requests at a time, so a flooding tenant
 queues behind itself.
 """
+
 from __future__ import annotations
 
 import array
@@ -144,8 +145,9 @@ class ShimFront:
 
     async def accept(self, tenant: TenantState, listener: trio.socket.SocketType) -> None:
         """Serve the tenant's connections, each in a task of its own, until cancelled."""
-        await accept_forever(listener, lambda conn: self._serve_client(tenant, conn), f"tenant {tenant.name}",
-                             tenant.slots)
+        await accept_forever(
+            listener, lambda conn: self._serve_client(tenant, conn), f"tenant {tenant.name}", tenant.slots
+        )
 
     # ---- one connection ----------------------------------------------------
 
@@ -223,13 +225,15 @@ class ShimFront:
 
         out = await self.stages.carry_out(tenant, req, peer, "shim", recorded_options(tenant.name, req.opts))
         try:
-            return await self._send(conn, outcome_reply(req, out), [out.sock] if out.sock is not None else [],
-                                    tenant, peer)
+            return await self._send(
+                conn, outcome_reply(req, out), [out.sock] if out.sock is not None else [], tenant, peer
+            )
         finally:
             out.close()
 
-    async def _send(self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState,
-                    peer: Peer) -> bool:
+    async def _send(
+        self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState, peer: Peer
+    ) -> bool:
         anc = []
         if socks:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))]

@@ -7,6 +7,7 @@ and the two sides cannot drift apart. Everything that arrives is untrusted:
 ``decode_request`` validates every field and raises ``BadRequest`` carrying
 the errno the broker answers with.
 """
+
 from __future__ import annotations
 
 import errno

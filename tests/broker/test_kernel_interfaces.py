@@ -4,6 +4,7 @@ The codecs they complement are tested pure in tests/unit/ (test_wire_codec.py,
 unit/test_seccomp_abi.py); these open a socket, or install a seccomp filter in a
 child, to show the running kernel agrees.
 """
+
 from __future__ import annotations
 
 import ipaddress

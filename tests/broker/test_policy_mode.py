@@ -3,6 +3,7 @@
 Pure policy tests, plus one in-process broker (no root) for the status
 document that the OCI runtime wrapper reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def test_seccomp_mode_parses():
     assert parse_policy(policy('mode = "seccomp"')).tenants["web"].mode == "seccomp"
 
 
-@pytest.mark.parametrize("value, words", [('"ptrace"', "'preload' or 'seccomp'"), ("1", "'preload' or 'seccomp'"),
-                                          ('"Seccomp"', "'preload' or 'seccomp'")])
+@pytest.mark.parametrize(
+    "value, words",
+    [('"ptrace"', "'preload' or 'seccomp'"), ("1", "'preload' or 'seccomp'"), ('"Seccomp"', "'preload' or 'seccomp'")],
+)
 def test_bad_mode_is_refused_at_its_place(value, words):
     with pytest.raises(PolicyError) as e:
         parse_policy(policy(f"mode = {value}"), "p.toml")

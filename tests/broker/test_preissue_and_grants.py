@@ -6,6 +6,7 @@ connect() on them, so what is checked is what the kernel allows any program
 holding them, whatever it runs. The shim's use of them is in
 e2e/test_shim_fast_path.py.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,8 +39,9 @@ from support.harness import (
 pytestmark = pytest.mark.netns
 
 
-def policy(port: int, *, max_sockets: int = 1024, confinement: str = "required", port6: int | None = None,
-           uids: str = "") -> str:
+def policy(
+    port: int, *, max_sockets: int = 1024, confinement: str = "required", port6: int | None = None, uids: str = ""
+) -> str:
     text = f"""version = 1
 [broker]
 confinement = "{confinement}"
@@ -136,10 +138,22 @@ def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tm
             assert eventually(lambda: any(r.get("via") == "kernel" for r in broker.audit()))
     kernel = [r for r in broker.audit() if r.get("via") == "kernel"]
     assert len(kernel) == 1, kernel
-    assert {k: kernel[0][k] for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action",
-                                       "rule", "errno")} == {
-        "tenant": "t", "pid": pid, "uid": os.getuid(), "op": "connect", "proto": "tcp", "family": "inet",
-        "addr": "127.0.0.1", "port": port, "action": "graft", "rule": "tenants.t.connect[0]", "errno": 0}
+    assert {
+        k: kernel[0][k]
+        for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action", "rule", "errno")
+    } == {
+        "tenant": "t",
+        "pid": pid,
+        "uid": os.getuid(),
+        "op": "connect",
+        "proto": "tcp",
+        "family": "inet",
+        "addr": "127.0.0.1",
+        "port": port,
+        "action": "graft",
+        "rule": "tenants.t.connect[0]",
+        "errno": 0,
+    }
 
 
 def test_a_stopping_broker_writes_every_fast_path_connect_first(short_tmp):
@@ -168,8 +182,11 @@ def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
         with pre_issued(broker, socket.AF_INET6) as (client, reply, socks):
             assert reply.verdict == wire.V_GRAFT and socks and all(s.family == socket.AF_INET6 for s in socks)
             assert connect_errno(socks[0], ("::1", port6)) == errno.EPERM
-            client.send(wire.encode_request(request.OP_CONNECT, request.SockAddr(socket.AF_INET6, ipaddress.ip_address("::1"),
-                                                                           port6)))
+            client.send(
+                wire.encode_request(
+                    request.OP_CONNECT, request.SockAddr(socket.AF_INET6, ipaddress.ip_address("::1"), port6)
+                )
+            )
             reply, sock = client.reply()
             assert reply.verdict == wire.V_GRAFT, reply
             sock.close()
@@ -180,8 +197,11 @@ def test_ipv6_pre_issued_sockets_follow_ipv6_grants(short_tmp):
 def test_a_reload_revokes_every_grant(short_tmp):
     """Grants are verdicts of the old rules: after a reload the broker judges again."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
-            pre_issued(broker) as (client, _, socks):
+    with (
+        echo_server() as port,
+        running(short_tmp / "b", policy(port)) as broker,
+        pre_issued(broker) as (client, _, socks),
+    ):
         grant(client, port)
         assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
         broker.reload(policy(free_port()))  # port is no longer allowed
@@ -195,8 +215,7 @@ def test_a_reload_revokes_every_grant(short_tmp):
 def test_sockets_pre_issued_by_an_earlier_broker_find_no_grant(short_tmp):
     """A restarted broker's grants are for its own tenant ids: the old pool can connect nowhere."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
-            pre_issued(broker) as (_, _, old):
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, pre_issued(broker) as (_, _, old):
         assert broker.restart() == 0
         assert "reused pinned programs" in broker.stderr()
         with pre_issued(broker) as (client, _, new):
@@ -245,8 +264,11 @@ def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
             client.close()
     denied = [(r["op"], r["rule"], r["errno"]) for r in broker.audit() if r["action"] == "deny"]
     # the refused pre-issue is audited like the refused connects
-    assert denied == [("preissue", "tenants.t.max_sockets", errno.ENOBUFS)] + [
-        ("connect", "tenants.t.max_sockets", errno.ENOBUFS)] * 2, denied
+    assert (
+        denied
+        == [("preissue", "tenants.t.max_sockets", errno.ENOBUFS)]
+        + [("connect", "tenants.t.max_sockets", errno.ENOBUFS)] * 2
+    ), denied
 
 
 def test_a_pre_issued_socket_that_listens_never_gets_a_connection(short_tmp):
@@ -281,10 +303,23 @@ def test_preissue_is_refused_where_the_kernel_cannot_hold_or_the_tenant_may_not(
             client.close()
     # audited like every other decision
     [record] = broker.audit()
-    assert {k: record[k] for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action",
-                                    "rule", "errno", "via")} == {
-        "tenant": "t", "pid": os.getpid(), "uid": os.getuid(), "op": "preissue", "proto": "tcp", "family": "inet",
-        "addr": None, "port": None, "action": "deny", "rule": rule, "errno": want, "via": "shim"}
+    assert {
+        k: record[k]
+        for k in ("tenant", "pid", "uid", "op", "proto", "family", "addr", "port", "action", "rule", "errno", "via")
+    } == {
+        "tenant": "t",
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "op": "preissue",
+        "proto": "tcp",
+        "family": "inet",
+        "addr": None,
+        "port": None,
+        "action": "deny",
+        "rule": rule,
+        "errno": want,
+        "via": "shim",
+    }
 
 
 def two_tenants(port: int, *, allowed: bool, with_gone: bool) -> str:
@@ -336,10 +371,13 @@ def test_no_grant_survives_a_reload_while_requests_are_being_judged(short_tmp):
 def test_a_reload_that_moves_the_tenant_to_another_netns_strands_its_old_pool(short_tmp):
     """Sockets pre-issued in the old namespace must not use grants made in the new one."""
     need_confinement()
-    with echo_server() as port, network_namespace("gfp") as ns, \
-            running(short_tmp / "b", policy(free_port())) as broker, \
-            pre_issued(broker) as (client, _, old):  # in the host namespace, where the echo server is
-        broker.reload(policy(port).replace('[tenants.t]\n', f'[tenants.t]\nnetns = "{ns}"\n'))
+    with (
+        echo_server() as port,
+        network_namespace("gfp") as ns,
+        running(short_tmp / "b", policy(free_port())) as broker,
+        pre_issued(broker) as (client, _, old),
+    ):  # in the host namespace, where the echo server is
+        broker.reload(policy(port).replace("[tenants.t]\n", f'[tenants.t]\nnetns = "{ns}"\n'))
         grant(client, port)  # judged and connected in ns (refused there: nothing listens)
         assert connect_errno(old[0], ("127.0.0.1", port)) == errno.EPERM
         _, new = client.preissue()
@@ -350,8 +388,11 @@ def test_a_reload_that_moves_the_tenant_to_another_netns_strands_its_old_pool(sh
 def test_a_reload_that_narrows_uids_strands_pools_of_uids_it_leaves_out(short_tmp):
     need_confinement()
     uid = 12345
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
-            pre_issued(broker) as (_, _, ours):  # uid 0
+    with (
+        echo_server() as port,
+        running(short_tmp / "b", policy(port)) as broker,
+        pre_issued(broker) as (_, _, ours),
+    ):  # uid 0
         broker.reload(policy(port, uids=f'uids = [{uid}]\nsocket_mode = "0666"'))
         for d in (short_tmp, short_tmp / "b", broker.socket_dir):
             os.chmod(d, 0o711)
@@ -373,8 +414,11 @@ def test_a_reload_that_narrows_uids_strands_pools_of_uids_it_leaves_out(short_tm
 def test_while_no_broker_runs_pre_issued_sockets_connect_nowhere(short_tmp):
     """A stopped broker revokes its grants: nobody would audit those connects."""
     need_confinement()
-    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker, \
-            pre_issued(broker) as (client, _, socks):
+    with (
+        echo_server() as port,
+        running(short_tmp / "b", policy(port)) as broker,
+        pre_issued(broker) as (client, _, socks),
+    ):
         grant(client, port)
         assert connect_errno(socks[0], ("127.0.0.1", port)) == 0
         assert broker.stop(keep_cgroup=True) == 0  # the programs stay attached, as under systemd

@@ -3,6 +3,7 @@
 Such a broker must refuse every notify fd, with a reason the runtime and
 graft run can show, and keep serving its tenants.
 """
+
 from __future__ import annotations
 
 import array
@@ -31,8 +32,10 @@ async def test_without_confinement_no_seccomp_listener_is_accepted(nursery, shor
         s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with s:
             await s.connect(str(path))
-            await s.sendmsg([abi.encode_process_state("t", os.getpid(), "c")],
-                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+            await s.sendmsg(
+                [abi.encode_process_state("t", os.getpid(), "c")],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))],
+            )
             answer = json.loads(await s.recv(4096))
     finally:
         os.close(r)

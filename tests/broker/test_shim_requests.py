@@ -3,6 +3,7 @@
 A raw SEQPACKET client speaks the wire format directly, so these tests reach
 every broker path without the shim and without namespaces.
 """
+
 from __future__ import annotations
 
 import array
@@ -123,7 +124,12 @@ async def test_graft_connect_hands_out_a_connected_host_socket(env):
     rec = env.audit()[-1]
     assert rec["action"] == "graft" and rec["rule"] == "tenants.t.connect[0]"
     assert (rec["op"], rec["proto"], rec["family"], rec["addr"], rec["port"]) == (
-        "connect", "tcp", "inet", "127.0.0.1", env.port)
+        "connect",
+        "tcp",
+        "inet",
+        "127.0.0.1",
+        env.port,
+    )
     assert rec["pid"] == os.getpid() and rec["uid"] == os.getuid() and rec["errno"] == 0
 
 
@@ -255,21 +261,22 @@ async def test_reload_applies_to_new_requests(env):
     c = await env.client()
     rep, _ = await c.ask(request.OP_CONNECT, addr("127.0.0.3", 7))
     assert rep.verdict == wire.V_DENY
-    await env.broker.reload(parse_policy('version = 1\n[tenants.t]\ndefault = "container"\n'
-                                         '[tenants.u]\ndefault = "deny"\n'))
+    await env.broker.reload(
+        parse_policy('version = 1\n[tenants.t]\ndefault = "container"\n[tenants.u]\ndefault = "deny"\n')
+    )
     rep, _ = await c.ask(request.OP_CONNECT, addr("127.0.0.3", 7))  # same connection, new rules
     assert rep.verdict == wire.V_CONTAINER
     u = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     await u.connect(str(env.dir / "sock" / "u.sock"))  # an added tenant listens at once
     u.close()
-    await env.broker.reload(parse_policy('version = 1\n[tenants.u]\n'))
+    await env.broker.reload(parse_policy("version = 1\n[tenants.u]\n"))
     await trio.testing.wait_all_tasks_blocked()
     assert not env.path.exists()  # a removed tenant stops listening
     assert await c.reply() == (None, None)  # and its connections are closed
 
 
 async def test_uid_allowlist(env):
-    await env.broker.reload(parse_policy(f'version = 1\n[tenants.t]\nuids = [{os.getuid() + 1}]\n'))
+    await env.broker.reload(parse_policy(f"version = 1\n[tenants.t]\nuids = [{os.getuid() + 1}]\n"))
     c = await env.client()
     rep, _ = await c.ask(request.OP_CONNECT, addr("127.0.0.1", env.port))
     assert (rep.verdict, rep.error) == (wire.V_DENY, errno.EPERM)
@@ -278,8 +285,13 @@ async def test_uid_allowlist(env):
 
 async def test_max_sockets_counts_live_sockets_only(env, monkeypatch):
     monkeypatch.setattr(hostsock, "LIVENESS_REFRESH_INTERVAL", 0.0)
-    await env.broker.reload(parse_policy(POLICY.format(port=env.port, host_port=free_port()).replace(
-        'default = "deny"', 'default = "deny"\nmax_sockets = 2')))
+    await env.broker.reload(
+        parse_policy(
+            POLICY.format(port=env.port, host_port=free_port()).replace(
+                'default = "deny"', 'default = "deny"\nmax_sockets = 2'
+            )
+        )
+    )
     c = await env.client()
     held = []
     for _ in range(2):
@@ -332,14 +344,20 @@ async def test_status_counts_and_live_sockets(env):
 
 
 async def test_max_rate_refuses_with_eagain_and_audits(env):
-    await env.broker.reload(parse_policy(POLICY.format(port=env.port, host_port=free_port()).replace(
-        'default = "deny"', 'default = "deny"\nmax_rate = 5')))
+    await env.broker.reload(
+        parse_policy(
+            POLICY.format(port=env.port, host_port=free_port()).replace(
+                'default = "deny"', 'default = "deny"\nmax_rate = 5'
+            )
+        )
+    )
     c = await env.client()
     verdicts = [(await c.ask(request.OP_CONNECT, addr("127.0.0.1", 1)))[0] for _ in range(8)]
     # A burst of one second's worth (5) is judged; the rest are refused. The 8
     # requests take far less than the 200 ms that would refill one token.
-    assert [(v.verdict, v.error) for v in verdicts] == [(wire.V_DENY, errno.EPERM)] * 5 + \
-        [(wire.V_DENY, errno.EAGAIN)] * 3
+    assert [(v.verdict, v.error) for v in verdicts] == [(wire.V_DENY, errno.EPERM)] * 5 + [
+        (wire.V_DENY, errno.EAGAIN)
+    ] * 3
     assert env.audit()[-1]["rule"] == "tenants.t.max_rate"
 
 
@@ -404,8 +422,9 @@ async def test_reload_applies_everything_but_a_tenant_that_cannot_start(env):
     c = await env.client()
     try:
         with pytest.raises(RuntimeError, match="tenant u: .* served by a running broker"):
-            await env.broker.reload(parse_policy('version = 1\n[tenants.u]\n[tenants.t]\ndefault = "container"\n'
-                                                 '[tenants.w]\n'))
+            await env.broker.reload(
+                parse_policy('version = 1\n[tenants.u]\n[tenants.t]\ndefault = "container"\n[tenants.w]\n')
+            )
     finally:
         squatter.close()
     assert set(env.broker.tenants) == {"t", "w"}

@@ -4,6 +4,7 @@ Plain sockets on this host, no root: only options the app changed go over,
 buffer sizes only when the app fixed them (autotuning stays on otherwise),
 and nothing outside the allowlist.
 """
+
 from __future__ import annotations
 
 import socket
@@ -33,7 +34,8 @@ def test_changed_options_go_over_and_defaults_stay_defaults():
         assert as_int(host, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 77
         # TCP_MAXSEG reads 536 on any unconnected socket: copying it would clamp the MSS
         assert app.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == host.getsockopt(
-            socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+            socket.IPPROTO_TCP, socket.TCP_MAXSEG
+        )
 
 
 def test_buffer_sizes_go_over_only_when_the_app_fixed_them():

@@ -6,6 +6,7 @@ under an owner of its own (the policy's socket_uid, by default derived
 from the tenant's name). A root-owned broker socket would have joined a
 root service's group and taken a share of its connections.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,8 +46,13 @@ def bind_with_reuseport(path) -> tuple[wire.Reply, socket.socket | None]:
     """A tenant's bind of :80 with SO_REUSEPORT set, as the shim sends it."""
     client = WireClient(path)
     try:
-        client.send(wire.encode_request(request.OP_BIND, request.SockAddr(socket.AF_INET, ipaddress.ip_address("0.0.0.0"),
-                                                                    80), opts=(REUSEPORT,)))
+        client.send(
+            wire.encode_request(
+                request.OP_BIND,
+                request.SockAddr(socket.AF_INET, ipaddress.ip_address("0.0.0.0"), 80),
+                opts=(REUSEPORT,),
+            )
+        )
         return client.reply()
     finally:
         client.close()

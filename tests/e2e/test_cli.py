@@ -1,4 +1,5 @@
 """The graft and graft-broker command lines, as an operator runs them."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,14 @@ def test_policy_check_reports_every_error_with_its_place(tmp_path):
     f.write_text(BROKEN)
     r = graft("policy", "check", str(f))
     assert r.returncode == 1
-    for place in ["broker.confinement", "tenants.web.socket_mode", "tenants.web.connect[0].to",
-                  "tenants.web.connect[0].ports", "tenants.web.bind[0].ports", "tenants.web.bind[0].host"]:
+    for place in [
+        "broker.confinement",
+        "tenants.web.socket_mode",
+        "tenants.web.connect[0].to",
+        "tenants.web.connect[0].ports",
+        "tenants.web.bind[0].ports",
+        "tenants.web.bind[0].host",
+    ]:
         assert place in r.stderr, f"{place} missing from:\n{r.stderr}"
 
 
@@ -64,15 +71,36 @@ def test_shim_exports_only_interposed_symbols():
     lib = graft("shim-path").stdout.strip()
     out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if line.split()[1] in "TtWi"}
-    assert exported == {"socket", "connect", "bind", "listen", "setsockopt", "close", "dup", "dup2", "dup3",
-                        "fcntl", "fcntl64", "close_range", "sendto", "sendmsg", "sendmmsg", "getsockname", "epoll_ctl"}
+    assert exported == {
+        "socket",
+        "connect",
+        "bind",
+        "listen",
+        "setsockopt",
+        "close",
+        "dup",
+        "dup2",
+        "dup3",
+        "fcntl",
+        "fcntl64",
+        "close_range",
+        "sendto",
+        "sendmsg",
+        "sendmmsg",
+        "getsockname",
+        "epoll_ctl",
+    }
 
 
 def test_broker_refuses_a_broken_policy_at_start(tmp_path):
     f = tmp_path / "broken.toml"
     f.write_text(BROKEN)
-    r = subprocess.run([GRAFT_BROKER, "--policy", str(f), "--socket-dir", str(tmp_path / "s")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [GRAFT_BROKER, "--policy", str(f), "--socket-dir", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "tenants.web.connect[0].ports" in r.stderr and not (tmp_path / "s" / "web.sock").exists()
 
@@ -84,7 +112,7 @@ def test_broker_lifecycle_reload_and_stop(start_broker):
     broker.reload("version = 1\n[tenants.t]\nmax_sockets = 0\n")  # invalid: old policy stays
     assert "reload refused" in broker.stderr() and "tenants.t.max_sockets" in broker.stderr()
     assert broker.socket_path.is_socket()
-    broker.reload(good + '[tenants.u]\n')
+    broker.reload(good + "[tenants.u]\n")
     assert (broker.socket_dir / "u.sock").is_socket()
     assert broker.stop() == 0
     assert not broker.socket_path.exists() and not (broker.socket_dir / "u.sock").exists()
@@ -93,14 +121,18 @@ def test_broker_lifecycle_reload_and_stop(start_broker):
 def test_second_broker_on_the_same_sockets_refuses(start_broker, short_tmp):
     # confinement off: the second broker runs outside the test's cgroup and must leave no BPF state behind
     first = start_broker('version = 1\n[broker]\nconfinement = "off"\n[tenants.t]\n')
-    r = subprocess.run([GRAFT_BROKER, "--policy", str(first.policy_path), "--socket-dir", str(first.socket_dir)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [GRAFT_BROKER, "--policy", str(first.policy_path), "--socket-dir", str(first.socket_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "running broker" in r.stderr
     assert first.socket_path.is_socket()
 
 
 def test_graft_status_human_and_json(start_broker):
-    broker = start_broker('version = 1\n[tenants.t]\nmax_rate = 100\n')
+    broker = start_broker("version = 1\n[tenants.t]\nmax_rate = 100\n")
     human = graft("status", "--socket-dir", str(broker.socket_dir))
     assert human.returncode == 0, human.stderr
     assert "generation 1" in human.stdout and any(line.startswith("t ") for line in human.stdout.splitlines())

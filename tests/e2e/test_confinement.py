@@ -14,6 +14,7 @@ arrives. Kernels differ in which steps they allow by themselves
 cgroup of its own test, removed with every program and pin in it at the end
 (harness.BrokerProcess).
 """
+
 from __future__ import annotations
 
 import errno
@@ -60,8 +61,12 @@ KINDS = {
     "grafted listener": ["listener_connect_forbidden"],
     "accepted TCP": ["accepted_connect_forbidden"],
     "disconnected TCP": ["bind_other", "tcp_fastopen_forbidden", "listen_reached"],
-    "UDP": ["udp_connect_forbidden", "udp_sendto_forbidden", "udp_unspec_sendto_forbidden",
-            "udp_multi_sendto_forbidden"],
+    "UDP": [
+        "udp_connect_forbidden",
+        "udp_sendto_forbidden",
+        "udp_unspec_sendto_forbidden",
+        "udp_multi_sendto_forbidden",
+    ],
     "dual-stack UDP": ["udp6_sendto_v4_wildcard", "udp6_connect_v4_wildcard"],
     "pre-issued TCP": ["preissued_bind", "preissued_connect_forbidden", "preissued_listen_reached"],
 }
@@ -69,12 +74,27 @@ ESCAPES = [a for kind in KINDS.values() for a in kind]
 # Refused how: a dropped SYN never arrives (EAGAIN from the program's accept); the rest, EPERM.
 REFUSED = {a: "EAGAIN" if a.endswith("_reached") else "EPERM" for a in ESCAPES}
 # The escapes that end in a connection to the forbidden TCP port.
-TCP_TO_FORBIDDEN = {"tcp_connect_forbidden", "listener_connect_forbidden", "accepted_connect_forbidden",
-                    "tcp_fastopen_forbidden"}
+TCP_TO_FORBIDDEN = {
+    "tcp_connect_forbidden",
+    "listener_connect_forbidden",
+    "accepted_connect_forbidden",
+    "tcp_fastopen_forbidden",
+}
 # Flows on the allowed path that escape.py checks (all must hold with confinement on).
-FLOWS = {"tcp_before", "accepted_before", "udp_before", "udp6_before", "tcp_after", "accepted_after_listener",
-         "udp_after_connect", "udp_after_sendto", "udp6_after", "preissued_granted", "udp_multi_first",
-         "udp_multi_other"}
+FLOWS = {
+    "tcp_before",
+    "accepted_before",
+    "udp_before",
+    "udp6_before",
+    "tcp_after",
+    "accepted_after_listener",
+    "udp_after_connect",
+    "udp_after_sendto",
+    "udp6_after",
+    "preissued_granted",
+    "udp_multi_first",
+    "udp_multi_other",
+}
 
 
 def judged(out: dict) -> set[str]:
@@ -98,8 +118,9 @@ def check_kernel_refusals(out: dict, confined: bool) -> None:
             warnings.warn(f"escape {escape}: refused by the kernel ({why}), not by graft", stacklevel=2)
 
 
-def policy(mode: str, tcp: int, udp: int, published: int, udp6: int = 9, udp2: int = 9,
-           front_end: str = "preload") -> str:
+def policy(
+    mode: str, tcp: int, udp: int, published: int, udp6: int = 9, udp2: int = 9, front_end: str = "preload"
+) -> str:
     return f"""version = 1
 [broker]
 confinement = "{mode}"
@@ -179,8 +200,15 @@ def forbidden_servers(*more_udp: socket.socket):
 @contextmanager
 def escape_setup(tmp, mode: str, cgroup: str | None = None, front_end: str = "preload"):
     v6, twin = v6_and_v4_twin()
-    with (v6, twin, echo_server() as tcp, udp_echo(prefix=b"") as (udp, _), udp_echo(sock=v6, prefix=b"") as (udp6, _),
-          udp_echo(prefix=b"") as (udp2, _), forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals)):
+    with (
+        v6,
+        twin,
+        echo_server() as tcp,
+        udp_echo(prefix=b"") as (udp, _),
+        udp_echo(sock=v6, prefix=b"") as (udp6, _),
+        udp_echo(prefix=b"") as (udp2, _),
+        forbidden_servers(twin) as (bad_tcp, bad_udp, arrivals),
+    ):
         published = free_port()
         broker = BrokerProcess(tmp, policy(mode, tcp, udp, published, udp6, udp2, front_end), cgroup=cgroup)
         try:
@@ -215,8 +243,9 @@ def run_escape(broker, netns, args, between=None, seccomp: bool = False) -> dict
         cmd.insert(2, "--seccomp")
     # the tenant socket, which escape.py speaks to itself (graft run sets it only for the shim)
     env = dict(os.environ, GRAFT_SOCKET=str(broker.socket_path))
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     watchdog = threading.Timer(60, proc.kill)  # a hung program fails the test instead of hanging it
     watchdog.start()
     out = None
@@ -365,8 +394,23 @@ def test_required_without_cgroup2_fails_at_start_with_a_clear_message(short_tmp)
     mount = lifecycle.cgroup2_mount()
     pol = short_tmp / "p.toml"
     pol.write_text('version = 1\n[broker]\nconfinement = "required"\n[tenants.t]\n')
-    cmd = [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", 'umount -l "$0" && exec "$@"', mount,
-           GRAFT_BROKER, "--policy", str(pol), "--socket-dir", str(short_tmp / "s"), "--audit-log", "off"]
+    cmd = [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        'umount -l "$0" && exec "$@"',
+        mount,
+        GRAFT_BROKER,
+        "--policy",
+        str(pol),
+        "--socket-dir",
+        str(short_tmp / "s"),
+        "--audit-log",
+        "off",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stderr
     assert 'refusing to start: confinement = "required"' in r.stderr
@@ -378,19 +422,32 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
     gcc = shutil.which("gcc") or shutil.which("cc")
     need(gcc is not None and os.path.exists("/usr/include/linux/bpf.h"), "needs a C compiler and linux/bpf.h")
     checks = {
-        "BPF_MAP_CREATE": bpf.MAP_CREATE, "BPF_MAP_LOOKUP_ELEM": bpf.MAP_LOOKUP_ELEM,
-        "BPF_MAP_UPDATE_ELEM": bpf.MAP_UPDATE_ELEM, "BPF_MAP_DELETE_ELEM": bpf.MAP_DELETE_ELEM,
-        "BPF_PROG_LOAD": bpf.PROG_LOAD, "BPF_OBJ_PIN": bpf.OBJ_PIN, "BPF_OBJ_GET": bpf.OBJ_GET,
-        "BPF_PROG_ATTACH": bpf.PROG_ATTACH, "BPF_PROG_DETACH": bpf.PROG_DETACH,
-        "BPF_OBJ_GET_INFO_BY_FD": bpf.OBJ_GET_INFO_BY_FD, "BPF_PROG_QUERY": bpf.PROG_QUERY,
-        "BPF_BTF_LOAD": bpf.BTF_LOAD, "BPF_MAP_TYPE_SK_STORAGE": bpf.MAP_TYPE_SK_STORAGE,
+        "BPF_MAP_CREATE": bpf.MAP_CREATE,
+        "BPF_MAP_LOOKUP_ELEM": bpf.MAP_LOOKUP_ELEM,
+        "BPF_MAP_UPDATE_ELEM": bpf.MAP_UPDATE_ELEM,
+        "BPF_MAP_DELETE_ELEM": bpf.MAP_DELETE_ELEM,
+        "BPF_PROG_LOAD": bpf.PROG_LOAD,
+        "BPF_OBJ_PIN": bpf.OBJ_PIN,
+        "BPF_OBJ_GET": bpf.OBJ_GET,
+        "BPF_PROG_ATTACH": bpf.PROG_ATTACH,
+        "BPF_PROG_DETACH": bpf.PROG_DETACH,
+        "BPF_OBJ_GET_INFO_BY_FD": bpf.OBJ_GET_INFO_BY_FD,
+        "BPF_PROG_QUERY": bpf.PROG_QUERY,
+        "BPF_BTF_LOAD": bpf.BTF_LOAD,
+        "BPF_MAP_TYPE_SK_STORAGE": bpf.MAP_TYPE_SK_STORAGE,
         "BPF_PROG_TYPE_CGROUP_SOCK_ADDR": bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
-        "BPF_CGROUP_INET4_BIND": bpf.CGROUP_INET4_BIND, "BPF_CGROUP_INET6_BIND": bpf.CGROUP_INET6_BIND,
-        "BPF_CGROUP_INET4_CONNECT": bpf.CGROUP_INET4_CONNECT, "BPF_CGROUP_INET6_CONNECT": bpf.CGROUP_INET6_CONNECT,
-        "BPF_CGROUP_UDP4_SENDMSG": bpf.CGROUP_UDP4_SENDMSG, "BPF_CGROUP_UDP6_SENDMSG": bpf.CGROUP_UDP6_SENDMSG,
-        "BPF_F_NO_PREALLOC": bpf.F_NO_PREALLOC, "BPF_F_CLONE": bpf.F_CLONE, "BPF_F_ALLOW_MULTI": bpf.F_ALLOW_MULTI,
+        "BPF_CGROUP_INET4_BIND": bpf.CGROUP_INET4_BIND,
+        "BPF_CGROUP_INET6_BIND": bpf.CGROUP_INET6_BIND,
+        "BPF_CGROUP_INET4_CONNECT": bpf.CGROUP_INET4_CONNECT,
+        "BPF_CGROUP_INET6_CONNECT": bpf.CGROUP_INET6_CONNECT,
+        "BPF_CGROUP_UDP4_SENDMSG": bpf.CGROUP_UDP4_SENDMSG,
+        "BPF_CGROUP_UDP6_SENDMSG": bpf.CGROUP_UDP6_SENDMSG,
+        "BPF_F_NO_PREALLOC": bpf.F_NO_PREALLOC,
+        "BPF_F_CLONE": bpf.F_CLONE,
+        "BPF_F_ALLOW_MULTI": bpf.F_ALLOW_MULTI,
         "BPF_FUNC_sk_storage_get": bpf.FUNC_SK_STORAGE_GET,
-        "SO_ATTACH_BPF": lifecycle.SO_ATTACH_BPF, "SO_LOCK_FILTER": lifecycle.SO_LOCK_FILTER,
+        "SO_ATTACH_BPF": lifecycle.SO_ATTACH_BPF,
+        "SO_LOCK_FILTER": lifecycle.SO_LOCK_FILTER,
         "BPF_PROG_TYPE_SOCKET_FILTER": bpf.PROG_TYPE_SOCKET_FILTER,
         "offsetof(struct bpf_sock_addr, user_ip4)": programs.CTX_USER_IP4,
         "offsetof(struct bpf_sock_addr, user_ip6)": programs.CTX_USER_IP6,
@@ -411,15 +468,17 @@ def test_cffi_layouts_and_constants_match_the_kernel_header(tmp_path):
     for struct_name, names in fields.items():
         for f in names:
             checks[f"offsetof(union bpf_attr, {kernel_name.get(struct_name, '')}{f})"] = bpf.ffi.offsetof(
-                f"struct {struct_name}", f)
+                f"struct {struct_name}", f
+            )
     for f in ("id", "nr_map_ids", "map_ids", "name"):
         checks[f"offsetof(struct bpf_prog_info, {f})"] = bpf.ffi.offsetof("struct graft_bpf_prog_info", f)
     for f in ("type", "id", "value_size", "map_flags", "name"):
         checks[f"offsetof(struct bpf_map_info, {f})"] = bpf.ffi.offsetof("struct graft_bpf_map_info", f)
     src = tmp_path / "c.c"
-    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <sys/socket.h>\n#include <linux/bpf.h>\n"
-                   "int main(void){\n"
-                   + "".join(f'printf("%ld\\n", (long)({expr}));\n' for expr in checks) + "return 0;}\n")
+    src.write_text(
+        "#include <stddef.h>\n#include <stdio.h>\n#include <sys/socket.h>\n#include <linux/bpf.h>\n"
+        "int main(void){\n" + "".join(f'printf("%ld\\n", (long)({expr}));\n' for expr in checks) + "return 0;}\n"
+    )
     subprocess.run([gcc, str(src), "-o", str(tmp_path / "c")], check=True)
     got = subprocess.run([str(tmp_path / "c")], capture_output=True, text=True, check=True).stdout.split()
     assert dict(zip(checks, map(int, got), strict=True)) == checks
@@ -467,6 +526,7 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
         target = cgroup + "/" + lifecycle.CGROUP_NAME
         cg_fd = os.open(lifecycle.cgroup2_mount() + target, os.O_RDONLY)
         pin_dir = lifecycle.pin_dir_for(lifecycle.bpffs_mount(create=False), target)
+
         def pinned_ids() -> dict[str, int]:
             ids = {}
             for n in programs.PROGRAMS:
@@ -479,8 +539,13 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
             before = pinned_ids()
             # What an older broker would have left: a different connect4, pinned and attached...
             current = bpf.obj_get(os.path.join(pin_dir, "connect4"))
-            old = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), programs.LICENSE,
-                                "graft_connect4", bpf.CGROUP_INET4_CONNECT)
+            old = bpf.prog_load(
+                bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+                allow_all_program(),
+                programs.LICENSE,
+                "graft_connect4",
+                bpf.CGROUP_INET4_CONNECT,
+            )
             bpf.prog_attach(cg_fd, old, bpf.CGROUP_INET4_CONNECT)
             bpf.prog_detach(cg_fd, current, bpf.CGROUP_INET4_CONNECT)
             os.unlink(os.path.join(pin_dir, "connect4"))
@@ -489,8 +554,13 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
             for fd in (current, old):
                 os.close(fd)
             # ...and a graft program attached but pinned nowhere (a broker died between the steps).
-            stray = bpf.prog_load(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, allow_all_program(), programs.LICENSE,
-                                  "graft_bind4", bpf.CGROUP_INET4_BIND)
+            stray = bpf.prog_load(
+                bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+                allow_all_program(),
+                programs.LICENSE,
+                "graft_bind4",
+                bpf.CGROUP_INET4_BIND,
+            )
             bpf.prog_attach(cg_fd, stray, bpf.CGROUP_INET4_BIND)
             stray_id = bpf.prog_info(stray).id
 
@@ -504,8 +574,9 @@ def test_an_upgrade_replaces_changed_programs_and_detaches_stray_ones(short_tmp)
         assert attached == {n: [pinned[n]] for n in programs.PROGRAMS}, (attached, pinned)
         assert old_id not in attached["connect4"] and stray_id not in attached["bind4"]
         # the unchanged programs were reused, not loaded again
-        assert {n: i for n, i in pinned.items() if n != "connect4"} == {n: i for n, i in before.items()
-                                                                       if n != "connect4"}
+        assert {n: i for n, i in pinned.items() if n != "connect4"} == {
+            n: i for n, i in before.items() if n != "connect4"
+        }
     finally:
         if stray is not None:
             os.close(stray)

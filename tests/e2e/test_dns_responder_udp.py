@@ -2,6 +2,7 @@
 
 Its message handling is tested pure in tests/unit/test_dns_responder.py.
 """
+
 from __future__ import annotations
 
 import socket
@@ -9,6 +10,7 @@ import socket
 from support.dns_server import TYPE_A, Question, dns_server, encode_query, reply_header
 
 RECORDS = {"svc.graft.test": "10.9.8.7"}
+
 
 def test_served_over_udp():
     with dns_server("127.0.0.1", RECORDS, port=0) as (port, asked):

@@ -14,6 +14,7 @@ What keeps those fds out of a child (shim/forkguard.h) must not make a
 fork wait for the broker: the last test forks while a thread waits on a
 broker that never answers.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,21 @@ THREADS = 3
 @pytest.fixture(scope="module")
 def fork_inflight(tmp_path_factory) -> str:
     binary = tmp_path_factory.mktemp("c") / "fork_inflight"
-    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(binary),
-                    str(C_SOURCES / "fork_inflight.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pthread",
+            "-o",
+            str(binary),
+            str(C_SOURCES / "fork_inflight.c"),
+        ],
+        check=True,
+    )
     return str(binary)
 
 
@@ -92,7 +106,9 @@ def test_no_fork_child_holds_a_pre_issued_socket_on_the_fast_path(netns, start_b
     out = stress(broker, netns, fork_inflight, port)
     # Most connects took a pre-issued socket: the kernel judged them, not the broker.
     assert eventually(lambda: len(kernel_connects(broker)) >= out["connects"] // 2, timeout=10), (
-        len(kernel_connects(broker)), out)
+        len(kernel_connects(broker)),
+        out,
+    )
     assert out["leaky"] == {"inet": 0, "unix": 0, "other": 0}, out
 
 
@@ -108,8 +124,12 @@ def test_a_fork_does_not_wait_for_the_broker(netns, short_tmp):
         wedged.bind(str(path))
         wedged.listen(1)
         wedged.settimeout(30)
-        app = subprocess.Popen([GRAFT, "run", "--socket", str(path), "--netns", netns, "--", sys.executable, program,
-                                "127.0.0.1", "9"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        app = subprocess.Popen(
+            [GRAFT, "run", "--socket", str(path), "--netns", netns, "--", sys.executable, program, "127.0.0.1", "9"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             conn, _ = wedged.accept()
             with conn:

@@ -5,6 +5,7 @@ Three namespaces, each with only `lo`: a "container", a "front" and a
 the container nor the host can reach; only a tenant whose netns names them
 gets there, through graft.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,9 +41,25 @@ def three_netns():
 @contextmanager
 def http_service(ns: str, directory, port: int = SERVICE_PORT):
     """python3 -m http.server on 127.0.0.1:port inside ns (no graft), ready when yielded."""
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "--", PY, "-u", "-m", "http.server", str(port),
-                             "--bind", "127.0.0.1", "--directory", str(directory)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{ns}",
+            "--",
+            PY,
+            "-u",
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(directory),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert "Serving HTTP" in proc.stdout.readline()
         yield proc
@@ -97,9 +114,12 @@ def test_container_publishes_a_port_in_front(three_netns, start_broker, tmp_path
     (tmp_path / "index.html").write_text("published in front\n")
     host_port = free_port()
     broker = with_tenant(start_broker(two_tenants(front, back, host_port), "tofront"), "tofront")
-    server = subprocess.Popen(graft_cmd(broker, container, PY, "-u", "-m", "http.server", "80",
-                                        "--directory", str(tmp_path)),
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        graft_cmd(broker, container, PY, "-u", "-m", "http.server", "80", "--directory", str(tmp_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert "Serving HTTP" in server.stdout.readline()
         url = f"http://127.0.0.1:{host_port}/"
@@ -118,13 +138,20 @@ def test_deleted_namespace_fails_clearly_and_comes_back(three_netns, start_broke
     url = f"http://127.0.0.1:{SERVICE_PORT}/"
     broker = with_tenant(start_broker(two_tenants(front, back, free_port()), "toback"), "toback")
     pyroute2_netns.remove(back)
-    r = run_grafted(broker, container, PY, "-c", f"import socket; socket.create_connection(('127.0.0.1', {SERVICE_PORT}))")
+    r = run_grafted(
+        broker, container, PY, "-c", f"import socket; socket.create_connection(('127.0.0.1', {SERVICE_PORT}))"
+    )
     assert "Network is unreachable" in r.stderr
     rec = broker.audit()[-1]
     assert (rec["action"], rec["errno"]) == ("error", errno.ENETUNREACH) and back in rec["reason"]
     # The other tenant is still served.
-    probe = run_grafted(with_tenant(broker, "tofront"), container, PY, "-c",
-                        "import socket; s = socket.socket(); s.bind(('0.0.0.0', 80)); print('bound')")
+    probe = run_grafted(
+        with_tenant(broker, "tofront"),
+        container,
+        PY,
+        "-c",
+        "import socket; s = socket.socket(); s.bind(('0.0.0.0', 80)); print('bound')",
+    )
     assert probe.stdout.strip() == "bound", probe.stderr
     create_namespace(back)  # recreated under the same name: picked up without a restart
     with http_service(back, tmp_path):
@@ -139,14 +166,21 @@ def test_reload_moves_new_sockets_only(three_netns, start_broker, tmp_path):
         (tmp_path / name / "index.html").write_text(f"{name}\n")
     policy = two_tenants(front, back, free_port())
     broker = with_tenant(start_broker(policy, "toback"), "toback")
-    hold = ("import socket, sys\n"
-            f"s = socket.create_connection(('127.0.0.1', {SERVICE_PORT}))\n"
-            "print('connected', flush=True); sys.stdin.read()\n"
-            "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-            "print(b''.join(iter(lambda: s.recv(4096), b'')).decode().split('\\r\\n\\r\\n')[-1], end='')\n")
+    hold = (
+        "import socket, sys\n"
+        f"s = socket.create_connection(('127.0.0.1', {SERVICE_PORT}))\n"
+        "print('connected', flush=True); sys.stdin.read()\n"
+        "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+        "print(b''.join(iter(lambda: s.recv(4096), b'')).decode().split('\\r\\n\\r\\n')[-1], end='')\n"
+    )
     with http_service(back, tmp_path / "back"), http_service(front, tmp_path / "front"):
-        held = subprocess.Popen(graft_cmd(broker, container, PY, "-c", hold), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        held = subprocess.Popen(
+            graft_cmd(broker, container, PY, "-c", hold),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert held.stdout.readline().strip() == "connected", held.stderr.read()
             broker.reload(policy.replace(f'netns = "{back}"', f'netns = "{front}"'))

@@ -6,6 +6,7 @@ built from this host's files (tests/support/rootfs.py), and unmodified Debian
 programs. Nothing in it can reach the host's 127.0.0.1 except through graft.
 Every container is deleted, and checked gone, when its test ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,13 @@ def test_preload_http_server_is_published_on_the_host(rt, start_broker, short_tm
     server = ["python3", "-u", "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", "/etc"]
     bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, server, annotations(broker)))
     with rt.container_id() as cid:
-        proc = subprocess.Popen(rt.cmd("run", "--bundle", str(bundle), cid), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            rt.cmd("run", "--bundle", str(bundle), cid),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             # http.server prints this once it listens; a container that hangs before that fails the test
             assert select.select([proc.stdout], [], [], 60)[0], "the server printed nothing in 60 s"
@@ -85,8 +91,10 @@ def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, r
     config = default_config(rootfs, ["sh", "-c", script], annotations(broker))
     config["linux"]["seccomp"] = {
         "defaultAction": "SCMP_ACT_ALLOW",
-        "syscalls": [{"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
-                     {"names": ["connect", "getpid"], "action": "SCMP_ACT_ALLOW"}],
+        "syscalls": [
+            {"names": ["uname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+            {"names": ["connect", "getpid"], "action": "SCMP_ACT_ALLOW"},
+        ],
     }
     bundle = write_bundle(short_tmp / "bundle", config)
     with rt.container_id() as cid:
@@ -98,8 +106,10 @@ def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, r
     assert not [e for e in grafted["process"]["env"] if e.startswith("LD_PRELOAD=")]
 
 
-@pytest.mark.parametrize("case", ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement",
-                                  "malformed config", "musl image"])
+@pytest.mark.parametrize(
+    "case",
+    ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement", "malformed config", "musl image"],
+)
 def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
     need_root_and_netns()
     rt = Runtime(real_runtime("runc", short_tmp), short_tmp / "state")
@@ -153,18 +163,38 @@ def test_a_refusal_is_in_the_runtime_log_engines_read(short_tmp):
     log = short_tmp / "log.json"
     bundle = short_tmp / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {"io.graft.tenant": "web",
-                                                                    "io.graft.socket-dir": str(short_tmp)}}))
-    out = subprocess.run([GRAFT_RUNTIME, "--graft-runtime", "runc", "--log", str(log), "--log-format", "json",
-                          "create", "--bundle", str(bundle), "x"], capture_output=True, text=True)
+    (bundle / "config.json").write_text(
+        json.dumps({"annotations": {"io.graft.tenant": "web", "io.graft.socket-dir": str(short_tmp)}})
+    )
+    out = subprocess.run(
+        [
+            GRAFT_RUNTIME,
+            "--graft-runtime",
+            "runc",
+            "--log",
+            str(log),
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            str(bundle),
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["level"] == "error" and record["msg"] == out.stderr.strip()
 
 
 def test_graft_runtime_will_not_exec_itself():
-    out = subprocess.run([GRAFT_RUNTIME, "state", "x"], env={**os.environ, "GRAFT_RUNTIME": GRAFT_RUNTIME},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [GRAFT_RUNTIME, "state", "x"],
+        env={**os.environ, "GRAFT_RUNTIME": GRAFT_RUNTIME},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert out.stderr == f"graft-runtime: the real runtime {GRAFT_RUNTIME} is graft-runtime itself\n"
 
@@ -194,19 +224,49 @@ class Podman:
         wrapper = tmp / "graft-runtime-runc"
         wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(self.runtime.cmd())} "$@"\n')
         wrapper.chmod(0o755)
-        self.base = ["podman", "--root", str(tmp / "storage"), "--runroot", str(tmp / "run"),
-                     "--tmpdir", str(tmp / "tmp"), "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
-                     "--events-backend", "file", "--runtime", str(wrapper)]
+        self.base = [
+            "podman",
+            "--root",
+            str(tmp / "storage"),
+            "--runroot",
+            str(tmp / "run"),
+            "--tmpdir",
+            str(tmp / "tmp"),
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--runtime",
+            str(wrapper),
+        ]
 
     def run(self, rootfs: Path, ann: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
-        args = [*self.base, "run", "--rm", "--cgroup-parent", self.cgroup_parent, "--network", "none",
-                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+        args = [
+            *self.base,
+            "run",
+            "--rm",
+            "--cgroup-parent",
+            self.cgroup_parent,
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ]
         for d in host_dirs():
             args += ["-v", f"/{d}:/{d}:ro"]
         for k, v in ann.items():
             args += ["--annotation", f"{k}={v}"]
-        return subprocess.run([*args, "--rootfs", str(rootfs), *cmd], capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [*args, "--rootfs", str(rootfs), *cmd],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
 
     def remove_all(self) -> None:
         subprocess.run([*self.base, "rm", "--all", "--force"], capture_output=True, timeout=120)

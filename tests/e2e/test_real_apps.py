@@ -10,6 +10,7 @@ pipe with a deadline, ending early if the program exits); there are no
 sleeps. Every process started here is stopped in a `finally`, pass or fail.
 docs/compatibility.md lists the versions and the known limits.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -128,8 +129,13 @@ def test_nginx_master_and_reuseport_workers_published(netns, start_broker, short
         n = 20
         urls = [f"http://127.0.0.1:{host_port}/{path}" for _ in range(n) for path in ("index.html", "pid")]
         # Connection: close makes curl open a new connection per URL; reuseport spreads them.
-        r = subprocess.run(["curl", "-sS", "--max-time", "20", "-H", "Connection: close", *urls],
-                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "-H", "Connection: close", *urls],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         assert r.returncode == 0, f"curl: {r.stderr}\nnginx:\n{nginx.output()}"
         lines = r.stdout.splitlines()
         assert lines[0::2] == ["served by nginx"] * n, r.stdout
@@ -138,8 +144,9 @@ def test_nginx_master_and_reuseport_workers_published(netns, start_broker, short
         assert nginx.stop() == 0, nginx.output()
     binds = grafts(broker, "bind")
     assert len(binds) == 2, broker.audit()  # one per reuseport copy: SO_REUSEPORT was replayed on the host
-    assert {(a["addr"], a["port"], a["host_addr"], a["pid"]) for a in binds} == \
-        {("0.0.0.0", 80, f"127.0.0.1:{host_port}", nginx.pid)}
+    assert {(a["addr"], a["port"], a["host_addr"], a["pid"]) for a in binds} == {
+        ("0.0.0.0", 80, f"127.0.0.1:{host_port}", nginx.pid)
+    }
 
 
 def test_nginx_proxies_to_a_host_only_upstream(netns, start_broker, short_tmp):
@@ -150,18 +157,30 @@ def test_nginx_proxies_to_a_host_only_upstream(netns, start_broker, short_tmp):
     (short_tmp / "up").mkdir()
     (short_tmp / "up" / "page").write_text("served by the upstream\n")
     with http_server(short_tmp / "up") as upstream:
-        broker = start_broker(rules(bind=[publish(80, f"127.0.0.1:{host_port}")],
-                                    connect=[{"to": ["127.0.0.1/32"], "ports": [upstream], "proto": "tcp"}]))
+        broker = start_broker(
+            rules(
+                bind=[publish(80, f"127.0.0.1:{host_port}")],
+                connect=[{"to": ["127.0.0.1/32"], "ports": [upstream], "proto": "tcp"}],
+            )
+        )
         # A lost registration would leave each request waiting for proxy_connect_timeout, then 504.
         # Workers as root: `graft run` gives them the broker's socket by its path, in a 0700
         # directory (a container gets it bind-mounted instead, graft-runtime).
-        conf = nginx_config(short_tmp / "nginx", f"location /up/ {{ proxy_pass http://127.0.0.1:{upstream}/; "
-                                                 "proxy_connect_timeout 10s; }", user="root")
+        conf = nginx_config(
+            short_tmp / "nginx",
+            f"location /up/ {{ proxy_pass http://127.0.0.1:{upstream}/; proxy_connect_timeout 10s; }}",
+            user="root",
+        )
         with running(graft_cmd(broker, netns, "nginx", "-e", "stderr", "-c", str(conf))) as nginx:
             nginx.expect(r"start worker process (\d+)")  # after every listener is up (see above)
             n = 6  # each request a new upstream connection (HTTP/1.0 to the upstream)
-            r = subprocess.run(["curl", "-sS", "--max-time", "20", *[f"http://127.0.0.1:{host_port}/up/page"] * n],
-                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                ["curl", "-sS", "--max-time", "20", *[f"http://127.0.0.1:{host_port}/up/page"] * n],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
             assert r.returncode == 0, f"curl: {r.stderr}\nnginx:\n{nginx.output()}"
             assert r.stdout.splitlines() == ["served by the upstream"] * n, nginx.output()
             assert nginx.stop() == 0, nginx.output()
@@ -176,8 +195,9 @@ def test_nginx_denied_bind_fails_with_eacces(netns, start_broker, short_tmp):
     r = run_grafted(broker, netns, "nginx", "-e", "stderr", "-c", str(conf), timeout=30)
     assert r.returncode == 1, r.stderr
     assert re.search(r"\[emerg\] .*bind\(\) to 0\.0\.0\.0:80 failed \(13: Permission denied\)", r.stderr), r.stderr
-    assert [(a["op"], a["action"], a["errno"], a["rule"]) for a in broker.audit()] == \
-        [("bind", "deny", 13, "tenants.t.bind[0]")]
+    assert [(a["op"], a["action"], a["errno"], a["rule"]) for a in broker.audit()] == [
+        ("bind", "deny", 13, "tenants.t.bind[0]")
+    ]
 
 
 # ---- redis -----------------------------------------------------------------------
@@ -187,17 +207,25 @@ def test_redis_dual_stack_published_v4_and_v6(netns, start_broker, short_tmp):
     need_program("redis-server")
     need_program("redis-cli")
     p4, p6 = free_port(), free_port("::1")
-    broker = start_broker(rules(bind=[publish(6379, f"127.0.0.1:{p4}", addr="0.0.0.0/32"),
-                                      publish(6379, f"[::1]:{p6}", addr="::/128")]))
+    broker = start_broker(
+        rules(bind=[publish(6379, f"127.0.0.1:{p4}", addr="0.0.0.0/32"), publish(6379, f"[::1]:{p6}", addr="::/128")])
+    )
     conf = short_tmp / "redis.conf"
-    conf.write_text(f'bind 0.0.0.0 ::\nport 6379\ndaemonize no\nsave ""\nappendonly no\n'
-                    f'dir {short_tmp}\nlogfile ""\nloglevel notice\n')
+    conf.write_text(
+        f'bind 0.0.0.0 ::\nport 6379\ndaemonize no\nsave ""\nappendonly no\n'
+        f'dir {short_tmp}\nlogfile ""\nloglevel notice\n'
+    )
     with running(graft_cmd(broker, netns, "redis-server", str(conf))) as redis:
         redis.expect(r"Ready to accept connections")  # logged after every listener is up
 
         def cli(host: str, port: int, *args: str) -> str:
-            r = subprocess.run(["redis-cli", "-h", host, "-p", str(port), *args], capture_output=True,
-                               text=True, timeout=20, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                ["redis-cli", "-h", host, "-p", str(port), *args],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                stdin=subprocess.DEVNULL,
+            )
             assert r.returncode == 0 and "ERR" not in r.stdout, (r.stdout, r.stderr, redis.output())
             return r.stdout.strip()
 
@@ -205,14 +233,19 @@ def test_redis_dual_stack_published_v4_and_v6(netns, start_broker, short_tmp):
         assert cli("::1", p6, "GET", "greeting") == "over-v4"
         assert cli("::1", p6, "SET", "greeting", "over-v6") == "OK"
         assert cli("127.0.0.1", p4, "GET", "greeting") == "over-v6"
-        assert [cli(h, p, "INCR", "hits") for h, p in (("127.0.0.1", p4), ("::1", p6), ("127.0.0.1", p4))] == \
-            ["1", "2", "3"]
+        assert [cli(h, p, "INCR", "hits") for h, p in (("127.0.0.1", p4), ("::1", p6), ("127.0.0.1", p4))] == [
+            "1",
+            "2",
+            "3",
+        ]
         # redis sets IPV6_V6ONLY on its `::` socket; the shim recorded it, the broker replayed it.
         assert socket_option_in(redis.pid, p6, socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         assert redis.stop() == 0, redis.output()
     binds = sorted(grafts(broker, "bind"), key=lambda a: a["family"])
     assert [(a["family"], a["addr"], a["port"], a["host_addr"]) for a in binds] == [
-        ("inet", "0.0.0.0", 6379, f"127.0.0.1:{p4}"), ("inet6", "::", 6379, f"[::1]:{p6}")]
+        ("inet", "0.0.0.0", 6379, f"127.0.0.1:{p4}"),
+        ("inet6", "::", 6379, f"[::1]:{p6}"),
+    ]
 
 
 # ---- iperf3 ----------------------------------------------------------------------
@@ -227,8 +260,7 @@ def iperf3_server():
 
 
 def iperf3_client(broker, netns, port: int, *args: str) -> dict:
-    r = run_grafted(broker, netns, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1", "--json", *args,
-                    timeout=30)
+    r = run_grafted(broker, netns, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1", "--json", *args, timeout=30)
     result = json.loads(r.stdout)
     assert "error" not in result and r.returncode == 0, (result.get("error"), r.stderr)
     return result["end"]
@@ -266,8 +298,21 @@ def test_sockperf_ping_pong(netns, start_broker, proto):
     with running(["sockperf", "server", *flags, "-i", "127.0.0.1", "-p", str(port)]) as server:
         server.expect(r"using \S+ to block on socket")  # printed by the server thread once bound
         broker = start_broker(rules(connect=[loopback_connect(port, proto)]))
-        r = run_grafted(broker, netns, "sockperf", "ping-pong", *flags, "-i", "127.0.0.1", "-p", str(port),
-                        "-t", "1", env=dict(os.environ, GRAFT_DEBUG="1"), timeout=30)
+        r = run_grafted(
+            broker,
+            netns,
+            "sockperf",
+            "ping-pong",
+            *flags,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-t",
+            "1",
+            env=dict(os.environ, GRAFT_DEBUG="1"),
+            timeout=30,
+        )
     out = ANSI.sub("", r.stdout + r.stderr)
     assert r.returncode == 0, out
     m = re.search(r"Total (\d+) observations", out)
@@ -297,11 +342,20 @@ def test_curl_denied_connect_fails_with_eperm(netns, start_broker, tmp_path):
     (tmp_path / "index.html").write_text("never served\n")
     with http_server(tmp_path) as port:
         broker = start_broker(rules(connect=[loopback_connect(port, action="deny")], default="container"))
-        r = run_grafted(broker, netns, "curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/",
-                        env=dict(os.environ, GRAFT_DEBUG="1"))
+        r = run_grafted(
+            broker,
+            netns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            f"http://127.0.0.1:{port}/",
+            env=dict(os.environ, GRAFT_DEBUG="1"),
+        )
     assert r.returncode == 7, (r.returncode, r.stderr)  # CURLE_COULDNT_CONNECT
-    assert re.search(rf"graft\[\d+\]: connect tcp 127\.0\.0\.1:{port} -> deny \(Operation not permitted\)",
-                     r.stderr), r.stderr
+    assert re.search(rf"graft\[\d+\]: connect tcp 127\.0\.0\.1:{port} -> deny \(Operation not permitted\)", r.stderr), (
+        r.stderr
+    )
     assert [(a["op"], a["action"], a["errno"]) for a in broker.audit()] == [("connect", "deny", 1)]
 
 
@@ -312,8 +366,13 @@ def test_socat_tcp_client(netns, start_broker):
     need_program("socat")
     with echo_server() as port:
         broker = start_broker(rules(connect=[loopback_connect(port, "tcp")]))
-        r = subprocess.run(graft_cmd(broker, netns, "socat", "-t", "5", "-", f"TCP:127.0.0.1:{port}"),
-                           input="hello over tcp\n", capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            graft_cmd(broker, netns, "socat", "-t", "5", "-", f"TCP:127.0.0.1:{port}"),
+            input="hello over tcp\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert (r.returncode, r.stdout) == (0, "hello over tcp\n"), r.stderr
     assert len(grafts(broker, "connect", "tcp")) == 1
 
@@ -326,8 +385,11 @@ def test_socat_udp_client(netns, start_broker, address):
     with udp_echo(prefix=b"", peers=peers) as (port, _):
         broker = start_broker(rules(connect=[loopback_connect(port, "udp")]))
         # socat has no end-of-data on UDP; drive it line by line and stop it ourselves.
-        with running(graft_cmd(broker, netns, "socat", "-", f"{address}:127.0.0.1:{port}"), stdin=True,
-                     env=dict(os.environ, GRAFT_DEBUG="1")) as socat:
+        with running(
+            graft_cmd(broker, netns, "socat", "-", f"{address}:127.0.0.1:{port}"),
+            stdin=True,
+            env=dict(os.environ, GRAFT_DEBUG="1"),
+        ) as socat:
             for i in range(3):
                 socat.proc.stdin.write(f"datagram {i}\n".encode())
                 socat.proc.stdin.flush()
@@ -373,18 +435,42 @@ def test_asyncio_client(netns, start_broker):
 
 DENIED = {
     # name: (command builder (port) -> argv, op, errno, what the program says)
-    "redis-server bind": (lambda port: ["redis-server", "--port", "6379", "--bind", "0.0.0.0", "--save", "",
-                                        "--appendonly", "no"], "bind", errno.EACCES, "Permission denied"),
-    "iperf3 client": (lambda port: ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1"], "connect",
-                      errno.EPERM, "Operation not permitted"),
-    "socat tcp": (lambda port: ["socat", "-", f"TCP:127.0.0.1:{port}"], "connect", errno.EPERM,
-                  "Operation not permitted"),
-    "socat udp sendto": (lambda port: ["sh", "-c", f"echo x | socat - UDP-SENDTO:127.0.0.1:{port}"], "connect",
-                         errno.EPERM, "Operation not permitted"),
-    "asyncio client": (lambda port: program("asyncio_echo.py", "client", "127.0.0.1", port, "x"), "connect",
-                       errno.EPERM, "Operation not permitted"),
-    "sockperf tcp": (lambda port: ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port), "-t", "1"],
-                     "connect", errno.EPERM, None),
+    "redis-server bind": (
+        lambda port: ["redis-server", "--port", "6379", "--bind", "0.0.0.0", "--save", "", "--appendonly", "no"],
+        "bind",
+        errno.EACCES,
+        "Permission denied",
+    ),
+    "iperf3 client": (
+        lambda port: ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1"],
+        "connect",
+        errno.EPERM,
+        "Operation not permitted",
+    ),
+    "socat tcp": (
+        lambda port: ["socat", "-", f"TCP:127.0.0.1:{port}"],
+        "connect",
+        errno.EPERM,
+        "Operation not permitted",
+    ),
+    "socat udp sendto": (
+        lambda port: ["sh", "-c", f"echo x | socat - UDP-SENDTO:127.0.0.1:{port}"],
+        "connect",
+        errno.EPERM,
+        "Operation not permitted",
+    ),
+    "asyncio client": (
+        lambda port: program("asyncio_echo.py", "client", "127.0.0.1", port, "x"),
+        "connect",
+        errno.EPERM,
+        "Operation not permitted",
+    ),
+    "sockperf tcp": (
+        lambda port: ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port), "-t", "1"],
+        "connect",
+        errno.EPERM,
+        None,
+    ),
 }
 
 

@@ -8,6 +8,7 @@ log, and each rule it must keep: a grant revoked by a reload, a process of
 another uid, the app's options and flags, no pre-issued sockets while the
 audit is required.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,6 +32,7 @@ PY = sys.executable
 
 # ---- pure: layouts and messages ------------------------------------------------------------
 
+
 def offsets(struct_name: str) -> dict[str, int]:
     return {name: fast.ffi.offsetof(struct_name, name) for name, _ in fast.ffi.typeof(struct_name).fields}
 
@@ -40,12 +42,20 @@ def test_the_headers_map_layouts_are_the_ones_maps_py_packs():
     raw = maps.MARK.pack(flags, port, ip4, ip6, tenant)
     mark = fast.ffi.from_buffer("struct graft_mark *", raw)
     assert (mark.flags, mark.port, mark.ip4, bytes(fast.ffi.buffer(mark.ip6)), mark.tenant) == (
-        flags, port, 3, ip6, tenant)
+        flags,
+        port,
+        3,
+        ip6,
+        tenant,
+    )
     assert fast.ffi.sizeof("struct graft_mark") == maps.MARK_SIZE
     key = maps.grant_key(9, socket.AF_INET6, "2001:db8::1", 8080, socket.SOCK_DGRAM)
     k = fast.ffi.from_buffer("struct graft_grant_key *", key)
     assert (k.tenant, k.kind, struct.pack("=I", k.port)[:2]) == (
-        9, maps.grant_kind(socket.SOCK_DGRAM, socket.AF_INET6), struct.pack("!H", 8080))
+        9,
+        maps.grant_kind(socket.SOCK_DGRAM, socket.AF_INET6),
+        struct.pack("!H", 8080),
+    )
     assert bytes(fast.ffi.buffer(k.addr)) == socket.inet_pton(socket.AF_INET6, "2001:db8::1")
     assert offsets("struct graft_grant_key") == {"tenant": 0, "kind": 4, "port": 8, "addr": 12}
     assert fast.ffi.sizeof("struct graft_grant_key") == maps.GRANT_KEY.size
@@ -56,7 +66,7 @@ def test_a_handed_off_notification_decodes_as_the_broker_reads_one():
     msg = bytearray(fast.MSG_SIZE)
     struct.pack_into("=I", msg, 0, fast.HANDOFF)
     at = fast.ffi.offsetof("struct graft_fast_msg", "notif")
-    msg[at:at + abi.NOTIF.size] = raw_notif
+    msg[at : at + abi.NOTIF.size] = raw_notif
     m = fast.decode_message(bytes(msg))
     assert m.kind == fast.HANDOFF and m.notification == abi.decode_notification(raw_notif)
     assert m.notification.call == "connect" and m.notification.fd == 5
@@ -77,10 +87,13 @@ def test_refill_and_pool_messages_round_trip_and_bad_ones_are_refused():
 
 def test_the_loop_copies_exactly_the_brokers_allowlist():
     from graft.broker.core import sockopts
+
     allow = sockopts.allowlist()
     assert {(o.level, o.name): o.size for o in allow} == sockopts.ALLOWED
-    assert {(o.level, o.name) for o in allow if o.lock_bit} == {(socket.SOL_SOCKET, socket.SO_SNDBUF),
-                                                              (socket.SOL_SOCKET, socket.SO_RCVBUF)}
+    assert {(o.level, o.name) for o in allow if o.lock_bit} == {
+        (socket.SOL_SOCKET, socket.SO_SNDBUF),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF),
+    }
     assert all(o.size <= 16 for o in allow)  # OPT_MAX_SIZE in seccomp_fast.c
 
 
@@ -155,17 +168,20 @@ def attempt():
         s.close()
 """
 
-SWITCH_UID = ATTEMPT + """
+SWITCH_UID = (
+    ATTEMPT
+    + """
 out = [attempt() for _ in range(4)]  # as root: the pool is issued for uid 0
 os.setresuid(65534, 65534, 65534)
 out += [attempt() for _ in range(2)]
 print(json.dumps(out))
 """
+)
 
 
 def test_a_pool_serves_only_the_uid_it_was_issued_for(netns, seccomp_broker):
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='uids = [0]\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys="uids = [0]\n"))
         r = seccomp_run(broker, netns, PY, "-c", SWITCH_UID, str(port))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == ["connected"] * 4 + ["EPERM"] * 2
@@ -175,7 +191,9 @@ def test_a_pool_serves_only_the_uid_it_was_issued_for(netns, seccomp_broker):
     assert [(r["uid"], r["rule"]) for r in denied] == [(65534, "tenants.t.uids")] * 2
 
 
-OTHER_UID_FIRST = ATTEMPT + """
+OTHER_UID_FIRST = (
+    ATTEMPT
+    + """
 n = int(sys.argv[2])
 result, done = os.pipe(), os.pipe()
 child = os.fork()
@@ -190,12 +208,13 @@ os.write(done[1], b"x")
 os.waitpid(child, 0)
 print(json.dumps(out))
 """
+)
 
 
 def test_a_refused_uid_does_not_hold_back_the_pool_of_an_allowed_one(netns, seccomp_broker):
     n = 40
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='uids = [0]\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys="uids = [0]\n"))
         r = seccomp_run(broker, netns, PY, "-c", OTHER_UID_FIRST, str(port), str(n))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == ["EPERM"] + ["connected"] * n
@@ -248,17 +267,41 @@ def test_the_fast_path_keeps_the_apps_options_and_flags(netns, seccomp_broker):
         got = json.loads(r.stdout)
         assert eventually(lambda: len(arrivals) == n + 1)
     assert tenant_status(broker)["seccomp_calls"]["installed"] >= n // 2  # most were the loop's
-    assert got == [{"connect": "EINPROGRESS" if i % 3 == 0 else 0, "so_error": 0, "nodelay": 1, "keepalive": 1,
-                    "keepidle": 70 + i, "rcvbuf": 2 * 65536, "nonblocking": i % 3 == 0, "cloexec": i % 2 == 1,
-                    "peer": port} for i in range(n)], got
+    assert got == [
+        {
+            "connect": "EINPROGRESS" if i % 3 == 0 else 0,
+            "so_error": 0,
+            "nodelay": 1,
+            "keepalive": 1,
+            "keepidle": 70 + i,
+            "rcvbuf": 2 * 65536,
+            "nonblocking": i % 3 == 0,
+            "cloexec": i % 2 == 1,
+            "peer": port,
+        }
+        for i in range(n)
+    ], got
 
 
 @pytest.mark.parametrize("mode", ["main-exits", "own-table"])
 def test_close_on_exec_is_the_calling_threads(netns, seccomp_broker, tmp_path, mode):
     """The flag comes from the calling thread's fd table, which is not always its process's main thread's."""
     binary = tmp_path / "cloexec_threads"
-    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(binary),
-                    str(C_SOURCES / "cloexec_threads.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pthread",
+            "-o",
+            str(binary),
+            str(C_SOURCES / "cloexec_threads.c"),
+        ],
+        check=True,
+    )
     n = 12
     with counting_listener() as (port, arrivals):
         broker = seccomp_broker(policy(connect_rule(port)))
@@ -271,7 +314,7 @@ def test_close_on_exec_is_the_calling_threads(netns, seccomp_broker, tmp_path, m
 
 def test_no_pre_issued_sockets_while_the_audit_is_required(netns, seccomp_broker):
     with counting_listener() as (port, arrivals):
-        text = policy(connect_rule(port)).replace('[tenants.t]', '[audit]\non_error = "deny"\n[tenants.t]')
+        text = policy(connect_rule(port)).replace("[tenants.t]", '[audit]\non_error = "deny"\n[tenants.t]')
         broker = seccomp_broker(text)
         assert connects(broker, netns, port, 6) == ["connected"] * 6
     assert tenant_status(broker)["seccomp_calls"]["installed"] == 0

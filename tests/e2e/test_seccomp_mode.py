@@ -5,6 +5,7 @@ a host-only server got there on a socket the seccomp agent installed. Each
 test checks the audit log too. The TOCTOU test races a thread that rewrites
 the address against the agent's check, thousands of times.
 """
+
 from __future__ import annotations
 
 import array
@@ -39,8 +40,13 @@ def test_a_command_reaches_a_host_only_server(netns, seccomp_broker, tmp_path):
         assert r.returncode == 0, r.stderr
         assert r.stdout == "grafted by seccomp\n"
     (rec,) = [r for r in seccomp_records(broker) if r["op"] == "connect"]
-    assert (rec["action"], rec["addr"], rec["port"], rec["proto"], rec["errno"]) == ("graft", "127.0.0.1", port,
-                                                                                     "tcp", 0)
+    assert (rec["action"], rec["addr"], rec["port"], rec["proto"], rec["errno"]) == (
+        "graft",
+        "127.0.0.1",
+        port,
+        "tcp",
+        0,
+    )
     assert rec["rule"] == "tenants.t.connect[0]" and rec["confinement"] == "on" and rec["uid"] == 0
 
 
@@ -63,8 +69,12 @@ def test_a_denied_connect_fails_with_the_policys_errno(netns, seccomp_broker):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "EPERM"
     (rec,) = seccomp_records(broker)
-    assert (rec["op"], rec["action"], rec["errno"], rec["rule"]) == ("connect", "deny", errno.EPERM,
-                                                                     "tenants.t.default")
+    assert (rec["op"], rec["action"], rec["errno"], rec["rule"]) == (
+        "connect",
+        "deny",
+        errno.EPERM,
+        "tenants.t.default",
+    )
     assert rec["pid"] > 0
 
 
@@ -87,12 +97,30 @@ c.close()
 
 def test_a_published_bind_serves_the_host_and_a_denied_bind_gets_eacces(netns, seccomp_broker):
     app_port, host_port, other = free_port(), free_port(), free_port()
-    rule = (f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{app_port}]\n'
-            f'host = "127.0.0.1:{host_port}"\nproto = "tcp"\n')
+    rule = (
+        f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{app_port}]\n'
+        f'host = "127.0.0.1:{host_port}"\nproto = "tcp"\n'
+    )
     broker = seccomp_broker(policy(rule))
-    proc = subprocess.Popen([GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns", netns,
-                             "--", PY, "-c", BIND_THEN_ANSWER, str(app_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            GRAFT,
+            "run",
+            "--seccomp",
+            "--socket",
+            str(broker.socket_path),
+            "--netns",
+            netns,
+            "--",
+            PY,
+            "-c",
+            BIND_THEN_ANSWER,
+            str(app_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "listening True"  # SO_REUSEADDR was copied over
         with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:
@@ -229,8 +257,13 @@ def test_the_broker_survives_garbage_on_seccomp_sock(netns, seccomp_broker, tmp_
         broker = seccomp_broker(policy(connect_rule(port)))
         agent = str(broker.socket_dir / "seccomp.sock")
         assert oct(os.stat(agent).st_mode & 0o777) == "0o600"
-        state = {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": 1, "metadata": "t",
-                 "state": {"ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": 1, "bundle": "/"}}
+        state = {
+            "ociVersion": "1.0.2",
+            "fds": ["seccompFd"],
+            "pid": 1,
+            "metadata": "t",
+            "state": {"ociVersion": "1.0.2", "id": "x", "status": "creating", "pid": 1, "bundle": "/"},
+        }
         r, w = os.pipe()
         try:
             answers = [
@@ -267,13 +300,31 @@ def test_a_tenant_in_preload_mode_gets_no_seccomp_listener(netns, seccomp_broker
 
 def test_graft_run_seccomp_without_a_broker_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
-    r = subprocess.run([GRAFT, "run", "--seccomp", "--socket", str(tmp_path / "t.sock"), "--", "touch", str(marker)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [GRAFT, "run", "--seccomp", "--socket", str(tmp_path / "t.sock"), "--", "touch", str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "no broker's seccomp agent answers" in r.stderr
     assert not marker.exists()
-    r = subprocess.run([GRAFT, "run", "--seccomp", "--socket", str(tmp_path / "t.sock"), "--netns",
-                        "graft-no-such-namespace", "--", "touch", str(marker)], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        [
+            GRAFT,
+            "run",
+            "--seccomp",
+            "--socket",
+            str(tmp_path / "t.sock"),
+            "--netns",
+            "graft-no-such-namespace",
+            "--",
+            "touch",
+            str(marker),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "cannot enter network namespace graft-no-such-namespace" in r.stderr
     assert not marker.exists()
 
@@ -284,16 +335,46 @@ def test_exit_status_and_signals_are_the_commands(netns, seccomp_broker):
     assert seccomp_run(broker, netns, "sh", "-c", "kill -TERM $$").returncode == 128 + 15
     missing = seccomp_run(broker, netns, "/nonexistent/program")
     assert missing.returncode == 127 and "/nonexistent/program" in missing.stderr
-    by_name = subprocess.run([GRAFT, "run", "--seccomp", "--tenant", "t", "--socket-dir", str(broker.socket_dir),
-                              "--netns", netns, "--", "sh", "-c", "exit 3"], capture_output=True, timeout=60)
+    by_name = subprocess.run(
+        [
+            GRAFT,
+            "run",
+            "--seccomp",
+            "--tenant",
+            "t",
+            "--socket-dir",
+            str(broker.socket_dir),
+            "--netns",
+            netns,
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert by_name.returncode == 3, by_name.stderr
 
 
 def test_toctou_a_racing_thread_never_reaches_a_forbidden_destination(netns, seccomp_broker, tmp_path):
     """bypass4netns's hole: the address is rewritten between the agent's check and the kernel's use."""
     binary = tmp_path / "toctou_connect"
-    subprocess.run(["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(binary),
-                    str(C_SOURCES / "toctou_connect.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pthread",
+            "-o",
+            str(binary),
+            str(C_SOURCES / "toctou_connect.c"),
+        ],
+        check=True,
+    )
     iterations = 3000
     with counting_listener() as (allowed, allowed_arrivals), counting_listener() as (forbidden, forbidden_arrivals):
         broker = seccomp_broker(policy(connect_rule(allowed)))
@@ -331,9 +412,26 @@ def test_a_removed_tenants_listeners_close_and_its_calls_fail(netns, seccomp_bro
     """Reload without the tenant: its containers' notify fds are closed, their calls get ENOSYS."""
     with counting_listener() as (port, arrivals):
         broker = seccomp_broker(policy(connect_rule(port)))
-        proc = subprocess.Popen([GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns", netns,
-                                 "--", PY, "-c", WAIT_THEN_CONNECT, str(port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                GRAFT,
+                "run",
+                "--seccomp",
+                "--socket",
+                str(broker.socket_path),
+                "--netns",
+                netns,
+                "--",
+                PY,
+                "-c",
+                WAIT_THEN_CONNECT,
+                str(port),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             proc.stdin.write("go\n")
             proc.stdin.flush()
@@ -341,8 +439,9 @@ def test_a_removed_tenants_listeners_close_and_its_calls_fail(netns, seccomp_bro
             status = tenant_status(broker)
             assert status["seccomp_listeners"] == 1
             assert status["mode"] == "seccomp"
-            human = subprocess.run([GRAFT, "status", "--socket-dir", str(broker.socket_dir)], capture_output=True,
-                                   text=True, check=True).stdout
+            human = subprocess.run(
+                [GRAFT, "status", "--socket-dir", str(broker.socket_dir)], capture_output=True, text=True, check=True
+            ).stdout
             (row,) = [line.split() for line in human.splitlines() if line.startswith("t ")]
             assert (row[1], row[-2], row[-1]) == ("seccomp", "1", "host")
             broker.reload('version = 1\n[tenants.other]\nmode = "seccomp"\n')
@@ -380,9 +479,25 @@ def test_programs_killed_in_the_middle_of_calls_cost_the_broker_nothing(netns, s
     with counting_listener() as (port, arrivals):
         broker = seccomp_broker(policy(connect_rule(port)))
         for _ in range(5):
-            proc = subprocess.Popen([GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path), "--netns",
-                                     netns, "--", PY, "-c", KILLED_MID_CALL, str(port)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            proc = subprocess.Popen(
+                [
+                    GRAFT,
+                    "run",
+                    "--seccomp",
+                    "--socket",
+                    str(broker.socket_path),
+                    "--netns",
+                    netns,
+                    "--",
+                    PY,
+                    "-c",
+                    KILLED_MID_CALL,
+                    str(port),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             try:
                 assert proc.stdout.readline().strip() == "running"
                 seen = len(arrivals)
@@ -452,11 +567,14 @@ print("third connected")
 
 def test_options_are_copied_and_max_sockets_counts_seccomp_grafts(netns, seccomp_broker):
     with counting_listener() as (port, arrivals):
-        broker = seccomp_broker(policy(connect_rule(port), tenant_keys='max_sockets = 1\n'))
+        broker = seccomp_broker(policy(connect_rule(port), tenant_keys="max_sockets = 1\n"))
         r = seccomp_run(broker, netns, PY, "-c", TWO_CONNECTS, str(port))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:3] == ["nodelay True", "second ENOBUFS", "third connected"]
     # (the C loop's request for pre-issued sockets is refused too, and audited as op "preissue")
     actions = [(x["action"], x["rule"], x["errno"]) for x in seccomp_records(broker) if x["op"] == "connect"]
-    assert actions == [("graft", "tenants.t.connect[0]", 0), ("deny", "tenants.t.max_sockets", errno.ENOBUFS),
-                       ("graft", "tenants.t.connect[0]", 0)]
+    assert actions == [
+        ("graft", "tenants.t.connect[0]", 0),
+        ("deny", "tenants.t.max_sockets", errno.ENOBUFS),
+        ("graft", "tenants.t.connect[0]", 0),
+    ]

@@ -8,6 +8,7 @@ connect it directly (GRAFT_DEBUG says "(fast)", the audit log "via":
 everything that must send a connect back to the broker does: a reload, a
 broker without confinement, an app that closed the pool's fds.
 """
+
 from __future__ import annotations
 
 import array
@@ -53,8 +54,14 @@ class Client:
         """The client of port under graft with broker's socket, in netns; or run by cmd + its arguments."""
         args = [PY, CLIENT, "127.0.0.1", str(port)]
         cmd = graft_cmd(broker, netns, *args) if cmd is None else [*cmd, *args]
-        self.proc = subprocess.Popen(cmd, env=dict(os.environ, GRAFT_DEBUG="1"), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=dict(os.environ, GRAFT_DEBUG="1"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def ask(self, command: str, timeout: float = 60) -> str:
         self.proc.stdin.write(command + "\n")
@@ -100,7 +107,8 @@ def test_repeated_connects_take_the_fast_path(netns, start_broker):
     by_broker, by_kernel = connects(broker)
     assert [r["action"] for r in by_broker] == ["graft"]  # the first: it made the grant
     assert {(r["pid"], r["action"], r["rule"], r["port"]) for r in by_kernel} == {
-        (client.proc.pid, "graft", "tenants.t.connect[0]", port)}
+        (client.proc.pid, "graft", "tenants.t.connect[0]", port)
+    }
     assert err.count("-> graft (fast)") == 40, err
 
 
@@ -162,8 +170,10 @@ def test_a_broker_that_stops_answering_costs_one_timeout_not_two(netns, short_tm
         conn, _ = listener.accept()
         with conn, socket.socket() as host:
             conn.recv(wire.REQUEST_SIZE)
-            conn.sendmsg([wire.encode_reply(wire.V_GRAFT, errno.ECONNREFUSED)],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))])
+            conn.sendmsg(
+                [wire.encode_reply(wire.V_GRAFT, errno.ECONNREFUSED)],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))],
+            )
             stop.wait(60)
 
     t = threading.Thread(target=wedged_broker)

@@ -5,6 +5,7 @@ a published bind, native accept/accept4, EINTR and SO_SNDTIMEO in a
 blocking connect, fds above 65536, and no fd or memory leak over 10,000
 connect/close cycles.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def policy(connect_port: int | None = None, bind: tuple[int, int] | None = None,
     if connect_port is not None:
         text += f'[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [{connect_port}]\nproto = "tcp"\n'
     if bind is not None:
-        text += (f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{bind[0]}]\nhost = "127.0.0.1:{bind[1]}"\n'
-                 f'proto = "tcp"\n')
+        text += (
+            f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{bind[0]}]\nhost = "127.0.0.1:{bind[1]}"\n'
+            f'proto = "tcp"\n'
+        )
     return text
 
 
@@ -51,12 +54,20 @@ def test_dup_family_on_placeholders_moves_every_number_to_the_host_socket(netns,
     with echo_server() as port:
         broker = start_broker(policy(connect_port=port))
         out = run_json(broker, netns, "fd_dup.py", "127.0.0.1", port)
-    cloexec = {"dup": [True, False], "dup2": [True, False], "dup3_cloexec": [True, True],
-               "fcntl_dupfd": [True, False], "fcntl_dupfd_cloexec": [True, True], "os_dup": [True, True]}
+    cloexec = {
+        "dup": [True, False],
+        "dup2": [True, False],
+        "dup3_cloexec": [True, True],
+        "fcntl_dupfd": [True, False],
+        "fcntl_dupfd_cloexec": [True, True],
+        "os_dup": [True, True],
+    }
     for name, want in cloexec.items():
         # CPython makes its sockets O_CLOEXEC; each number keeps its own flag through the graft.
-        assert out[name] == {"same_socket": True, "grafted": True, "echo": True, "cloexec": want,
-                             "nodelay": True}, (name, out[name])
+        assert out[name] == {"same_socket": True, "grafted": True, "echo": True, "cloexec": want, "nodelay": True}, (
+            name,
+            out[name],
+        )
     assert out["dup_then_close_original"] is True
     assert out["dup_of_grafted"] is True
     # One socket, one decision: a duplicate is never judged on its own.
@@ -67,16 +78,22 @@ def test_close_range_cloexec_keeps_the_placeholder_and_plain_close_range_drops_e
     with echo_server() as port:
         broker = start_broker(policy(connect_port=port))
         out = run_json(broker, netns, "fd_close_range.py", "127.0.0.1", port)
-    assert out == {"cloexec_range": {"grafted": True, "cloexec": True, "echo": "cloexec"},
-                   "closed_range": {"reused": out["closed_range"]["reused"], "echo": ["r"] * 4}}
+    assert out == {
+        "cloexec_range": {"grafted": True, "cloexec": True, "echo": "cloexec"},
+        "closed_range": {"reused": out["closed_range"]["reused"], "echo": ["r"] * 4},
+    }
     assert len(out["closed_range"]["reused"]) >= 3, out  # new sockets took the closed numbers
 
 
 def test_getsockname_shows_the_bound_address_and_accept_is_native(netns, start_broker):
     host_port = free_port()
     broker = start_broker(policy(bind=(80, host_port)))
-    server = subprocess.Popen(graft_cmd(broker, netns, *program("fd_listener.py", 80)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        graft_cmd(broker, netns, *program("fd_listener.py", 80)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = json.loads(server.stdout.readline() or "null")  # printed once listening
         assert first is not None, server.stderr.read()
@@ -110,10 +127,12 @@ def full_listener():
         yield lst.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode,errno_name,low,high", [("sndtimeo", "EINPROGRESS", 0.9, 10),
-                                                       ("eintr", "EINTR", 0.4, 10)])
-def test_blocking_connect_wait_honours_sndtimeo_and_signals(netns, start_broker, full_listener, mode,
-                                                            errno_name, low, high):
+@pytest.mark.parametrize(
+    "mode,errno_name,low,high", [("sndtimeo", "EINPROGRESS", 0.9, 10), ("eintr", "EINTR", 0.4, 10)]
+)
+def test_blocking_connect_wait_honours_sndtimeo_and_signals(
+    netns, start_broker, full_listener, mode, errno_name, low, high
+):
     broker = start_broker(policy(connect_port=full_listener))
     out = run_json(broker, netns, "fd_connect_wait.py", "127.0.0.1", full_listener, mode)
     assert (out["rc"], out["errno"]) == (-1, errno_name), out
@@ -135,8 +154,10 @@ def high_fd() -> int:
 
 
 def _can_raise_hard_limit() -> bool:
-    r = subprocess.run([sys.executable, "-c", "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, "
-                        "(100001, 100001))"], capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (100001, 100001))"],
+        capture_output=True,
+    )
     return r.returncode == 0
 
 
@@ -152,8 +173,22 @@ def test_placeholder_dup2ed_to_a_high_fd_grafts(netns, start_broker):
 def test_fd_table_handles_fds_far_above_65536(tmp_path):
     """The shim's fd table, compiled with a unit test driving it with fds up to 2**30 - 1."""
     binary = tmp_path / "fdtable_test"
-    subprocess.run(["cc", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-pthread", f"-I{SHIM}", "-o", str(binary),
-                    str(C_SOURCES / "fdtable_test.c"), str(SHIM / "fdtable.c")], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-std=gnu11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pthread",
+            f"-I{SHIM}",
+            "-o",
+            str(binary),
+            str(C_SOURCES / "fdtable_test.c"),
+            str(SHIM / "fdtable.c"),
+        ],
+        check=True,
+    )
     r = subprocess.run([str(binary)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "fdtable: all checks passed"

@@ -17,6 +17,7 @@ Readiness is a line the program prints, or the host's listening socket for
 programs that print nothing; there are no sleeps. Every process is stopped
 and every namespace and server removed at the end, pass or fail.
 """
+
 from __future__ import annotations
 
 import errno
@@ -71,13 +72,30 @@ def seccomp_rules(**kw) -> str:
 
 def seccomp_cmd(broker, ns: str, *cmd: str) -> list[str]:
     """cmd in namespace ns, grafted by broker's tenant in seccomp mode."""
-    return [GRAFT, "run", "--seccomp", "--tenant", broker.tenant, "--socket-dir", str(broker.socket_dir),
-            "--netns", ns, "--", *cmd]
+    return [
+        GRAFT,
+        "run",
+        "--seccomp",
+        "--tenant",
+        broker.tenant,
+        "--socket-dir",
+        str(broker.socket_dir),
+        "--netns",
+        ns,
+        "--",
+        *cmd,
+    ]
 
 
 def run(cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return subprocess.run(
+        cmd,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
 
 
 def seccomp_records(broker) -> list[dict]:
@@ -151,8 +169,9 @@ def test_preload_mode_never_reaches_a_static_program(netns, start_broker, busybo
     (tmp_path / "index.html").write_text("unreachable\n")
     with http_server(tmp_path) as port:
         broker = start_broker(rules(connect=[loopback_connect(port)]))
-        r = run_grafted(broker, netns, busybox, "wget", "-q", "-O", "-", f"http://127.0.0.1:{port}/",
-                        timeout=RUN_TIMEOUT)
+        r = run_grafted(
+            broker, netns, busybox, "wget", "-q", "-O", "-", f"http://127.0.0.1:{port}/", timeout=RUN_TIMEOUT
+        )
     assert r.returncode == 1 and "Connection refused" in r.stderr, r.stderr
     assert broker.audit() == []
 
@@ -169,8 +188,9 @@ def test_busybox_wget_fetches_a_host_only_page(netns, start_broker, busybox, tmp
         broker = start_broker(seccomp_rules(connect=[loopback_connect(port)]))
         r = run(seccomp_cmd(broker, netns, busybox, "wget", "-q", "-O", "-", url))
     assert (r.returncode, r.stdout) == (0, "grafted for busybox\n"), r.stderr
-    assert decisions(seccomp_records(broker)) == \
-        [("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)]
+    assert decisions(seccomp_records(broker)) == [
+        ("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)
+    ]
 
 
 @pytest.mark.parametrize("denied_by", ["rule", "default"])
@@ -195,14 +215,21 @@ def test_busybox_nc_talks_to_a_host_only_echo_server(netns, start_broker, busybo
         # nc shuts its sending side down at the end of stdin, and exits when the echo server closes.
         r = run(seccomp_cmd(broker, netns, busybox, "nc", "127.0.0.1", str(port)), stdin="hello from nc\n")
     assert (r.returncode, r.stdout) == (0, "hello from nc\n"), r.stderr
-    assert decisions(seccomp_records(broker)) == \
-        [("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)]
+    assert decisions(seccomp_records(broker)) == [
+        ("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)
+    ]
 
 
 def test_busybox_nc_server_published_on_the_host(netns, start_broker, busybox):
     host_port = free_port()
-    broker = start_broker(seccomp_rules(bind=[publish(80, f"127.0.0.1:{host_port}", addr="0.0.0.0/32"),
-                                              publish(80, f"127.0.0.1:{host_port}", addr="::/128")]))
+    broker = start_broker(
+        seccomp_rules(
+            bind=[
+                publish(80, f"127.0.0.1:{host_port}", addr="0.0.0.0/32"),
+                publish(80, f"127.0.0.1:{host_port}", addr="::/128"),
+            ]
+        )
+    )
     with running(seccomp_cmd(broker, netns, busybox, "nc", "-l", "-p", "80"), stdin=True) as nc:
         nc.proc.stdin.write(b"served by busybox nc\n")  # sent once a client is accepted
         nc.proc.stdin.close()
@@ -218,14 +245,24 @@ def test_busybox_nc_server_published_on_the_host(netns, start_broker, busybox):
         assert nc.proc.wait(timeout=20) == 0, nc.output()
         nc.expect(r"^hello from the host$")
     assert seccomp_records(broker) == [rec]
-    assert (rec["op"], rec["port"], rec["action"], host_address(rec)) == \
-        ("bind", 80, "graft", ("127.0.0.1", host_port)), rec
+    assert (rec["op"], rec["port"], rec["action"], host_address(rec)) == (
+        "bind",
+        80,
+        "graft",
+        ("127.0.0.1", host_port),
+    ), rec
     # busybox binds the unspecified address of its preferred family: ::, as IPv6 works in the namespace.
     assert ipaddress.ip_address(rec["addr"]).is_unspecified
 
 
-def test_busybox_wget_in_a_container_through_graft_runtime(rt, start_broker, short_tmp, rootfs, site,  # noqa: F811
-                                                          busybox):
+def test_busybox_wget_in_a_container_through_graft_runtime(
+    rt,
+    start_broker,
+    short_tmp,
+    rootfs,
+    site,  # noqa: F811
+    busybox,
+):
     """runc/crun through graft-runtime, a seccomp-mode tenant: no hand edits, no LD_PRELOAD, static wget grafted."""
     broker = start_broker(policy(site, mode="seccomp"), "web")
     with socket.create_server(("127.0.0.1", 0)) as unlisted:
@@ -259,8 +296,9 @@ def test_go_client_reaches_a_host_only_server(netns, start_broker, go_programs):
         r = run(seccomp_cmd(broker, netns, client, f"127.0.0.1:{port}", "hello from go"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout) == {"reply": "hello from go\n", "remote": f"127.0.0.1:{port}", "errno": 0}
-    assert decisions(seccomp_records(broker)) == \
-        [("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)]
+    assert decisions(seccomp_records(broker)) == [
+        ("connect", "tcp", "127.0.0.1", port, "graft", "tenants.t.connect[0]", 0)
+    ]
 
 
 def test_go_client_denied_with_eperm(netns, start_broker, go_programs):
@@ -273,8 +311,9 @@ def test_go_client_denied_with_eperm(netns, start_broker, go_programs):
     result = json.loads(r.stdout)
     assert result["errno"] == errno.EPERM, result
     assert "connect: operation not permitted" in result["error"], result
-    assert decisions(seccomp_records(broker)) == \
-        [("connect", "tcp", "127.0.0.1", port, "deny", "tenants.t.connect[0]", errno.EPERM)]
+    assert decisions(seccomp_records(broker)) == [
+        ("connect", "tcp", "127.0.0.1", port, "deny", "tenants.t.connect[0]", errno.EPERM)
+    ]
 
 
 # Go's net.Listen("tcp", ":80") first probes IPv6 by binding throw-away sockets to port 0
@@ -286,8 +325,14 @@ GO_BIND_RULE = "tenants.t.bind[1]"
 
 def test_go_server_published_on_the_host(netns, start_broker, go_programs):
     host_port = free_port()
-    broker = start_broker(seccomp_rules(bind=[publish(80, f"127.0.0.1:{host_port}", addr="0.0.0.0/32"),
-                                              publish(80, f"127.0.0.1:{host_port}", addr="::/128")]))
+    broker = start_broker(
+        seccomp_rules(
+            bind=[
+                publish(80, f"127.0.0.1:{host_port}", addr="0.0.0.0/32"),
+                publish(80, f"127.0.0.1:{host_port}", addr="::/128"),
+            ]
+        )
+    )
     with running(seccomp_cmd(broker, netns, str(go_programs["server"]), "80")) as server:
         server.expect(r"^listening ")
         for i in range(3):  # each connection is accepted on the grafted listener by Go's poller
@@ -300,8 +345,11 @@ def test_go_server_published_on_the_host(netns, start_broker, go_programs):
 
 
 def test_go_server_denied_bind_fails_with_eacces(netns, start_broker, go_programs):
-    broker = start_broker(seccomp_rules(bind=[publish(80, "", addr="0.0.0.0/32", action="deny"),
-                                              publish(80, "", addr="::/128", action="deny")]))
+    broker = start_broker(
+        seccomp_rules(
+            bind=[publish(80, "", addr="0.0.0.0/32", action="deny"), publish(80, "", addr="::/128", action="deny")]
+        )
+    )
     r = run(seccomp_cmd(broker, netns, str(go_programs["server"]), "80"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stdout == f"listen failed errno={errno.EACCES}: listen tcp :80: bind: permission denied\n", r.stdout
@@ -327,8 +375,18 @@ def resolver_address() -> str:
 
 def with_resolv_conf(resolv: Path, cmd: list[str]) -> list[str]:
     """cmd in a private mount namespace, where /etc/resolv.conf is resolv; the host's is untouched."""
-    return ["unshare", "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv), *cmd]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+        str(resolv),
+        *cmd,
+    ]
 
 
 @pytest.fixture
@@ -346,9 +404,9 @@ def resolver(tmp_path):
 class Lookup(NamedTuple):
     """What one getent database does with glibc's resolver, as seen on this machine (glibc 2.36)."""
 
-    first_line: list[str]   # the words of getent's first line of output
-    questions: list[int]    # the query types the name server gets, in order
-    connects: int           # the UDP sockets the resolver connects to it
+    first_line: list[str]  # the words of getent's first line of output
+    questions: list[int]  # the query types the name server gets, in order
+    connects: int  # the UDP sockets the resolver connects to it
 
 
 LOOKUPS = {
@@ -381,8 +439,9 @@ def test_getent_resolves_through_graft_only_in_seccomp_mode(netns, start_broker,
     # shim cannot interpose, so the query still goes to the namespace's lo, and the broker
     # hears nothing of it.
     preload = start_broker(rules(connect=[dns_rule]))
-    r = run(with_resolv_conf(resolv, [GRAFT, "run", "--socket", str(preload.socket_path), "--netns", netns,
-                                      "--", *getent]))
+    r = run(
+        with_resolv_conf(resolv, [GRAFT, "run", "--socket", str(preload.socket_path), "--netns", netns, "--", *getent])
+    )
     assert (r.returncode, r.stdout, asked) == (2, "", []), r.stderr
     assert preload.audit() == []
 
@@ -391,7 +450,10 @@ def test_getent_resolves_through_graft_only_in_seccomp_mode(netns, start_broker,
     broker = start_broker(seccomp_rules(connect=[dns_rule]))
     r = run(with_resolv_conf(resolv, seccomp_cmd(broker, netns, *getent)))
     assert (r.returncode, first_line(r)) == (0, expected.first_line), r.stderr
-    assert [(q, peer[0]) for q, peer in asked] == \
-        [(Question(DNS_NAME, qtype), "127.0.0.1") for qtype in expected.questions]
-    assert decisions(seccomp_records(broker)) == \
-        [("connect", "udp", address, 53, "graft", "tenants.t.connect[0]", 0)] * expected.connects
+    assert [(q, peer[0]) for q, peer in asked] == [
+        (Question(DNS_NAME, qtype), "127.0.0.1") for qtype in expected.questions
+    ]
+    assert (
+        decisions(seccomp_records(broker))
+        == [("connect", "udp", address, 53, "graft", "tenants.t.connect[0]", 0)] * expected.connects
+    )

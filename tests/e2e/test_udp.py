@@ -9,6 +9,7 @@ on a graft the host socket stays *unconnected*, so later datagrams may go
 to other peers and replies from any peer are received, with recvfrom
 giving the true peer address.
 """
+
 from __future__ import annotations
 
 import select
@@ -23,17 +24,27 @@ from support.udp_env import PY, program, run_json, udp_echo
 pytestmark = pytest.mark.netns
 
 
-def policy(default: str = "deny", connect_ports=(), bind: tuple[int, int] | None = None, proto: str = "udp",
-           action: str = "graft", any_udp: bool = False) -> str:
+def policy(
+    default: str = "deny",
+    connect_ports=(),
+    bind: tuple[int, int] | None = None,
+    proto: str = "udp",
+    action: str = "graft",
+    any_udp: bool = False,
+) -> str:
     text = f'version = 1\n[tenants.t]\ndefault = "{default}"\n'
     if any_udp:
         text += '[[tenants.t.connect]]\nproto = "udp"\n'  # every UDP destination is grafted
     if connect_ports:
-        text += (f'[[tenants.t.connect]]\nto = ["127.0.0.1/32", "::1/128"]\nports = {list(connect_ports)}\n'
-                 f'proto = "{proto}"\naction = "{action}"\n')
+        text += (
+            f'[[tenants.t.connect]]\nto = ["127.0.0.1/32", "::1/128"]\nports = {list(connect_ports)}\n'
+            f'proto = "{proto}"\naction = "{action}"\n'
+        )
     if bind is not None:
-        text += (f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{bind[0]}]\nhost = "127.0.0.1:{bind[1]}"\n'
-                 f'proto = "udp"\n')
+        text += (
+            f'[[tenants.t.bind]]\naddr = ["0.0.0.0/32"]\nports = [{bind[0]}]\nhost = "127.0.0.1:{bind[1]}"\n'
+            f'proto = "udp"\n'
+        )
     return text
 
 
@@ -64,8 +75,13 @@ def test_sendto_grafts_an_unconnected_socket_that_hears_any_peer(netns, start_br
     assert out["connected"] == "ENOTCONN" and out["local_port"] != 0
     # One judgement, on the first datagram; the second send was a plain host call.
     (rec,) = broker.audit()
-    assert (rec["op"], rec["proto"], rec["action"], rec["addr"], rec["port"]) == \
-        ("connect", "udp", "graft", "127.0.0.1", port)
+    assert (rec["op"], rec["proto"], rec["action"], rec["addr"], rec["port"]) == (
+        "connect",
+        "udp",
+        "graft",
+        "127.0.0.1",
+        port,
+    )
 
 
 def test_sendto_over_ipv6(netns, start_broker):
@@ -85,8 +101,10 @@ def test_sendto_socket_reaches_a_second_destination_the_narrow_rules_graft(netns
     records = broker.audit()
     need(records[0]["confinement"] == "on", "needs kernel confinement (cgroup2 + BPF)")
     assert out["replies"] == [["echo:one", ["127.0.0.1", port]], ["echo:two", ["127.0.0.1", port2]]], out
-    assert [(r["op"], r["port"], r["action"]) for r in records] == [("connect", port, "graft"),
-                                                                    ("grant", port2, "graft")]
+    assert [(r["op"], r["port"], r["action"]) for r in records] == [
+        ("connect", port, "graft"),
+        ("grant", port2, "graft"),
+    ]
 
 
 def test_denied_sendto_fails_with_eperm_and_sends_nothing(netns, start_broker):
@@ -104,16 +122,31 @@ def test_container_verdict_sends_natively_in_the_namespace(netns, start_broker):
     port = free_port()
     broker = start_broker(policy(connect_ports=[port], action="container"))
     receiver = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{netns}", "--", PY, "-u", "-c",
-         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-         f"s.bind(('127.0.0.1', {port})); print('ready', flush=True); s.settimeout(30); "
-         "print(s.recvfrom(100)[0].decode(), flush=True)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            "nsenter",
+            f"--net=/run/netns/{netns}",
+            "--",
+            PY,
+            "-u",
+            "-c",
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.bind(('127.0.0.1', {port})); print('ready', flush=True); s.settimeout(30); "
+            "print(s.recvfrom(100)[0].decode(), flush=True)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert receiver.stdout.readline().strip() == "ready"
-        r = run_grafted(broker, netns, PY, "-c",
-                        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                        f"s.sendto(b'inside', ('127.0.0.1', {port}))")
+        r = run_grafted(
+            broker,
+            netns,
+            PY,
+            "-c",
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.sendto(b'inside', ('127.0.0.1', {port}))",
+        )
         assert r.returncode == 0, r.stderr
         assert receiver.stdout.readline().strip() == "inside"
         assert receiver.wait(timeout=30) == 0
@@ -128,8 +161,12 @@ def test_container_verdict_sends_natively_in_the_namespace(netns, start_broker):
 def test_udp_server_in_namespace_is_published_on_the_host(netns, start_broker):
     host_port = free_port()
     broker = start_broker(policy(bind=(5353, host_port)))
-    server = subprocess.Popen(graft_cmd(broker, netns, *program("udp_server.py", 5353, 2)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        graft_cmd(broker, netns, *program("udp_server.py", 5353, 2)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # The app sees the address it bound, not the host's (getsockname translation).
         assert server.stdout.readline().split() == ["listening", "0.0.0.0", "5353"]
@@ -151,5 +188,9 @@ def test_udp_server_in_namespace_is_published_on_the_host(netns, start_broker):
             server.kill()
             server.wait()
     (rec,) = broker.audit()
-    assert (rec["op"], rec["proto"], rec["action"], rec["host_addr"]) == ("bind", "udp", "graft",
-                                                                          f"127.0.0.1:{host_port}")
+    assert (rec["op"], rec["proto"], rec["action"], rec["host_addr"]) == (
+        "bind",
+        "udp",
+        "graft",
+        f"127.0.0.1:{host_port}",
+    )

@@ -8,6 +8,7 @@ records that find no room are counted as lost; with "deny" a request whose
 record cannot be taken is refused with EPERM, and granted again once the
 reader catches up. graft status shows both.
 """
+
 from __future__ import annotations
 
 import json
@@ -131,8 +132,7 @@ def test_with_on_error_deny_what_cannot_be_recorded_is_refused(short_tmp):
         try:
             answers = stalled.ask(client, REQUESTS)
             granted = answers.index((wire.V_DENY, 1))  # EPERM from here on: no room for the record
-            assert granted > 0 and answers == [(wire.V_GRAFT, 0)] * granted + [(wire.V_DENY, 1)] * (
-                REQUESTS - granted)
+            assert granted > 0 and answers == [(wire.V_GRAFT, 0)] * granted + [(wire.V_DENY, 1)] * (REQUESTS - granted)
             status = stalled.audit_status()
             assert status["refused"] == REQUESTS - granted and status["on_error"] == "deny", status
             stalled.drain()

@@ -12,6 +12,7 @@ it alone, where it made a latency bound flaky on this 2-core machine. What
 the flood costs the quiet tenant in microseconds is a benchmark's
 (bench/load_tenants.py, docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -70,9 +71,10 @@ def test_a_flooding_tenant_does_not_starve_another(start_broker):
     broker = start_broker(load_tenants.policy(2), "t0", "--log-level", "warning")
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    flooder = ctx.Process(target=load_tenants.tenant_process,
-                          args=("t0", str(broker.socket_dir / "t0.sock"), load_tenants.BASE_PORT, 64,
-                                time.monotonic(), 30, q))
+    flooder = ctx.Process(
+        target=load_tenants.tenant_process,
+        args=("t0", str(broker.socket_dir / "t0.sock"), load_tenants.BASE_PORT, 64, time.monotonic(), 30, q),
+    )
     flooder.start()
     try:
         # The flood is on once the broker has served the flooder 1,000 times.
@@ -87,5 +89,7 @@ def test_a_flooding_tenant_does_not_starve_another(start_broker):
     # the flood went on between the quiet tenant's requests, not only around them
     assert sum(gaps) >= REQUESTS, sum(gaps)
     p90 = gaps[int(0.9 * (len(gaps) - 1))]
-    assert p90 <= BOUND, f"flooder requests served between two of the quiet tenant's: p50 {gaps[len(gaps) // 2]}, " \
-                         f"p90 {p90}, max {gaps[-1]}"
+    assert p90 <= BOUND, (
+        f"flooder requests served between two of the quiet tenant's: p50 {gaps[len(gaps) // 2]}, "
+        f"p90 {p90}, max {gaps[-1]}"
+    )

@@ -1,6 +1,7 @@
 """Faults: the broker dies at each point of a request; the broker is killed
 under load. The app gets the documented errno within a bounded time, never
 hangs, and leaks no fd."""
+
 from __future__ import annotations
 
 import errno
@@ -27,9 +28,25 @@ def fault_client(socket_path, ns, port: int, fallback: str | None = None) -> lis
     env.pop("GRAFT_FALLBACK", None)
     if fallback:
         env["GRAFT_FALLBACK"] = fallback
-    r = subprocess.run([GRAFT, "run", "--socket", str(socket_path), "--netns", ns, "--", sys.executable,
-                        os.path.join(PROGRAMS, "fault_client.py"), "127.0.0.1", str(port)],
-                       capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run(
+        [
+            GRAFT,
+            "run",
+            "--socket",
+            str(socket_path),
+            "--netns",
+            ns,
+            "--",
+            sys.executable,
+            os.path.join(PROGRAMS, "fault_client.py"),
+            "127.0.0.1",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split() + [r.stderr]
 
@@ -40,8 +57,9 @@ def against_dying_broker(ns, short_tmp, point: str, fallback: str | None = None)
     Returns (the fake's exit status, fault_client's fields).
     """
     path = short_tmp / "t.sock"
-    fake = subprocess.Popen([sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), point],
-                            stdout=subprocess.PIPE, text=True)
+    fake = subprocess.Popen(
+        [sys.executable, os.path.join(PROGRAMS, "dying_broker.py"), str(path), point], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert fake.stdout.readline().strip() == "ready"
         result = fault_client(path, ns, 9, fallback)
@@ -74,7 +92,7 @@ def test_fallback_container_when_the_broker_dies(netns, short_tmp):
 
 def test_real_broker_sigkilled_then_restarted(netns, start_broker):
     with echo_server() as port:
-        broker = start_broker(f'version = 1\n[tenants.t]\n[[tenants.t.connect]]\nports = [{port}]\n')
+        broker = start_broker(f"version = 1\n[tenants.t]\n[[tenants.t.connect]]\nports = [{port}]\n")
         ok = fault_client(broker.socket_path, netns, port)
         assert ok[0] == "OK"
         broker.proc.send_signal(signal.SIGKILL)

@@ -5,6 +5,7 @@ the broker pushes and passes it to the next start, as systemd does). A hard
 link to the socket file stands in for a container's bind mount of it: both
 reach the socket through its inode, not its path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,7 +18,7 @@ from graft.broker.shim import wire
 from support.harness import BrokerProcess, WireClient, connect_request
 
 POLICY = 'version = 1\n[tenants.t]\n[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nproto = "udp"\n'
-TWO_TENANTS = POLICY + '[tenants.u]\n'
+TWO_TENANTS = POLICY + "[tenants.u]\n"
 
 
 def stored_path(broker: BrokerProcess, name: str) -> str:

@@ -5,6 +5,7 @@ The broker is a real graft-broker process; after every example a well-formed
 request on a fresh connection must still be answered, and at the end the
 broker's fd count is what it was before the fuzzing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -46,8 +47,9 @@ def fuzz_target(tmp_path_factory):
     with echo_server() as port:
         broker = BrokerProcess(d, POLICY.format(port=port)).start()
         broker.idle_fds = broker_fds(broker)  # listener, audit log, trio's own: nothing per client
-        good = wire.encode_request(request.OP_CONNECT, request.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"),
-                                                                 port))
+        good = wire.encode_request(
+            request.OP_CONNECT, request.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), port)
+        )
         try:
             yield broker, good
         finally:
@@ -81,7 +83,8 @@ def mutate(good: bytes, flips) -> bytes:
 messages = st.one_of(
     st.binary(max_size=2 * wire.REQUEST_SIZE),  # any length, any bytes
     st.lists(st.tuples(st.integers(0, wire.REQUEST_SIZE - 1), st.integers(0, 255)), max_size=16).map(
-        lambda flips: ("mutate", flips)),
+        lambda flips: ("mutate", flips)
+    ),
     st.integers(wire.REQUEST_SIZE + 1, 64 * 1024).map(lambda n: b"\x54" * n),  # huge
 )
 
@@ -138,13 +141,59 @@ def test_fd_count_is_flat_after_abuse(fuzz_target):
 
 # ---- random policy files ------------------------------------------------------------
 
-toml_scalars = st.one_of(st.integers(-2**40, 2**40), st.text(max_size=20), st.booleans(),
-                         st.sampled_from(["127.0.0.1/32", "::/0", "10.0.0.0/8", "8000-8100", "9-3", "graft",
-                                          "deny", "container", "tcp", "udp", "any", "0666", "host",
-                                          "127.0.0.1:8080", "[::1]:80", "/run/graft", "stderr", "auto"]))
-keys = st.sampled_from(["version", "broker", "tenants", "socket_dir", "audit_log", "confinement", "netns",
-                        "default", "socket_mode", "max_sockets", "uids", "connect", "bind", "to", "ports",
-                        "proto", "action", "addr", "host", "web", "db", "x"])
+toml_scalars = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.text(max_size=20),
+    st.booleans(),
+    st.sampled_from(
+        [
+            "127.0.0.1/32",
+            "::/0",
+            "10.0.0.0/8",
+            "8000-8100",
+            "9-3",
+            "graft",
+            "deny",
+            "container",
+            "tcp",
+            "udp",
+            "any",
+            "0666",
+            "host",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "/run/graft",
+            "stderr",
+            "auto",
+        ]
+    ),
+)
+keys = st.sampled_from(
+    [
+        "version",
+        "broker",
+        "tenants",
+        "socket_dir",
+        "audit_log",
+        "confinement",
+        "netns",
+        "default",
+        "socket_mode",
+        "max_sockets",
+        "uids",
+        "connect",
+        "bind",
+        "to",
+        "ports",
+        "proto",
+        "action",
+        "addr",
+        "host",
+        "web",
+        "db",
+        "x",
+    ]
+)
 toml_values = st.recursive(
     toml_scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)),
@@ -154,6 +203,7 @@ toml_values = st.recursive(
 
 def to_toml(d: dict, prefix: str = "") -> str:
     """A small TOML writer: enough for dicts of scalars, lists and tables."""
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"

@@ -4,6 +4,7 @@ decisions apply at once, and no request fails because of the reload.
 The load is paced to that rate; what the test asserts of it is not its rate
 (a loaded machine may not reach it, and targets live in bench/) but that every
 client kept being answered across every reload."""
+
 from __future__ import annotations
 
 import threading
@@ -76,7 +77,9 @@ def test_reload_under_load(start_broker):
             # Requests sent from now on reach the broker after its READY=1, so
             # they must carry the new decision; every client gets answers to some.
             after = lambda at=switched_at: [[v for ts, v in mine if ts > at] for mine in seen]  # noqa: E731
-            assert eventually(lambda after=after: problems or min(map(len, after())) >= 10, timeout=10), [len(m) for m in seen]
+            assert eventually(lambda after=after: problems or min(map(len, after())) >= 10, timeout=10), [
+                len(m) for m in seen
+            ]
             assert problems == [] and all(v == want for mine in after() for v in mine), (action, problems)
     finally:
         stop.set()

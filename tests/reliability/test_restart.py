@@ -1,5 +1,6 @@
 """Restart without loss: grafted sockets belong to the apps, and the shim
 reconnects to a new broker on its next call."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,13 @@ def test_100_connections_carry_data_through_a_restart(netns, start_broker):
     with echo_server() as port:
         policy = f'version = 1\n[tenants.t]\ndefault = "deny"\n[[tenants.t.connect]]\nports = [{port}]\n'
         broker = start_broker(policy)
-        app = subprocess.Popen(graft_cmd(broker, netns, sys.executable, PROGRAM, "127.0.0.1", str(port), "100"),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        app = subprocess.Popen(
+            graft_cmd(broker, netns, sys.executable, PROGRAM, "127.0.0.1", str(port), "100"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert app.stdout.readline().strip() == "open 100", app.stderr.read()
             app.stdin.write("echo 5\n")

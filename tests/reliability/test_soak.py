@@ -1,4 +1,5 @@
 """100,000 grafts: the broker's fd count and memory stay flat."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,12 @@ def run_grafts(path, total: int) -> list:
 
 
 def test_100k_grafts_leave_fds_and_memory_flat(start_broker):
-    broker = start_broker('version = 1\n[tenants.t]\n[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [9]\n'
-                          'proto = "udp"\n', "t", "--audit-log", "off")
+    broker = start_broker(
+        'version = 1\n[tenants.t]\n[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [9]\nproto = "udp"\n',
+        "t",
+        "--audit-log",
+        "off",
+    )
     pid = broker.proc.pid
     idle_fds = fds(pid)
     rss = []

@@ -13,6 +13,7 @@ TTL 0, so nothing caches it) and any other type an empty NOERROR answer, as
 a real zone without that record would give; unknown names get NXDOMAIN, and
 what cannot be parsed is dropped, as servers drop junk.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -61,7 +62,7 @@ def parse_question(query: bytes) -> tuple[Question, int] | None:
             break
         if length > 63 or pos + length > len(query):  # a compression pointer has no place in a question
             return None
-        labels.append(query[pos:pos + length].decode("ascii", errors="replace").lower())
+        labels.append(query[pos : pos + length].decode("ascii", errors="replace").lower())
         pos += length
     if pos + 4 > len(query):
         return None
@@ -86,7 +87,7 @@ def answer(query: bytes, records: dict[str, str]) -> bytes | None:
         answers += ipaddress.IPv4Address(address).packed
     rcode = RCODE_NOERROR if address is not None else RCODE_NXDOMAIN
     header = _HEADER.pack(qid, _QR | _AA | _RA | (flags & _OPCODE_RD) | rcode, 1, 1 if answers else 0, 0, 0)
-    return header + query[_HEADER.size:end] + answers
+    return header + query[_HEADER.size : end] + answers
 
 
 @contextmanager

@@ -4,6 +4,7 @@ Everything here is created by a test and removed when it ends, pass or
 fail. Readiness is always a signal (sd_notify READY=1 from the broker, a
 socket that is already listening), never a sleep.
 """
+
 from __future__ import annotations
 
 import array
@@ -184,8 +185,16 @@ class BrokerProcess:
     ``stop_and_audit()``, or waits for its exact count with ``eventually``.
     """
 
-    def __init__(self, tmp: Path, policy_text: str, tenant: str = "t", cgroup: str | None = None,
-                 fdstore: bool = False, stderr_fd: int | None = None, kernel_audit_interval: float | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        policy_text: str,
+        tenant: str = "t",
+        cgroup: str | None = None,
+        fdstore: bool = False,
+        stderr_fd: int | None = None,
+        kernel_audit_interval: float | None = None,
+    ):
         self.cgroup = cgroup
         self.kernel_audit_interval = kernel_audit_interval
         self.stderr_fd = stderr_fd  # the broker's stderr, if not the file stderr() reads
@@ -217,18 +226,35 @@ class BrokerProcess:
         if self.cgroup is None and self._owns_cgroup:
             self.cgroup = make_test_cgroup()
         cg_dir = cgroup2_dir(self.cgroup) if self.cgroup else None
-        cmd = [*self._broker_cmd(), "--policy", str(self.policy_path), "--socket-dir", str(self.socket_dir),
-               "--audit-log", str(self.audit_path), "--log-level", "debug", *extra]
+        cmd = [
+            *self._broker_cmd(),
+            "--policy",
+            str(self.policy_path),
+            "--socket-dir",
+            str(self.socket_dir),
+            "--audit-log",
+            str(self.audit_path),
+            "--log-level",
+            "debug",
+            *extra,
+        ]
         passed: list[int] = []
         try:
             if self.stored is not None:
                 env["FDSTORE"] = "64"
                 cmd, passed = self._pass_stored(cmd, env)
             with contextlib.ExitStack() as stack:  # the child has its own copy of the log's fd
-                stderr = self.stderr_fd if self.stderr_fd is not None else stack.enter_context(
-                    open(self.stderr_path, "wb"))
-                self.proc = subprocess.Popen(in_cgroup(cg_dir, cmd), env=env, pass_fds=passed,
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+                stderr = (
+                    self.stderr_fd if self.stderr_fd is not None else stack.enter_context(open(self.stderr_path, "wb"))
+                )
+                self.proc = subprocess.Popen(
+                    in_cgroup(cg_dir, cmd),
+                    env=env,
+                    pass_fds=passed,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
         finally:
             for fd in passed:
                 os.close(fd)
@@ -238,8 +264,12 @@ class BrokerProcess:
     def _broker_cmd(self) -> list[str]:
         if self.kernel_audit_interval is None:
             return [GRAFT_BROKER]
-        return [sys.executable, "-c", "import sys; from graft.broker import main; from graft.broker.core import grants; "
-                f"grants.KERNEL_AUDIT_INTERVAL = {self.kernel_audit_interval!r}; sys.exit(main.main())"]
+        return [
+            sys.executable,
+            "-c",
+            "import sys; from graft.broker import main; from graft.broker.core import grants; "
+            f"grants.KERNEL_AUDIT_INTERVAL = {self.kernel_audit_interval!r}; sys.exit(main.main())",
+        ]
 
     def _pass_stored(self, cmd: list[str], env: dict) -> tuple[list[str], list[int]]:
         """cmd wrapped to receive the stored fds as systemd passes them; the fds to pass."""
@@ -413,10 +443,18 @@ def graft_cmd(broker: BrokerProcess, ns: str | None, *cmd: str) -> list[str]:
     return [*args, "--", *cmd]
 
 
-def run_grafted(broker: BrokerProcess, ns: str | None, *cmd: str, env: dict | None = None,
-                timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(graft_cmd(broker, ns, *cmd), env=env, capture_output=True, text=True,
-                          timeout=timeout, check=check, stdin=subprocess.DEVNULL)
+def run_grafted(
+    broker: BrokerProcess, ns: str | None, *cmd: str, env: dict | None = None, timeout: float = 60, check: bool = False
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        graft_cmd(broker, ns, *cmd),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def program(name: str, *args) -> list[str]:
@@ -426,8 +464,13 @@ def program(name: str, *args) -> list[str]:
 
 def run_in_netns(ns: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run cmd in ns without the shim (nsenter --net, which leaves /sys alone)."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", *cmd], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", "--", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def errno_name(code: int) -> str:
@@ -531,8 +574,11 @@ def connect_request(port: int, host: str = "127.0.0.1", udp: bool = False) -> by
     from graft.broker.core import request
     from graft.broker.shim import wire
 
-    return wire.encode_request(request.OP_CONNECT, request.SockAddr(socket.AF_INET, ipaddress.ip_address(host), port),
-                               type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    return wire.encode_request(
+        request.OP_CONNECT,
+        request.SockAddr(socket.AF_INET, ipaddress.ip_address(host), port),
+        type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+    )
 
 
 def loopback_destination(i: int, net: int = 1) -> str:

@@ -14,6 +14,7 @@ anywhere. 6.18 fails both with ``EINVAL`` (the ``listen()`` still leaves
 the socket holding a fresh port, not listening). A socket that was never
 connected autobinds and listens on every kernel.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -3,6 +3,7 @@
 Used by e2e/test_real_apps.py (dynamically linked programs, through the shim) and
 e2e/test_static_apps.py (static programs, in seccomp mode).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ class Running:
 
     def __init__(self, cmd: list[str], env: dict | None = None, stdin: bool = False):
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._drain, daemon=True)
@@ -83,8 +89,10 @@ class Running:
                 raise AssertionError(f"no /{pattern}/ within {timeout} s:\n{self.output()}") from None
             if line is None:
                 self._queue.put(None)
-                raise AssertionError(f"{shlex.join(self.cmd)}\nended (exit {self.proc.poll()}) before printing "
-                                     f"/{pattern}/:\n{self.output()}")
+                raise AssertionError(
+                    f"{shlex.join(self.cmd)}\nended (exit {self.proc.poll()}) before printing "
+                    f"/{pattern}/:\n{self.output()}"
+                )
             if m := regex.search(line):
                 return m
 

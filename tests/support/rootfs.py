@@ -12,6 +12,7 @@ three), made non-interactive. Its network namespace is new and empty: the
 runtime brings up `lo` and nothing else, so nothing outside is reachable
 except through graft.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,12 +59,12 @@ def build_rootfs(root: Path) -> Path:
 
 
 def _tmpfs(destination: str, *options: str) -> dict:
-    return {"destination": destination, "type": "tmpfs", "source": "tmpfs",
-            "options": ["nosuid", "nodev", *options]}
+    return {"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", *options]}
 
 
-def default_config(rootfs: Path, args: list[str], annotations: dict[str, str] | None = None,
-                   env: list[str] | None = None) -> dict:
+def default_config(
+    rootfs: Path, args: list[str], annotations: dict[str, str] | None = None, env: list[str] | None = None
+) -> dict:
     """The config `runc spec` writes, without a terminal, running args in rootfs (shared, read-only)."""
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     config = {
@@ -82,25 +83,47 @@ def default_config(rootfs: Path, args: list[str], annotations: dict[str, str] | 
         "hostname": "graft-test",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
             _tmpfs("/tmp", "mode=1777"),
             _tmpfs("/run", "mode=755"),
-            *({"destination": f"/{d}", "type": "bind", "source": f"/{d}", "options": ["rbind", "ro"]}
-              for d in host_dirs()),
+            *(
+                {"destination": f"/{d}", "type": "bind", "source": f"/{d}", "options": ["rbind", "ro"]}
+                for d in host_dirs()
+            ),
         ],
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                            "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }
     if annotations:
@@ -146,7 +169,8 @@ def real_runtime(name: str, tmp: Path) -> str:
         "#!/bin/sh\n"
         "# crun with the cgroup v1 controllers only: see tests/support/rootfs.py\n"
         f'exec unshare --mount --propagation private /bin/sh -c \'umount {CRUN_HYBRID_PATH} && exec "$0" "$@"\' '
-        f'{path} "$@"\n')
+        f'{path} "$@"\n'
+    )
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -162,8 +186,9 @@ class Runtime:
         return [GRAFT_RUNTIME, "--graft-runtime", self.real, "--root", str(self.state_dir), *args]
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self.cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
 
     def containers(self) -> list[str]:
         """The ids of the containers in the state directory."""

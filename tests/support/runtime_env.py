@@ -4,6 +4,7 @@ The fixtures give a host web server (`site`), a root filesystem (`rootfs`) and
 each real runtime, runc and crun (`rt`). Used by e2e/test_oci_runtime.py and
 e2e/test_static_apps.py (static wget through graft-runtime).
 """
+
 from __future__ import annotations
 
 import pytest

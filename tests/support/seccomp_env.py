@@ -3,6 +3,7 @@
 Used by e2e/test_seccomp_mode.py (the agent end to end) and e2e/test_seccomp_loop.py
 (its C loop).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ from .harness import GRAFT, need_confinement
 
 def policy(*rules: str, default: str = "deny", mode: str = "seccomp", tenant_keys: str = "") -> str:
     """Tenant "t" in mode, with more of its keys (TOML lines) and then its rules."""
-    text = (f'version = 1\n[broker]\nconfinement = "required"\n'
-            f'[tenants.t]\nmode = "{mode}"\ndefault = "{default}"\n{tenant_keys}')
+    text = (
+        f'version = 1\n[broker]\nconfinement = "required"\n'
+        f'[tenants.t]\nmode = "{mode}"\ndefault = "{default}"\n{tenant_keys}'
+    )
     return text + "".join(rules)
 
 
@@ -31,8 +34,9 @@ def seccomp_run(broker, ns: str | None, *cmd: str, timeout: float = 60) -> subpr
     args = [GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path)]
     if ns:
         args += ["--netns", ns]
-    return subprocess.run([*args, "--", *cmd], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*args, "--", *cmd], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def seccomp_records(broker) -> list[dict]:
@@ -85,6 +89,7 @@ def counting_listener():
 
 def tenant_status(broker, name: str = "t") -> dict:
     """The tenant's entry of `graft status --json`."""
-    out = subprocess.run([GRAFT, "status", "--socket-dir", str(broker.socket_dir), "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [GRAFT, "status", "--socket-dir", str(broker.socket_dir), "--json"], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out)["tenants"][name]

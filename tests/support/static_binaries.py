@@ -7,6 +7,7 @@ on the binaries they use (``interpreter``) rather than trust a package name,
 and build their Go programs here from tests/support/programs/go with the standard
 library only, offline.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,14 +48,14 @@ def go_env(cache: Path) -> dict[str, str]:
     """The environment for an offline, static, reproducible `go build` with its caches under cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GO", "CGO_"))}
     env.update(
-        CGO_ENABLED="0",            # the point: no libc, so no LD_PRELOAD
+        CGO_ENABLED="0",  # the point: no libc, so no LD_PRELOAD
         GOCACHE=str(cache / "build"),
         GOPATH=str(cache / "path"),
-        GOENV="off",                # ignore the user's go env file
+        GOENV="off",  # ignore the user's go env file
         GOFLAGS="-mod=mod",
-        GOPROXY="off",              # standard library only: never fetch a module
+        GOPROXY="off",  # standard library only: never fetch a module
         GOSUMDB="off",
-        GOTOOLCHAIN="local",        # Go >= 1.21 would otherwise try to download the go.mod's toolchain
+        GOTOOLCHAIN="local",  # Go >= 1.21 would otherwise try to download the go.mod's toolchain
         GO111MODULE="on",
     )
     return env
@@ -63,9 +64,15 @@ def go_env(cache: Path) -> dict[str, str]:
 def build_go(out: Path, cache: Path) -> dict[str, Path]:
     """Build each of GO_COMMANDS into out; {name: path}. Raises with go's output on failure."""
     out.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["go", "build", "-trimpath", "-o", f"{out}/", *(f"./{c}" for c in GO_COMMANDS)],
-                       cwd=GO_SOURCES, env=go_env(cache), capture_output=True, text=True, timeout=600,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["go", "build", "-trimpath", "-o", f"{out}/", *(f"./{c}" for c in GO_COMMANDS)],
+        cwd=GO_SOURCES,
+        env=go_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"go build failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     return {c: out / c for c in GO_COMMANDS}

@@ -3,6 +3,7 @@
 An echo server on loopback answers from a thread woken by a pipe (no
 sleeps); the client programs live in tests/programs and print JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def udp_socket(host: str, port: int = 0) -> socket.socket:
 
 
 @contextmanager
-def udp_echo(host: str = "127.0.0.1", *, sock: socket.socket | None = None, prefix: bytes = b"echo:",
-             reply_from_other_port: bool = False, peers: list | None = None):
+def udp_echo(
+    host: str = "127.0.0.1",
+    *,
+    sock: socket.socket | None = None,
+    prefix: bytes = b"echo:",
+    reply_from_other_port: bool = False,
+    peers: list | None = None,
+):
     """Echo datagrams, prefixed, from a thread on sock (default: a new one on host); yields (port, reply_port).
 
     With reply_from_other_port it answers from a second socket, so a client

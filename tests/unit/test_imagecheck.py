@@ -1,4 +1,5 @@
 """graft/imagecheck.py: whether libgraft.so can load in an image, from what its root filesystem holds."""
+
 from __future__ import annotations
 
 import os
@@ -25,15 +26,20 @@ def test_glibc_release():
     assert imagecheck.glibc_release(b"musl libc (x86_64)") is None
 
 
-@pytest.mark.parametrize("image, why", [
-    (Image(), None),  # nothing to go by (libraries from mounts): no refusal
-    (Image(glibc=(2, 36), glibc_path="/lib/libc.so.6"), None),
-    (Image(glibc=(2, 34)), None),
-    (Image(musl_loaders=("lib/ld-musl-x86_64.so.1",)), "use musl (lib/ld-musl-x86_64.so.1)"),
-    (Image(musl_loaders=("lib/ld-musl-x86_64.so.1",), glibc=(2, 36)), None),  # both: programs may use glibc
-    (Image(glibc=(2, 17), glibc_path="/lib64/libc.so.6"),
-     "glibc is 2.17 (/lib64/libc.so.6), and libgraft.so needs 2.34"),
-])
+@pytest.mark.parametrize(
+    "image, why",
+    [
+        (Image(), None),  # nothing to go by (libraries from mounts): no refusal
+        (Image(glibc=(2, 36), glibc_path="/lib/libc.so.6"), None),
+        (Image(glibc=(2, 34)), None),
+        (Image(musl_loaders=("lib/ld-musl-x86_64.so.1",)), "use musl (lib/ld-musl-x86_64.so.1)"),
+        (Image(musl_loaders=("lib/ld-musl-x86_64.so.1",), glibc=(2, 36)), None),  # both: programs may use glibc
+        (
+            Image(glibc=(2, 17), glibc_path="/lib64/libc.so.6"),
+            "glibc is 2.17 (/lib64/libc.so.6), and libgraft.so needs 2.34",
+        ),
+    ],
+)
 def test_verdict(image, why):
     got = imagecheck.verdict(image, (2, 34))
     assert got is None if why is None else why in got

@@ -1,4 +1,5 @@
 """graft/oci.py and graft-runtime's command-line parsing, on plain data (no runtime, no broker)."""
+
 from __future__ import annotations
 
 import copy
@@ -50,12 +51,15 @@ def test_annotation_with_default_and_explicit_socket_dir():
     assert r.tenant_socket == "/srv/graft/web.sock" and r.seccomp_listener == "/srv/graft/seccomp.sock"
 
 
-@pytest.mark.parametrize("annotations, message", [
-    ({oci.TENANT_ANNOTATION: ""}, "is not a tenant name"),
-    ({oci.TENANT_ANNOTATION: "../etc/x"}, "is not a tenant name"),
-    ({oci.TENANT_ANNOTATION: ".."}, "is not a tenant name"),
-    ({oci.TENANT_ANNOTATION: "web", oci.SOCKET_DIR_ANNOTATION: "run/graft"}, "is not an absolute path"),
-])
+@pytest.mark.parametrize(
+    "annotations, message",
+    [
+        ({oci.TENANT_ANNOTATION: ""}, "is not a tenant name"),
+        ({oci.TENANT_ANNOTATION: "../etc/x"}, "is not a tenant name"),
+        ({oci.TENANT_ANNOTATION: ".."}, "is not a tenant name"),
+        ({oci.TENANT_ANNOTATION: "web", oci.SOCKET_DIR_ANNOTATION: "run/graft"}, "is not an absolute path"),
+    ],
+)
 def test_bad_annotations(annotations, message):
     c = config()
     c["annotations"] = annotations
@@ -82,12 +86,23 @@ def test_preload_needs_no_confinement():
     assert oci.mode_from_status(status("preload", confinement="off"), request()) == "preload"
 
 
-@pytest.mark.parametrize("st, req, message", [
-    (status(), request("api"), r"tenant 'api' is not in the policy of the broker at /run/graft \(its tenants: db, "),
-    (status(socket="/run/graft2/web.sock"), request(), "serves it at /run/graft2/web.sock, not /run/graft/web.sock"),
-    (status(mode=None), request(), "does not report tenant modes"),
-    (status("seccomp", confinement="off"), request(), "seccomp mode, which needs kernel confinement"),
-])
+@pytest.mark.parametrize(
+    "st, req, message",
+    [
+        (
+            status(),
+            request("api"),
+            r"tenant 'api' is not in the policy of the broker at /run/graft \(its tenants: db, ",
+        ),
+        (
+            status(socket="/run/graft2/web.sock"),
+            request(),
+            "serves it at /run/graft2/web.sock, not /run/graft/web.sock",
+        ),
+        (status(mode=None), request(), "does not report tenant modes"),
+        (status("seccomp", confinement="off"), request(), "seccomp mode, which needs kernel confinement"),
+    ],
+)
 def test_status_that_cannot_graft(st, req, message):
     with pytest.raises(oci.BundleError, match=message):
         oci.mode_from_status(st, req)
@@ -101,10 +116,18 @@ def test_preload_mounts_and_env():
     c = oci.graft_config(before, request(), "preload", LIB)
     assert before == config(), "the input is not modified"
     lib, sock = c["mounts"][-2:]
-    assert lib == {"destination": oci.CONTAINER_LIB, "type": "bind", "source": LIB,
-                   "options": ["bind", "ro", "nosuid", "nodev"]}
-    assert sock == {"destination": "/run/graft/graft.sock", "type": "bind", "source": "/run/graft/web.sock",
-                    "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+    assert lib == {
+        "destination": oci.CONTAINER_LIB,
+        "type": "bind",
+        "source": LIB,
+        "options": ["bind", "ro", "nosuid", "nodev"],
+    }
+    assert sock == {
+        "destination": "/run/graft/graft.sock",
+        "type": "bind",
+        "source": "/run/graft/web.sock",
+        "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+    }
     assert c["mounts"][0] == before["mounts"][0]
     assert env_of(c, "LD_PRELOAD") == [oci.CONTAINER_LIB]
     assert "seccomp" not in c["linux"]
@@ -115,8 +138,10 @@ def test_preload_keeps_an_existing_ld_preload_after_the_shim():
     c["process"]["env"] += ["LD_PRELOAD=/usr/lib/libjemalloc.so:/usr/lib/libx.so", "LD_PRELOAD="]
     out = oci.graft_config(c, request(), "preload", LIB)
     # every entry: ld.so honours the last one, getenv() the first
-    assert env_of(out, "LD_PRELOAD") == [f"{oci.CONTAINER_LIB} /usr/lib/libjemalloc.so:/usr/lib/libx.so",
-                                         oci.CONTAINER_LIB]
+    assert env_of(out, "LD_PRELOAD") == [
+        f"{oci.CONTAINER_LIB} /usr/lib/libjemalloc.so:/usr/lib/libx.so",
+        oci.CONTAINER_LIB,
+    ]
 
 
 def test_process_without_env():
@@ -129,27 +154,35 @@ def test_a_mount_at_the_same_destination_is_replaced():
     c = config()
     c["mounts"].append({"destination": "/run/graft/graft.sock/", "type": "bind", "source": "/elsewhere.sock"})
     out = oci.graft_config(c, request(), "preload", LIB)
-    assert [m["source"] for m in out["mounts"] if m["destination"].startswith("/run/graft/graft.sock")] == \
-        ["/run/graft/web.sock"]
+    assert [m["source"] for m in out["mounts"] if m["destination"].startswith("/run/graft/graft.sock")] == [
+        "/run/graft/web.sock"
+    ]
 
 
 @pytest.mark.parametrize("mode", oci.MODES)
 def test_grafting_twice_changes_nothing(mode):
     c = config()
     c["process"]["env"].append("LD_PRELOAD=/usr/lib/libx.so")
-    c["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ERRNO",
-                             "syscalls": [{"names": ["read", "connect", "bind", "sendto", "sendmsg"],
-                                           "action": "SCMP_ACT_ALLOW"}]}
+    c["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{"names": ["read", "connect", "bind", "sendto", "sendmsg"], "action": "SCMP_ACT_ALLOW"}],
+    }
     once = oci.graft_config(c, request(), mode, LIB)
     assert oci.graft_config(once, request(), mode, LIB) == once
 
 
-@pytest.mark.parametrize("profile", [
-    None,
-    {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]},
-    {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
-     "syscalls": [{"names": ["read", *NOTIFIED_SYSCALLS], "action": "SCMP_ACT_ALLOW"}]},
-])
+@pytest.mark.parametrize(
+    "profile",
+    [
+        None,
+        {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]},
+        {
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["read", *NOTIFIED_SYSCALLS], "action": "SCMP_ACT_ALLOW"}],
+        },
+    ],
+)
 def test_a_mode_change_undoes_the_other_modes_edits(profile):
     c = config()
     c["process"]["env"].append("LD_PRELOAD=/usr/lib/libx.so")
@@ -163,9 +196,10 @@ def test_a_mode_change_undoes_the_other_modes_edits(profile):
     if profile is None or profile["defaultAction"] == "SCMP_ACT_ALLOW":
         assert back == preload
     else:  # the same filter, its allow rule split in two
-        assert back["linux"]["seccomp"]["syscalls"] == [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},
-                                                         {"names": list(NOTIFIED_SYSCALLS),
-                                                          "action": "SCMP_ACT_ALLOW"}]
+        assert back["linux"]["seccomp"]["syscalls"] == [
+            {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+            {"names": list(NOTIFIED_SYSCALLS), "action": "SCMP_ACT_ALLOW"},
+        ]
 
 
 def test_seccomp_mode_drops_only_the_shim_from_ld_preload():
@@ -186,11 +220,14 @@ def test_unknown_mode_is_refused():
 def notify_rules(default_permissive: bool = True) -> list[dict]:
     """The socket calls notified, but a sendto with a NULL destination (send(2)) never, and allowed explicitly
     under a refusing default."""
-    out = [{"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": "SCMP_ACT_NOTIFY"},
-           {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY", "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]}]
+    out = [
+        {"names": [n for n in NOTIFIED_SYSCALLS if n != "sendto"], "action": "SCMP_ACT_NOTIFY"},
+        {"names": ["sendto"], "action": "SCMP_ACT_NOTIFY", "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_NE"}]},
+    ]
     if not default_permissive:
-        out.append({"names": ["sendto"], "action": "SCMP_ACT_ALLOW",
-                    "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}]})
+        out.append(
+            {"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 4, "value": 0, "op": "SCMP_CMP_EQ"}]}
+        )
     return out
 
 
@@ -209,14 +246,14 @@ def test_seccomp_mode_without_a_profile():
 def test_seccomp_extends_an_engine_profile():
     """The shape of podman's and Docker's default: deny by default, a long allow list, arch list, flags."""
     profile = {
-        "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 38,
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
         "syscalls": [
             {"names": ["accept", "bind", "connect", "read"], "action": "SCMP_ACT_ALLOW"},
             {"names": ["sendmsg", "sendto"], "action": "SCMP_ACT_LOG"},
-            {"names": ["socket"], "action": "SCMP_ACT_ALLOW",
-             "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_NE"}]},
+            {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_NE"}]},
             {"names": ["ptrace"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
         ],
     }
@@ -234,22 +271,50 @@ def test_seccomp_extends_an_engine_profile():
     assert (out["listenerPath"], out["listenerMetadata"]) == ("/run/graft/seccomp.sock", "web")
 
 
-@pytest.mark.parametrize("profile, message", [
-    ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["connect"], "action": "SCMP_ACT_ERRNO"}]},
-     r"syscalls\[0\]\) sets SCMP_ACT_ERRNO for connect"),
-    ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},
-                                                      {"names": ["bind", "sendto"], "action": "SCMP_ACT_KILL"}]},
-     r"syscalls\[1\]\) sets SCMP_ACT_KILL for bind, sendto"),
-    ({"defaultAction": "SCMP_ACT_ALLOW",
-      "syscalls": [{"names": ["sendto"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 3, "value": 0,
-                                                                              "op": "SCMP_CMP_EQ"}]}]},
-     "SCMP_ACT_ALLOW with argument conditions for sendto"),
-    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["connect", "bind"], "action": "SCMP_ACT_ALLOW"}]},
-     r"refuses sendmsg, sendto \(defaultAction SCMP_ACT_ERRNO\)"),
-    ({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/bypass4netns.sock"},
-     "already has a listener, /run/bypass4netns.sock"),
-    ({"defaultAction": "SCMP_ACT_NOTIFY", "listenerPath": "/run/graft/seccomp.sock"}, "notifies on every call"),
-])
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        (
+            {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["connect"], "action": "SCMP_ACT_ERRNO"}]},
+            r"syscalls\[0\]\) sets SCMP_ACT_ERRNO for connect",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["bind", "sendto"], "action": "SCMP_ACT_KILL"},
+                ],
+            },
+            r"syscalls\[1\]\) sets SCMP_ACT_KILL for bind, sendto",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["sendto"],
+                        "action": "SCMP_ACT_ALLOW",
+                        "args": [{"index": 3, "value": 0, "op": "SCMP_CMP_EQ"}],
+                    }
+                ],
+            },
+            "SCMP_ACT_ALLOW with argument conditions for sendto",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ERRNO",
+                "syscalls": [{"names": ["connect", "bind"], "action": "SCMP_ACT_ALLOW"}],
+            },
+            r"refuses sendmsg, sendto \(defaultAction SCMP_ACT_ERRNO\)",
+        ),
+        (
+            {"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/bypass4netns.sock"},
+            "already has a listener, /run/bypass4netns.sock",
+        ),
+        ({"defaultAction": "SCMP_ACT_NOTIFY", "listenerPath": "/run/graft/seccomp.sock"}, "notifies on every call"),
+    ],
+)
 def test_seccomp_profiles_that_grafting_would_widen_are_refused(profile, message):
     c = config()
     c["linux"]["seccomp"] = profile
@@ -268,18 +333,41 @@ def test_seccomp_regraft_for_another_tenant_names_it():
 # ---- graft-runtime's command line ------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, command, bundle, real_args", [
-    (["--root", "/r", "--log", "/l.json", "--log-format=json", "--systemd-cgroup", "create", "--bundle", "/b",
-      "--pid-file", "/p", "id1"], "create", "/b", None),
-    (["run", "-d", "--console-socket", "/c.sock", "-b=/b2", "id"], "run", "/b2", None),
-    (["-root=/r", "run", "--pid-file", "--bundle", "id"], "run", None, None),  # "--bundle" is the pid file here
-    (["create", "id"], "create", None, None),
-    (["--graft-runtime", "/usr/bin/runc", "--debug", "state", "id"], "state", None,
-     ["--debug", "state", "id"]),
-    (["--graft-runtime=/x/crun", "--cgroup-manager", "disabled", "delete", "--force", "id"], "delete", None,
-     ["--cgroup-manager", "disabled", "delete", "--force", "id"]),
-    (["--version"], None, None, None),
-])
+@pytest.mark.parametrize(
+    "argv, command, bundle, real_args",
+    [
+        (
+            [
+                "--root",
+                "/r",
+                "--log",
+                "/l.json",
+                "--log-format=json",
+                "--systemd-cgroup",
+                "create",
+                "--bundle",
+                "/b",
+                "--pid-file",
+                "/p",
+                "id1",
+            ],
+            "create",
+            "/b",
+            None,
+        ),
+        (["run", "-d", "--console-socket", "/c.sock", "-b=/b2", "id"], "run", "/b2", None),
+        (["-root=/r", "run", "--pid-file", "--bundle", "id"], "run", None, None),  # "--bundle" is the pid file here
+        (["create", "id"], "create", None, None),
+        (["--graft-runtime", "/usr/bin/runc", "--debug", "state", "id"], "state", None, ["--debug", "state", "id"]),
+        (
+            ["--graft-runtime=/x/crun", "--cgroup-manager", "disabled", "delete", "--force", "id"],
+            "delete",
+            None,
+            ["--cgroup-manager", "disabled", "delete", "--force", "id"],
+        ),
+        (["--version"], None, None, None),
+    ],
+)
 def test_parse(argv, command, bundle, real_args):
     inv = runtime.parse(argv)
     assert (inv.command, inv.bundle) == (command, bundle)

@@ -1,4 +1,5 @@
 """broker/io/outlet.py: lines out without blocking, in order, bounded, from any thread."""
+
 from __future__ import annotations
 
 import fcntl

@@ -4,6 +4,7 @@ They are written from the engines' documentation (docs/containers.md); this
 keeps them from drifting from graft itself: the console script, the
 annotation names, a policy the broker accepts.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,4 +47,4 @@ def test_daemonset_policy_validates():
     block = text.split("  policy.toml: |\n", 1)[1].split("\n---\n", 1)[0]
     policy = parse_policy(textwrap.dedent(block), "broker-daemonset.yaml")
     assert str(policy.broker.socket_dir) == "/run/graft"
-    assert "--socket-dir\", \"/run/graft\"" in text and "path: /run/graft," in text
+    assert '--socket-dir", "/run/graft"' in text and "path: /run/graft," in text

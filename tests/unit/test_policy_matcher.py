@@ -3,6 +3,7 @@
 Pure tests (no sockets).  The property test compares ``TenantMatcher.decide`` with a naive
 reference written here from the documented semantics, using only ``ipaddress`` containment.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -144,8 +145,17 @@ def test_udp_rule_ignores_tcp():
 
 @pytest.mark.parametrize(
     "port, action",
-    [(7999, "deny"), (8000, "graft"), (8001, "graft"), (8099, "graft"), (8100, "graft"), (8101, "deny"),
-     (5431, "deny"), (5432, "graft"), (5433, "deny")],
+    [
+        (7999, "deny"),
+        (8000, "graft"),
+        (8001, "graft"),
+        (8099, "graft"),
+        (8100, "graft"),
+        (8101, "deny"),
+        (5431, "deny"),
+        (5432, "graft"),
+        (5433, "deny"),
+    ],
 )
 def test_port_range_edges(port, action):
     # 10.9.9.9/tcp: connect[1] lists 5432 and 8000-8100; anything else falls to connect[3] (deny).
@@ -171,8 +181,12 @@ def test_port_edges_of_the_whole_range():
 
 def test_ipv4_cidr_edges():
     m = matcher('default = "deny"\n[[tenants.web.connect]]\nto = ["192.168.4.0/22"]\n')
-    for addr, action in [("192.168.3.255", "deny"), ("192.168.4.0", "graft"), ("192.168.7.255", "graft"),
-                         ("192.168.8.0", "deny")]:
+    for addr, action in [
+        ("192.168.3.255", "deny"),
+        ("192.168.4.0", "graft"),
+        ("192.168.7.255", "graft"),
+        ("192.168.8.0", "deny"),
+    ]:
         assert m.decide("connect", "tcp", ip(addr), 1).action == action, addr
 
 
@@ -312,15 +326,25 @@ def ref_decide(policy: PolicyFile, tenant: str, op: str, proto: str, addr, port:
 
 
 # Networks and addresses are drawn near a few anchors so that matches are common.
-ANCHORS = ["10.0.0.0", "127.0.0.1", "0.0.0.0", "255.255.255.255", "::", "::1", "2001:db8::",
-           "::ffff:10.0.0.0", "::ffff:0:0", "fe80::1"]
+ANCHORS = [
+    "10.0.0.0",
+    "127.0.0.1",
+    "0.0.0.0",
+    "255.255.255.255",
+    "::",
+    "::1",
+    "2001:db8::",
+    "::ffff:10.0.0.0",
+    "::ffff:0:0",
+    "fe80::1",
+]
 
 
 @st.composite
 def networks(draw):
     base = ip(draw(st.sampled_from(ANCHORS)))
     bits = base.max_prefixlen
-    offset = draw(st.integers(0, 2**draw(st.integers(0, 16)) - 1))
+    offset = draw(st.integers(0, 2 ** draw(st.integers(0, 16)) - 1))
     addr = type(base)(min(int(base) + offset, 2**bits - 1))
     prefix = draw(st.integers(0, bits))
     return ip_network(f"{addr}/{prefix}", strict=False)
@@ -341,9 +365,12 @@ def addresses(draw):
 
 
 ports_st = st.lists(
-    st.one_of(st.integers(1, 65535), st.tuples(st.integers(1, 65535), st.integers(0, 200))
-              .map(lambda t: f"{t[0]}-{min(t[0] + t[1], 65535)}")),
-    min_size=1, max_size=3,
+    st.one_of(
+        st.integers(1, 65535),
+        st.tuples(st.integers(1, 65535), st.integers(0, 200)).map(lambda t: f"{t[0]}-{min(t[0] + t[1], 65535)}"),
+    ),
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -403,11 +430,11 @@ def test_grafts_everything_only_when_no_rule_before_the_catch_all_decides_otherw
     from graft.policy import compile_policy, parse_policy
 
     def m(rules: str):
-        return compile_policy(parse_policy('version = 1\n[tenants.t]\n' + rules))["t"]
+        return compile_policy(parse_policy("version = 1\n[tenants.t]\n" + rules))["t"]
 
     assert m('[[tenants.t.connect]]\nproto = "udp"\n').grafts_everything("connect", "udp")
     assert not m('[[tenants.t.connect]]\nproto = "udp"\n').grafts_everything("connect", "tcp")
-    assert not m('[[tenants.t.connect]]\nports = [53]\n').grafts_everything("connect", "udp")
+    assert not m("[[tenants.t.connect]]\nports = [53]\n").grafts_everything("connect", "udp")
     deny_first = '[[tenants.t.connect]]\nto = ["10.0.0.0/8"]\naction = "deny"\n[[tenants.t.connect]]\n'
     assert not m(deny_first).grafts_everything("connect", "udp")
     tcp_deny_first = '[[tenants.t.connect]]\nproto = "tcp"\naction = "deny"\n[[tenants.t.connect]]\n'

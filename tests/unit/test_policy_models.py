@@ -2,6 +2,7 @@
 
 Pure tests: no sockets, no root, no files outside tmp_path.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -103,18 +104,21 @@ def test_defaults():
 
 
 def test_rule_defaults():
-    p = parse_policy(toml("""
+    p = parse_policy(
+        toml("""
         version = 1
         [[tenants.web.connect]]
         [[tenants.web.bind]]
-    """))
+    """)
+    )
     c, b = p.tenants["web"].connect[0], p.tenants["web"].bind[0]
     assert (c.to, c.ports, c.proto, c.action) == (None, None, "any", "graft")
     assert (b.addr, b.ports, b.proto, b.action, b.host) == (None, None, "any", "graft", None)
 
 
 def test_values_are_parsed():
-    p = parse_policy(toml("""
+    p = parse_policy(
+        toml("""
         version = 1
         [tenants.web]
         socket_mode = "660"
@@ -130,7 +134,8 @@ def test_values_are_parsed():
         host = "::1"
         [[tenants.web.bind]]
         host = "127.0.0.1"
-    """))
+    """)
+    )
     t = p.tenants["web"]
     assert t.socket_mode_int == 0o660
     assert t.netns_path() == "/proc/1/ns/net"
@@ -154,11 +159,13 @@ def test_round_trip_through_json_dump():
 
 
 def test_netns_name_resolves_under_run_netns():
-    p = parse_policy(toml("""
+    p = parse_policy(
+        toml("""
         version = 1
         [tenants.a]
         netns = "blue"
-    """))
+    """)
+    )
     assert p.tenants["a"].netns_path() == "/run/netns/blue"
     assert p.tenants["a"].netns_path("/x") == "/x/blue"
     assert parse_policy(toml(MINIMAL)).tenants["web"].netns_path() is None
@@ -288,8 +295,11 @@ def test_one_error_is_singular():
         ('[tenants.web]\nnetns = ".."', "tenants.web.netns", "a name in /run/netns"),
         ("[tenants.web]\nsocket_uid = -1", "tenants.web.socket_uid", "greater than or equal to 0"),
         ('[tenants.web]\nsocket_uid = "1000"', "tenants.web.socket_uid", "must be an integer"),
-        ("[tenants.web]\nsocket_uid = 7\n[tenants.api]\nsocket_uid = 7", "tenants.api.socket_uid",
-         "tenant 'web' already owns its host sockets as uid 7"),
+        (
+            "[tenants.web]\nsocket_uid = 7\n[tenants.api]\nsocket_uid = 7",
+            "tenants.api.socket_uid",
+            "tenant 'web' already owns its host sockets as uid 7",
+        ),
         ('[audit]\non_error = "ignore"', "audit.on_error", "'drop' or 'deny'"),
         ('[broker]\naudit_log = "audit.log"', "broker.audit_log", "absolute file path"),
         ('[broker]\nconfinement = "yes"', "broker.confinement", "'auto', 'required' or 'off'"),
@@ -301,8 +311,11 @@ def test_one_error_is_singular():
     ],
 )
 def test_single_error(snippet, loc, fragment):
-    errs = errors_of("version = 1\n[tenants.web]\n" + snippet if not snippet.startswith("[tenants.web]\n")
-                     else "version = 1\n" + snippet)
+    errs = errors_of(
+        "version = 1\n[tenants.web]\n" + snippet
+        if not snippet.startswith("[tenants.web]\n")
+        else "version = 1\n" + snippet
+    )
     assert list(errs) == [loc]
     assert fragment in errs[loc]
 
@@ -351,7 +364,7 @@ def test_unreadable_and_non_utf8_files(tmp_path):
     assert info.value.errors[0].loc == "<file>"
 
     latin1 = tmp_path / "latin1.toml"
-    latin1.write_bytes(b'version = 1\n# caf\xe9\n[tenants.a]\n')
+    latin1.write_bytes(b"version = 1\n# caf\xe9\n[tenants.a]\n")
     with pytest.raises(PolicyError) as info:
         load_policy(latin1)
     assert "UTF-8" in info.value.errors[0].msg
@@ -422,8 +435,10 @@ def test_summary_lines():
     assert lines[0] == "web.toml: OK (policy version 1, 1 tenant)"
     assert "  broker  socket_dir /run/graft  audit_log stderr  confinement auto" in lines
     assert "  audit  on_error drop" in lines
-    assert any(line.split() == ["connect[0]", "graft", "tcp", "to", "127.0.0.1/32,::1/128", "ports", "5432,6379"]
-               for line in lines)
+    assert any(
+        line.split() == ["connect[0]", "graft", "tcp", "to", "127.0.0.1/32,::1/128", "ports", "5432,6379"]
+        for line in lines
+    )
     assert any(line.split()[:2] == ["connect[2]", "deny"] and "ports any" in line for line in lines)
     assert any(line.split()[0] == "bind[0]" and line.endswith("host 127.0.0.1:8080") for line in lines)
     assert any(line.split()[0] == "bind[1]" and "host 127.0.0.1 (app's port)" in line for line in lines)
@@ -439,7 +454,16 @@ def test_json_schema():
     tenant = schema["$defs"]["Tenant"]
     assert tenant["additionalProperties"] is False
     assert set(tenant["properties"]) == {
-        "netns", "default", "mode", "socket_mode", "max_sockets", "max_rate", "uids", "socket_uid", "connect", "bind"
+        "netns",
+        "default",
+        "mode",
+        "socket_mode",
+        "max_sockets",
+        "max_rate",
+        "uids",
+        "socket_uid",
+        "connect",
+        "bind",
     }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable

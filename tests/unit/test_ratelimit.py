@@ -1,4 +1,5 @@
 """The token bucket behind tenants.<name>.max_rate (pure, with a fake clock)."""
+
 from graft.broker.core.ratelimit import TokenBucket
 
 

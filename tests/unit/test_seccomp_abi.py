@@ -6,6 +6,7 @@ running it, and the process state codec against what runc sends. One test
 asks the running kernel about the ioctl newer than the C headers here (a
 filter needs no root with no_new_privs).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,18 @@ def test_unknown_architecture_or_number_is_no_call():
     assert abi.decode_notification(raw).call is None
 
 
-@pytest.mark.parametrize("call, args, want", [
-    ("connect", (3, 0x10, 16), abi.AddressAt(0x10, 16)),
-    ("bind", (3, 0x10, 28), abi.AddressAt(0x10, 28)),
-    ("sendto", (3, 0x99, 5, 0, 0x20, 16), abi.AddressAt(0x20, 16)),
-    ("sendto", (3, 0x99, 5, 0, 0, 0), None),  # send() on a connected socket
-    ("connect", (3, 0x10, 100000), abi.AddressAt(0x10, abi.SOCKADDR_MAX)),  # never read more than the kernel does
-    ("connect", (3, 0, 16), None),
-    ("sendmsg", (3, 0x30, 0), None),  # in the msghdr
-])
+@pytest.mark.parametrize(
+    "call, args, want",
+    [
+        ("connect", (3, 0x10, 16), abi.AddressAt(0x10, 16)),
+        ("bind", (3, 0x10, 28), abi.AddressAt(0x10, 28)),
+        ("sendto", (3, 0x99, 5, 0, 0x20, 16), abi.AddressAt(0x20, 16)),
+        ("sendto", (3, 0x99, 5, 0, 0, 0), None),  # send() on a connected socket
+        ("connect", (3, 0x10, 100000), abi.AddressAt(0x10, abi.SOCKADDR_MAX)),  # never read more than the kernel does
+        ("connect", (3, 0, 16), None),
+        ("sendmsg", (3, 0x30, 0), None),  # in the msghdr
+    ],
+)
 def test_address_argument(call, args, want):
     assert abi.address_at(notif(call, *args)) == want
 
@@ -108,16 +112,33 @@ def test_layouts_and_numbers_match_the_kernel_headers(tmp_path):
     (tmp_path / "layout.c").write_text(C_LAYOUT)
     subprocess.run([cc, "-o", tmp_path / "layout", tmp_path / "layout.c"], check=True)
     lines = subprocess.run([tmp_path / "layout"], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert [int(x) for x in lines[0].split()] == [abi.NOTIF.size, abi.NOTIF_RESP.size, abi.NOTIF_ADDFD.size,
-                                                   abi.MSGHDR.size]
-    assert [int(x) for x in lines[1].split()] == [abi.IOCTL_NOTIF_RECV, abi.IOCTL_NOTIF_SEND,
-                                                   abi.IOCTL_NOTIF_ID_VALID, abi.IOCTL_NOTIF_ADDFD]
+    assert [int(x) for x in lines[0].split()] == [
+        abi.NOTIF.size,
+        abi.NOTIF_RESP.size,
+        abi.NOTIF_ADDFD.size,
+        abi.MSGHDR.size,
+    ]
+    assert [int(x) for x in lines[1].split()] == [
+        abi.IOCTL_NOTIF_RECV,
+        abi.IOCTL_NOTIF_SEND,
+        abi.IOCTL_NOTIF_ID_VALID,
+        abi.IOCTL_NOTIF_ADDFD,
+    ]
     x86 = abi.SYSCALLS[abi.AUDIT_ARCH_X86_64]
-    assert [int(x) for x in lines[2].split()] == [x86["connect"], x86["bind"], x86["sendto"], x86["sendmsg"],
-                                                   abi.AUDIT_ARCH_X86_64]
+    assert [int(x) for x in lines[2].split()] == [
+        x86["connect"],
+        x86["bind"],
+        x86["sendto"],
+        x86["sendmsg"],
+        abi.AUDIT_ARCH_X86_64,
+    ]
     assert [int(x) for x in lines[3].split()] == [8, 48]
-    assert [int(x) for x in lines[4].split()] == [abi.USER_NOTIF_FLAG_CONTINUE, abi.ADDFD_FLAG_SETFD,
-                                                   abi.RET_USER_NOTIF, abi.FILTER_FLAG_NEW_LISTENER]
+    assert [int(x) for x in lines[4].split()] == [
+        abi.USER_NOTIF_FLAG_CONTINUE,
+        abi.ADDFD_FLAG_SETFD,
+        abi.RET_USER_NOTIF,
+        abi.FILTER_FLAG_NEW_LISTENER,
+    ]
 
 
 def run_filter(program: bytes, nr: int, arch: int, args: tuple[int, ...] = (0,) * 6) -> int:
@@ -159,9 +180,18 @@ def test_filter_notifies_exactly_the_notified_calls(arch):
 
 
 RUNC_STATE = {  # as runc 1.1 marshals specs.ContainerProcessState
-    "ociVersion": "1.0.2-dev", "fds": ["seccompFd"], "pid": 4422, "metadata": "web",
-    "state": {"ociVersion": "1.0.2-dev", "id": "c1", "status": "creating", "pid": 4422, "bundle": "/b",
-              "annotations": {"io.graft.tenant": "web"}},
+    "ociVersion": "1.0.2-dev",
+    "fds": ["seccompFd"],
+    "pid": 4422,
+    "metadata": "web",
+    "state": {
+        "ociVersion": "1.0.2-dev",
+        "id": "c1",
+        "status": "creating",
+        "pid": 4422,
+        "bundle": "/b",
+        "annotations": {"io.graft.tenant": "web"},
+    },
 }
 
 
@@ -175,20 +205,23 @@ def test_process_state_round_trips_what_graft_run_sends():
     assert (st.tenant, st.pid, st.container, st.fd_index) == ("t", 99, "graft-run-99", 0)
 
 
-@pytest.mark.parametrize("doc, n_fds, words", [
-    (b"\xff\xfe", 1, "not JSON"),
-    (b"[1]", 1, "not a JSON object"),
-    ({**RUNC_STATE, "fds": "seccompFd"}, 1, '"fds"'),
-    ({**RUNC_STATE, "fds": ["other"]}, 1, "seccompFd"),
-    ({**RUNC_STATE, "fds": ["seccompFd", "seccompFd"]}, 2, "seccompFd"),
-    (RUNC_STATE, 0, "0 came with it"),
-    (RUNC_STATE, 2, "2 came with it"),
-    ({**RUNC_STATE, "metadata": ""}, 1, "metadata"),
-    ({k: v for k, v in RUNC_STATE.items() if k != "metadata"}, 1, "metadata"),
-    ({**RUNC_STATE, "state": []}, 1, '"state"'),
-    ({**RUNC_STATE, "pid": "1"}, 1, '"pid"'),
-    ({**RUNC_STATE, "pid": True}, 1, '"pid"'),
-])
+@pytest.mark.parametrize(
+    "doc, n_fds, words",
+    [
+        (b"\xff\xfe", 1, "not JSON"),
+        (b"[1]", 1, "not a JSON object"),
+        ({**RUNC_STATE, "fds": "seccompFd"}, 1, '"fds"'),
+        ({**RUNC_STATE, "fds": ["other"]}, 1, "seccompFd"),
+        ({**RUNC_STATE, "fds": ["seccompFd", "seccompFd"]}, 2, "seccompFd"),
+        (RUNC_STATE, 0, "0 came with it"),
+        (RUNC_STATE, 2, "2 came with it"),
+        ({**RUNC_STATE, "metadata": ""}, 1, "metadata"),
+        ({k: v for k, v in RUNC_STATE.items() if k != "metadata"}, 1, "metadata"),
+        ({**RUNC_STATE, "state": []}, 1, '"state"'),
+        ({**RUNC_STATE, "pid": "1"}, 1, '"pid"'),
+        ({**RUNC_STATE, "pid": True}, 1, '"pid"'),
+    ],
+)
 def test_bad_process_states_are_refused_with_a_reason(doc, n_fds, words):
     raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     with pytest.raises(abi.StateError) as e:

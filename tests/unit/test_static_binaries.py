@@ -1,4 +1,5 @@
 """tests/support/static_binaries.py: telling static binaries from dynamic ones by their ELF headers."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """verdict.judge: the broker's decision, pure (no sockets)."""
+
 from __future__ import annotations
 
 import errno
@@ -76,7 +77,8 @@ def test_uid_allowlist_comes_first():
     assert judge(req(request.OP_CONNECT, "127.0.0.1", 1), matcher, 0).action == "container"
 
 
-LOOPBACK_DENIED = compile_policy(parse_policy("""
+LOOPBACK_DENIED = compile_policy(
+    parse_policy("""
 version = 1
 [tenants.w]
 default = "deny"
@@ -85,7 +87,8 @@ to = ["127.0.0.0/8", "::1/128"]
 action = "deny"
 [[tenants.w.connect]]
 action = "graft"
-"""))["w"]
+""")
+)["w"]
 
 
 def test_the_unspecified_address_is_judged_as_the_loopback_the_kernel_sends_it_to():

@@ -1,4 +1,5 @@
 """The wire codec: pure tests, no sockets; plus one check against the C compiler."""
+
 from __future__ import annotations
 
 import errno
@@ -24,8 +25,19 @@ def test_cffi_layout_is_the_c_compilers(tmp_path):
     cc = shutil.which("cc")
     assert cc, "a C compiler is part of the build"
     fields = {
-        "struct graft_request": ["magic", "version", "op", "family", "type", "protocol", "flags", "addr_len",
-                                 "addr", "n_opts", "opts"],
+        "struct graft_request": [
+            "magic",
+            "version",
+            "op",
+            "family",
+            "type",
+            "protocol",
+            "flags",
+            "addr_len",
+            "addr",
+            "n_opts",
+            "opts",
+        ],
         "struct graft_reply": ["magic", "version", "verdict", "error", "addr_len", "addr"],
         "struct graft_sockopt": ["level", "name", "len", "val"],
     }
@@ -39,8 +51,10 @@ def test_cffi_layout_is_the_c_compilers(tmp_path):
         f"int main(void) {{ {' '.join(lines)} return 0; }}\n"
     )
     subprocess.run([cc, "-Wall", "-Werror", "-o", str(tmp_path / "layout"), str(src)], check=True)
-    from_c = [int(x) for x in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
-                                             check=True).stdout.split()]
+    from_c = [
+        int(x)
+        for x in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout.split()
+    ]
     from_cffi = []
     for struct, names in fields.items():
         from_cffi.append(wire.ffi.sizeof(struct))
@@ -73,20 +87,35 @@ GOOD = wire.encode_request(request.OP_CONNECT, V4)
 PREISSUE = wire.encode_request(request.OP_PREISSUE, None, family=socket.AF_INET6)
 
 
-GRANT = wire.encode_request(request.OP_GRANT, request.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), 53),
-                            type=socket.SOCK_DGRAM, flags=request.REQF_SENDTO)
+GRANT = wire.encode_request(
+    request.OP_GRANT,
+    request.SockAddr(socket.AF_INET, ipaddress.ip_address("127.0.0.1"), 53),
+    type=socket.SOCK_DGRAM,
+    flags=request.REQF_SENDTO,
+)
 
 
 def test_grant_request_is_judged_as_its_sendto():
     req = wire.decode_request(GRANT)
     assert (req.op_name, req.judged_as, req.type, req.flags, req.addr.port) == (
-        "grant", "connect", socket.SOCK_DGRAM, request.REQF_SENDTO, 53)
+        "grant",
+        "connect",
+        socket.SOCK_DGRAM,
+        request.REQF_SENDTO,
+        53,
+    )
 
 
 def test_preissue_request_names_only_the_socket():
     req = wire.decode_request(PREISSUE)
     assert (req.op_name, req.family, req.type, req.protocol, req.addr, req.opts) == (
-        "preissue", socket.AF_INET6, socket.SOCK_STREAM, 0, None, ())
+        "preissue",
+        socket.AF_INET6,
+        socket.SOCK_STREAM,
+        0,
+        None,
+        (),
+    )
 
 
 @pytest.mark.parametrize(

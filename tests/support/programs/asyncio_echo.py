@@ -8,6 +8,7 @@
 Everything goes through asyncio's own calls (start_server, open_connection,
 the event loop's non-blocking connect and accept), with no socket code here.
 """
+
 import asyncio
 import sys
 

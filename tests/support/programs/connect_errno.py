@@ -2,6 +2,7 @@
 
 The process is the unit the fallback's once-per-process message is counted in.
 """
+
 import errno
 import socket
 import sys

@@ -5,6 +5,7 @@ server N   an AF_INET6 listener with IPV6_V6ONLY off, bound to [::]:80; prints
 client HOST PORT   an AF_INET6 client connecting to ::ffff:HOST (v4-mapped);
            prints the echo of "mapped".
 """
+
 import socket
 import sys
 

@@ -9,6 +9,7 @@ Prints "ready" once listening. Used to check what the app sees when the real
 broker is killed at that point: the shim must fail the call with the
 documented errno, quickly, leaking nothing.
 """
+
 import array
 import os
 import signal
@@ -38,6 +39,7 @@ if point == "request":
 host = socket.socket()
 if point == "socket":
     die()
-conn.sendmsg([wire.encode_reply(wire.V_GRAFT, 0)],
-               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))])
+conn.sendmsg(
+    [wire.encode_reply(wire.V_GRAFT, 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [host.fileno()]))]
+)
 die()

@@ -12,6 +12,7 @@ has a duplicate of the socket's fd, made before the connect, added. After the
 connect each instance reports what the app asked of it, as without graft,
 and the app can still modify and remove its registrations.
 """
+
 import errno
 import json
 import os
@@ -41,8 +42,14 @@ if mode == "tcp":
     gone.close()
     reused = select.epoll()
     rc = s.connect_ex((host, port))
-    out = {"connect": errno.errorcode.get(rc, rc), "a": masks(a, 10), "b": masks(b, 10),
-           "reused": masks(reused, 0), "reused_number": reused.fileno() == gone_fd, "dup": masks(dup, 10)}
+    out = {
+        "connect": errno.errorcode.get(rc, rc),
+        "a": masks(a, 10),
+        "b": masks(b, 10),
+        "reused": masks(reused, 0),
+        "reused_number": reused.fileno() == gone_fd,
+        "dup": masks(dup, 10),
+    }
     a.modify(s.fileno(), select.EPOLLIN)
     b.unregister(s.fileno())
     s.setblocking(True)

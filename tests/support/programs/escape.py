@@ -26,6 +26,7 @@ refuses is reported with its errno, and NAME_reached is then absent.
 With --wait it grafts, prints "ready", and makes its attempts only after a
 line on stdin (tests restart the broker in between).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -112,8 +113,14 @@ def ask_grant(port: int) -> int:
 
     client = WireClient(os.environ["GRAFT_SOCKET"])
     try:
-        client.send(wire.encode_request(request.OP_GRANT, request.SockAddr(socket.AF_INET, ipaddress.ip_address(HOST), port),
-                                        type=socket.SOCK_DGRAM, flags=request.REQF_SENDTO))
+        client.send(
+            wire.encode_request(
+                request.OP_GRANT,
+                request.SockAddr(socket.AF_INET, ipaddress.ip_address(HOST), port),
+                type=socket.SOCK_DGRAM,
+                flags=request.REQF_SENDTO,
+            )
+        )
         reply, _ = client.reply()
     finally:
         client.close()

@@ -3,6 +3,7 @@ and a socket grafted before exec keeps carrying data after it.
 
 argv: HOST PORT [stage]. Prints "placeholder=<echo> grafted=<echo>".
 """
+
 import os
 import socket
 import sys
@@ -13,8 +14,7 @@ if len(sys.argv) == 3:
     grafted = socket.create_connection((host, port))  # grafted before exec
     for s in (placeholder, grafted):
         os.set_inheritable(s.fileno(), True)
-    os.execv(sys.executable, [sys.executable, __file__, host, str(port),
-                              f"{placeholder.fileno()},{grafted.fileno()}"])
+    os.execv(sys.executable, [sys.executable, __file__, host, str(port), f"{placeholder.fileno()},{grafted.fileno()}"])
 fd_placeholder, fd_grafted = (int(x) for x in sys.argv[3].split(","))
 p = socket.socket(fileno=fd_placeholder)
 p.connect((host, port))

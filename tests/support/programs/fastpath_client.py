@@ -14,6 +14,7 @@ Commands, one per line; each answers one line on stdout:
   files          "ok" if the /dev/null files opened by closeall are still
                  /dev/null (nothing was put on their numbers)
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -5,6 +5,7 @@ Unix sockets are not counted: the shim keeps a pooled connection to the
 broker open for the next call, and that is not a leak.
 argv: HOST PORT
 """
+
 import errno
 import os
 import socket

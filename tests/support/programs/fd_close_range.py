@@ -1,4 +1,5 @@
 """close_range on placeholders; prints one JSON object. Argv: HOST PORT."""
+
 import ctypes
 import fcntl
 import json
@@ -19,9 +20,11 @@ placeholder = os.fstat(fd).st_ino
 assert libc.close_range(fd, fd, CLOSE_RANGE_CLOEXEC) == 0, ctypes.get_errno()
 s.connect((host, port))
 s.sendall(b"cloexec")
-out["cloexec_range"] = {"grafted": os.fstat(fd).st_ino != placeholder,
-                        "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
-                        "echo": s.recv(100).decode()}
+out["cloexec_range"] = {
+    "grafted": os.fstat(fd).st_ino != placeholder,
+    "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+    "echo": s.recv(100).decode(),
+}
 s.close()
 
 # close_range without flags closes a block of placeholders; the numbers are reused by new sockets.

@@ -4,6 +4,7 @@ Argv: HOST PORT MODE. MODE sndtimeo: SO_SNDTIMEO of 1 s; MODE eintr: a
 SIGALRM after 0.5 s, with a handler and no SA_RESTART. The connect is the
 raw libc call (ctypes) so its errno is seen exactly. Prints JSON.
 """
+
 import ctypes
 import errno
 import json

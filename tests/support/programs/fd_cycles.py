@@ -2,6 +2,7 @@
 
 Argv: HOST PORT WARMUP N.
 """
+
 import json
 import os
 import socket

@@ -5,6 +5,7 @@ the two numbers: both numbers must end up on the same host socket (a
 different inode than the placeholder's), with their own FD_CLOEXEC, and
 data written on one is read back on the other. Argv: HOST PORT.
 """
+
 import ctypes
 import fcntl
 import json

@@ -3,6 +3,7 @@
 RLIMIT_NOFILE is raised as far as needed (the hard limit too, which takes
 CAP_SYS_RESOURCE; exit 77 if that is refused).
 """
+
 import json
 import os
 import resource
@@ -23,5 +24,7 @@ s.close()
 t = socket.socket(fileno=HIGH)
 t.connect((host, port))
 t.sendall(b"high")
-print(json.dumps({"fd": t.fileno(), "grafted": os.fstat(HIGH).st_ino != placeholder, "echo": t.recv(100).decode()}),
-      flush=True)
+print(
+    json.dumps({"fd": t.fileno(), "grafted": os.fstat(HIGH).st_ino != placeholder, "echo": t.recv(100).decode()}),
+    flush=True,
+)

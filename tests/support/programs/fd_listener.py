@@ -6,6 +6,7 @@ two connections, the first with accept4 (Python's accept), the second with
 plain accept(2) through ctypes, answers each with the getsockname of the
 accepted socket, and prints a final JSON line.
 """
+
 import ctypes
 import json
 import os
@@ -27,11 +28,16 @@ rc = libc.getsockname(s.fileno(), buf, ctypes.byref(size))
 family, nport = struct.unpack("=H", buf.raw[:2])[0], struct.unpack("!H", buf.raw[2:4])[0]
 d = os.dup(s.fileno())
 dup_name = socket.socket(fileno=d)
-print(json.dumps({
-    "getsockname": list(s.getsockname()),
-    "truncated": [rc, size.value, family, nport, buf.raw[4:].hex()],
-    "dup": list(dup_name.getsockname()),
-}), flush=True)
+print(
+    json.dumps(
+        {
+            "getsockname": list(s.getsockname()),
+            "truncated": [rc, size.value, family, nport, buf.raw[4:].hex()],
+            "dup": list(dup_name.getsockname()),
+        }
+    ),
+    flush=True,
+)
 dup_name.close()
 
 accepted = []

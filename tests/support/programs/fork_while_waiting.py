@@ -5,6 +5,7 @@ waits on a broker that does not answer. On "fork" from stdin (the test's
 broker has the request by then) the main thread forks, the child exits at
 once, and the parent prints how many seconds fork() took.
 """
+
 import os
 import socket
 import sys

@@ -5,6 +5,7 @@ echo port in argv), which must go over the worker's own broker connection.
 argv: BIND_PORT WORKERS ECHO_PORT. Prints "listening" once ready; each worker
 answers one connection with "worker <pid> echo=<reply>".
 """
+
 import os
 import socket
 import sys

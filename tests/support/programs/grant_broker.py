@@ -14,6 +14,7 @@ wildcard address. A GRANT is answered by ANSWER:
 and the script exits once it has answered its first GRANT. Prints "ready"
 once listening, then one JSON line for each request it received.
 """
+
 import array
 import errno
 import json
@@ -34,8 +35,15 @@ def describe(data: bytes) -> dict:
         req = wire.decode_request(data)
     except request.BadRequest as e:
         return {"invalid": str(e)}
-    return {"op": req.op_name, "family": req.family, "type": req.type, "protocol": req.protocol,
-            "flags": req.flags, "addr": [str(req.addr.ip), req.addr.port], "n_opts": len(req.opts)}
+    return {
+        "op": req.op_name,
+        "family": req.family,
+        "type": req.type,
+        "protocol": req.protocol,
+        "flags": req.flags,
+        "addr": [str(req.addr.ip), req.addr.port],
+        "n_opts": len(req.opts),
+    }
 
 
 def reply(conn: socket.socket, verdict: int, error: int = 0, fd: int | None = None) -> None:

@@ -2,6 +2,7 @@
 
 argv: HOST PORT.
 """
+
 import os
 import socket
 import sys

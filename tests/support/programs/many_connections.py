@@ -5,6 +5,7 @@ argv: HOST PORT N. Prints "open N" once connected. For each line read:
 opens and closes NEW fresh connections (checking each); prints
 "round ok=<held echoes> new=<fresh connects ok> errors=<first error or ->".
 """
+
 import socket
 import sys
 

@@ -2,6 +2,7 @@
 
 argv: HOST PORT. Prints one JSON line with what each step returned.
 """
+
 import errno
 import json
 import select
@@ -19,5 +20,14 @@ still_nonblocking = not s.getblocking()
 s.setblocking(True)
 s.sendall(b"epoll says hi")
 echo = s.recv(100).decode()
-print(json.dumps({"connect": errno.errorcode.get(rc, rc), "events": len(events), "so_error": so_error,
-                  "nonblocking": still_nonblocking, "echo": echo}))
+print(
+    json.dumps(
+        {
+            "connect": errno.errorcode.get(rc, rc),
+            "events": len(events),
+            "so_error": so_error,
+            "nonblocking": still_nonblocking,
+            "echo": echo,
+        }
+    )
+)

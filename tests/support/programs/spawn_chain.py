@@ -4,6 +4,7 @@ shim; the parent's broker connection must stay its own throughout.
 
 argv: HOST PORT [child]. Prints one line per connect: "<who> <pid> <echo>".
 """
+
 import os
 import socket
 import subprocess
@@ -24,8 +25,7 @@ if len(sys.argv) > 3:
 
 connect("parent")
 child = [sys.executable, __file__, host, str(port)]
-pid = os.posix_spawn(sys.executable, child + ["spawned"], os.environ,
-                     file_actions=[(os.POSIX_SPAWN_DUP2, 1, 1)])
+pid = os.posix_spawn(sys.executable, child + ["spawned"], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, 1, 1)])
 _, status = os.waitpid(pid, 0)
 assert status == 0, status
 # subprocess forks with vfork() on Linux where it can (CPython 3.10+).

@@ -3,6 +3,7 @@
 argv: HOST PORT THREADS CONNECTS. Prints "ok N" with N successful round trips,
 then any errors, one per line.
 """
+
 import socket
 import sys
 import threading

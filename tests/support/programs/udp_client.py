@@ -13,6 +13,7 @@ repoint HOST A B C        one socket, re-pointed with connect(): A (the graft), 
 exec HOST A B             sendto A (grafts) and recvfrom, then exec this script in mode "inherited", which
                           sends to B on the inherited socket and recvfrom: {"first": REPLY, "second": [RESULT, REPLY]}
 """
+
 import errno
 import json
 import os
@@ -45,8 +46,11 @@ try:
             connected = True
         except OSError as e:
             connected = errno.errorcode[e.errno]
-        out = {"replies": [[d1.decode(), list(p1[:2])], [d2.decode(), list(p2[:2])]],
-               "connected": connected, "local_port": s.getsockname()[1]}
+        out = {
+            "replies": [[d1.decode(), list(p1[:2])], [d2.decode(), list(p2[:2])]],
+            "connected": connected,
+            "local_port": s.getsockname()[1],
+        }
     elif mode == "deny":
         try:
             s.sendto(b"must not leave", (host, port))

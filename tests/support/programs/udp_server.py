@@ -1,5 +1,6 @@
 """A UDP echo server: bind 0.0.0.0:PORT, print "listening <getsockname>", echo COUNT datagrams
 with recvfrom/sendto, printing the peer each came from, then exit."""
+
 import socket
 import sys
 
