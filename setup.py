@@ -42,6 +42,7 @@ setup(
     package_data={
         "graft.shim": ["libgraft.so", "graft_wire.h"],
         "graft.broker.seccomp": ["libgraft_seccomp.so", "seccomp_fast.h"],
+        "graft.broker.confine": ["graft_maps.h"],
         "graft.policy": ["examples/*.toml"],
     },
     install_requires=[

@@ -75,14 +75,15 @@ from . import bpf
 from .maps import (
     BTF_KEY_ID,
     BTF_VALUE_ID,
-    GRANT_KEY,
-    GRANT_VALUE,
+    GRANT_KEY_SIZE,
+    GRANT_VALUE_SIZE,
     MAPS,
     MARK_SIZE,
     STATE_EPOCH,
     STATE_EVENTS_LOST,
     TENANT_GRANTS,
     MapSpec,
+    encode_grant_value,
     encode_mark,
     encode_preissued_mark,
     grant_key,
@@ -291,7 +292,7 @@ class Confinement:
         except BaseException:
             os.close(fd)
             raise
-        return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY.size, GRANT_VALUE.size))
+        return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY_SIZE, GRANT_VALUE_SIZE))
 
     def grant(
         self, grant_id: int, family: int, host: str, port: int, rule_id: int, sock_type: int = socket.SOCK_STREAM
@@ -302,7 +303,7 @@ class Confinement:
         sockets may send there.
         """
         self._grant_maps[grant_id].updater.update(
-            grant_key(grant_id, family, host, port, sock_type), GRANT_VALUE.pack(rule_id, 0)
+            grant_key(grant_id, family, host, port, sock_type), encode_grant_value(rule_id)
         )
 
     def granted(self, grant_id: int, family: int, host: str, port: int, sock_type: int) -> bool:

@@ -1,6 +1,8 @@
 """What confinement keeps in the kernel, as bytes: the maps' layouts and their codec.
 
-Pure (no system calls): the mark a grafted socket carries in the
+Pure (no system calls). The layouts are graft_maps.h's, read through
+cffi, so the C loop and the broker share one definition: the mark a
+grafted socket carries in the
 ``marks`` SK_STORAGE map, the ``grants`` of the connect fast path, the
 ``events`` ring's audit records, and the shapes of the other maps
 (``MAPS``). The programs (programs.py) read the same layouts; confine/lifecycle.py
@@ -12,56 +14,60 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..io.cheader import ffi_of
 from . import bpf
 
-# The mark, one per grafted socket (struct graft_mark in the map's BTF):
-#   u32 flags; u32 port; u32 ip4; u32 ip6[4]; u32 tenant
-# port/ip4/ip6 hold the destination the broker connected the socket to, in
-# the same representation as bpf_sock_addr's user_port/user_ip4/user_ip6;
-# tenant is the grant id of a pre-issued socket, or of a grafted UDP socket
-# whose later destinations its tenant's UDP grants decide (0 otherwise).
-MARK = struct.Struct("=II4s16sI")
-MARK_SIZE = MARK.size  # 32
-F_HAS_DEST = 1
-F_ANY_PEER = 2
-# The destination has an IPv4 form (IPv4, or v4-mapped IPv6). Without it
-# the IPv4 programs match no destination: a dual-stack IPv6 UDP socket runs
-# them for an AF_INET address, and an ip4 of 0.0.0.0 would otherwise admit
-# 0.0.0.0, which the kernel delivers to 127.0.0.1.
-F_DEST_V4 = 4
-# Pre-issued: not connected by the broker; the first connect is judged by
-# the grants of the mark's tenant, and fixes the destination.
-F_PREISSUED = 8
+HEADER = Path(__file__).with_name("graft_maps.h")
+ffi = ffi_of(HEADER, "MAPS")  # the layouts, as the compiler lays them out for the C loop too
+_consts = ffi.dlopen(None)  # only for the #define constants
+
+MARK_SIZE = ffi.sizeof("struct graft_mark")  # 32
+F_HAS_DEST = _consts.GRAFT_MARK_HAS_DEST
+F_ANY_PEER = _consts.GRAFT_MARK_ANY_PEER
+F_DEST_V4 = _consts.GRAFT_MARK_DEST_V4
+F_PREISSUED = _consts.GRAFT_MARK_PREISSUED
 
 # grants: a map of maps, grant id -> that tenant's own grants, an LRU hash
-# (tenant, family, user_port, address as in the hook: ip4 then zeros, or
-# ip6) -> (rule id, unused). One LRU per tenant, so that a tenant granted
-# many destinations forgets only its own least recently used grants, never
-# another's; a forgotten grant only sends a connect back to the broker.
-GRANT_KEY = struct.Struct("=III16s")
-GRANT_VALUE = struct.Struct("=II")
+# (struct graft_grant_key -> struct graft_grant_value). One LRU per tenant,
+# so that a tenant granted many destinations forgets only its own least
+# recently used grants, never another's; a forgotten grant only sends a
+# connect back to the broker.
+GRANT_KEY_SIZE = ffi.sizeof("struct graft_grant_key")
+GRANT_VALUE_SIZE = ffi.sizeof("struct graft_grant_value")
 GRANTS_PER_TENANT = 4096  # about 0.4 MB of kernel memory per tenant on the fast path
 GRANT_TENANTS_MAX = 65536
 # owned: socket cookie -> tenant id; released: tenant id -> closes counted.
 OWNED_MAX = 1 << 20
 RELEASED_MAX = 65536
-# events: one record per connect judged in the kernel (the fast path's audit).
-EVENT = struct.Struct("=IIIII2s2x16s")  # tenant, rule, pid, uid, family, user_port (be16 in a u32), address
-EVENTS_SIZE = 1 << 20
+# events: one struct graft_event per connect judged in the kernel (the fast path's audit).
+EVENT_SIZE = ffi.sizeof("struct graft_event")
+EVENTS_SIZE = 1 << 20  # the ring's
 # state: a tiny array. [0] the epoch of the last broker, [1] audit records lost.
 STATE_EPOCH, STATE_EVENTS_LOST = 0, 1
 
 
+def offset_of(ctype: str, field: str) -> int:
+    """A field's offset in one of the header's structs (the BPF programs address them so)."""
+    return ffi.offsetof(ctype, field)
+
+
+def _bytes_of(obj) -> bytes:
+    return bytes(ffi.buffer(obj))
+
+
 def mark_btf() -> bytes:
     """BTF for the map: key int, value struct graft_mark (SK_STORAGE requires BTF)."""
-    u32 = 2
-    members = [("flags", u32, 0), ("port", u32, 32), ("ip4", u32, 64), ("ip6", 3, 96), ("tenant", u32, 224)]
+    u32, u32_array = 2, 3  # type ids, in the order below
+    fields = ffi.typeof("struct graft_mark").fields
+    members = [(name, u32_array if f.type.kind == "array" else u32, 8 * f.offset) for name, f in fields]
+    (ip6_words,) = {f.type.length for _, f in fields if f.type.kind == "array"}
     return bpf.btf_blob(
         [
             ("int", "int", 4, True),
             ("int", "__u32", 4, False),
-            ("array", u32, u32, 4),
+            ("array", u32, u32, ip6_words),
             ("struct", "graft_mark", MARK_SIZE, members),
         ],
         [],
@@ -93,7 +99,15 @@ def encode_mark(dest: tuple | None, any_peer: bool, tenant_id: int = 0) -> bytes
             ip4 = socket.inet_pton(socket.AF_INET, host)
             ip6 = _V4_MAPPED + ip4
             flags |= F_DEST_V4
-    return MARK.pack(flags, port, ip4, ip6, tenant_id)
+    return _mark(flags, port, ip4, ip6, tenant_id)
+
+
+def _mark(flags: int, port: int, ip4: bytes, ip6: bytes, tenant_id: int) -> bytes:
+    m = ffi.new("struct graft_mark *")
+    m.flags, m.port, m.tenant = flags, port, tenant_id
+    ffi.memmove(ffi.addressof(m[0], "ip4"), ip4, 4)
+    ffi.memmove(m.ip6, ip6, 16)
+    return _bytes_of(m)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +124,16 @@ class ConnectEvent:
 
 
 def decode_event(raw: bytes) -> ConnectEvent:
-    tenant_id, rule_id, pid, uid, family, port, addr = EVENT.unpack(raw[: EVENT.size])
-    host = socket.inet_ntop(family, addr[:4] if family == socket.AF_INET else addr)
-    return ConnectEvent(tenant_id, rule_id, pid, uid, family, host, struct.unpack("!H", port)[0])
+    ev = ffi.from_buffer("struct graft_event *", raw[:EVENT_SIZE])
+    addr = bytes(ev.addr)
+    host = socket.inet_ntop(ev.family, addr[:4] if ev.family == socket.AF_INET else addr)
+    return ConnectEvent(ev.tenant, ev.rule, ev.pid, ev.uid, ev.family, host, int.from_bytes(bytes(ev.port), "big"))
 
 
 def mark_flags_and_tenant(raw: bytes) -> tuple[int, int]:
     """A mark's flags (F_*) and grant id."""
-    flags, _, _, _, tenant_id = MARK.unpack(raw[: MARK.size])
-    return flags, tenant_id
+    m = ffi.from_buffer("struct graft_mark *", raw[:MARK_SIZE])
+    return m.flags, m.tenant
 
 
 def unconnected_preissued(raw: bytes) -> bool:
@@ -127,7 +142,7 @@ def unconnected_preissued(raw: bytes) -> bool:
 
 
 def encode_preissued_mark(tenant_id: int) -> bytes:
-    return MARK.pack(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
+    return _mark(F_PREISSUED, 0, bytes(4), bytes(16), tenant_id)
 
 
 def grant_kind(sock_type: int, family: int) -> int:
@@ -150,7 +165,16 @@ def grant_key(tenant_id: int, family: int, host: str, port: int, sock_type: int 
         if sock_type == socket.SOCK_DGRAM and addr[:12] == _V4_MAPPED:
             family, addr = socket.AF_INET, addr[12:] + bytes(12)
     port_u32 = struct.unpack("=H", struct.pack("!H", port))[0]  # user_port: be16 in a u32
-    return GRANT_KEY.pack(tenant_id, grant_kind(sock_type, family), port_u32, addr)
+    k = ffi.new("struct graft_grant_key *")
+    k.tenant, k.kind, k.port = tenant_id, grant_kind(sock_type, family), port_u32
+    ffi.memmove(k.addr, addr, 16)
+    return _bytes_of(k)
+
+
+def encode_grant_value(rule_id: int) -> bytes:
+    v = ffi.new("struct graft_grant_value *")
+    v.rule = rule_id
+    return _bytes_of(v)
 
 
 @dataclass(frozen=True)
@@ -164,7 +188,7 @@ class MapSpec:
 
 
 # A tenant's grants (the inner maps of "grants").
-TENANT_GRANTS = MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY.size, GRANT_VALUE.size, GRANTS_PER_TENANT)
+TENANT_GRANTS = MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY_SIZE, GRANT_VALUE_SIZE, GRANTS_PER_TENANT)
 # The maps besides the marks (which need BTF; see _load_or_reuse), pinned by these names.
 MAPS = {
     "grants": MapSpec(bpf.MAP_TYPE_HASH_OF_MAPS, 4, 4, GRANT_TENANTS_MAX, bpf.F_NO_PREALLOC, TENANT_GRANTS),

@@ -23,7 +23,17 @@ import socket
 
 from . import bpf
 from .asm import Asm
-from .maps import EVENT, F_ANY_PEER, F_DEST_V4, F_HAS_DEST, F_PREISSUED, STATE_EVENTS_LOST, grant_kind
+from .maps import (
+    EVENT_SIZE,
+    F_ANY_PEER,
+    F_DEST_V4,
+    F_HAS_DEST,
+    F_PREISSUED,
+    GRANT_KEY_SIZE,
+    STATE_EVENTS_LOST,
+    grant_kind,
+    offset_of,
+)
 
 LICENSE = "Dual MIT/GPL"
 
@@ -33,8 +43,16 @@ CTX_USER_IP6 = 8
 CTX_USER_PORT = 24
 CTX_TYPE = 32
 CTX_SK = 64
-# mark offsets
-M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = 0, 4, 8, 12, 28
+# offsets in the maps' layouts (graft_maps.h)
+M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = (
+    offset_of("struct graft_mark", f) for f in ("flags", "port", "ip4", "ip6", "tenant")
+)
+K_TENANT, K_KIND, K_PORT, K_ADDR = (offset_of("struct graft_grant_key", f) for f in ("tenant", "kind", "port", "addr"))
+E_TENANT, E_RULE, E_PID, E_UID, E_FAMILY, E_PORT, E_ADDR = (
+    offset_of("struct graft_event", f) for f in ("tenant", "rule", "pid", "uid", "family", "port", "addr")
+)
+# The audit record takes the key's port and address as they are, word by word.
+assert (K_ADDR - K_PORT, E_ADDR - E_PORT) == (4, 4), "graft_maps.h: port then address, in both"
 # v4-mapped prefix word 2 (bytes 00 00 ff ff) as a little-endian s32 immediate
 _MAPPED_WORD = -0x10000
 
@@ -131,6 +149,7 @@ def _to_mark_destination(a: Asm, v6: bool, elsewhere: str) -> None:
 
 # Stack of the connect programs: the grant key, the audit record, a state key.
 _KEY_AT, _EVENT_AT, _STATE_KEY_AT = -32, -80, -84
+assert GRANT_KEY_SIZE <= -_KEY_AT and EVENT_SIZE <= _KEY_AT - _EVENT_AT, "graft_maps.h: the stack slots are too small"
 
 
 def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped: bool = False) -> None:
@@ -142,10 +161,10 @@ def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped
     """
     a.ldx_w(1, 7, M_TENANT)
     a.jeq_imm(1, 0, "deny")  # a socket of no tenant's grants (a broker without them)
-    a.stx_w(10, _KEY_AT, 1)
-    a.st_w(10, _KEY_AT + 4, grant_kind(sock_type, socket.AF_INET6 if v6 and not mapped else socket.AF_INET))
+    a.stx_w(10, _KEY_AT + K_TENANT, 1)
+    a.st_w(10, _KEY_AT + K_KIND, grant_kind(sock_type, socket.AF_INET6 if v6 and not mapped else socket.AF_INET))
     a.ldx_w(1, 6, CTX_USER_PORT)
-    a.stx_w(10, _KEY_AT + 8, 1)
+    a.stx_w(10, _KEY_AT + K_PORT, 1)
     if mapped:
         words = [CTX_USER_IP6 + 12]
     elif v6:
@@ -155,9 +174,9 @@ def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped
     for i in range(4):  # the address field of the key: the words loaded, zeros after them
         if i < len(words):
             a.ldx_w(1, 6, words[i])
-            a.stx_w(10, _KEY_AT + 12 + 4 * i, 1)
+            a.stx_w(10, _KEY_AT + K_ADDR + 4 * i, 1)
         else:
-            a.st_w(10, _KEY_AT + 12 + 4 * i, 0)
+            a.st_w(10, _KEY_AT + K_ADDR + 4 * i, 0)
     # the tenant's own grants: the key starts with the tenant id, the outer map's key
     a.ld_map_fd(1, maps["grants"])
     a.stack_ptr(2, _KEY_AT)
@@ -196,20 +215,20 @@ def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
         a.st_w(7, M_FLAGS, F_PREISSUED | F_HAS_DEST | F_DEST_V4)
     # The audit record (EVENT). No wakeup: the broker drains the ring on a timer.
     a.ldx_w(1, 7, M_TENANT)
-    a.stx_w(10, _EVENT_AT, 1)
-    a.stx_w(10, _EVENT_AT + 4, 8)
+    a.stx_w(10, _EVENT_AT + E_TENANT, 1)
+    a.stx_w(10, _EVENT_AT + E_RULE, 8)
     a.call(bpf.FUNC_GET_CURRENT_PID_TGID)
     a.rsh_imm(0, 32)  # the tgid: the process id
-    a.stx_w(10, _EVENT_AT + 8, 0)
+    a.stx_w(10, _EVENT_AT + E_PID, 0)
     a.call(bpf.FUNC_GET_CURRENT_UID_GID)
-    a.stx_w(10, _EVENT_AT + 12, 0)  # the low half: the uid
-    a.st_w(10, _EVENT_AT + 16, family)
+    a.stx_w(10, _EVENT_AT + E_UID, 0)  # the low half: the uid
+    a.st_w(10, _EVENT_AT + E_FAMILY, family)
     for i in range(5):  # user_port and the address, from the key
-        a.ldx_w(1, 10, _KEY_AT + 8 + 4 * i)
-        a.stx_w(10, _EVENT_AT + 20 + 4 * i, 1)
+        a.ldx_w(1, 10, _KEY_AT + K_PORT + 4 * i)
+        a.stx_w(10, _EVENT_AT + E_PORT + 4 * i, 1)
     a.ld_map_fd(1, maps["events"])
     a.stack_ptr(2, _EVENT_AT)
-    a.mov_imm(3, EVENT.size)
+    a.mov_imm(3, EVENT_SIZE)
     a.mov_imm(4, bpf.RB_NO_WAKEUP)
     a.call(bpf.FUNC_RINGBUF_OUTPUT)
     a.jeq_imm(0, 0, "allow")

@@ -7,9 +7,9 @@ hands to the broker over a SOCK_SEQPACKET control socket, one
 messages (pure) and starts the loop; seccomp/agent.py does the rest of the I/O.
 
 The layouts come from seccomp_fast.h through cffi, as wire.py's come from
-the shim's header. The kernel maps' layouts there must be maps.py's: that is
-checked when this module loads, so a drift fails the broker's start, not a
-connect.
+the shim's header; the kernel maps' layouts the loop reads are
+confine/graft_maps.h's, which seccomp_fast.h includes and confine/maps.py
+reads, so there is one definition of each.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..confine import maps
 from ..core import request, sockopts
 from ..io.cheader import ffi_of
 from . import abi
@@ -36,20 +35,10 @@ POOL_MAX = _consts.GRAFT_FAST_POOL_MAX
 POOL_AGAIN = _consts.GRAFT_FAST_POOL_AGAIN
 MSG_SIZE = ffi.sizeof("struct graft_fast_msg")
 
-for _c, _size, _packed in (
-    ("struct graft_mark", ffi.sizeof("struct graft_mark"), maps.MARK.size),
-    ("struct graft_grant_key", ffi.sizeof("struct graft_grant_key"), maps.GRANT_KEY.size),
-    ("struct seccomp_notif", _consts.GRAFT_FAST_NOTIF_SIZE, abi.NOTIF.size),
-):
-    if _size != _packed:
-        raise RuntimeError(f"{HEADER}: {_c} is {_size} bytes, the broker packs {_packed}")
-for _c, _py in (
-    ("GRAFT_MARK_HAS_DEST", maps.F_HAS_DEST),
-    ("GRAFT_MARK_ANY_PEER", maps.F_ANY_PEER),
-    ("GRAFT_MARK_PREISSUED", maps.F_PREISSUED),
-):
-    if getattr(_consts, _c) != _py:
-        raise RuntimeError(f"{HEADER}: {_c} differs from maps.py")
+if abi.NOTIF.size != _consts.GRAFT_FAST_NOTIF_SIZE:  # the kernel's struct, which both read
+    raise RuntimeError(
+        f"{HEADER}: struct seccomp_notif is {_consts.GRAFT_FAST_NOTIF_SIZE} bytes, abi.py reads {abi.NOTIF.size}"
+    )
 if POOL_MAX != request.PREISSUE_MAX:  # one POOL message carries what Grants.preissue gives at most
     raise RuntimeError(f"{HEADER}: GRAFT_FAST_POOL_MAX {POOL_MAX} != GRAFT_PREISSUE_MAX {request.PREISSUE_MAX}")
 if len(sockopts.ALLOWED) > _consts.GRAFT_FAST_MAX_OPTS:

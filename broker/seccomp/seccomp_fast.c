@@ -63,8 +63,6 @@
 #endif
 
 _Static_assert(sizeof(struct seccomp_notif) == GRAFT_FAST_NOTIF_SIZE, "struct seccomp_notif changed size");
-_Static_assert(sizeof(struct graft_mark) == 32, "struct graft_mark must match maps.MARK");
-_Static_assert(sizeof(struct graft_grant_key) == 28, "struct graft_grant_key must match maps.GRANT_KEY");
 
 enum {
     POOL_CAP = 2 * GRAFT_FAST_POOL_MAX,

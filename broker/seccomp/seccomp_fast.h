@@ -4,14 +4,15 @@
  *
  * Python reads the region between FAST-BEGIN and FAST-END through cffi
  * (broker/seccomp/fast.py), so both sides use the compiler's layouts.
- * The kernel maps' layouts below are the ones broker/confine/maps.py packs;
- * seccomp/fast.py refuses to load if their sizes differ, and
- * tests/e2e/test_seccomp_loop.py compares every field.
+ * The kernel maps' layouts the loop reads (struct graft_mark, struct
+ * graft_grant_key) are broker/confine/graft_maps.h's, the broker's too.
  */
 #ifndef GRAFT_SECCOMP_FAST_H
 #define GRAFT_SECCOMP_FAST_H
 
 #include <stdint.h>
+
+#include "../confine/graft_maps.h"
 
 /* FAST-BEGIN */
 /* Messages on the control socket (SOCK_SEQPACKET), one struct each. */
@@ -60,26 +61,6 @@ struct graft_fast_stats {
     uint64_t installed;  /* connects given a pre-issued host socket by the loop */
     uint64_t handed_off; /* passed to the broker */
 };
-
-/* broker/confine/maps.py: MARK, GRANT_KEY and the F_* flags. */
-struct graft_mark {
-    uint32_t flags;
-    uint32_t port;
-    uint32_t ip4;
-    uint32_t ip6[4];
-    uint32_t tenant;
-};
-
-struct graft_grant_key {
-    uint32_t tenant;
-    uint32_t kind; /* socket type << 16 | family */
-    uint32_t port; /* the be16 port in a u32, as bpf_sock_addr's user_port */
-    uint8_t addr[16];
-};
-
-#define GRAFT_MARK_HAS_DEST 1
-#define GRAFT_MARK_ANY_PEER 2
-#define GRAFT_MARK_PREISSUED 8
 
 /* Serve cfg->notify_fd until every process of its filter is gone (0) or
  * the control socket closes (0); -errno when the notify fd fails. */

@@ -22,7 +22,6 @@ import sys
 
 import pytest
 
-from graft.broker.confine import maps
 from graft.broker.seccomp import abi, fast
 from support.harness import C_SOURCES, eventually
 from support.seccomp_env import connect_rule, counting_listener, policy, seccomp_records, seccomp_run, tenant_status
@@ -31,34 +30,6 @@ PY = sys.executable
 
 
 # ---- pure: layouts and messages ------------------------------------------------------------
-
-
-def offsets(struct_name: str) -> dict[str, int]:
-    return {name: fast.ffi.offsetof(struct_name, name) for name, _ in fast.ffi.typeof(struct_name).fields}
-
-
-def test_the_headers_map_layouts_are_the_ones_maps_py_packs():
-    flags, port, ip4, ip6, tenant = 1, 2, b"\x03\x00\x00\x00", bytes(range(16)), 7
-    raw = maps.MARK.pack(flags, port, ip4, ip6, tenant)
-    mark = fast.ffi.from_buffer("struct graft_mark *", raw)
-    assert (mark.flags, mark.port, mark.ip4, bytes(fast.ffi.buffer(mark.ip6)), mark.tenant) == (
-        flags,
-        port,
-        3,
-        ip6,
-        tenant,
-    )
-    assert fast.ffi.sizeof("struct graft_mark") == maps.MARK_SIZE
-    key = maps.grant_key(9, socket.AF_INET6, "2001:db8::1", 8080, socket.SOCK_DGRAM)
-    k = fast.ffi.from_buffer("struct graft_grant_key *", key)
-    assert (k.tenant, k.kind, struct.pack("=I", k.port)[:2]) == (
-        9,
-        maps.grant_kind(socket.SOCK_DGRAM, socket.AF_INET6),
-        struct.pack("!H", 8080),
-    )
-    assert bytes(fast.ffi.buffer(k.addr)) == socket.inet_pton(socket.AF_INET6, "2001:db8::1")
-    assert offsets("struct graft_grant_key") == {"tenant": 0, "kind": 4, "port": 8, "addr": 12}
-    assert fast.ffi.sizeof("struct graft_grant_key") == maps.GRANT_KEY.size
 
 
 def test_a_handed_off_notification_decodes_as_the_broker_reads_one():
