@@ -236,13 +236,13 @@ class Grants:
         a refusal is, like every other decision.
         """
         name = tenant.name
+
+        def refuse(verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
+            return self._refuse(tenant, peer, req, via, verdict)
+
         grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
         if self.confinement is None or not self._fast_path or not grant_id:
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict(
                     "deny",
                     "broker.confinement",
@@ -251,23 +251,15 @@ class Grants:
                 ),
             )  # nothing would hold them to the policy
         if self.decisions.audit_required:  # the kernel's records of fast-path connects can be lost (a full ring)
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict("deny", "audit.on_error", errno.EOPNOTSUPP, reason='no fast path while on_error = "deny"'),
             )
         if not tenant.matcher.uid_allowed(peer.uid):
-            return self._refuse(tenant, peer, req, via, Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
+            return refuse(Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
         n = await self.sockets.room(tenant, request.PREISSUE_MAX, tenant.config.max_sockets // 2)
         if n == 0:
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict(
                     "deny", tenant_loc(name, "max_sockets"), errno.ENOBUFS, reason="pools fill only half of max_sockets"
                 ),
@@ -275,26 +267,18 @@ class Grants:
         if tenant.bucket is not None:
             n = tenant.bucket.take_up_to(n, time.monotonic())
             if n == 0:
-                return self._refuse(tenant, peer, req, via, Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
+                return refuse(Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
         try:
             socks = await namespace.sockets(req.family, req.type, req.protocol, n)
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict("error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"),
             )
         if tenant.gid != grant_id:
             for sock in socks:
                 sock.close()
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict("error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"),
             )
         try:
@@ -305,11 +289,7 @@ class Grants:
             for sock in socks:
                 sock.close()
             log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return self._refuse(
-                tenant,
-                peer,
-                req,
-                via,
+            return refuse(
                 Verdict("error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"),
             )
         tenant.preissued += n
