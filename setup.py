@@ -43,7 +43,7 @@ setup(
         "graft.shim": ["libgraft.so", "graft_wire.h"],
         "graft.broker.seccomp": ["libgraft_seccomp.so", "seccomp_fast.h"],
         "graft.broker.confine": ["graft_maps.h"],
-        "graft.policy": ["examples/*.toml"],
+        "graft.policy": ["examples/*.toml", "examples/README.md"],
     },
     install_requires=[
         "cffi>=1.16",
