@@ -16,7 +16,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BROKER_LAYERS = ("core", "shim", "seccomp", "confine", "io")  # broker/__init__.py
+BROKER_LAYERS = ("core", "shim", "seccomp", "dns", "confine", "io")  # broker/__init__.py
 
 
 class BuildWithShim(build_py):
@@ -50,6 +50,7 @@ setup(
         "trio>=0.25",
         "pyroute2>=0.9",
         "pydantic>=2.6",
+        "dnspython>=2.6",  # the resolver's DNS messages (broker/dns/message.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-trio", "hypothesis"],

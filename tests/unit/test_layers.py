@@ -20,6 +20,7 @@ MAY_IMPORT = {
     "core": {"confine", "io"},
     "shim": {"core", "confine", "io"},
     "seccomp": {"core", "confine", "io"},
+    "dns": {"core", "confine", "io"},
 }
 LAYERS = set(MAY_IMPORT) | {""}
 
