@@ -8,6 +8,7 @@ adopted only if it is still the one at its path.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -23,6 +24,9 @@ log = logging.getLogger("graft.broker")
 
 LISTEN_BACKLOG = 512
 ACCEPT_BACKOFF = 0.1  # after a failed accept (out of fds): pause, do not spin
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+)
 _LISTENING = 1 << 10  # TCP_LISTEN, as unix_diag counts states
 
 
@@ -118,10 +122,15 @@ async def accept_forever(
 ) -> None:
     """Accept on listener until cancelled; each connection is served by handler(conn) in a task of its own.
 
-    A failed accept is logged and retried after ACCEPT_BACKOFF, never
-    fatal. With a limiter, a slot is taken before each accept and held
-    until that connection's handler returns, so at most that many are
-    served at once and the rest wait in the backlog.
+    An accept that fails for want of resources, or for a connection that
+    went before it was taken (TRANSIENT_ACCEPT_ERRORS), is logged and
+    retried after ACCEPT_BACKOFF. Any other error means the listener itself
+    is broken: it is raised, so that the broker exits and its service
+    manager restarts it, rather than run on accepting nothing.
+
+    With a limiter, a slot is taken before each accept and held until that
+    connection's handler returns, so at most that many are served at once
+    and the rest wait in the backlog.
     """
     async with trio.open_nursery() as nursery:
         while True:
@@ -130,9 +139,11 @@ async def accept_forever(
                 await limiter.acquire_on_behalf_of(token)
             try:
                 conn, _ = await listener.accept()
-            except OSError as e:
+            except BaseException as e:  # a cancel too: the slot taken for this accept is given back
                 if limiter is not None:
                     limiter.release_on_behalf_of(token)
+                if not isinstance(e, OSError) or e.errno not in TRANSIENT_ACCEPT_ERRORS:
+                    raise
                 log.error("%s: accept failed: %s", what, e)
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
