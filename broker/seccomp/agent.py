@@ -361,9 +361,10 @@ class SeccompAgent:
             out = await self.stages.carry_out(
                 tenant, req, peer, "seccomp", lambda fresh: self._copy_options(tenant, sock, fresh), connect=False
             )
-            try:  # recorded (and granted) by now; delivered here
+            try:  # recorded by now; delivered here, then granted
                 if out.sock is not None:
                     self._install(fd, n, req, sock, out.sock)
+                    self.stages.grant(tenant, req, out)
                 elif out.verdict.action == "container":
                     self._continue(fd, n)
                 else:

@@ -225,6 +225,7 @@ class ShimFront:
 
         out = await self.stages.carry_out(tenant, req, peer, "shim", recorded_options(tenant.name, req.opts))
         try:
+            self.stages.grant(tenant, req, out)  # before the reply: the app's next connect finds it
             return await self._send(
                 conn, outcome_reply(req, out), [out.sock] if out.sock is not None else [], tenant, peer
             )
