@@ -62,4 +62,10 @@ struct graft_event {
 };
 /* MAPS-END */
 
+/* The sizes the kernel's maps were created with (pinned maps outlive a broker): a change is a new layout. */
+_Static_assert(sizeof(struct graft_mark) == 32, "the marks map's values (and its BTF) are 32 bytes");
+_Static_assert(sizeof(struct graft_grant_key) == 28, "the grants maps' keys are 28 bytes");
+_Static_assert(sizeof(struct graft_grant_value) == 8, "the grants maps' values are 8 bytes");
+_Static_assert(sizeof(struct graft_event) == 40, "the events ring's records are 40 bytes");
+
 #endif

@@ -123,8 +123,15 @@ class ConnectEvent:
     port: int
 
 
+def _view(ctype: str, size: int, raw: bytes):
+    """raw read as one of the header's structs; ValueError if it is shorter (cffi would read past it)."""
+    if len(raw) < size:
+        raise ValueError(f"{ctype} needs {size} bytes, got {len(raw)}")
+    return ffi.from_buffer(f"{ctype} *", raw[:size])
+
+
 def decode_event(raw: bytes) -> ConnectEvent:
-    ev = ffi.from_buffer("struct graft_event *", raw[:EVENT_SIZE])
+    ev = _view("struct graft_event", EVENT_SIZE, raw)
     addr = bytes(ev.addr)
     host = socket.inet_ntop(ev.family, addr[:4] if ev.family == socket.AF_INET else addr)
     return ConnectEvent(ev.tenant, ev.rule, ev.pid, ev.uid, ev.family, host, int.from_bytes(bytes(ev.port), "big"))
@@ -132,7 +139,7 @@ def decode_event(raw: bytes) -> ConnectEvent:
 
 def mark_flags_and_tenant(raw: bytes) -> tuple[int, int]:
     """A mark's flags (F_*) and grant id."""
-    m = ffi.from_buffer("struct graft_mark *", raw[:MARK_SIZE])
+    m = _view("struct graft_mark", MARK_SIZE, raw)
     return m.flags, m.tenant
 
 

@@ -52,7 +52,8 @@ E_TENANT, E_RULE, E_PID, E_UID, E_FAMILY, E_PORT, E_ADDR = (
     offset_of("struct graft_event", f) for f in ("tenant", "rule", "pid", "uid", "family", "port", "addr")
 )
 # The audit record takes the key's port and address as they are, word by word.
-assert (K_ADDR - K_PORT, E_ADDR - E_PORT) == (4, 4), "graft_maps.h: port then address, in both"
+if (K_ADDR - K_PORT, E_ADDR - E_PORT) != (4, 4):  # checked at import, also under python -O
+    raise RuntimeError("graft_maps.h: the programs copy a key's port and address to an event word by word")
 # v4-mapped prefix word 2 (bytes 00 00 ff ff) as a little-endian s32 immediate
 _MAPPED_WORD = -0x10000
 
@@ -149,7 +150,8 @@ def _to_mark_destination(a: Asm, v6: bool, elsewhere: str) -> None:
 
 # Stack of the connect programs: the grant key, the audit record, a state key.
 _KEY_AT, _EVENT_AT, _STATE_KEY_AT = -32, -80, -84
-assert GRANT_KEY_SIZE <= -_KEY_AT and EVENT_SIZE <= _KEY_AT - _EVENT_AT, "graft_maps.h: the stack slots are too small"
+if GRANT_KEY_SIZE > -_KEY_AT or EVENT_SIZE > _KEY_AT - _EVENT_AT:
+    raise RuntimeError("graft_maps.h: a grant key or an event outgrew its slot on the programs' stack")
 
 
 def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped: bool = False) -> None:

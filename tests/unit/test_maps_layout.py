@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from graft.broker.confine import maps, programs
 from graft.broker.seccomp import fast
 from support.c_layout import layouts
@@ -70,15 +72,27 @@ def test_an_event_decodes_from_its_layout():
 
 
 def test_the_programs_address_the_fields_where_the_header_puts_them():
+    """The offsets the kernel's pinned maps were made with, literally: a change is a new layout."""
     mark = ("flags", "port", "ip4", "ip6", "tenant")
-    assert [maps.ffi.offsetof("struct graft_mark", f) for f in mark] == [
-        programs.M_FLAGS,
-        programs.M_PORT,
-        programs.M_IP4,
-        programs.M_IP6,
-        programs.M_TENANT,
-    ]
+    assert (
+        [maps.ffi.offsetof("struct graft_mark", f) for f in mark]
+        == [0, 4, 8, 12, 28]
+        == [
+            programs.M_FLAGS,
+            programs.M_PORT,
+            programs.M_IP4,
+            programs.M_IP6,
+            programs.M_TENANT,
+        ]
+    )
     key = {f: maps.ffi.offsetof("struct graft_grant_key", f) for f in ("tenant", "kind", "port", "addr")}
     assert key == {"tenant": 0, "kind": 4, "port": 8, "addr": 12}
     assert tuple(key.values()) == (programs.K_TENANT, programs.K_KIND, programs.K_PORT, programs.K_ADDR)
     assert (programs.E_PORT, programs.E_ADDR) == (20, 24)
+
+
+def test_a_short_value_is_refused_not_read_past():
+    with pytest.raises(ValueError, match="needs 32 bytes"):
+        maps.mark_flags_and_tenant(bytes(4))
+    with pytest.raises(ValueError, match="needs 40 bytes"):
+        maps.decode_event(bytes(39))
