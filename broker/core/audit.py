@@ -57,11 +57,11 @@ class Record:
     errno: int
     confinement: str  # "on" | "off"
     via: str  # "shim" | "seccomp" | "kernel"
-    reason: str | None = None  # written only when there is one
+    reason: str | None = None  # written only when there is one (not None, not empty)
 
     def to_json(self, ts: str) -> bytes:
         fields = {name: getattr(self, name) for name in self.__slots__}
-        if self.reason is None:
+        if not self.reason:
             del fields["reason"]
         return (json.dumps({"ts": ts, **fields}, separators=(",", ":")) + "\n").encode()
 
