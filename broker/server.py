@@ -36,6 +36,7 @@ from .core.hostsock import HostSockets
 from .core.netns import Namespace
 from .core.stages import Stages
 from .core.tenant import TenantState
+from .dns.resolver import Resolvers
 from .io.fdstore import FdStore
 from .seccomp.abi import SECCOMP_SOCKET
 from .seccomp.agent import SeccompAgent
@@ -71,7 +72,8 @@ class Broker:
         self.sockets = HostSockets(confinement)
         self.grants = Grants(confinement, self.tenants, self.decisions, self.sockets)
         stages = Stages(self.decisions, self.sockets, self.grants)
-        self.shim = ShimFront(stages, self.fdstore, self.socket_dir)
+        self.resolvers = Resolvers(self.decisions)
+        self.shim = ShimFront(stages, self.fdstore, self.socket_dir, self.resolvers.serve)
         self.seccomp = SeccompAgent(stages, self.tenants)
 
     # ---- lifecycle -------------------------------------------------------
@@ -115,6 +117,7 @@ class Broker:
     def _forget(self, tenant: TenantState) -> None:
         """A tenant gone: its grants and its close count go (its sockets stay counted nowhere)."""
         self.grants.drop(tenant)
+        self.resolvers.forget(tenant)
         if self.confinement is None or not tenant.kid:
             return
         try:
@@ -210,6 +213,7 @@ class Broker:
                 "preissued": t.preissued,
                 "seccomp_listeners": t.seccomp_listeners,
                 "seccomp_calls": t.seccomp_calls(),
+                "resolvers": self.resolvers.count(t),
             }
         return {
             "policy": {

@@ -1,6 +1,6 @@
 """The ``graft`` command: run a program under the shim, and policy tools.
 
-graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH] -- CMD ...
+graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH [--no-dns]] -- CMD ...
 graft policy check FILE
 graft policy schema
 graft shim-path
@@ -45,6 +45,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"graft run: cannot enter network namespace {args.netns}: {e.strerror or e}", file=sys.stderr)
             return 1
+        from graft.names import ask_resolver, point_resolv_conf_at
+
+        try:
+            resolver = None if args.no_dns else ask_resolver(env["GRAFT_SOCKET"])  # names, docs/dns.md
+            if resolver is not None:
+                point_resolv_conf_at(resolver)
+        except OSError as e:  # the program still runs; what it reaches by address works
+            print(
+                f"graft run: no resolver for the program ({e.strerror or e}); names will not resolve", file=sys.stderr
+            )
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:
@@ -169,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--socket", help="path of the tenant socket")
     run.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, help=f"default: {DEFAULT_SOCKET_DIR}")
     run.add_argument("--netns", help="run the command in this network namespace (name in /run/netns or path)")
+    run.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="with --netns: leave the program's resolv.conf alone instead of pointing it at the tenant's resolver",
+    )
     run.add_argument(
         "--seccomp",
         action="store_true",

@@ -348,6 +348,93 @@ class BindRule(_Strict):
         return value
 
 
+_DNS_NAME = re.compile(
+    r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
+)
+
+
+def _name_pattern(value: Any) -> str:
+    value = _require_str(value, "a name", '"api.example.com" or "*.svc.example"')
+    if value != "*" and (len(value) > 253 or not _DNS_NAME.fullmatch(value)):
+        raise _fail(
+            "graft_dns_name",
+            f"name {show(value)} must be a DNS name ('api.example.com'), '*.' and a suffix ('*.svc.example'), or '*'",
+        )
+    return value.rstrip(".").lower()
+
+
+def _upstream(value: Any) -> HostTarget:
+    target = _parse_host(value)
+    return target if target.port is not None else HostTarget(target.addr, 53)
+
+
+def _resolver(value: Any) -> str:
+    value = _require_str(value, "resolver", '"127.0.0.11" or "off"')
+    if value == "off":
+        return value
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise _fail(
+            "graft_dns_resolver", f"resolver {show(value)} must be an address ('127.0.0.11') or 'off'"
+        ) from None
+    if addr.version != 4 or not addr.is_loopback:
+        raise _fail(
+            "graft_dns_resolver",
+            f"resolver {show(value)} must be an IPv4 loopback address (127.0.0.0/8): it is served inside the "
+            "container's own network",
+        )
+    return str(addr)
+
+
+NamePattern = Annotated[
+    str,
+    PlainValidator(_name_pattern),
+    WithJsonSchema({"type": "string", "examples": ["api.example.com", "*.svc.example"]}),
+]
+Upstream = Annotated[
+    HostTarget,
+    PlainValidator(_upstream),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["10.0.0.2", "127.0.0.53:53", "[fd00::53]:53"]}),
+]
+
+
+class DnsSettings(_Strict):
+    """[tenants.<name>.dns]: the broker's resolver for this tenant's programs (docs/dns.md)."""
+
+    resolver: Annotated[str, PlainValidator(_resolver), WithJsonSchema({"type": "string"})] = Field(
+        "127.0.0.11",
+        description="the loopback address the resolver answers on (port 53), inside the programs' network; 'off' "
+        "to leave names to the container",
+    )
+    upstream: list[Upstream] | None = Field(
+        None,
+        description="the servers queries go to, from the tenant's netns; absent = the host's /etc/resolv.conf",
+        json_schema_extra={"minItems": 1},
+    )
+    names: list[NamePattern] | None = Field(
+        None,
+        description="names the tenant may resolve: exact, or '*.suffix'; absent = any",
+        json_schema_extra={"minItems": 1},
+    )
+    on_refused: Literal["refused", "nxdomain"] = Field(
+        "refused", description="the answer to a name outside `names`: REFUSED or NXDOMAIN"
+    )
+
+    @field_validator("upstream", "names")
+    @classmethod
+    def _not_empty(cls, value: list | None) -> list | None:
+        return _non_empty(value)
+
+    def allows(self, name: str) -> bool:
+        """Whether the tenant may resolve name (no trailing dot, any case)."""
+        if self.names is None:
+            return True
+        name = name.rstrip(".").lower()
+        return any(p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])) for p in self.names)
+
+
 class Tenant(_Strict):
     """``[tenants.<name>]``: one container, or a group of them, behind one broker socket."""
 
@@ -383,6 +470,7 @@ class Tenant(_Strict):
         description="owner uid of the tenant's host sockets (SO_REUSEPORT groups, netfilter owner match); "
         f"absent = {SOCKET_UID_BASE:#x} + crc32(tenant name) mod 2^24",
     )
+    dns: DnsSettings = Field(default_factory=DnsSettings, description="the broker's resolver for this tenant")
     connect: list[ConnectRule] = Field(default_factory=list, description="connect rules; the first match decides")
     bind: list[BindRule] = Field(default_factory=list, description="bind rules; the first match decides")
 

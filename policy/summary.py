@@ -34,12 +34,22 @@ def _rate(rate: int | None) -> str:
     return "none" if rate is None else f"{rate}/s"
 
 
+def _dns_line(tenant: Tenant) -> str:
+    d = tenant.dns
+    if d.resolver == "off":
+        return "    dns off (names are the container's)"
+    upstream = "host's resolv.conf" if d.upstream is None else _join(str(u) for u in d.upstream)
+    names = "any" if d.names is None else _join(d.names)
+    return f"    dns resolver {d.resolver}:53  upstream {upstream}  names {names}  on_refused {d.on_refused}"
+
+
 def _tenant_lines(name: str, tenant: Tenant, socket_dir: str) -> list[str]:
     lines = [
         f"  tenant {format_loc((name,))}  socket {socket_dir.rstrip('/')}/{name}.sock",
         f"    mode {tenant.mode}  netns {tenant.netns}  default {tenant.default}  socket_mode {tenant.socket_mode}"
         f"  max_sockets {tenant.max_sockets}  max_rate {_rate(tenant.max_rate)}"
         f"  uids {'any' if tenant.uids is None else _join(tenant.uids)}  socket_uid {tenant.socket_owner(name)}",
+        _dns_line(tenant),
     ]
     rules = [("connect", i, r) for i, r in enumerate(tenant.connect)]
     rules += [("bind", i, r) for i, r in enumerate(tenant.bind)]

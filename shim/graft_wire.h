@@ -32,6 +32,16 @@
  * The broker judges it as that sendto's connect. A GRAFT reply carries no
  * fd: the kernel now lets the tenant's grafted UDP sockets send there, so
  * the call may be made again. DENY or ERROR: the call fails with error.
+ *
+ * RESOLVER (names, docs/dns.md): sent by `graft run` from inside the
+ * network namespace its program will run in, before the program starts;
+ * family AF_INET, type SOCK_DGRAM, no flags, address or options. The
+ * broker serves the tenant's resolver in the sender's namespace (it knows
+ * it from the sender's pid) for as long as the sender, or another that
+ * asked there, lives. A GRAFT reply names the resolver's address (port
+ * 53), to write into the program's resolv.conf; CONTAINER: the tenant
+ * leaves names to the container (dns.resolver = "off"); ERROR: it could not
+ * be served, with errno.
  */
 #ifndef GRAFT_WIRE_H
 #define GRAFT_WIRE_H
@@ -50,6 +60,7 @@
 #define GRAFT_OP_BIND    2
 #define GRAFT_OP_PREISSUE 3  /* unconnected TCP sockets ahead of time: see below */
 #define GRAFT_OP_GRANT   4   /* a new destination for a grafted UDP socket: see below */
+#define GRAFT_OP_RESOLVER 5  /* serve the tenant's resolver in my network namespace: see below */
 
 /* Sockets one PREISSUE reply carries at most. */
 #define GRAFT_PREISSUE_MAX 16

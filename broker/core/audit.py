@@ -34,6 +34,9 @@ log = logging.getLogger("graft.broker")
 DROP_REPORT_INTERVAL = 60.0
 
 
+_DNS_FIELDS = ("name", "type", "answers", "upstream_ms")
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One audit record: the design's fixed fields, in the order they are written, then ``reason``.
@@ -44,8 +47,8 @@ class Record:
     """
 
     tenant: str | None  # None: judged in the kernel by a grant of an earlier broker
-    pid: int
-    uid: int
+    pid: int | None  # None: a DNS query, which names an address, not a process
+    uid: int | None
     op: str | None
     proto: str | None
     family: str | None
@@ -56,13 +59,22 @@ class Record:
     rule: str | None
     errno: int
     confinement: str  # "on" | "off"
-    via: str  # "shim" | "seccomp" | "kernel"
+    via: str  # "shim" | "seccomp" | "kernel" | "resolver"
     reason: str | None = None  # written only when there is one (not None, not empty)
+    # A DNS query's ("op": "dns"), written only for those: the name and type asked, the
+    # addresses answered ([] for none or a refusal), and how long the upstream took (0: cached).
+    name: str | None = None
+    type: str | None = None
+    answers: list[str] | None = None
+    upstream_ms: float | None = None
 
     def to_json(self, ts: str) -> bytes:
         fields = {name: getattr(self, name) for name in self.__slots__}
         if not self.reason:
             del fields["reason"]
+        for name in _DNS_FIELDS:
+            if fields[name] is None:
+                del fields[name]
         return (json.dumps({"ts": ts, **fields}, separators=(",", ":")) + "\n").encode()
 
 

@@ -15,10 +15,23 @@ from __future__ import annotations
 import errno
 import time
 
+from graft.policy.models import format_loc
+
 from . import request
 from .audit import AuditLog, Record
 from .tenant import Peer, TenantState
 from .verdict import Verdict, judge, tenant_loc
+
+
+def to_resolver(tenant: TenantState, req: request.Request) -> bool:
+    """Whether req connects (or first sends) to the tenant's resolver, port 53."""
+    resolver = tenant.config.dns.resolver
+    if resolver == "off" or req.judged_as != "connect" or req.addr is None or req.addr.port != 53:
+        return False
+    ip = req.addr.ip
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip) == resolver
 
 
 class Decisions:
@@ -29,9 +42,13 @@ class Decisions:
         self.refused = 0  # decisions refused because the audit log could not take them
 
     def judge(self, tenant: TenantState, req: request.Request, peer: Peer) -> Verdict:
-        """The decision for a bind/connect request of any front-end: max_rate, then the rules."""
+        """The decision for a bind/connect request of any front-end: max_rate, the resolver, then the rules."""
         if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
             return Verdict("deny", tenant_loc(tenant.name, "max_rate"), errno.EAGAIN)
+        if to_resolver(tenant, req):
+            # The broker's own resolver listens in the program's network (docs/dns.md): a query
+            # sent there by hand (a TCP fallback, a program with its own resolver) stays there.
+            return Verdict("container", format_loc(("tenants", tenant.name, "dns", "resolver")))
         return judge(req, tenant.matcher, peer.uid)
 
     @property

@@ -30,10 +30,11 @@ OP_CONNECT = _lib.GRAFT_OP_CONNECT
 OP_BIND = _lib.GRAFT_OP_BIND
 OP_PREISSUE = _lib.GRAFT_OP_PREISSUE
 OP_GRANT = _lib.GRAFT_OP_GRANT
+OP_RESOLVER = _lib.GRAFT_OP_RESOLVER
 PREISSUE_MAX = _lib.GRAFT_PREISSUE_MAX  # TCP sockets handed out ahead of their connects
 REQF_SENDTO = _lib.GRAFT_REQF_SENDTO
 
-OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue", OP_GRANT: "grant"}
+OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue", OP_GRANT: "grant", OP_RESOLVER: "resolver"}
 _PROTO_BY_TYPE = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 SOCKADDR_SIZE = {socket.AF_INET: 16, socket.AF_INET6: 28}
 FLOWLABEL_MASK = 0xFFFFF

@@ -1,7 +1,7 @@
-"""The resolver front-end (in progress, docs/dns.md): DNS for grafted programs, served by the broker.
+"""The resolver front-end: DNS for grafted programs, served by the broker (docs/dns.md).
 
 message.py is the sans-IO half: queries and answers as bytes in and out,
-through dnspython, and the TTL cache. The listeners in the containers'
-network namespaces and the forwarding to upstreams are not written yet;
-docs/dns.md says how they will work.
+through dnspython, and the TTL cache. resolver.py is the I/O: listeners in
+the programs' network namespaces, forwarding from the tenant's netns, and
+the audit record of every query.
 """

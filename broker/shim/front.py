@@ -27,7 +27,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -51,6 +51,8 @@ log = logging.getLogger("graft.broker")
 IDLE_TIMEOUT = 60.0
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
+# Serve the tenant's resolver in the peer's network namespace: its address, None when "off".
+ServeResolver = Callable[[TenantState, Peer], Awaitable[request.SockAddr | None]]
 
 
 def outcome_reply(req: request.Request, out: Outcome) -> bytes:
@@ -74,8 +76,9 @@ def fd_less_reply(verdict: Verdict) -> bytes:
 
 
 class ShimFront:
-    def __init__(self, stages: Stages, fdstore: FdStore, socket_dir: Path):
+    def __init__(self, stages: Stages, fdstore: FdStore, socket_dir: Path, serve_resolver: ServeResolver):
         self.stages = stages
+        self.serve_resolver = serve_resolver  # dns/resolver.py's Resolvers.serve (a front-end of its own)
         self.fdstore = fdstore  # the tenants' listeners survive a restart in systemd's fd store
         self.socket_dir = socket_dir
         self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)
@@ -209,6 +212,9 @@ class ShimFront:
             await self._send(conn, wire.encode_reply(wire.V_ERROR, e.errno), [], tenant, peer)
             return False
 
+        if req.op == request.OP_RESOLVER:
+            return await self._send(conn, await self._resolver(tenant, peer), [], tenant, peer)
+
         grants = self.stages.grants
         if req.op == request.OP_PREISSUE:
             socks, refusal, _ = await grants.preissue(tenant, req, peer, "shim")
@@ -231,6 +237,17 @@ class ShimFront:
             )
         finally:
             out.close()
+
+    async def _resolver(self, tenant: TenantState, peer: Peer) -> bytes:
+        """RESOLVER: the tenant's resolver, served in the peer's network namespace (graft_wire.h)."""
+        try:
+            addr = await self.serve_resolver(tenant, peer)
+        except OSError as e:
+            log.error("tenant %s: cannot serve a resolver for pid %d: %s", tenant.name, peer.pid, e)
+            return wire.encode_reply(wire.V_ERROR, e.errno or errno.EIO)
+        if addr is None:
+            return wire.encode_reply(wire.V_CONTAINER)  # dns.resolver = "off": names stay the container's
+        return wire.encode_reply(wire.V_GRAFT, 0, addr)
 
     async def _send(
         self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState, peer: Peer

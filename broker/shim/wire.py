@@ -19,6 +19,7 @@ from ..core.request import (
     OP_GRANT,
     OP_NAMES,
     OP_PREISSUE,
+    OP_RESOLVER,
     REQF_SENDTO,
     SOCKADDR_SIZE,
     BadRequest,
@@ -76,6 +77,10 @@ def decode_request(data: bytes) -> Request:
         raise BadRequest(errno.EINVAL, "the sendto flag needs a UDP connect")
     if req.op == OP_GRANT and (req.type != socket.SOCK_DGRAM or not req.flags & REQF_SENDTO or req.n_opts):
         raise BadRequest(errno.EINVAL, "a grant request names a UDP destination with the sendto flag and no options")
+    if req.op == OP_RESOLVER:
+        if req.type != socket.SOCK_DGRAM or req.flags or req.addr_len or req.n_opts:
+            raise BadRequest(errno.EINVAL, "a resolver request is UDP and names no flags, address or options")
+        return Request(req.op, req.family, req.type, req.protocol, 0, None, ())
     if req.op == OP_PREISSUE:
         if req.type != socket.SOCK_STREAM:
             raise BadRequest(errno.ESOCKTNOSUPPORT, "only TCP sockets are pre-issued")

@@ -125,7 +125,21 @@ def test_a_fork_does_not_wait_for_the_broker(netns, short_tmp):
         wedged.listen(1)
         wedged.settimeout(30)
         app = subprocess.Popen(
-            [GRAFT, "run", "--socket", str(path), "--netns", netns, "--", sys.executable, program, "127.0.0.1", "9"],
+            # --no-dns: the wedged broker's one request must be the program's
+            [
+                GRAFT,
+                "run",
+                "--socket",
+                str(path),
+                "--netns",
+                netns,
+                "--no-dns",
+                "--",
+                sys.executable,
+                program,
+                "127.0.0.1",
+                "9",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

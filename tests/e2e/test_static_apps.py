@@ -435,13 +435,12 @@ def test_getent_resolves_through_graft_only_in_seccomp_mode(netns, start_broker,
     alone = run(with_resolv_conf(resolv, ["nsenter", f"--net=/run/netns/{netns}", "--", *getent]))
     assert (alone.returncode, alone.stdout, asked) == (2, "", []), alone.stderr
 
-    # Preload mode: glibc's resolver calls its internal __socket/__connect/__send, which the
-    # shim cannot interpose, so the query still goes to the namespace's lo, and the broker
-    # hears nothing of it.
+    # Preload mode, the shim alone (--no-dns: without the broker's resolver, tests/e2e/test_names.py):
+    # glibc's resolver calls its internal __socket/__connect/__send, which the shim cannot
+    # interpose, so the query still goes to the namespace's lo, and the broker hears nothing of it.
     preload = start_broker(rules(connect=[dns_rule]))
-    r = run(
-        with_resolv_conf(resolv, [GRAFT, "run", "--socket", str(preload.socket_path), "--netns", netns, "--", *getent])
-    )
+    shim_alone = [GRAFT, "run", "--socket", str(preload.socket_path), "--netns", netns, "--no-dns", "--", *getent]
+    r = run(with_resolv_conf(resolv, shim_alone))
     assert (r.returncode, r.stdout, asked) == (2, "", []), r.stderr
     assert preload.audit() == []
 

@@ -294,7 +294,17 @@ class TestBrokerDown:
             env["GRAFT_FALLBACK"] = fallback
         sock = short_tmp / "nobody.sock"
         return subprocess.run(
-            [GRAFT, "run", "--socket", str(sock), "--netns", netns, "--", *program("connect_errno.py", *targets)],
+            [
+                GRAFT,
+                "run",
+                "--socket",
+                str(sock),
+                "--netns",
+                netns,
+                "--no-dns",
+                "--",
+                *program("connect_errno.py", *targets),
+            ],
             env=env,
             capture_output=True,
             text=True,

@@ -263,6 +263,7 @@ def test_a_refused_destination_is_put_to_the_broker_once(netns, short_tmp, answe
                 str(path),
                 "--netns",
                 netns,
+                "--no-dns",  # the scripted broker speaks only what the test scripts
                 "--",
                 *program("grant_client.py", PORT_A, PORT_C, call),
             ],

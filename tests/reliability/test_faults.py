@@ -36,6 +36,7 @@ def fault_client(socket_path, ns, port: int, fallback: str | None = None) -> lis
             str(socket_path),
             "--netns",
             ns,
+            "--no-dns",  # the faults here are the connect path's; a fake broker speaks only that
             "--",
             sys.executable,
             os.path.join(PROGRAMS, "fault_client.py"),

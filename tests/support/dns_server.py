@@ -9,7 +9,7 @@ serves one UDP socket until the test ends.
 
 Only what glibc's stub resolver sends is understood: one question per
 query, class IN. For a known name an A query gets its address (authoritative,
-TTL 0, so nothing caches it) and any other type an empty NOERROR answer, as
+TTL 0 unless a test asks for more, so nothing caches it) and any other type an empty NOERROR answer, as
 a real zone without that record would give; unknown names get NXDOMAIN, and
 what cannot be parsed is dropped, as servers drop junk.
 """
@@ -72,7 +72,7 @@ def parse_question(query: bytes) -> tuple[Question, int] | None:
     return Question(".".join(labels), qtype), pos + 4
 
 
-def answer(query: bytes, records: dict[str, str]) -> bytes | None:
+def answer(query: bytes, records: dict[str, str], ttl: int = 0) -> bytes | None:
     """The reply to one query, given A records {name: IPv4 address}; None to drop the query."""
     parsed = parse_question(query)
     if parsed is None:
@@ -83,7 +83,7 @@ def answer(query: bytes, records: dict[str, str]) -> bytes | None:
     answers = b""
     if address is not None and question.qtype == TYPE_A:
         # The name as a pointer to the question's (offset 12), then type, class, TTL, data.
-        answers = struct.pack("!HHHIH", 0xC000 | _HEADER.size, TYPE_A, CLASS_IN, 0, 4)
+        answers = struct.pack("!HHHIH", 0xC000 | _HEADER.size, TYPE_A, CLASS_IN, ttl, 4)
         answers += ipaddress.IPv4Address(address).packed
     rcode = RCODE_NOERROR if address is not None else RCODE_NXDOMAIN
     header = _HEADER.pack(qid, _QR | _AA | _RA | (flags & _OPCODE_RD) | rcode, 1, 1 if answers else 0, 0, 0)
@@ -91,7 +91,7 @@ def answer(query: bytes, records: dict[str, str]) -> bytes | None:
 
 
 @contextmanager
-def dns_server(host: str, records: dict[str, str], port: int = 53):
+def dns_server(host: str, records: dict[str, str], port: int = 53, ttl: int = 0):
     """Serve records on UDP host:port in a thread; yield (port, the questions asked as (Question, peer)).
 
     The socket is bound before this yields, so it is ready at once.
@@ -101,7 +101,7 @@ def dns_server(host: str, records: dict[str, str], port: int = 53):
     class Handler(socketserver.BaseRequestHandler):
         def handle(self):
             query, sock = self.request
-            reply = answer(query, records)
+            reply = answer(query, records, ttl)
             if reply is not None:
                 asked.append((parse_question(query)[0], self.client_address))
                 sock.sendto(reply, self.client_address)

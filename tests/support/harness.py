@@ -436,18 +436,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 # ---- running programs under graft ---------------------------------------------
 
 
-def graft_cmd(broker: BrokerProcess, ns: str | None, *cmd: str) -> list[str]:
+def graft_cmd(broker: BrokerProcess, ns: str | None, *cmd: str, dns: bool = False) -> list[str]:
+    """`graft run` of cmd in ns; dns: with the broker's resolver, for a test whose policy names its
+    upstream (without, the resolver would forward to the host's own servers, which no test may ask)."""
     args = [GRAFT, "run", "--socket", str(broker.socket_path)]
     if ns:
-        args += ["--netns", ns]
+        args += ["--netns", ns] + ([] if dns else ["--no-dns"])
     return [*args, "--", *cmd]
 
 
 def run_grafted(
-    broker: BrokerProcess, ns: str | None, *cmd: str, env: dict | None = None, timeout: float = 60, check: bool = False
+    broker: BrokerProcess,
+    ns: str | None,
+    *cmd: str,
+    env: dict | None = None,
+    timeout: float = 60,
+    check: bool = False,
+    dns: bool = False,
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        graft_cmd(broker, ns, *cmd),
+        graft_cmd(broker, ns, *cmd, dns=dns),
         env=env,
         capture_output=True,
         text=True,

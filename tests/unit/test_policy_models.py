@@ -462,9 +462,11 @@ def test_json_schema():
         "max_rate",
         "uids",
         "socket_uid",
+        "dns",
         "connect",
         "bind",
     }
+    assert set(schema["$defs"]["DnsSettings"]["properties"]) == {"resolver", "upstream", "names", "on_refused"}
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable
 

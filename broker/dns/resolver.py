@@ -1,0 +1,369 @@
+"""The resolver front-end: a tenant's DNS, served inside the network namespace its programs run in.
+
+``Resolvers.serve`` is asked by a process (``graft run``, through the
+shim front-end's RESOLVER request) from inside its namespace: the broker
+learns the namespace from the process's pid, and serves one ``Resolver``
+per (tenant, namespace) on the tenant's resolver address, port 53, UDP and
+TCP, for as long as a process that asked lives (pidfds; no polling). Each
+runs as a task of its tenant's nursery, so it ends with the tenant; its
+tasks are drawn in docs/architecture.md.
+
+A query is judged by the tenant's ``dns.names``, answered from the tenant's
+cache, or forwarded to its upstreams from a socket in the tenant's netns
+(where its grafted sockets are made), under a random id; a truncated answer
+is asked again over TCP. Every query is an audit record (``"op": "dns"``,
+``"via": "resolver"``). The messages are message.py's; docs/dns.md has the
+design and what is not done yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from pathlib import Path
+
+import dns.rcode
+import trio
+
+from ..core import request
+from ..core.audit import Record
+from ..core.decisions import Decisions
+from ..core.netns import Namespace
+from ..core.tenant import Peer, TenantState
+from ..io.unixsock import accept_forever
+from . import message
+
+log = logging.getLogger("graft.broker")
+
+RESOLVER_PORT = 53  # what resolv.conf can name: glibc asks port 53 only
+UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before the next is asked
+QUERIES_AT_ONCE = 64  # per resolver: more wait for a slot (UDP ones are dropped)
+TCP_IDLE_TIMEOUT = 10.0
+MAX_TCP_CLIENTS = 32
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[tuple[str, int]]:
+    """The nameservers the host's resolv.conf names, port 53 each."""
+    out = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                out.append((str(ipaddress.ip_address(words[1].split("%")[0])), 53))
+            except ValueError:
+                continue
+    return out
+
+
+class Resolvers:
+    """The tenants' resolvers, one per (tenant, network namespace)."""
+
+    def __init__(self, decisions: Decisions):
+        self.decisions = decisions
+        self._by_key: dict[tuple[str, int, int], Resolver] = {}
+        # Per tenant, not per resolver: a tenant's programs in any namespace share its answers, and
+        # they outlive a resolver that closes between two programs. Two tenants' policies differ.
+        self.caches: dict[str, message.Cache] = {}
+
+    def forget(self, tenant: TenantState) -> None:
+        """A tenant gone: its cached answers go (its resolvers end with its nursery)."""
+        self.caches.pop(tenant.name, None)
+
+    def count(self, tenant: TenantState) -> int:
+        return sum(1 for (name, _, _) in self._by_key if name == tenant.name)
+
+    async def serve(self, tenant: TenantState, peer: Peer) -> request.SockAddr | None:
+        """Serve the tenant's resolver in peer's namespace while peer lives; its address, None if "off".
+
+        Raises OSError when it cannot be served (the peer gone, its namespace
+        unreadable, the address taken there).
+        """
+        if tenant.config.dns.resolver == "off":
+            return None
+        pidfd = os.pidfd_open(peer.pid)
+        try:
+            ns_fd = os.open(f"/proc/{peer.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        st = os.fstat(ns_fd)
+        key = (tenant.name, st.st_dev, st.st_ino)
+        resolver = self._by_key.get(key)
+        if resolver is not None and resolver.closing:
+            await resolver.done.wait()  # its last asker went as this one asked: a fresh one
+            resolver = self._by_key.get(key)
+        if resolver is None:
+            resolver = Resolver(self, tenant, key, ns_fd)
+            ns_fd = -1  # the resolver's now
+            self._by_key[key] = resolver
+            try:
+                await tenant.nursery.start(resolver.run)
+            except RuntimeError:  # the tenant's nursery is closing: it is being removed
+                self._by_key.pop(key, None)
+                os.close(pidfd)
+                raise OSError(errno.ESHUTDOWN, f"tenant {tenant.name} is being removed") from None
+            except BaseException:
+                self._by_key.pop(key, None)
+                os.close(pidfd)
+                raise
+        if ns_fd >= 0:
+            os.close(ns_fd)
+        resolver.watch(pidfd)
+        return resolver.address
+
+    def _gone(self, resolver: Resolver) -> None:
+        if self._by_key.get(resolver.key) is resolver:
+            del self._by_key[resolver.key]
+
+
+class Resolver:
+    """One tenant's resolver in one network namespace."""
+
+    def __init__(self, owner: Resolvers, tenant: TenantState, key: tuple, ns_fd: int):
+        self.owner, self.tenant, self.key = owner, tenant, key
+        self._ns_fd = ns_fd
+        self.address = request.SockAddr(socket.AF_INET, ipaddress.ip_address(tenant.config.dns.resolver), RESOLVER_PORT)
+        self.cache = owner.caches.setdefault(tenant.name, message.Cache())
+        self.closing = False
+        self.done = trio.Event()
+        self._askers = 0
+        self._nursery: trio.Nursery | None = None
+        self._slots = trio.CapacityLimiter(QUERIES_AT_ONCE)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen in the namespace; started() once both listeners are bound; until the last asker goes."""
+        udp = tcp = None
+        try:
+            ns = Namespace(f"/proc/self/fd/{self._ns_fd}")
+            udp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_DGRAM, 0))
+            tcp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
+            where = self.address.to_python()
+            await udp.bind(where)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await tcp.bind(where)
+            tcp.listen(MAX_TCP_CLIENTS)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._serve_udp, udp)
+                    nursery.start_soon(accept_forever, tcp, self._serve_tcp, f"tenant {self.tenant.name}: resolver")
+                    log.info("tenant %s: resolver on %s in namespace %d", self.tenant.name, self.address, self.key[2])
+                    task_status.started()
+            except Exception:  # a broken listener, or a bug: this resolver ends, the broker serves on
+                log.exception("tenant %s: resolver in namespace %d failed", self.tenant.name, self.key[2])
+        finally:
+            self.closing = True
+            self.owner._gone(self)
+            for s in (udp, tcp):
+                if s is not None:
+                    s.close()
+            os.close(self._ns_fd)
+            self.done.set()
+            log.info("tenant %s: resolver in namespace %d closed", self.tenant.name, self.key[2])
+
+    def watch(self, pidfd: int) -> None:
+        """Serve while the process behind pidfd lives (the pidfd is the resolver's now)."""
+        assert self._nursery is not None
+        self._askers += 1
+        self._nursery.start_soon(self._wait_for_exit, pidfd)
+
+    async def _wait_for_exit(self, pidfd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)  # readable once the process has exited
+        finally:
+            os.close(pidfd)
+        self._askers -= 1
+        if self._askers == 0:
+            self.closing = True
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    # ---- queries -----------------------------------------------------------------------
+
+    async def _serve_udp(self, sock) -> None:
+        async with trio.open_nursery() as queries:
+            while True:
+                try:
+                    data, client = await sock.recvfrom(65535)
+                except OSError as e:  # an ICMP error of an earlier answer: nothing to do with the next query
+                    log.debug("tenant %s: resolver: %s", self.tenant.name, e)
+                    continue
+                token = object()
+                try:
+                    self._slots.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    continue  # a flood: UDP clients ask again
+                queries.start_soon(self._answer_udp, sock, data, client, token)
+
+    async def _answer_udp(self, sock, data: bytes, client, token) -> None:
+        try:
+            out = await self._answer(data, "udp", client, udp=True)
+            if out is not None:
+                await sock.sendto(out, client)
+        except OSError as e:
+            log.debug("tenant %s: resolver: cannot answer %s: %s", self.tenant.name, client, e)
+        except Exception:  # a bug costs this query, never the resolver or the broker
+            log.exception("tenant %s: resolver: internal error answering %s", self.tenant.name, client)
+        finally:
+            self._slots.release_on_behalf_of(token)
+
+    async def _serve_tcp(self, conn) -> None:
+        with conn:
+            try:
+                client = conn.getpeername()
+                while True:
+                    with trio.move_on_after(TCP_IDLE_TIMEOUT):
+                        data = await _read_framed(conn)
+                        if data is None:
+                            return
+                        out = await self._answer(data, "tcp", client, udp=False)
+                        if out is None:
+                            return
+                        await _send_all(conn, struct.pack("!H", len(out)) + out)
+                        continue
+                    return  # idle
+            except OSError as e:
+                log.debug("tenant %s: resolver: a TCP client went away: %s", self.tenant.name, e)
+            except Exception:  # a bug costs this connection, never the resolver or the broker
+                log.exception("tenant %s: resolver: internal error on a TCP connection", self.tenant.name)
+
+    async def _answer(self, data: bytes, proto: str, client, *, udp: bool) -> bytes | None:
+        """The answer to one query (None: nothing to send), audited."""
+        dns_policy = self.tenant.config.dns
+        try:
+            q = message.parse_query(data)
+        except message.BadQuery as e:
+            self._audit(proto, client, None, "error", None, errno.EBADMSG, reason=e.reason)
+            return message.error_reply(e)
+        if not dns_policy.allows(q.text):
+            rcode = dns.rcode.NXDOMAIN if dns_policy.on_refused == "nxdomain" else dns.rcode.REFUSED
+            self._audit(proto, client, q, "deny", f"tenants.{self.tenant.name}.dns.names", 0, answers=[])
+            return message.refusal(q, rcode)
+        limit = message.udp_limit(q) if udp else 65535
+        hit = self.cache.get(q, time.monotonic())
+        if hit is not None:
+            answer, age = hit
+            self._audit(proto, client, q, "graft", None, 0, answers=list(answer.addresses), upstream_ms=0.0)
+            return message.reply(q, answer, age, max_size=limit)
+        got = await self._forward(q)
+        if got is None:
+            self._audit(proto, client, q, "error", None, errno.ETIMEDOUT, reason="no upstream answered")
+            return message.refusal(q, dns.rcode.SERVFAIL)
+        answer, upstream, ms = got
+        self.cache.put(q, answer, time.monotonic())
+        self._audit(
+            proto,
+            client,
+            q,
+            "graft",
+            None,
+            0,
+            answers=list(answer.addresses),
+            upstream_ms=round(ms, 3),
+            host_addr=f"{upstream[0]}:{upstream[1]}",
+        )
+        return message.reply(q, answer, 0, max_size=limit)
+
+    async def _forward(self, q: message.Query) -> tuple[message.Answer, tuple[str, int], float] | None:
+        """Ask the upstreams in turn: (answer, upstream, milliseconds), or None if none answered."""
+        upstreams = [(str(u.addr), u.port) for u in self.tenant.config.dns.upstream or []] or host_nameservers()
+        for upstream in upstreams:
+            started = time.perf_counter()
+            with trio.move_on_after(UPSTREAM_TIMEOUT):
+                try:
+                    answer = await self._ask_udp(q, upstream)
+                    if answer.truncated:
+                        answer = await self._ask_tcp(q, upstream)
+                    return answer, upstream, (time.perf_counter() - started) * 1000
+                except (OSError, message.BadAnswer) as e:
+                    log.warning("tenant %s: resolver: upstream %s: %s", self.tenant.name, upstream, e)
+        return None
+
+    async def _upstream_socket(self, upstream: tuple[str, int], kind: int):
+        family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+        return trio.socket.from_stdlib_socket(await self.tenant.namespace.socket(family, kind, 0))
+
+    async def _ask_udp(self, q: message.Query, upstream: tuple[str, int]) -> message.Answer:
+        upstream_id = secrets.randbelow(1 << 16)
+        with await self._upstream_socket(upstream, socket.SOCK_DGRAM) as s:
+            await s.connect(upstream)  # only its answers reach this socket
+            await s.send(message.forwarded(q, upstream_id))
+            while True:
+                try:
+                    return message.parse_answer(await s.recv(65535), q, upstream_id)
+                except message.BadAnswer:
+                    continue  # not the answer to this query: wait for it
+
+    async def _ask_tcp(self, q: message.Query, upstream: tuple[str, int]) -> message.Answer:
+        upstream_id = secrets.randbelow(1 << 16)
+        with await self._upstream_socket(upstream, socket.SOCK_STREAM) as s:
+            await s.connect(upstream)
+            query = message.forwarded(q, upstream_id)
+            await _send_all(s, struct.pack("!H", len(query)) + query)
+            data = await _read_framed(s)
+            if data is None:
+                raise message.BadAnswer("the upstream closed the connection")
+            return message.parse_answer(data, q, upstream_id)
+
+    def _audit(
+        self, proto, client, q, action, rule, err, *, answers=None, upstream_ms=None, host_addr=None, reason=None
+    ) -> None:
+        self.owner.decisions.audit.write(
+            Record(
+                tenant=self.tenant.name,
+                pid=None,
+                uid=None,
+                op="dns",
+                proto=proto,
+                family="inet",
+                addr=client[0],
+                port=client[1],
+                host_addr=host_addr,
+                action=action,
+                rule=rule,
+                errno=err,
+                confinement=self.owner.decisions.confinement_state,
+                via="resolver",
+                reason=reason,
+                name=q.text if q is not None else None,
+                type=q.type_text if q is not None else None,
+                answers=answers,
+                upstream_ms=upstream_ms,
+            )
+        )
+
+
+async def _send_all(conn, data: bytes) -> None:
+    while data:
+        data = data[await conn.send(data) :]
+
+
+async def _read_framed(conn) -> bytes | None:
+    """One length-prefixed DNS message from a TCP stream; None at its end."""
+    head = await _read_exactly(conn, 2)
+    if head is None:
+        return None
+    return await _read_exactly(conn, struct.unpack("!H", head)[0])
+
+
+async def _read_exactly(conn, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = await conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf

@@ -1,0 +1,138 @@
+"""Names in preload mode: `graft run --netns` programs resolve through the broker's resolver (docs/dns.md).
+
+The resolver listens inside the program's own network namespace (a bare
+one here, with only `lo`), judges every name by the tenant's `dns.names`,
+forwards what is allowed to the tenant's upstream from the host side (here
+the tests' own DNS responder on the host's 127.0.0.1: no test ever asks
+the host's real resolvers), and audits every query.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from support.dns_server import TYPE_A, Question, dns_server
+from support.harness import eventually, http_server, need_program, run_grafted
+
+pytestmark = pytest.mark.netns
+RECORDS = {"myhost.graft.test": "127.0.0.1"}
+
+
+def policy(http_port: int, dns_port: int, names: str = '["*.graft.test"]', extra: str = "") -> str:
+    return f"""
+version = 1
+[tenants.t]
+default = "deny"
+[tenants.t.dns]
+upstream = ["127.0.0.1:{dns_port}"]
+names = {names}
+{extra}
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{http_port}]
+proto = "tcp"
+"""
+
+
+def dns_records(broker) -> list[dict]:
+    return [r for r in broker.audit() if r.get("op") == "dns"]
+
+
+def resolvers(broker) -> int:
+    from graft.brokerstatus import read_status
+
+    return read_status(broker.socket_dir)["tenants"]["t"]["resolvers"]
+
+
+@pytest.fixture
+def site(short_tmp):
+    (short_tmp / "www").mkdir()
+    (short_tmp / "www" / "index.html").write_text("grafted by name\n")
+    with http_server(short_tmp / "www") as port:
+        yield port
+
+
+def test_curl_reaches_a_host_server_by_name_from_a_bare_namespace(netns, start_broker, site):
+    curl = need_program("curl")
+    with open("/etc/resolv.conf") as f:
+        hosts_resolv_conf = f.read()
+    with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
+        broker = start_broker(policy(site, dns_port))
+        r = run_grafted(
+            broker, netns, curl, "-sS", "-o", "-", "-w", " %{http_code}", f"http://myhost.graft.test:{site}/", dns=True
+        )
+        assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+        assert (Question("myhost.graft.test", TYPE_A),) == tuple({q for q, _ in asked if q.qtype == TYPE_A})
+        # A second program asks again: answered from the tenant's cache while the TTL lasts.
+        py = run_grafted(
+            broker,
+            netns,
+            sys.executable,
+            "-c",
+            "import socket; print(socket.gethostbyname('myhost.graft.test'))",
+            dns=True,
+        )
+        assert py.returncode == 0 and py.stdout.strip() == "127.0.0.1", py.stderr
+        assert [q for q, _ in asked if q.qtype == TYPE_A] == [Question("myhost.graft.test", TYPE_A)]
+    records = dns_records(broker)
+    a = [x for x in records if x["type"] == "A"]
+    assert [(x["name"], x["answers"], x["action"], x["via"]) for x in a] == [
+        ("myhost.graft.test", ["127.0.0.1"], "graft", "resolver")
+    ] * 2
+    assert a[0]["host_addr"] == f"127.0.0.1:{dns_port}" and a[0]["upstream_ms"] > 0
+    assert a[1]["upstream_ms"] == 0  # the cached one
+    grafts = [x for x in broker.audit() if x.get("op") == "connect" and x["action"] == "graft"]
+    assert [(x["addr"], x["port"]) for x in grafts][:1] == [("127.0.0.1", site)]
+    with open("/etc/resolv.conf") as f:
+        assert f.read() == hosts_resolv_conf  # only the programs saw another one
+    assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # closed once its programs exited
+
+
+def test_a_name_outside_the_policy_is_refused_without_leaving_the_host(netns, start_broker, site):
+    getent = need_program("getent")
+    with dns_server("127.0.0.1", {**RECORDS, "other.example": "127.0.0.1"}, port=0) as (dns_port, asked):
+        broker = start_broker(policy(site, dns_port))
+        r = run_grafted(broker, netns, getent, "hosts", "other.example", dns=True)
+        assert r.returncode == 2, (r.stdout, r.stderr)  # not found
+        assert not [q for q, _ in asked if q.name == "other.example"]
+    refused = [x for x in dns_records(broker) if x["name"] == "other.example"]
+    assert refused and {(x["action"], x["rule"], tuple(x["answers"])) for x in refused} == {
+        ("deny", "tenants.t.dns.names", ())
+    }
+
+
+def test_a_tenant_with_the_resolver_off_keeps_the_containers_names(netns, start_broker, site):
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
+        broker = start_broker(policy(site, dns_port, extra='resolver = "off"'))
+        r = run_grafted(broker, netns, "cat", "/etc/resolv.conf", dns=True)
+        assert r.returncode == 0, r.stderr
+        with open("/etc/resolv.conf") as f:
+            assert r.stdout == f.read()
+    assert dns_records(broker) == [] and asked == []
+
+
+def test_malformed_and_tcp_queries_are_served_and_audited(netns, start_broker, site):
+    """Over TCP too (a truncated UDP answer's retry), and junk gets FORMERR, not a dead resolver."""
+    probe = r"""
+import json, socket, struct, sys
+import dns.message, dns.query
+out = {}
+q = dns.message.make_query("myhost.graft.test", "A")
+r = dns.query.tcp(q, "127.0.0.11", port=53, timeout=5)
+out["tcp"] = [rd.address for rrset in r.answer for rd in rrset]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"\x12\x34\x01\x00\x00\x01" + bytes(6) + b"junk", ("127.0.0.11", 53))  # a header, a broken question
+out["junk_rcode"] = s.recv(512)[3] & 0xF
+print(json.dumps(out))
+"""
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port))
+        r = run_grafted(broker, netns, sys.executable, "-c", probe, dns=True)
+        assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"tcp": ["127.0.0.1"], "junk_rcode": 1}  # FORMERR
+    kinds = {(x["proto"], x["action"]) for x in dns_records(broker)}
+    assert kinds == {("tcp", "graft"), ("udp", "error")}, dns_records(broker)

@@ -1,0 +1,91 @@
+"""[tenants.NAME.dns]: the resolver's policy keys, what they admit, and where they send a query."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from graft.broker.core import request
+from graft.broker.core.decisions import to_resolver
+from graft.names import resolv_conf_text
+from graft.policy import PolicyError, parse_policy
+from graft.policy.summary import summarize
+
+
+def tenant_dns(dns: str):
+    return parse_policy(f"version = 1\n[tenants.t]\n[tenants.t.dns]\n{dns}\n").tenants["t"].dns
+
+
+def test_the_defaults_serve_any_name_from_the_hosts_servers():
+    d = parse_policy("version = 1\n[tenants.t]\n").tenants["t"].dns
+    assert (d.resolver, d.upstream, d.names, d.on_refused) == ("127.0.0.11", None, None, "refused")
+    assert d.allows("anything.example")
+
+
+def test_names_are_exact_or_a_suffix_without_case_or_trailing_dot():
+    d = tenant_dns('names = ["API.example.com.", "*.svc.example"]')
+    assert d.names == ["api.example.com", "*.svc.example"]
+    assert d.allows("api.example.com") and d.allows("Api.Example.Com.")
+    assert d.allows("db.svc.example") and d.allows("a.b.svc.example")
+    assert not d.allows("svc.example") and not d.allows("example.com") and not d.allows("xsvc.example")
+
+
+def test_upstreams_take_a_port_or_53():
+    d = tenant_dns('upstream = ["127.0.0.1:5353", "10.0.0.2", "[fd00::53]:53"]')
+    assert [(str(u.addr), u.port) for u in d.upstream] == [("127.0.0.1", 5353), ("10.0.0.2", 53), ("fd00::53", 53)]
+
+
+@pytest.mark.parametrize(
+    ("dns", "loc", "words"),
+    [
+        ('names = ["bad name"]', "tenants.t.dns.names[0]", "must be a DNS name"),
+        ('names = ["*"]\nresolver = "10.0.0.1"', "tenants.t.dns.resolver", "IPv4 loopback address"),
+        ('resolver = "nope"', "tenants.t.dns.resolver", "an address"),
+        ('resolver = "::1"', "tenants.t.dns.resolver", "IPv4 loopback"),
+        ("names = []", "tenants.t.dns.names", "matches nothing"),
+        ('upstream = ["127.0.0.1:0"]', "tenants.t.dns.upstream[0]", "1-65535"),
+        ('on_refused = "drop"', "tenants.t.dns.on_refused", ""),
+        ("cache = 1", "tenants.t.dns.cache", ""),
+    ],
+)
+def test_a_bad_key_is_named_where_it_is(dns, loc, words):
+    with pytest.raises(PolicyError) as e:
+        tenant_dns(dns)
+    assert any(i.loc == loc and words in i.msg for i in e.value.errors), e.value.errors
+
+
+def test_the_summary_says_what_the_resolver_does():
+    text = summarize(parse_policy('version = 1\n[tenants.t]\n[tenants.t.dns]\nnames = ["*.graft.test"]\n'), "p")
+    assert "    dns resolver 127.0.0.11:53  upstream host's resolv.conf  names *.graft.test  on_refused refused" in text
+    off = summarize(parse_policy('version = 1\n[tenants.t]\n[tenants.t.dns]\nresolver = "off"\n'), "p")
+    assert "    dns off (names are the container's)" in off
+
+
+class FakeTenant:
+    def __init__(self, resolver: str):
+        self.config = type("C", (), {"dns": tenant_dns(f'resolver = "{resolver}"')})()
+
+
+def connect_to(host: str, port: int, op: int = request.OP_CONNECT, family: int = socket.AF_INET) -> request.Request:
+    addr = request.SockAddr(family, ipaddress.ip_address(host), port)
+    return request.Request(op, family, socket.SOCK_DGRAM, 0, 0, addr, ())
+
+
+def test_queries_to_the_resolver_are_recognised_in_either_family():
+    t = FakeTenant("127.0.0.11")
+    assert to_resolver(t, connect_to("127.0.0.11", 53))
+    assert to_resolver(t, connect_to("::ffff:127.0.0.11", 53, family=socket.AF_INET6))
+    assert not to_resolver(t, connect_to("127.0.0.11", 5353))
+    assert not to_resolver(t, connect_to("127.0.0.12", 53))
+    assert not to_resolver(t, connect_to("127.0.0.11", 53, op=request.OP_BIND))
+    assert not to_resolver(FakeTenant("off"), connect_to("127.0.0.11", 53))
+
+
+def test_the_programs_resolv_conf_names_only_the_resolver_and_keeps_search_and_options():
+    original = "# generated\nnameserver 10.0.0.2\nnameserver 10.0.0.3\nsearch corp.example\noptions ndots:2 edns0\n"
+    assert resolv_conf_text(original, "127.0.0.11") == (
+        "nameserver 127.0.0.11\nsearch corp.example\noptions ndots:2 edns0\n"
+    )
+    assert resolv_conf_text("", "127.0.0.11") == "nameserver 127.0.0.11\n"
