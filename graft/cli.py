@@ -45,16 +45,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"graft run: cannot enter network namespace {args.netns}: {e.strerror or e}", file=sys.stderr)
             return 1
-        from graft.names import ask_resolver, point_resolv_conf_at
+        if not args.no_dns:
+            from graft.names import use_broker_resolver
 
-        try:
-            resolver = None if args.no_dns else ask_resolver(env["GRAFT_SOCKET"])  # names, docs/dns.md
-            if resolver is not None:
-                point_resolv_conf_at(resolver)
-        except OSError as e:  # the program still runs; what it reaches by address works
-            print(
-                f"graft run: no resolver for the program ({e.strerror or e}); names will not resolve", file=sys.stderr
-            )
+            use_broker_resolver(env["GRAFT_SOCKET"])  # names, docs/dns.md
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:
@@ -77,7 +71,10 @@ def _run_seccomp(args: argparse.Namespace, cmd: list[str]) -> int:
         tenant = name[: -len(".sock")]
     else:
         socket_dir, tenant = args.socket_dir, args.tenant
-    return run_seccomp(cmd, os.path.join(socket_dir, SECCOMP_SOCKET), tenant, args.netns)
+    # names (docs/dns.md): the program's resolver is asked for from its own namespace, by the
+    # process that becomes it, on the tenant's socket.
+    resolver_socket = None if args.no_dns or not args.netns else os.path.join(socket_dir, f"{tenant}.sock")
+    return run_seccomp(cmd, os.path.join(socket_dir, SECCOMP_SOCKET), tenant, args.netns, resolver_socket)
 
 
 def _cmd_shim_path(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import sys
 import tempfile
 
 from graft.broker.core import request
@@ -41,6 +42,19 @@ def ask_resolver(socket_path: str, timeout: float = 10.0) -> str | None:
     if rep.verdict != wire.V_GRAFT or rep.addr is None:
         raise OSError(rep.error or 5, f"the broker cannot serve a resolver here: {os.strerror(rep.error or 5)}")
     return str(rep.addr.ip)
+
+
+def use_broker_resolver(socket_path: str) -> None:
+    """Point this process's resolv.conf at the tenant's resolver, served where it runs; warn if it cannot be.
+
+    The program runs either way: what it reaches by address works without names.
+    """
+    try:
+        resolver = ask_resolver(socket_path)
+        if resolver is not None:
+            point_resolv_conf_at(resolver)
+    except OSError as e:
+        print(f"graft run: no resolver for the program ({e.strerror or e}); names will not resolve", file=sys.stderr)
 
 
 def resolv_conf_text(original: str, resolver: str) -> str:

@@ -50,7 +50,9 @@ def _say(msg: str) -> None:
     print(f"graft run: {msg}", file=sys.stderr, flush=True)
 
 
-def run_seccomp(cmd: list[str], seccomp_socket: str, tenant: str, netns: str | None) -> int:
+def run_seccomp(
+    cmd: list[str], seccomp_socket: str, tenant: str, netns: str | None, resolver_socket: str | None = None
+) -> int:
     try:
         program = abi.notify_filter(abi.native_arch())
     except ValueError as e:
@@ -62,7 +64,7 @@ def run_seccomp(cmd: list[str], seccomp_socket: str, tenant: str, netns: str | N
     if pid == 0:  # pragma: no cover - the child execs or exits
         os.close(ready_r)
         os.close(go_w)
-        _child(cmd, program, netns, ready_w, go_r)
+        _child(cmd, program, netns, ready_w, go_r, resolver_socket)
     os.close(ready_w)
     os.close(go_r)
     for sig in (signal.SIGINT, signal.SIGQUIT):
@@ -91,7 +93,9 @@ def _forward(pid: int, signum: int) -> None:
         pass
 
 
-def _child(cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r: int) -> None:  # pragma: no cover
+def _child(  # pragma: no cover
+    cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r: int, resolver_socket: str | None
+) -> None:
     """Install the filter, report its listener, wait for the go, exec. Never returns."""
     step = _STEP_NETNS
     try:
@@ -99,6 +103,10 @@ def _child(cmd: list[str], program: bytes, netns: str | None, ready_w: int, go_r
             from pyroute2 import netns as pyroute2_netns
 
             pyroute2_netns.setns(netns, flags=0)  # flags=0: never create one
+        if resolver_socket is not None:  # before the filter: this request is the broker's, not judged
+            from graft.names import use_broker_resolver
+
+            use_broker_resolver(resolver_socket)
         step = _STEP_FILTER
         listener = syscalls.install_notify_filter(program)
     except OSError as e:

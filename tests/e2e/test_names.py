@@ -16,6 +16,7 @@ import pytest
 
 from support.dns_server import TYPE_A, Question, dns_server
 from support.harness import eventually, http_server, need_program, run_grafted
+from support.seccomp_env import seccomp_records, seccomp_run
 
 pytestmark = pytest.mark.netns
 RECORDS = {"myhost.graft.test": "127.0.0.1"}
@@ -136,3 +137,21 @@ print(json.dumps(out))
     assert json.loads(r.stdout) == {"tcp": ["127.0.0.1"], "junk_rcode": 1}  # FORMERR
     kinds = {(x["proto"], x["action"]) for x in dns_records(broker)}
     assert kinds == {("tcp", "graft"), ("udp", "error")}, dns_records(broker)
+
+
+def test_seccomp_mode_resolves_through_the_same_resolver(netns, seccomp_broker, site):
+    """glibc's own resolver sockets are stopped there: its query to the resolver goes on, in the program's network."""
+    getent = need_program("getent")
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
+        text = policy(site, dns_port).replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
+        broker = seccomp_broker(text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n'))
+        r = seccomp_run(broker, netns, getent, "hosts", "myhost.graft.test", dns=True)
+        assert (r.returncode, r.stdout.split()[:2]) == (0, ["127.0.0.1", "myhost.graft.test"]), r.stderr
+        assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
+    answered = [x for x in dns_records(broker) if x["name"] == "myhost.graft.test" and x["type"] == "A"]
+    assert answered and answered[0]["answers"] == ["127.0.0.1"]
+    # the resolver's socket was judged, and left in the program's network, where the broker listens
+    kept = [x for x in seccomp_records(broker) if x["port"] == 53]
+    assert kept and {(x["addr"], x["action"], x["rule"]) for x in kept} == {
+        ("127.0.0.11", "container", "tenants.t.dns.resolver")
+    }

@@ -82,6 +82,7 @@ def seccomp_cmd(broker, ns: str, *cmd: str) -> list[str]:
         str(broker.socket_dir),
         "--netns",
         ns,
+        "--no-dns",  # these tests point resolv.conf at their own server
         "--",
         *cmd,
     ]

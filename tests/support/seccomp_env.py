@@ -30,10 +30,13 @@ def connect_rule(port: int, proto: str = "tcp") -> str:
     return f'[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [{port}]\nproto = "{proto}"\n'
 
 
-def seccomp_run(broker, ns: str | None, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def seccomp_run(
+    broker, ns: str | None, *cmd: str, timeout: float = 60, dns: bool = False
+) -> subprocess.CompletedProcess:
+    """dns: with the broker's resolver, for a test whose policy names its upstream (harness.graft_cmd)."""
     args = [GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path)]
     if ns:
-        args += ["--netns", ns]
+        args += ["--netns", ns] + ([] if dns else ["--no-dns"])
     return subprocess.run(
         [*args, "--", *cmd], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
