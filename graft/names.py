@@ -12,6 +12,7 @@ the original's ``search``, ``domain`` and ``options`` lines.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import sys
@@ -36,7 +37,10 @@ def ask_resolver(socket_path: str, timeout: float = 10.0) -> str | None:
         s.connect(socket_path)
         s.send(wire.encode_request(request.OP_RESOLVER, None, type=socket.SOCK_DGRAM, family=socket.AF_INET))
         data = s.recv(wire.REPLY_SIZE + 1)
-    rep = wire.decode_reply(data)
+    try:
+        rep = wire.decode_reply(data)
+    except request.BadRequest as e:  # the broker closed the connection, or is not one
+        raise OSError(errno.EPROTO, f"no answer from the broker ({e.reason})") from None
     if rep.verdict == wire.V_CONTAINER:
         return None
     if rep.verdict != wire.V_GRAFT or rep.addr is None:

@@ -365,6 +365,8 @@ def _name_pattern(value: Any) -> str:
 
 def _upstream(value: Any) -> HostTarget:
     target = _parse_host(value)
+    if target.addr.is_unspecified or target.addr.is_multicast:
+        raise _fail("graft_dns_upstream", f"upstream {show(value)} must be a server's address, not {target.addr}")
     return target if target.port is not None else HostTarget(target.addr, 53)
 
 
@@ -426,13 +428,6 @@ class DnsSettings(_Strict):
     @classmethod
     def _not_empty(cls, value: list | None) -> list | None:
         return _non_empty(value)
-
-    def allows(self, name: str) -> bool:
-        """Whether the tenant may resolve name (no trailing dot, any case)."""
-        if self.names is None:
-            return True
-        name = name.rstrip(".").lower()
-        return any(p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])) for p in self.names)
 
 
 class Tenant(_Strict):

@@ -11,7 +11,8 @@ accepts and what it sends back:
 * ``refusal``: the answer to a query the resolver will not forward (the
   policy refused the name, REFUSED or NXDOMAIN; or SERVFAIL).
 * ``forwarded``: the query as sent upstream, under the resolver's own id
-  (a client's id is not trusted to be unpredictable).
+  (a client's id is not trusted to be unpredictable), without CD.
+* ``name_allowed``: a policy's ``names``, matched label by label.
 * ``parse_answer``: an upstream's answer, accepted only for the query it
   answers (id, question); its addresses and its cache lifetime (the least
   TTL of its answer, or a negative answer's SOA minimum, RFC 2308).
@@ -35,8 +36,30 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+MAX_TTL = 86400  # seconds an answer is cached at most, whatever its TTL says (a day)
+MAX_CACHED_ANSWER = 4096  # bytes: a larger answer is passed on but not kept (bounds a tenant's cache)
 MAX_UDP_ANSWER = 1232  # bytes a UDP answer may take without EDNS saying more (the DNS flag day's size)
 NEGATIVE_TTL_MAX = 900  # seconds a negative answer is cached at most, whatever its SOA says
+
+
+def name_allowed(name: dns.name.Name, patterns: list[str] | None) -> bool:
+    """Whether a policy's `names` admit name: exact, "*.suffix" (a name under it), "*"; None admits any.
+
+    Compared label by label (dnspython's names, case-insensitive): a label
+    that holds a dot ("x\\.corp") is one label, not the end of a suffix.
+    """
+    if patterns is None:
+        return True
+    for p in patterns:
+        if p == "*":
+            return True
+        if p.startswith("*."):
+            suffix = dns.name.from_text(p[2:])
+            if name != suffix and name.is_subdomain(suffix):
+                return True
+        elif name == dns.name.from_text(p):
+            return True
+    return False
 
 
 class BadQuery(Exception):
@@ -143,7 +166,9 @@ def forwarded(query: Query, upstream_id: int) -> bytes:
     """The query as the resolver sends it upstream: the client's question and flags, the resolver's id."""
     msg = dns.message.make_query(query.name, query.rdtype, query.rdclass, use_edns=0, payload=MAX_UDP_ANSWER)
     msg.id = upstream_id
-    msg.flags = (query.message.flags & (dns.flags.RD | dns.flags.CD)) | (msg.flags & ~dns.flags.RD)
+    # RD as the client asked; CD never: an answer the upstream did not validate would be cached
+    # for every program of the tenant, whatever they asked.
+    msg.flags = (query.message.flags & dns.flags.RD) | (msg.flags & ~(dns.flags.RD | dns.flags.CD))
     return msg.to_wire()
 
 
@@ -167,11 +192,17 @@ def parse_answer(wire: bytes, query: Query, upstream_id: int) -> Answer:
     return Answer(msg, rcode, _cache_ttl(msg, rcode), addresses, bool(msg.flags & dns.flags.TC))
 
 
+def wire_of(msg: dns.message.Message) -> bytes:
+    return msg.to_wire(max_size=65535)
+
+
 def _cache_ttl(msg: dns.message.Message, rcode: int) -> int:
     if msg.flags & dns.flags.TC:
         return 0  # incomplete: asked again over TCP, never kept
+    if len(wire_of(msg)) > MAX_CACHED_ANSWER:
+        return 0  # passed on, not kept: a tenant's cache stays bounded in bytes
     if rcode == dns.rcode.NOERROR and msg.answer:
-        return min(rrset.ttl for rrset in msg.answer)
+        return min(MAX_TTL, *(rrset.ttl for rrset in msg.answer))
     if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):  # a negative answer: its SOA says how long
         soas = [rrset for rrset in msg.authority if rrset.rdtype == dns.rdatatype.SOA]
         if soas:

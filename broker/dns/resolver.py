@@ -44,6 +44,8 @@ log = logging.getLogger("graft.broker")
 RESOLVER_PORT = 53  # what resolv.conf can name: glibc asks port 53 only
 UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before the next is asked
 QUERIES_AT_ONCE = 64  # per resolver: more wait for a slot (UDP ones are dropped)
+MAX_RESOLVERS_PER_TENANT = 64  # namespaces a tenant's resolvers serve at once
+MAX_ASKERS = 256  # processes one resolver waits for (each holds a pidfd)
 TCP_IDLE_TIMEOUT = 10.0
 MAX_TCP_CLIENTS = 32
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
@@ -86,41 +88,46 @@ class Resolvers:
     async def serve(self, tenant: TenantState, peer: Peer) -> request.SockAddr | None:
         """Serve the tenant's resolver in peer's namespace while peer lives; its address, None if "off".
 
-        Raises OSError when it cannot be served (the peer gone, its namespace
-        unreadable, the address taken there).
+        Raises OSError when it cannot be served: a uid the tenant does not
+        allow, max_rate, too many resolvers or askers, the peer gone, its
+        namespace unreadable, the address taken there.
         """
         if tenant.config.dns.resolver == "off":
             return None
-        pidfd = os.pidfd_open(peer.pid)
-        try:
+        if not tenant.matcher.uid_allowed(peer.uid):
+            raise OSError(errno.EPERM, f"uid {peer.uid} is not among the tenant's uids")
+        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
+            raise OSError(errno.EAGAIN, "the tenant's max_rate")
+        pidfd, ns_fd = os.pidfd_open(peer.pid), -1
+        try:  # both fds are closed here unless a resolver took them, on every way out
             ns_fd = os.open(f"/proc/{peer.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            os.close(pidfd)
-            raise
-        st = os.fstat(ns_fd)
-        key = (tenant.name, st.st_dev, st.st_ino)
-        resolver = self._by_key.get(key)
-        if resolver is not None and resolver.closing:
-            await resolver.done.wait()  # its last asker went as this one asked: a fresh one
+            st = os.fstat(ns_fd)
+            key = (tenant.name, st.st_dev, st.st_ino)
             resolver = self._by_key.get(key)
-        if resolver is None:
-            resolver = Resolver(self, tenant, key, ns_fd)
-            ns_fd = -1  # the resolver's now
-            self._by_key[key] = resolver
-            try:
-                await tenant.nursery.start(resolver.run)
-            except RuntimeError:  # the tenant's nursery is closing: it is being removed
-                self._by_key.pop(key, None)
-                os.close(pidfd)
-                raise OSError(errno.ESHUTDOWN, f"tenant {tenant.name} is being removed") from None
-            except BaseException:
-                self._by_key.pop(key, None)
-                os.close(pidfd)
-                raise
-        if ns_fd >= 0:
-            os.close(ns_fd)
-        resolver.watch(pidfd)
-        return resolver.address
+            if resolver is not None and resolver.closing:
+                await resolver.done.wait()  # its last asker went as this one asked: a fresh one
+                resolver = self._by_key.get(key)
+            if resolver is None:
+                if self.count(tenant) >= MAX_RESOLVERS_PER_TENANT:
+                    raise OSError(errno.EMFILE, f"the tenant has {MAX_RESOLVERS_PER_TENANT} resolvers already")
+                resolver, ns_fd = Resolver(self, tenant, key, ns_fd), -1  # the ns fd is the resolver's now
+                self._by_key[key] = resolver
+                try:
+                    await tenant.nursery.start(resolver.run)
+                except RuntimeError:  # the tenant's nursery is closing: it is being removed
+                    resolver.never_started()
+                    raise OSError(errno.ESHUTDOWN, f"tenant {tenant.name} is being removed") from None
+            else:
+                await resolver.ready.wait()  # another asker's start, a moment ago
+            if resolver.closing:
+                raise OSError(errno.EAGAIN, "the resolver there is closing; ask again")
+            if resolver.watch(peer.pid, pidfd):
+                pidfd = -1  # the resolver's now
+            return resolver.address
+        finally:
+            for fd in (pidfd, ns_fd):
+                if fd >= 0:
+                    os.close(fd)
 
     def _gone(self, resolver: Resolver) -> None:
         if self._by_key.get(resolver.key) is resolver:
@@ -136,8 +143,9 @@ class Resolver:
         self.address = request.SockAddr(socket.AF_INET, ipaddress.ip_address(tenant.config.dns.resolver), RESOLVER_PORT)
         self.cache = owner.caches.setdefault(tenant.name, message.Cache())
         self.closing = False
+        self.ready = trio.Event()  # set once it listens, or once it failed to (closing then)
         self.done = trio.Event()
-        self._askers = 0
+        self._askers: set[int] = set()  # pids
         self._nursery: trio.Nursery | None = None
         self._slots = trio.CapacityLimiter(QUERIES_AT_ONCE)
 
@@ -159,13 +167,21 @@ class Resolver:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._serve_udp, udp)
-                    nursery.start_soon(accept_forever, tcp, self._serve_tcp, f"tenant {self.tenant.name}: resolver")
+                    nursery.start_soon(
+                        accept_forever,
+                        tcp,
+                        self._serve_tcp,
+                        f"tenant {self.tenant.name}: resolver",
+                        trio.CapacityLimiter(MAX_TCP_CLIENTS),
+                    )
                     log.info("tenant %s: resolver on %s in namespace %d", self.tenant.name, self.address, self.key[2])
+                    self.ready.set()
                     task_status.started()
             except Exception:  # a broken listener, or a bug: this resolver ends, the broker serves on
                 log.exception("tenant %s: resolver in namespace %d failed", self.tenant.name, self.key[2])
         finally:
             self.closing = True
+            self.ready.set()
             self.owner._gone(self)
             for s in (udp, tcp):
                 if s is not None:
@@ -174,19 +190,32 @@ class Resolver:
             self.done.set()
             log.info("tenant %s: resolver in namespace %d closed", self.tenant.name, self.key[2])
 
-    def watch(self, pidfd: int) -> None:
-        """Serve while the process behind pidfd lives (the pidfd is the resolver's now)."""
-        assert self._nursery is not None
-        self._askers += 1
-        self._nursery.start_soon(self._wait_for_exit, pidfd)
+    def never_started(self) -> None:
+        """Its run never ran (the tenant's nursery closed first): give back what it holds."""
+        self.closing = True
+        self.ready.set()
+        self.owner._gone(self)
+        os.close(self._ns_fd)
+        self.done.set()
 
-    async def _wait_for_exit(self, pidfd: int) -> None:
+    def watch(self, pid: int, pidfd: int) -> bool:
+        """Serve while pid lives; whether the resolver took pidfd (False: pid is watched already)."""
+        assert self._nursery is not None  # ready: it listens
+        if pid in self._askers:
+            return False
+        if len(self._askers) >= MAX_ASKERS:
+            raise OSError(errno.EMFILE, f"the resolver waits for {MAX_ASKERS} processes already")
+        self._askers.add(pid)
+        self._nursery.start_soon(self._wait_for_exit, pid, pidfd)
+        return True
+
+    async def _wait_for_exit(self, pid: int, pidfd: int) -> None:
         try:
             await trio.lowlevel.wait_readable(pidfd)  # readable once the process has exited
         finally:
             os.close(pidfd)
-        self._askers -= 1
-        if self._askers == 0:
+        self._askers.discard(pid)
+        if not self._askers:
             self.closing = True
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
@@ -248,7 +277,7 @@ class Resolver:
         except message.BadQuery as e:
             self._audit(proto, client, None, "error", None, errno.EBADMSG, reason=e.reason)
             return message.error_reply(e)
-        if not dns_policy.allows(q.text):
+        if not message.name_allowed(q.name, dns_policy.names):
             rcode = dns.rcode.NXDOMAIN if dns_policy.on_refused == "nxdomain" else dns.rcode.REFUSED
             self._audit(proto, client, q, "deny", f"tenants.{self.tenant.name}.dns.names", 0, answers=[])
             return message.refusal(q, rcode)

@@ -1,4 +1,4 @@
-"""Names in preload mode: `graft run --netns` programs resolve through the broker's resolver (docs/dns.md).
+"""Names: `graft run --netns` programs resolve through the broker's resolver (docs/dns.md).
 
 The resolver listens inside the program's own network namespace (a bare
 one here, with only `lo`), judges every name by the tenant's `dns.names`,
@@ -9,11 +9,15 @@ the host's real resolvers), and audits every query.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
+from graft.broker.shim import wire
 from support.dns_server import TYPE_A, Question, dns_server
 from support.harness import eventually, http_server, need_program, run_grafted
 from support.seccomp_env import seccomp_records, seccomp_run
@@ -155,3 +159,59 @@ def test_seccomp_mode_resolves_through_the_same_resolver(netns, seccomp_broker, 
     assert kept and {(x["addr"], x["action"], x["rule"]) for x in kept} == {
         ("127.0.0.11", "container", "tenants.t.dns.resolver")
     }
+
+
+ASK_MANY = r"""
+import json, socket, sys
+from graft.broker.core import request
+from graft.broker.shim import wire
+path = sys.argv[1]
+out = set()
+with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+    s.settimeout(10)
+    s.connect(path)
+    for _ in range(300):
+        s.send(wire.encode_request(request.OP_RESOLVER, None, type=socket.SOCK_DGRAM, family=socket.AF_INET))
+        rep = wire.decode_reply(s.recv(wire.REPLY_SIZE))
+        out.add((rep.verdict, rep.error))
+print(json.dumps(sorted(out)), flush=True)
+sys.stdin.readline()  # the test looks at the broker while this process, the asker, lives
+"""
+
+
+def ask_many(broker, netns, while_asking=lambda: None) -> list:
+    """300 RESOLVER requests from one process in netns, on one connection: the distinct answers.
+
+    while_asking runs once they are answered, before the asker exits.
+    """
+    cmd = ["nsenter", f"--net=/run/netns/{netns}", "--", sys.executable, "-c", ASK_MANY, str(broker.socket_path)]
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            answers = [tuple(x) for x in json.loads(proc.stdout.readline())]
+            while_asking()
+        finally:
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0
+    return answers
+
+
+def test_a_process_asking_again_and_again_gets_one_resolver(netns, start_broker, site):
+    """Each ask of one process is the same asker: no pidfd (or task) per request."""
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port))
+        fds: list[int] = []
+
+        def look():
+            fds.append(len(os.listdir(f"/proc/{broker.proc.pid}/fd")))
+            assert resolvers(broker) == 1
+
+        assert ask_many(broker, netns, look) == [(wire.V_GRAFT, 0)]
+        assert fds[0] < 100, fds  # one pidfd for the asker, not one per request
+        assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # the asker exited: closed
+
+
+def test_a_uid_the_tenant_does_not_allow_gets_no_resolver(netns, start_broker, site):
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port).replace('default = "deny"', 'default = "deny"\nuids = [12345]'))
+        assert ask_many(broker, netns) == [(wire.V_ERROR, errno.EPERM)]  # it asks as root
+        assert resolvers(broker) == 0

@@ -197,3 +197,19 @@ def test_any_bytes_from_upstream_are_an_answer_or_bad_answer(raw):
         m.parse_answer(raw, q, 0x1234)
     except m.BadAnswer:
         pass
+
+
+def test_a_huge_ttl_is_cut_to_a_day_and_a_large_answer_is_not_kept():
+    q = m.parse_query(query())
+    forever = m.parse_answer(upstream_answer(q, 7, a("myhost.test", 2**31 - 1, "10.0.0.1")), q, 7)
+    assert forever.ttl == m.MAX_TTL
+    big = a("myhost.test", 300, *(f"10.{i // 250}.{i % 250}.1" for i in range(400)))
+    assert m.parse_answer(upstream_answer(q, 7, big), q, 7).ttl == 0  # passed on, never cached
+
+
+def test_checking_disabled_is_never_forwarded():
+    """An answer the upstream did not validate would be cached for every program of the tenant."""
+    cd = dns.message.make_query("myhost.test", "A")
+    cd.flags |= dns.flags.CD
+    fwd = dns.message.from_wire(m.forwarded(m.parse_query(cd.to_wire()), 9))
+    assert not fwd.flags & dns.flags.CD and fwd.flags & dns.flags.RD

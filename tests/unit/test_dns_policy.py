@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import dns.name
 import pytest
 
 from graft.broker.core import request
 from graft.broker.core.decisions import to_resolver
+from graft.broker.dns.message import name_allowed
 from graft.names import resolv_conf_text
 from graft.policy import PolicyError, parse_policy
 from graft.policy.summary import summarize
@@ -18,18 +20,31 @@ def tenant_dns(dns: str):
     return parse_policy(f"version = 1\n[tenants.t]\n[tenants.t.dns]\n{dns}\n").tenants["t"].dns
 
 
+def allows(d, name) -> bool:
+    return name_allowed(dns.name.from_text(name) if isinstance(name, str) else name, d.names)
+
+
 def test_the_defaults_serve_any_name_from_the_hosts_servers():
     d = parse_policy("version = 1\n[tenants.t]\n").tenants["t"].dns
     assert (d.resolver, d.upstream, d.names, d.on_refused) == ("127.0.0.11", None, None, "refused")
-    assert d.allows("anything.example")
+    assert allows(d, "anything.example")
 
 
 def test_names_are_exact_or_a_suffix_without_case_or_trailing_dot():
     d = tenant_dns('names = ["API.example.com.", "*.svc.example"]')
     assert d.names == ["api.example.com", "*.svc.example"]
-    assert d.allows("api.example.com") and d.allows("Api.Example.Com.")
-    assert d.allows("db.svc.example") and d.allows("a.b.svc.example")
-    assert not d.allows("svc.example") and not d.allows("example.com") and not d.allows("xsvc.example")
+    assert allows(d, "api.example.com") and allows(d, "Api.Example.Com.")
+    assert allows(d, "db.svc.example") and allows(d, "a.b.svc.example")
+    assert not allows(d, "svc.example") and not allows(d, "example.com") and not allows(d, "xsvc.example")
+
+
+def test_a_label_holding_a_dot_is_not_the_end_of_a_suffix():
+    """The labels evil, x.corp, example print as evil.x\\.corp.example: not under corp.example."""
+    d = tenant_dns('names = ["*.corp.example"]')
+    tricky = dns.name.Name([b"evil", b"x.corp", b"example", b""])
+    assert tricky.to_text().endswith(".corp.example.")
+    assert not allows(d, tricky)
+    assert allows(d, dns.name.Name([b"evil", b"x", b"corp", b"example", b""]))
 
 
 def test_upstreams_take_a_port_or_53():
@@ -46,6 +61,8 @@ def test_upstreams_take_a_port_or_53():
         ('resolver = "::1"', "tenants.t.dns.resolver", "IPv4 loopback"),
         ("names = []", "tenants.t.dns.names", "matches nothing"),
         ('upstream = ["127.0.0.1:0"]', "tenants.t.dns.upstream[0]", "1-65535"),
+        ('upstream = ["0.0.0.0"]', "tenants.t.dns.upstream[0]", "a server's address"),
+        ('upstream = ["224.0.0.251:5353"]', "tenants.t.dns.upstream[0]", "a server's address"),
         ('on_refused = "drop"', "tenants.t.dns.on_refused", ""),
         ("cache = 1", "tenants.t.dns.cache", ""),
     ],
