@@ -27,7 +27,7 @@ import sys
 import pytest
 
 from graft.broker.shim import wire
-from support.harness import C_SOURCES, GRAFT, PROGRAMS, eventually, need_confinement, run_grafted, serving
+from support.harness import GRAFT, PROGRAMS, compile_c, eventually, need_confinement, run_grafted, serving
 
 pytestmark = pytest.mark.netns
 
@@ -38,21 +38,7 @@ THREADS = 3
 @pytest.fixture(scope="module")
 def fork_inflight(tmp_path_factory) -> str:
     binary = tmp_path_factory.mktemp("c") / "fork_inflight"
-    subprocess.run(
-        [
-            "cc",
-            "-std=gnu11",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pthread",
-            "-o",
-            str(binary),
-            str(C_SOURCES / "fork_inflight.c"),
-        ],
-        check=True,
-    )
+    compile_c("fork_inflight.c", binary)
     return str(binary)
 
 

@@ -17,14 +17,21 @@ import os
 import resource
 import socket
 import struct
-import subprocess
 import sys
 
 import pytest
 
 from graft.broker.seccomp import abi, fast
-from support.harness import C_SOURCES, eventually
-from support.seccomp_env import connect_rule, counting_listener, policy, seccomp_records, seccomp_run, tenant_status
+from support.harness import compile_c, eventually
+from support.seccomp_env import (
+    CONNECTS,
+    connect_rule,
+    counting_listener,
+    policy,
+    seccomp_records,
+    seccomp_run,
+    tenant_status,
+)
 
 PY = sys.executable
 
@@ -69,21 +76,6 @@ def test_the_loop_copies_exactly_the_brokers_allowlist():
 
 
 # ---- end to end -------------------------------------------------------------------------------
-
-CONNECTS = """
-import errno, json, os, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-out = []
-for _ in range(n):
-    s = socket.socket()
-    try:
-        s.connect(("127.0.0.1", port))
-        out.append("connected")
-    except OSError as e:
-        out.append(errno.errorcode[e.errno])
-    s.close()
-print(json.dumps(out))
-"""
 
 
 def connects(broker, netns, port: int, n: int) -> list[str]:
@@ -258,21 +250,7 @@ def test_the_fast_path_keeps_the_apps_options_and_flags(netns, seccomp_broker):
 def test_close_on_exec_is_the_calling_threads(netns, seccomp_broker, tmp_path, mode):
     """The flag comes from the calling thread's fd table, which is not always its process's main thread's."""
     binary = tmp_path / "cloexec_threads"
-    subprocess.run(
-        [
-            "cc",
-            "-std=gnu11",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pthread",
-            "-o",
-            str(binary),
-            str(C_SOURCES / "cloexec_threads.c"),
-        ],
-        check=True,
-    )
+    compile_c("cloexec_threads.c", binary)
     n = 12
     with counting_listener() as (port, arrivals):
         broker = seccomp_broker(policy(connect_rule(port)))

@@ -20,8 +20,16 @@ import threading
 
 import pytest
 
-from support.harness import C_SOURCES, GRAFT, eventually, free_port, http_server, need_program, run_in_netns
-from support.seccomp_env import connect_rule, counting_listener, policy, seccomp_records, seccomp_run, tenant_status
+from support.harness import GRAFT, compile_c, eventually, free_port, http_server, need_program, run_in_netns
+from support.seccomp_env import (
+    connect_rule,
+    counting_listener,
+    policy,
+    seccomp_cmd,
+    seccomp_records,
+    seccomp_run,
+    tenant_status,
+)
 from support.udp_env import udp_echo, udp_socket
 
 pytestmark = pytest.mark.netns
@@ -103,21 +111,7 @@ def test_a_published_bind_serves_the_host_and_a_denied_bind_gets_eacces(netns, s
     )
     broker = seccomp_broker(policy(rule))
     proc = subprocess.Popen(
-        [
-            GRAFT,
-            "run",
-            "--seccomp",
-            "--socket",
-            str(broker.socket_path),
-            "--netns",
-            netns,
-            "--no-dns",
-            "--",
-            PY,
-            "-c",
-            BIND_THEN_ANSWER,
-            str(app_port),
-        ],
+        seccomp_cmd(broker, netns, PY, "-c", BIND_THEN_ANSWER, str(app_port)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -363,21 +357,7 @@ def test_exit_status_and_signals_are_the_commands(netns, seccomp_broker):
 def test_toctou_a_racing_thread_never_reaches_a_forbidden_destination(netns, seccomp_broker, tmp_path):
     """bypass4netns's hole: the address is rewritten between the agent's check and the kernel's use."""
     binary = tmp_path / "toctou_connect"
-    subprocess.run(
-        [
-            "cc",
-            "-std=gnu11",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pthread",
-            "-o",
-            str(binary),
-            str(C_SOURCES / "toctou_connect.c"),
-        ],
-        check=True,
-    )
+    compile_c("toctou_connect.c", binary)
     iterations = 3000
     with counting_listener() as (allowed, allowed_arrivals), counting_listener() as (forbidden, forbidden_arrivals):
         broker = seccomp_broker(policy(connect_rule(allowed)))
@@ -416,21 +396,7 @@ def test_a_removed_tenants_listeners_close_and_its_calls_fail(netns, seccomp_bro
     with counting_listener() as (port, arrivals):
         broker = seccomp_broker(policy(connect_rule(port)))
         proc = subprocess.Popen(
-            [
-                GRAFT,
-                "run",
-                "--seccomp",
-                "--socket",
-                str(broker.socket_path),
-                "--netns",
-                netns,
-                "--no-dns",
-                "--",
-                PY,
-                "-c",
-                WAIT_THEN_CONNECT,
-                str(port),
-            ],
+            seccomp_cmd(broker, netns, PY, "-c", WAIT_THEN_CONNECT, str(port)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -484,21 +450,7 @@ def test_programs_killed_in_the_middle_of_calls_cost_the_broker_nothing(netns, s
         broker = seccomp_broker(policy(connect_rule(port)))
         for _ in range(5):
             proc = subprocess.Popen(
-                [
-                    GRAFT,
-                    "run",
-                    "--seccomp",
-                    "--socket",
-                    str(broker.socket_path),
-                    "--netns",
-                    netns,
-                    "--no-dns",
-                    "--",
-                    PY,
-                    "-c",
-                    KILLED_MID_CALL,
-                    str(port),
-                ],
+                seccomp_cmd(broker, netns, PY, "-c", KILLED_MID_CALL, str(port)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,

@@ -29,7 +29,7 @@ import pytest
 
 from graft.broker.core import sockopts
 from support.harness import eventually
-from support.seccomp_env import counting_listener, policy, seccomp_records, seccomp_run, tenant_status
+from support.seccomp_env import CONNECTS, counting_listener, policy, seccomp_records, seccomp_run, tenant_status
 
 pytestmark = pytest.mark.netns
 PY = sys.executable
@@ -163,21 +163,9 @@ def test_options_read_back_the_same_from_the_brokers_and_the_loops_sockets(netns
     assert first[f"{hops[0]}/{hops[1]}"] == OPTIONS[hops]
 
 
-UID_PROGRAM = """
-import errno, json, os, socket, sys
-port, n, ruid, euid = (int(a) for a in sys.argv[1:5])
-os.setresuid(ruid, euid, 0)
-out = []
-for _ in range(n):
-    s = socket.socket()
-    try:
-        s.connect(("127.0.0.1", port))
-        out.append("connected")
-    except OSError as e:
-        out.append(errno.errorcode[e.errno])
-    s.close()
-print(json.dumps(out))
-"""
+# CONNECTS (port, n) after a switch to (real uid, effective uid), given as its third and fourth arguments.
+# Its modules are imported first: the new uids may not read the interpreter's files.
+UID_PROGRAM = "import errno, json, os, socket, sys\nos.setresuid(int(sys.argv[3]), int(sys.argv[4]), 0)\n" + CONNECTS
 
 # (real uid, effective uid, the policy's uids): judged, and served from a pool, by the effective uid.
 UIDS = [

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from support.harness import C_SOURCES, PROGRAMS, REPO, echo_server, free_port, graft_cmd, run_grafted
+from support.harness import PROGRAMS, REPO, compile_c, echo_server, free_port, graft_cmd, run_grafted
 
 SHIM = REPO / "shim"
 
@@ -173,22 +173,7 @@ def test_placeholder_dup2ed_to_a_high_fd_grafts(netns, start_broker):
 def test_fd_table_handles_fds_far_above_65536(tmp_path):
     """The shim's fd table, compiled with a unit test driving it with fds up to 2**30 - 1."""
     binary = tmp_path / "fdtable_test"
-    subprocess.run(
-        [
-            "cc",
-            "-std=gnu11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-pthread",
-            f"-I{SHIM}",
-            "-o",
-            str(binary),
-            str(C_SOURCES / "fdtable_test.c"),
-            str(SHIM / "fdtable.c"),
-        ],
-        check=True,
-    )
+    compile_c("fdtable_test.c", binary, f"-I{SHIM}", str(SHIM / "fdtable.c"))
     r = subprocess.run([str(binary)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "fdtable: all checks passed"

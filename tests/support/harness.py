@@ -465,6 +465,24 @@ def run_grafted(
     )
 
 
+def compile_c(source: str, binary: Path, *extra: str) -> Path:
+    """Build support/c/SOURCE into binary with the project's C flags (warnings are errors); extra: more cc args."""
+    cc = [
+        "cc",
+        "-std=gnu11",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pthread",
+        "-o",
+        str(binary),
+        str(C_SOURCES / source),
+    ]
+    subprocess.run([*cc, *extra], check=True)
+    return binary
+
+
 def program(name: str, *args) -> list[str]:
     """The argv that runs tests/support/programs/NAME (a Python script) with args."""
     return [sys.executable, str(PROGRAMS / name), *map(str, args)]

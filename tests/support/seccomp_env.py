@@ -30,15 +30,40 @@ def connect_rule(port: int, proto: str = "tcp") -> str:
     return f'[[tenants.t.connect]]\nto = ["127.0.0.1/32"]\nports = [{port}]\nproto = "{proto}"\n'
 
 
-def seccomp_run(
-    broker, ns: str | None, *cmd: str, timeout: float = 60, dns: bool = False
-) -> subprocess.CompletedProcess:
-    """dns: with the broker's resolver, for a test whose policy names its upstream (harness.graft_cmd)."""
+# A Python program: n TCP connects to 127.0.0.1:port in turn; prints a JSON list of "connected" or the errno's name.
+CONNECTS = """
+import errno, json, os, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+out = []
+for _ in range(n):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        out.append("connected")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def seccomp_cmd(broker, ns: str | None, *cmd: str, dns: bool = False) -> list[str]:
+    """`graft run --seccomp` of cmd in ns; dns as for harness.graft_cmd (off: no test reaches the host's resolvers)."""
     args = [GRAFT, "run", "--seccomp", "--socket", str(broker.socket_path)]
     if ns:
         args += ["--netns", ns] + ([] if dns else ["--no-dns"])
+    return [*args, "--", *cmd]
+
+
+def seccomp_run(
+    broker, ns: str | None, *cmd: str, timeout: float = 60, dns: bool = False
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*args, "--", *cmd], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        seccomp_cmd(broker, ns, *cmd, dns=dns),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
