@@ -5,9 +5,9 @@ PYTHON   ?= python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
 # Debian packages the demo and the tests run for real.
-APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nftables iproute2 gcc make libc6-dev systemd runc crun podman busybox-static golang-go
+APT_PKGS := curl socat nginx-light redis-server redis-tools iperf3 sockperf nftables iproute2 gcc make libc6-dev systemd runc crun podman busybox-static golang-go dnsmasq-base
 # The commands those packages provide; apt runs only if one is missing.
-APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make systemd-analyze runc crun podman busybox go
+APT_CMDS := curl socat nginx redis-server redis-cli iperf3 sockperf nft ss cc make systemd-analyze runc crun podman busybox go dnsmasq
 
 .PHONY: all build deps venv demo test lint clean install-service bench bench-deps
 
