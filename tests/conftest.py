@@ -70,8 +70,8 @@ def start_broker(short_tmp):
     """Start graft-broker with a policy text; stopped (and checked) at teardown."""
     started: list[BrokerProcess] = []
 
-    def start(policy_text: str, tenant: str = "t", *extra: str) -> BrokerProcess:
-        b = BrokerProcess(short_tmp / f"b{len(started)}", policy_text, tenant)
+    def start(policy_text: str, tenant: str = "t", *extra: str, **options) -> BrokerProcess:
+        b = BrokerProcess(short_tmp / f"b{len(started)}", policy_text, tenant, **options)
         started.append(b)
         return b.start(*extra)
 

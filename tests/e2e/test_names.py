@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import pytest
 
 from graft.broker.shim import wire
 from support.dns_server import TYPE_A, Question, dns_server
+from support.dnsmasq import dnsmasq
 from support.harness import eventually, http_server, need_program, run_grafted
 from support.seccomp_env import seccomp_records, seccomp_run
 
@@ -94,6 +96,35 @@ def test_curl_reaches_a_host_server_by_name_from_a_bare_namespace(netns, start_b
     with open("/etc/resolv.conf") as f:
         assert f.read() == hosts_resolv_conf  # only the programs saw another one
     assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # closed once its programs exited
+
+
+def test_the_hosts_resolver_answers_by_default_as_in_the_issues_reproduction(netns, start_broker, site):
+    """dnsmasq on the host's loopback, named by the host's resolv.conf (as the broker sees it); no upstream in the
+    policy: `graft run` curl by name from a bare namespace gets the page, and the log has the lookup and the graft."""
+    curl = need_program("curl")
+    address = f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"  # others may run a dnsmasq too
+    with dnsmasq(address, {"myhost.test": "127.0.0.1"}):
+        broker = start_broker(
+            f"""
+version = 1
+[tenants.t]
+default = "deny"
+[[tenants.t.connect]]
+to = ["127.0.0.1/32"]
+ports = [{site}]
+proto = "tcp"
+""",
+            nameserver=address,
+        )
+        r = run_grafted(broker, netns, curl, "-sS", "-w", " %{http_code}", f"http://myhost.test:{site}/", dns=True)
+    assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+    looked_up = [x for x in dns_records(broker) if x["type"] == "A"]
+    assert [(x["name"], x["answers"], x["action"], x["host_addr"]) for x in looked_up] == [
+        ("myhost.test", ["127.0.0.1"], "graft", f"{address}:53")
+    ]
+    assert [(x["addr"], x["port"]) for x in broker.audit() if x.get("op") == "connect" and x["action"] == "graft"] == [
+        ("127.0.0.1", site)
+    ]
 
 
 def test_a_name_outside_the_policy_is_refused_without_leaving_the_host(netns, start_broker, site):

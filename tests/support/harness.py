@@ -183,6 +183,11 @@ class BrokerProcess:
     The log lags the kernel's ring by up to that interval while the broker
     runs: a test that counts ``"via": "kernel"`` records reads them with
     ``stop_and_audit()``, or waits for its exact count with ``eventually``.
+
+    ``nameserver`` runs the broker in a mount namespace of its own whose
+    /etc/resolv.conf names that server (graft.names mounts it, as for a
+    program): the host's resolvers as the broker sees them, without touching
+    the host's file.
     """
 
     def __init__(
@@ -194,8 +199,10 @@ class BrokerProcess:
         fdstore: bool = False,
         stderr_fd: int | None = None,
         kernel_audit_interval: float | None = None,
+        nameserver: str | None = None,
     ):
         self.cgroup = cgroup
+        self.nameserver = nameserver
         self.kernel_audit_interval = kernel_audit_interval
         self.stderr_fd = stderr_fd  # the broker's stderr, if not the file stderr() reads
         self._owns_cgroup = cgroup is None
@@ -262,9 +269,19 @@ class BrokerProcess:
         return self
 
     def _broker_cmd(self) -> list[str]:
+        prefix = []
+        if self.nameserver is not None:
+            prefix = [
+                sys.executable,
+                "-c",
+                "import os, sys; from graft.names import point_resolv_conf_at; "
+                "point_resolv_conf_at(sys.argv[1]); os.execv(sys.argv[2], sys.argv[2:])",
+                self.nameserver,
+            ]
         if self.kernel_audit_interval is None:
-            return [GRAFT_BROKER]
+            return [*prefix, GRAFT_BROKER]
         return [
+            *prefix,
             sys.executable,
             "-c",
             "import sys; from graft.broker import main; from graft.broker.core import grants; "
