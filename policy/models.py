@@ -371,14 +371,20 @@ def _upstream(value: Any) -> HostTarget:
 
 
 def _resolver(value: Any) -> str:
-    value = _require_str(value, "resolver", '"127.0.0.11" or "off"')
+    value = _require_str(value, "resolver", '"127.0.0.11:53" or "off"')
     if value == "off":
         return value
+    text, port = value.split(":") if value.count(":") == 1 else (value, "53")  # IPv4[:PORT]; IPv6 is refused below
+    if port != "53":
+        raise _fail(
+            "graft_dns_resolver",
+            f"resolver {show(value)} must be on port 53: resolv.conf names a server's address, never its port",
+        )
     try:
-        addr = ipaddress.ip_address(value)
+        addr = ipaddress.ip_address(text)
     except ValueError:
         raise _fail(
-            "graft_dns_resolver", f"resolver {show(value)} must be an address ('127.0.0.11') or 'off'"
+            "graft_dns_resolver", f"resolver {show(value)} must be an address ('127.0.0.11:53') or 'off'"
         ) from None
     if addr.version != 4 or not addr.is_loopback:
         raise _fail(
@@ -407,7 +413,8 @@ class DnsSettings(_Strict):
 
     resolver: Annotated[str, PlainValidator(_resolver), WithJsonSchema({"type": "string"})] = Field(
         "127.0.0.11",
-        description="the loopback address the resolver answers on (port 53), inside the programs' network; 'off' "
+        description="the loopback address the resolver answers on, 'ADDR' or 'ADDR:53', inside the programs' "
+        "network; 'off' "
         "to leave names to the container",
     )
     upstream: list[Upstream] | None = Field(

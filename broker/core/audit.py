@@ -34,7 +34,7 @@ log = logging.getLogger("graft.broker")
 DROP_REPORT_INTERVAL = 60.0
 
 
-_DNS_FIELDS = ("name", "type", "answers", "upstream_ms")
+_DNS_FIELDS = ("name", "qtype", "answers", "upstream_ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Record:
     # A DNS query's ("op": "dns"), written only for those: the name and type asked, the
     # addresses answered ([] for none or a refusal), and how long the upstream took (0: cached).
     name: str | None = None
-    type: str | None = None
+    qtype: str | None = None
     answers: list[str] | None = None
     upstream_ms: float | None = None
 

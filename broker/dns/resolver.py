@@ -368,7 +368,7 @@ class Resolver:
                 via="resolver",
                 reason=reason,
                 name=q.text if q is not None else None,
-                type=q.type_text if q is not None else None,
+                qtype=q.type_text if q is not None else None,
                 answers=answers,
                 upstream_ms=upstream_ms,
             )

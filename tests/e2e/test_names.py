@@ -85,7 +85,7 @@ def test_curl_reaches_a_host_server_by_name_from_a_bare_namespace(netns, start_b
         assert py.returncode == 0 and py.stdout.strip() == "127.0.0.1", py.stderr
         assert [q for q, _ in asked if q.qtype == TYPE_A] == [Question("myhost.graft.test", TYPE_A)]
     records = dns_records(broker)
-    a = [x for x in records if x["type"] == "A"]
+    a = [x for x in records if x["qtype"] == "A"]
     assert [(x["name"], x["answers"], x["action"], x["via"]) for x in a] == [
         ("myhost.graft.test", ["127.0.0.1"], "graft", "resolver")
     ] * 2
@@ -118,7 +118,7 @@ proto = "tcp"
         )
         r = run_grafted(broker, netns, curl, "-sS", "-w", " %{http_code}", f"http://myhost.test:{site}/", dns=True)
     assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
-    looked_up = [x for x in dns_records(broker) if x["type"] == "A"]
+    looked_up = [x for x in dns_records(broker) if x["qtype"] == "A"]
     assert [(x["name"], x["answers"], x["action"], x["host_addr"]) for x in looked_up] == [
         ("myhost.test", ["127.0.0.1"], "graft", f"{address}:53")
     ]
@@ -183,7 +183,7 @@ def test_seccomp_mode_resolves_through_the_same_resolver(netns, seccomp_broker, 
         r = seccomp_run(broker, netns, getent, "hosts", "myhost.graft.test", dns=True)
         assert (r.returncode, r.stdout.split()[:2]) == (0, ["127.0.0.1", "myhost.graft.test"]), r.stderr
         assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
-    answered = [x for x in dns_records(broker) if x["name"] == "myhost.graft.test" and x["type"] == "A"]
+    answered = [x for x in dns_records(broker) if x["name"] == "myhost.graft.test" and x["qtype"] == "A"]
     assert answered and answered[0]["answers"] == ["127.0.0.1"]
     # the resolver's socket was judged, and left in the program's network, where the broker listens
     kept = [x for x in seccomp_records(broker) if x["port"] == 53]

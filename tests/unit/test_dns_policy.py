@@ -47,6 +47,10 @@ def test_a_label_holding_a_dot_is_not_the_end_of_a_suffix():
     assert allows(d, dns.name.Name([b"evil", b"x", b"corp", b"example", b""]))
 
 
+def test_the_resolver_is_named_with_or_without_its_port():
+    assert tenant_dns('resolver = "127.0.0.12:53"').resolver == tenant_dns('resolver = "127.0.0.12"').resolver
+
+
 def test_upstreams_take_a_port_or_53():
     d = tenant_dns('upstream = ["127.0.0.1:5353", "10.0.0.2", "[fd00::53]:53"]')
     assert [(str(u.addr), u.port) for u in d.upstream] == [("127.0.0.1", 5353), ("10.0.0.2", 53), ("fd00::53", 53)]
@@ -59,6 +63,7 @@ def test_upstreams_take_a_port_or_53():
         ('names = ["*"]\nresolver = "10.0.0.1"', "tenants.t.dns.resolver", "IPv4 loopback address"),
         ('resolver = "nope"', "tenants.t.dns.resolver", "an address"),
         ('resolver = "::1"', "tenants.t.dns.resolver", "IPv4 loopback"),
+        ('resolver = "127.0.0.11:5353"', "tenants.t.dns.resolver", "port 53"),
         ("names = []", "tenants.t.dns.names", "matches nothing"),
         ('upstream = ["127.0.0.1:0"]', "tenants.t.dns.upstream[0]", "1-65535"),
         ('upstream = ["0.0.0.0"]', "tenants.t.dns.upstream[0]", "a server's address"),
