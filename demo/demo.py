@@ -5,8 +5,10 @@ can reach the host's 127.0.0.1. graft-broker runs with
 policy/examples/demo.toml, and unmodified programs run in the namespace
 under `graft run`. The demo shows, each with its audit line:
 
-  (a) curl in the namespace fetches a page from a server that listens only
-      on the host's 127.0.0.1:8000;
+  (a) curl in the namespace fetches a page by name from a server that
+      listens only on the host's 127.0.0.1:8000: the name is resolved by the
+      broker's resolver in the namespace (127.0.0.11), which asks the
+      tenant's upstream, a dnsmasq on the host's 127.53.0.1;
   (b) `python3 -m http.server 80` in the namespace is published on the
       host's 127.0.0.1:8080, and curl on the host fetches from it;
   (c) a connection the policy denies fails with EPERM;
@@ -39,9 +41,11 @@ from support.harness import (  # noqa: E402  (the demo reuses the test harness)
     run_grafted,
     run_in_netns,
 )
+from support.dnsmasq import dnsmasq  # noqa: E402
 from support.rootfs import Runtime, build_rootfs, default_config, real_runtime, write_bundle  # noqa: E402
 
 HOST_PORT, PUBLISHED_PORT, DENIED_PORT = 8000, 8080, 8001
+UPSTREAM, HOST_NAME = "127.53.0.1", "web.graft-demo.test"  # as policy/examples/demo.toml names them
 PAGE = "Hello from the host's 127.0.0.1 - served through graft.\n"
 DENIED_CLIENT = (
     "import socket\n"
@@ -117,18 +121,22 @@ def main() -> int:
         print(f"    namespace {ns}")
         stack.enter_context(http_server(tmp / "www", port=HOST_PORT))
         print(f"    host HTTP server on 127.0.0.1:{HOST_PORT}")
+        stack.enter_context(dnsmasq(UPSTREAM, {HOST_NAME: "127.0.0.1"}))
+        print(f"    dnsmasq on {UPSTREAM}:53 (the demo tenant's upstream): {HOST_NAME} -> 127.0.0.1")
         broker = BrokerProcess(tmp, policy, tenant="demo")
         stack.callback(broker.stop)
         broker.start()
         print(f"    graft-broker ready, tenant socket {broker.socket_path}")
 
-        step(f"(a) curl in the namespace -> host 127.0.0.1:{HOST_PORT}")
+        step(f"(a) curl in the namespace -> http://{HOST_NAME}:{HOST_PORT}/ (host 127.0.0.1:{HOST_PORT})")
         url = f"http://127.0.0.1:{HOST_PORT}/"
         plain = run_in_netns(ns, "curl", "-sS", "--max-time", "5", url)
-        check(plain.returncode != 0, f"without graft, curl cannot reach it ({plain.stderr.strip()})")
-        grafted = run_grafted(broker, ns, "curl", "-sS", "--max-time", "10", url)
+        check(plain.returncode != 0, f"without graft, curl cannot reach it even by address ({plain.stderr.strip()})")
+        by_name = f"http://{HOST_NAME}:{HOST_PORT}/"
+        grafted = run_grafted(broker, ns, "curl", "-sS", "--max-time", "10", by_name, dns=True)
         print(f"    curl says: {grafted.stdout.strip()!r}")
-        check(grafted.returncode == 0 and grafted.stdout == PAGE, "under graft, curl fetches the host's page")
+        check(grafted.returncode == 0 and grafted.stdout == PAGE, "under graft, curl fetches the host's page by name")
+        audit_line(broker, op="dns", name=HOST_NAME, qtype="A", action="graft", via="resolver")
         audit_line(broker, op="connect", port=HOST_PORT, action="graft")
 
         step(f"(b) python3 -m http.server 80 in the namespace, published on host 127.0.0.1:{PUBLISHED_PORT}")
