@@ -45,7 +45,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"graft run: cannot enter network namespace {args.netns}: {e.strerror or e}", file=sys.stderr)
             return 1
-        if not args.no_dns:
+        if args.no_dns:
+            env["GRAFT_DNS"] = "off"  # nor does the shim ask for one as it loads
+        else:
             from graft.names import use_broker_resolver
 
             use_broker_resolver(env["GRAFT_SOCKET"])  # names, docs/dns.md

@@ -9,6 +9,10 @@ here; this module does no I/O, so every edit is unit-tested on plain dicts
 - read-only bind mounts of libgraft.so at /run/graft/libgraft.so and of the
   tenant's socket <socket_dir>/<name>.sock at /run/graft/graft.sock, the
   shim's default GRAFT_SOCKET;
+- names (docs/dns.md), unless the tenant's resolver is "off": a read-only
+  bind mount over /etc/resolv.conf of a file graft-runtime writes next to
+  config.json, naming the tenant's resolver and keeping the engine's
+  ``search``, ``domain`` and ``options`` lines;
 - preload mode: LD_PRELOAD names the shim first, before anything the image
   already preloads;
 - seccomp mode: no LD_PRELOAD (every socket call traps to the broker anyway,
@@ -42,6 +46,8 @@ SOCKET_DIR_ANNOTATION = "io.graft.socket-dir"
 # /run is a tmpfs in most engines' containers, where a mount point can always be made.
 CONTAINER_SOCKET = "/run/graft/graft.sock"
 CONTAINER_LIB = "/run/graft/libgraft.so"
+RESOLV_CONF = "/etc/resolv.conf"
+BUNDLE_RESOLV_CONF = "graft-resolv.conf"  # in the bundle: it lives and goes with the container
 
 MODES = ("preload", "seccomp")
 NOTIFY = "SCMP_ACT_NOTIFY"
@@ -125,13 +131,35 @@ def mode_from_status(status: dict, request: Request) -> str:
     return mode
 
 
-def graft_config(config: dict, request: Request, mode: str, lib_path: str) -> dict:
-    """A copy of config, grafted for request's tenant in mode, with the shim at lib_path on the host."""
+def resolver_from_status(status: dict, request: Request) -> str | None:
+    """The address of request's tenant's resolver (docs/dns.md), None if it has none ("off", or an older broker)."""
+    resolver = status["tenants"][request.tenant].get("resolver", "off")
+    return None if resolver == "off" else str(resolver)
+
+
+def engine_resolv_conf(config: dict, rootfs: str) -> str:
+    """Where the container's resolv.conf would come from: the engine's mount over it, else the root filesystem's."""
+    for mount in reversed(config.get("mounts", [])):
+        if os.path.normpath(mount.get("destination", "")) == RESOLV_CONF and mount.get("type") in ("bind", None):
+            return str(mount.get("source", ""))
+    return os.path.join(rootfs, RESOLV_CONF.lstrip("/"))
+
+
+def graft_config(config: dict, request: Request, mode: str, lib_path: str, resolv_conf: str | None = None) -> dict:
+    """A copy of config, grafted for request's tenant in mode, with the shim at lib_path on the host.
+
+    resolv_conf: a file on the host naming the tenant's resolver, mounted
+    over the container's /etc/resolv.conf (None: the engine's stays).
+    """
     if mode not in MODES:
         raise BundleError(f"tenant {request.tenant!r} has mode {mode!r}, which this graft-runtime does not know")
     out = copy.deepcopy(config)
     _bind_read_only(out, lib_path, CONTAINER_LIB, noexec=False)  # it is mapped executable
     _bind_read_only(out, request.tenant_socket, CONTAINER_SOCKET, noexec=True)
+    if resolv_conf is not None:
+        _bind_read_only(out, resolv_conf, RESOLV_CONF, noexec=True)
+    else:  # the tenant's resolver is off now: a mount of graft's own file from an earlier graft goes
+        out["mounts"] = [m for m in out.get("mounts", []) if not _graft_resolv_conf(m)]
     env = out.setdefault("process", {}).setdefault("env", [])
     linux = out.setdefault("linux", {})
     if mode == "preload":
@@ -145,6 +173,12 @@ def graft_config(config: dict, request: Request, mode: str, lib_path: str) -> di
     if not linux:
         del out["linux"]
     return out
+
+
+def _graft_resolv_conf(mount: dict) -> bool:
+    return os.path.normpath(mount.get("destination", "")) == RESOLV_CONF and (
+        os.path.basename(str(mount.get("source", ""))) == BUNDLE_RESOLV_CONF
+    )
 
 
 def _bind_read_only(config: dict, source: str, destination: str, noexec: bool) -> None:

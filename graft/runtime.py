@@ -12,7 +12,10 @@ Only ``create`` and ``run`` of a bundle whose config.json carries the
 annotation io.graft.tenant are looked at: the tenant is checked with the
 broker first (it must be up and know the tenant, whose mode decides the
 edits), then config.json is replaced atomically by the grafted one
-(graft/oci.py). Any failure is one line on stderr (and in the runtime log
+(graft/oci.py), and, unless the tenant's resolver is off, the container's
+resolv.conf naming it is written next to it (docs/dns.md: the broker serves
+the resolver in the container's namespace as its programs load the shim, or,
+in seccomp mode, at their first query). Any failure is one line on stderr (and in the runtime log
 engines read, if one was given) and exit 1 before the real runtime is
 called, so no container starts half grafted. A bundle without the
 annotation is never written to.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -170,8 +174,11 @@ def prepare_bundle(bundle: str, path: str) -> None:
         raise oci.BundleError(f"{LIB_PATH} is missing; build the shim first (make build)")
     try:
         mode = oci.mode_from_status(status, request)
-        grafted = oci.graft_config(config, request, mode, str(LIB_PATH))
         rootfs = os.path.join(bundle, config["root"]["path"])
+        resolv_conf = None
+        if (resolver := oci.resolver_from_status(status, request)) is not None:
+            resolv_conf = _write_resolv_conf(bundle, oci.engine_resolv_conf(config, rootfs), resolver)
+        grafted = oci.graft_config(config, request, mode, str(LIB_PATH), resolv_conf)
     except (AttributeError, TypeError, KeyError) as e:
         # A field of another type than the OCI spec's (or the broker's status) says.
         raise oci.BundleError(
@@ -183,17 +190,51 @@ def prepare_bundle(bundle: str, path: str) -> None:
         _replace(path, json.dumps(grafted, indent=2).encode() + b"\n")
 
 
-def _replace(path: str, data: bytes) -> None:
-    """Write path atomically: the real runtime reads either the old config or the whole new one."""
+def _write_resolv_conf(bundle: str, engine_file: str, resolver: str) -> str:
+    """The container's resolv.conf, naming the tenant's resolver, written into the bundle; its path.
+
+    The engine's file (or the image's) gives the search, domain and options
+    lines. The image's is read without following a symbolic link: it is the
+    image's to point anywhere, and this runs as root on the host.
+    """
+    from graft.names import resolv_conf_text
+    from graft.oci import BUNDLE_RESOLV_CONF
+
+    original = ""
+    try:
+        fd = os.open(engine_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                original = f.read(64 * 1024).decode("utf-8", "replace")
+    except OSError:
+        pass  # none, or a link: the resolver alone
+    path = os.path.join(os.path.abspath(bundle), BUNDLE_RESOLV_CONF)
+    ours = resolv_conf_text(original, resolver).encode()
+    try:
+        with open(path, "rb") as f:
+            if f.read() == ours:
+                return path  # a bundle run again: the file a container of it may have mounted stays as it is
+    except OSError:
+        pass
+    _replace(path, ours, mode=0o644)
+    return path
+
+
+def _replace(path: str, data: bytes, mode: int | None = None) -> None:
+    """Write path atomically: the real runtime reads either the old file or the whole new one.
+
+    mode: a new file's (None: path exists, and keeps its owner and mode).
+    """
     directory = os.path.dirname(path) or "."
-    st = os.stat(path)
-    fd, tmp = tempfile.mkstemp(prefix=".config.json.graft-", dir=directory)
+    st = os.stat(path) if mode is None else None
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.graft-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchown(f.fileno(), st.st_uid, st.st_gid)  # the engine's file stays the engine's
-            os.fchmod(f.fileno(), st.st_mode & 0o7777)
+            if st is not None:
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)  # the engine's file stays the engine's
+            os.fchmod(f.fileno(), st.st_mode & 0o7777 if st is not None else mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -169,13 +169,13 @@ static bool error_in_range(int32_t err, int32_t min)
  * one host socket for a connect or bind, 1..GRAFT_PREISSUE_MAX unconnected
  * ones (and no connect error) for a PREISSUE, which has no container
  * verdict, and none (and no error) for a GRANT, whose socket the app holds
- * already. receive_reply closes whatever fds came with a reply refused here.
+ * already, or a RESOLVER, which asks for no socket. receive_reply closes whatever fds came with a reply refused here.
  */
 static int check_reply(uint16_t op, const struct graft_reply *rep, ssize_t len, int msg_flags,
                        int nfds)
 {
     bool preissue = op == GRAFT_OP_PREISSUE;
-    bool grant = op == GRAFT_OP_GRANT;
+    bool fd_less = op == GRAFT_OP_GRANT || op == GRAFT_OP_RESOLVER;
     if ((msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || len != (ssize_t)sizeof *rep)
         return EPROTO;
     if (rep->magic != GRAFT_WIRE_MAGIC || rep->version != GRAFT_WIRE_VERSION ||
@@ -185,7 +185,7 @@ static int check_reply(uint16_t op, const struct graft_reply *rep, ssize_t len, 
     case GRAFT_V_GRAFT:
         if (preissue)
             return nfds >= 1 && nfds <= GRAFT_PREISSUE_MAX && rep->error == 0 ? 0 : EPROTO;
-        if (grant)
+        if (fd_less)
             return nfds == 0 && rep->error == 0 ? 0 : EPROTO;
         return nfds == 1 && error_in_range(rep->error, 0) ? 0 : EPROTO;
     case GRAFT_V_CONTAINER:
@@ -351,6 +351,27 @@ int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *
     memcpy(fds, got.fds, sizeof fds[0] * (size_t)got.nfds);
     *nfds = got.nfds;
     return 0;
+}
+
+int broker_announce(struct graft_reply *rep, struct forkguard *g)
+{
+    struct graft_request req;
+    struct received got;
+    struct conn c;
+
+    memset(&req, 0, sizeof req);
+    req.magic = GRAFT_WIRE_MAGIC;
+    req.version = GRAFT_WIRE_VERSION;
+    req.op = GRAFT_OP_RESOLVER;
+    req.family = AF_INET;
+    req.type = SOCK_DGRAM;
+    int err = open_conn(&c, g);
+    if (err != 0)
+        return err;
+    got.nfds = 0;
+    err = exchange(&c, &req, rep, &got, g);
+    put_back(&c, false); /* a process that never grafts must not hold one of the tenant's connections */
+    return err;
 }
 
 const char *broker_strerror(int err)

@@ -50,6 +50,14 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
 int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
                     struct forkguard *g);
 
+/*
+ * Asks the broker to serve the tenant's resolver in this process's network
+ * namespace (graft_wire.h: RESOLVER), on a connection of its own that is
+ * closed after the reply. Returns why the broker is unreachable, or 0 with
+ * *rep its validated reply. The fork guard g is held as by broker_roundtrip.
+ */
+int broker_announce(struct graft_reply *rep, struct forkguard *g);
+
 /* Human-readable reason for a broker_roundtrip error. */
 const char *broker_strerror(int err);
 

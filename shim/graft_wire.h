@@ -34,14 +34,15 @@
  * the call may be made again. DENY or ERROR: the call fails with error.
  *
  * RESOLVER (names, docs/dns.md): sent by `graft run` from inside the
- * network namespace its program will run in, before the program starts;
- * family AF_INET, type SOCK_DGRAM, no flags, address or options. The
+ * network namespace its program will run in, before the program starts,
+ * and by the shim as it loads into a process; family AF_INET, type
+ * SOCK_DGRAM, no flags, address or options. The
  * broker serves the tenant's resolver in the sender's namespace (it knows
  * it from the sender's pid) for as long as the sender, or another that
  * asked there, lives. A GRAFT reply names the resolver's address (port
- * 53), to write into the program's resolv.conf; CONTAINER: the tenant
- * leaves names to the container (dns.resolver = "off"); ERROR: it could not
- * be served, with errno.
+ * 53), to write into the program's resolv.conf; CONTAINER: none is
+ * served (dns.resolver = "off", or the sender runs in the broker's or the
+ * tenant's own namespace); ERROR: it could not be served, with errno.
  */
 #ifndef GRAFT_WIRE_H
 #define GRAFT_WIRE_H

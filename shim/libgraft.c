@@ -135,9 +135,12 @@ static void graft_init(void)
     pthread_once(&init_once, init);
 }
 
+static void announce(void);
+
 __attribute__((constructor)) static void graft_ctor(void)
 {
     graft_init();
+    announce();
 }
 
 /* ---- small helpers ---- */
@@ -234,6 +237,38 @@ static void scope_leave(struct scope *s)
     int saved = errno;
     forkguard_leave(&s->guard);
     pthread_setcancelstate(s->cancel, NULL);
+    errno = saved;
+}
+
+/* ---- names (docs/dns.md) ---- */
+
+/*
+ * Before main(), the broker is asked to serve the tenant's resolver in this
+ * process's network namespace (it learns the namespace from our pid), so
+ * that a program launched by hand with the shim finds it there at its first
+ * lookup: glibc's resolver opens its sockets with calls the shim never
+ * sees. The answer changes nothing here (resolv.conf is the operator's, or
+ * graft's, to point at the resolver), and a broker that is down or refuses
+ * costs one debug line; the process's first graft reports it as usual.
+ * GRAFT_DNS=off (graft run --no-dns) asks for none.
+ */
+static void announce(void)
+{
+    int saved = errno;
+    const char *dns = getenv("GRAFT_DNS");
+    if (dns != NULL && strcmp(dns, "off") == 0)
+        return;
+    struct scope scope;
+    struct graft_reply rep;
+    scope_enter(&scope);
+    int err = broker_announce(&rep, &scope.guard);
+    scope_leave(&scope);
+    if (err != 0)
+        log_debug("resolver: broker unreachable at %s (%s)", broker_path(), broker_strerror(err));
+    else if (rep.verdict == GRAFT_V_ERROR)
+        log_debug("resolver: the broker cannot serve one here (%s)", log_errstr(rep.error));
+    else
+        log_debug("resolver: %s", rep.verdict == GRAFT_V_GRAFT ? "served in this namespace" : "none (the tenant's)");
     errno = saved;
 }
 

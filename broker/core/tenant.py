@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from graft.policy import Tenant, TenantMatcher
 
 from .netns import Namespace
 from .ratelimit import TokenBucket
+from .request import SockAddr
 
 MAX_CLIENTS_PER_TENANT = 256
 # Requests of one tenant the broker works on at once. A tenant's other ready
@@ -85,3 +87,8 @@ class Peer:
     pid: int
     uid: int
     gid: int
+
+
+# What a front-end calls to have the tenant's resolver served in a peer's network namespace
+# (dns/resolver.py's Resolvers.serve): its address, None when none is served there.
+ServeResolver = Callable[[TenantState, Peer], Awaitable[SockAddr | None]]

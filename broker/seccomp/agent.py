@@ -64,9 +64,10 @@ from pathlib import Path
 import trio
 
 from ..core import request
+from ..core.decisions import to_resolver
 from ..core.sockopts import Defaults, copy_options, option_defaults
 from ..core.stages import Stages
-from ..core.tenant import TenantState
+from ..core.tenant import Peer, ServeResolver, TenantState
 from ..io.scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
 from ..io.unixsock import accept_forever, bind_unix_listener, unlink_if_socket
 from . import abi, fast, procfs, syscalls
@@ -87,9 +88,10 @@ class Refused(Exception):
 
 
 class SeccompAgent:
-    def __init__(self, stages: Stages, tenants: Mapping[str, TenantState]):
+    def __init__(self, stages: Stages, tenants: Mapping[str, TenantState], serve_resolver: ServeResolver):
         self.stages = stages
         self.tenants = tenants  # the broker's, by name: a handshake names its tenant
+        self.serve_resolver = serve_resolver  # dns/resolver.py's Resolvers.serve, as for the shim front-end
         self._handshakes = trio.CapacityLimiter(MAX_HANDSHAKES)
         self._closers = trio.CapacityLimiter(STRAY_FD_CLOSERS)  # closing fds that came with refused handshakes
         # A fresh host socket's option values, per (netns, family, type): see sockopts.copy_options.
@@ -358,6 +360,8 @@ class SeccompAgent:
                 if verdict.action == "graft":
                     return self._continue(fd, n)
                 return self._respond(fd, abi.encode_response(n.id, error=verdict.errno))
+            if to_resolver(tenant, req):
+                await self._resolver_for(tenant, peer)
             out = await self.stages.carry_out(
                 tenant, req, peer, "seccomp", lambda fresh: self._copy_options(tenant, sock, fresh), connect=False
             )
@@ -371,6 +375,18 @@ class SeccompAgent:
                     self._respond(fd, abi.encode_response(n.id, error=out.verdict.errno))
             finally:
                 out.close()  # the broker's copy: the app has its own now
+
+    async def _resolver_for(self, tenant: TenantState, peer: Peer) -> None:
+        """A query to the tenant's resolver (docs/dns.md): served in the caller's namespace before the call goes on.
+
+        A program no `graft run` started (a container's) has no one to ask
+        for it before its first lookup: its first call to the resolver's
+        address does. Asking again costs a lookup: one process is one asker.
+        """
+        try:
+            await self.serve_resolver(tenant, peer)
+        except OSError as e:  # the call goes on, and finds no resolver: as with the resolver off
+            log.error("tenant %s: cannot serve a resolver for pid %d: %s", tenant.name, peer.pid, e)
 
     def _take_fd(self, n: abi.Notification) -> int | None:
         """A copy of the fd the call is on (pidfd_getfd), or None if there is none to take."""

@@ -27,7 +27,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import trio
 from ..core import request
 from ..core.hostsock import recorded_options
 from ..core.stages import Outcome, Stages
-from ..core.tenant import Peer, TenantState
+from ..core.tenant import Peer, ServeResolver, TenantState
 from ..core.verdict import Verdict
 from ..io.fdstore import FdStore
 from ..io.scmrights import STRAY_FD_CLOSERS, close_all, passed_fds
@@ -51,8 +51,6 @@ log = logging.getLogger("graft.broker")
 IDLE_TIMEOUT = 60.0
 _ANC_SPACE = socket.CMSG_SPACE(wire.MAX_OPTS * 4)  # room to receive (and close) stray fds
 _PEERCRED = struct.Struct("3i")
-# Serve the tenant's resolver in the peer's network namespace: its address, None when "off".
-ServeResolver = Callable[[TenantState, Peer], Awaitable[request.SockAddr | None]]
 
 
 def outcome_reply(req: request.Request, out: Outcome) -> bytes:

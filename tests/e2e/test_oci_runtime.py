@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from support.dns_server import dns_server
 from support.harness import free_port, need_program, need_root_and_netns
 from support.rootfs import GRAFT_RUNTIME, Runtime, default_config, host_dirs, real_runtime, write_bundle
 from support.runtime_env import PAGE, annotations, policy
@@ -40,11 +41,46 @@ def test_preload_curl_reaches_the_host_only_through_graft(rt, start_broker, shor
     assert (out.returncode, out.stdout) == (0, PAGE), out.stderr
     st = (bundle / "config.json").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o640), "the config changed hands"
-    assert [p.name for p in bundle.iterdir()] == ["config.json"], "a temporary file was left"
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "graft-resolv.conf"], "a temporary file was left"
     (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
     assert (rec["port"], rec["action"], rec["via"]) == (site, "graft", "shim")
     config = json.loads((bundle / "config.json").read_text())
     assert "LD_PRELOAD=/run/graft/libgraft.so" in config["process"]["env"]
+
+
+ENGINE_RESOLV_CONF = "nameserver 192.0.2.53\nsearch corp.example\noptions ndots:1 timeout:1\n"  # as an engine's
+
+
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_a_container_resolves_a_name_through_the_brokers_resolver(rt, start_broker, short_tmp, rootfs, site, mode):
+    """The engine's resolv.conf gives way to one naming the tenant's resolver, served in the container's network."""
+    text = policy(site, mode=mode).replace("[tenants.web]\n", "[tenants.web]\n")
+    with dns_server("127.0.0.1", {"myhost.graft.test": "127.0.0.1"}, port=0, ttl=300) as (dns_port, asked):
+        broker = start_broker(text + f'[tenants.web.dns]\nupstream = ["127.0.0.1:{dns_port}"]\n', "web")
+        engine = short_tmp / "engine-resolv.conf"
+        engine.write_text(ENGINE_RESOLV_CONF)
+        script = f"cat /etc/resolv.conf && getent hosts myhost.graft.test && curl -sS http://myhost.graft.test:{site}/"
+        config = default_config(rootfs, ["sh", "-c", script], annotations(broker))
+        config["mounts"].append(
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": str(engine), "options": ["rbind", "ro"]}
+        )
+        bundle = write_bundle(short_tmp / "bundle", config)
+        with rt.container_id() as cid:
+            out = rt.run("run", "--bundle", str(bundle), cid)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+    resolv_conf, hosts, page = out.stdout.split("\n", 3)[:3], out.stdout.splitlines()[3], out.stdout.split("\n", 4)[4]
+    assert resolv_conf == ["nameserver 127.0.0.11", "search corp.example", "options ndots:1 timeout:1"]
+    assert hosts.split() == ["127.0.0.1", "myhost.graft.test"] and page == PAGE
+    # the engine's search line is kept: glibc may try the name under it too (for its AAAA query)
+    assert "myhost.graft.test" in {q.name for q, _ in asked} <= {"myhost.graft.test", "myhost.graft.test.corp.example"}
+    lookups = [r for r in broker.audit() if r["op"] == "dns" and r["qtype"] == "A"]
+    assert lookups and {(r["name"], tuple(r["answers"]), r["via"]) for r in lookups} == {
+        ("myhost.graft.test", ("127.0.0.1",), "resolver")
+    }
+    assert [(r["port"], r["action"]) for r in broker.audit() if r["op"] == "connect" and r["proto"] == "tcp"] == [
+        (site, "graft")
+    ]
+    assert engine.read_text() == ENGINE_RESOLV_CONF  # the engine's file is never written to
 
 
 def test_unannotated_bundle_is_untouched_and_cut_off(rt, short_tmp, rootfs, site):

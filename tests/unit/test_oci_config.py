@@ -390,3 +390,43 @@ def test_parse_finds_the_log_engines_read():
 def test_parse_missing_values(argv):
     with pytest.raises(runtime.UsageError, match="needs a value"):
         runtime.parse(argv)
+
+
+# ---- names (docs/dns.md) ------------------------------------------------------------
+
+
+def status_with(resolver: str | None) -> dict:
+    tenant = {"socket": "/run/graft/web.sock", "mode": "preload"}
+    if resolver is not None:
+        tenant["resolver"] = resolver
+    return {"tenants": {"web": tenant}}
+
+
+def test_the_resolver_comes_from_the_brokers_status():
+    assert oci.resolver_from_status(status_with("127.0.0.11"), request()) == "127.0.0.11"
+    assert oci.resolver_from_status(status_with("off"), request()) is None
+    assert oci.resolver_from_status(status_with(None), request()) is None  # a broker older than names
+
+
+def test_the_engines_resolv_conf_is_its_mount_over_the_file_else_the_images():
+    c = config()
+    assert oci.engine_resolv_conf(c, "/b/rootfs") == "/b/rootfs/etc/resolv.conf"
+    c["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": "/var/lib/e/resolv.conf"})
+    assert oci.engine_resolv_conf(c, "/b/rootfs") == "/var/lib/e/resolv.conf"
+
+
+def test_the_resolv_conf_mount_replaces_the_engines_and_goes_when_the_resolver_is_off():
+    c = config(io_graft_tenant="web")
+    c["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": "/var/lib/e/resolv.conf"})
+    ours = "/b/" + oci.BUNDLE_RESOLV_CONF
+    grafted = oci.graft_config(c, request(), "preload", LIB, ours)
+    at = [m for m in grafted["mounts"] if m["destination"] == "/etc/resolv.conf"]
+    assert at == [{"destination": "/etc/resolv.conf", "type": "bind", "source": ours, "options": at[0]["options"]}]
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(at[0]["options"])
+    assert oci.graft_config(grafted, request(), "preload", LIB, ours) == grafted  # run again: nothing piles up
+    off = oci.graft_config(grafted, request(), "preload", LIB, None)
+    assert not [m for m in off["mounts"] if m["destination"] == "/etc/resolv.conf"]
+    untouched = oci.graft_config(c, request(), "preload", LIB, None)  # the engine's own mount stays
+    assert [m["source"] for m in untouched["mounts"] if m["destination"] == "/etc/resolv.conf"] == [
+        "/var/lib/e/resolv.conf"
+    ]
