@@ -72,9 +72,9 @@ class Broker:
         self.sockets = HostSockets(confinement)
         self.grants = Grants(confinement, self.tenants, self.decisions, self.sockets)
         stages = Stages(self.decisions, self.sockets, self.grants)
-        self.resolvers = Resolvers(self.decisions)
+        self.resolvers = Resolvers(self.decisions, self.fdstore)
         self.shim = ShimFront(stages, self.fdstore, self.socket_dir, self.resolvers.serve)
-        self.seccomp = SeccompAgent(stages, self.tenants)
+        self.seccomp = SeccompAgent(stages, self.tenants, self.resolvers.serve)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -88,6 +88,7 @@ class Broker:
             for name, config in self.policy.tenants.items():
                 await self._add_tenant(name, config, matchers[name])
             self.shim.drop_leftover_listeners()
+            self.resolvers.drop_leftovers()
             ring = self.grants.open_audit_ring()
             if ring is not None:
                 nursery.start_soon(self.grants.drain_kernel_audit, ring)
@@ -130,10 +131,13 @@ class Broker:
         try:
             async with self.shim.listening(tenant) as listener:
                 with tenant.cancel_scope:
-                    task_status.started()
-                    log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
                     async with trio.open_nursery() as tasks:
                         tenant.nursery = tasks  # the seccomp agent starts the tenant's notify fds' tasks here
+                        # A restart's resolvers are served again before the tenant counts as started (READY=1),
+                        # and before any program can ask for one: none is served twice.
+                        await self.resolvers.adopt(tenant)
+                        task_status.started()
+                        log.info("tenant %s listening on %s (netns %s)", tenant.name, tenant.path, tenant.config.netns)
                         await self.shim.accept(tenant, listener)
         finally:
             tenant.done.set()
@@ -213,6 +217,7 @@ class Broker:
                 "preissued": t.preissued,
                 "seccomp_listeners": t.seccomp_listeners,
                 "seccomp_calls": t.seccomp_calls(),
+                "resolver": t.config.dns.resolver,  # its address, or "off": graft-runtime names it in resolv.conf
                 "resolvers": self.resolvers.count(t),
             }
         return {

@@ -142,7 +142,7 @@ def parse_query(wire: bytes) -> Query:
 
 
 def _response(query: Query, rcode: int) -> dns.message.Message:
-    r = dns.message.make_response(query.message, recursion_available=True)
+    r = dns.message.make_response(query.message, recursion_available=True, our_payload=MAX_UDP_ANSWER)
     r.set_rcode(rcode)
     return r
 
@@ -211,13 +211,18 @@ def _cache_ttl(msg: dns.message.Message, rcode: int) -> int:
 
 
 def reply(query: Query, answer: Answer, age: int = 0, max_size: int = 65535) -> bytes:
-    """The answer as the client gets it: its id and question, TTLs less the seconds it was cached.
+    """The answer as the client gets it: its id, question and EDNS, TTLs less the seconds it was cached.
 
     Larger than max_size (a UDP client without EDNS for more): truncated,
     so that the client asks again over TCP.
     """
     msg = dns.message.from_wire(answer.message.to_wire(max_size=65535))  # a copy: the cached one stays as it came
     msg.id = query.id
+    # EDNS is hop by hop (RFC 6891): the client's own, never the upstream's record, options or size.
+    if query.message.edns >= 0:
+        msg.use_edns(0, 0, MAX_UDP_ANSWER, options=[])
+    else:
+        msg.use_edns(False)
     msg.question = [dns.rrset.RRset(query.name, query.rdclass, query.rdtype)]  # the client's spelling of the name
     for section in (msg.answer, msg.authority, msg.additional):
         for rrset in section:

@@ -8,7 +8,8 @@ TCP, for as long as a process that asked lives (pidfds; no polling). Each
 runs as a task of its tenant's nursery, so it ends with the tenant; its
 tasks are drawn in docs/architecture.md.
 
-A query is judged by the tenant's ``dns.names``, answered from the tenant's
+A query is judged by the tenant's ``max_rate`` (a query is a request) and
+``dns.names``, answered from the tenant's
 cache, or forwarded to its upstreams from a socket in the tenant's netns
 (where its grafted sockets are made), under a random id; a truncated answer
 is asked again over TCP. Every query is an audit record (``"op": "dns"``,
@@ -19,6 +20,7 @@ design and what is not done yet.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -36,6 +38,8 @@ from ..core.audit import Record
 from ..core.decisions import Decisions
 from ..core.netns import Namespace
 from ..core.tenant import Peer, TenantState
+from ..core.verdict import tenant_loc
+from ..io.fdstore import FdStore
 from ..io.unixsock import accept_forever
 from . import message
 
@@ -49,6 +53,7 @@ MAX_ASKERS = 256  # processes one resolver waits for (each holds a pidfd)
 TCP_IDLE_TIMEOUT = 10.0
 MAX_TCP_CLIENTS = 32
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of the network namespace a socket belongs to
 
 
 def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[tuple[str, int]]:
@@ -71,8 +76,9 @@ def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[tuple[str, int]]:
 class Resolvers:
     """The tenants' resolvers, one per (tenant, network namespace)."""
 
-    def __init__(self, decisions: Decisions):
+    def __init__(self, decisions: Decisions, fdstore: FdStore):
         self.decisions = decisions
+        self.fdstore = fdstore  # resolvers' sockets survive a restart there, as the tenants' listeners do
         self._by_key: dict[tuple[str, int, int], Resolver] = {}
         # Per tenant, not per resolver: a tenant's programs in any namespace share its answers, and
         # they outlive a resolver that closes between two programs. Two tenants' policies differ.
@@ -86,7 +92,10 @@ class Resolvers:
         return sum(1 for (name, _, _) in self._by_key if name == tenant.name)
 
     async def serve(self, tenant: TenantState, peer: Peer) -> request.SockAddr | None:
-        """Serve the tenant's resolver in peer's namespace while peer lives; its address, None if "off".
+        """Serve the tenant's resolver in peer's namespace while peer lives; its address, or None.
+
+        None: the tenant's dns.resolver is "off", or peer runs in the
+        broker's namespace or the tenant's, whose names are their own.
 
         Raises OSError when it cannot be served: a uid the tenant does not
         allow, max_rate, too many resolvers or askers, the peer gone, its
@@ -96,18 +105,21 @@ class Resolvers:
             return None
         if not tenant.matcher.uid_allowed(peer.uid):
             raise OSError(errno.EPERM, f"uid {peer.uid} is not among the tenant's uids")
-        if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
-            raise OSError(errno.EAGAIN, "the tenant's max_rate")
         pidfd, ns_fd = os.pidfd_open(peer.pid), -1
         try:  # both fds are closed here unless a resolver took them, on every way out
             ns_fd = os.open(f"/proc/{peer.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             st = os.fstat(ns_fd)
+            if any(_same_file(st, ns) for ns in ("/proc/self/ns/net", tenant.namespace.path)):
+                return None  # the host's, or where the tenant's grafted sockets live: names need no graft there
             key = (tenant.name, st.st_dev, st.st_ino)
             resolver = self._by_key.get(key)
             if resolver is not None and resolver.closing:
                 await resolver.done.wait()  # its last asker went as this one asked: a fresh one
                 resolver = self._by_key.get(key)
             if resolver is None:
+                # max_rate counts new resolvers only: every process the shim is loaded in asks at start
+                if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
+                    raise OSError(errno.EAGAIN, "the tenant's max_rate")
                 if self.count(tenant) >= MAX_RESOLVERS_PER_TENANT:
                     raise OSError(errno.EMFILE, f"the tenant has {MAX_RESOLVERS_PER_TENANT} resolvers already")
                 resolver, ns_fd = Resolver(self, tenant, key, ns_fd), -1  # the ns fd is the resolver's now
@@ -129,6 +141,65 @@ class Resolvers:
                 if fd >= 0:
                     os.close(fd)
 
+    async def adopt(self, tenant: TenantState) -> None:
+        """Serve again what an earlier broker left in the fd store for tenant, while its programs live.
+
+        A resolver's programs are the processes in its namespace now (one
+        scan of /proc for all): who asked of the earlier broker is not
+        known. A resolver with none left, or whose sockets are not what the
+        broker stores, is closed and leaves the store.
+        """
+        stored = self.fdstore.take_resolvers(tenant.name)
+        if not stored:
+            return
+        programs = _processes_by_netns()
+        for store_key, socks in stored.items():
+            try:
+                await self._adopt_one(tenant, socks, programs)
+            except (OSError, ValueError) as e:
+                log.info("tenant %s: stored resolver %s not served again: %s", tenant.name, store_key, e)
+                for sock in socks:
+                    sock.close()
+                self.fdstore.remove_resolver(store_key)
+
+    async def _adopt_one(self, tenant: TenantState, socks: list[socket.socket], programs: dict) -> None:
+        udp, tcp = _stored_pair(socks)
+        if tenant.config.dns.resolver == "off":
+            raise ValueError('the tenant\'s resolver is "off" now')
+        ns_fd = fcntl.ioctl(udp.fileno(), SIOCGSKNS)  # the socket's own namespace
+        try:
+            st = os.fstat(ns_fd)
+            key = (tenant.name, st.st_dev, st.st_ino)
+            pids = programs.get((st.st_dev, st.st_ino), [])
+            if not pids:
+                raise ValueError("no process is left in its namespace")
+            if key in self._by_key:
+                raise ValueError("the namespace is served already")
+        except BaseException:
+            os.close(ns_fd)
+            raise
+        resolver = Resolver(self, tenant, key, ns_fd, adopted=(udp, tcp))  # the fds are the resolver's now
+        self._by_key[key] = resolver
+        await tenant.nursery.start(resolver.run)
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone since the scan
+            if not resolver.watch(pid, pidfd):
+                os.close(pidfd)
+        if not resolver.watched:
+            resolver.close_for_good()  # all of them went meanwhile
+        log.info("tenant %s: resolver in namespace %d served again for %d processes", tenant.name, key[2], len(pids))
+
+    def drop_leftovers(self) -> None:
+        """Stored resolvers of tenants no longer in the policy: closed, out of the store."""
+        for store_key, socks in self.fdstore.leftover_resolvers().items():
+            for sock in socks:
+                sock.close()
+            self.fdstore.remove_resolver(store_key)
+            log.info("stored resolver %s: its tenant is not in the policy; closed", store_key)
+
     def _gone(self, resolver: Resolver) -> None:
         if self._by_key.get(resolver.key) is resolver:
             del self._by_key[resolver.key]
@@ -137,10 +208,21 @@ class Resolvers:
 class Resolver:
     """One tenant's resolver in one network namespace."""
 
-    def __init__(self, owner: Resolvers, tenant: TenantState, key: tuple, ns_fd: int):
+    def __init__(
+        self,
+        owner: Resolvers,
+        tenant: TenantState,
+        key: tuple,
+        ns_fd: int,
+        adopted: tuple[socket.socket, socket.socket] | None = None,
+    ):
         self.owner, self.tenant, self.key = owner, tenant, key
         self._ns_fd = ns_fd
-        self.address = request.SockAddr(socket.AF_INET, ipaddress.ip_address(tenant.config.dns.resolver), RESOLVER_PORT)
+        self._adopted = adopted  # (udp, tcp) an earlier broker left in the fd store, bound and listening
+        address = adopted[0].getsockname()[0] if adopted is not None else tenant.config.dns.resolver
+        self.address = request.SockAddr(socket.AF_INET, ipaddress.ip_address(address), RESOLVER_PORT)
+        self.store_key = f"{tenant.name}.{key[2]}"  # its name in the fd store (fdstore.py)
+        self._for_good = False  # closing because its programs are gone (not because the broker stops)
         self.cache = owner.caches.setdefault(tenant.name, message.Cache())
         self.closing = False
         self.ready = trio.Event()  # set once it listens, or once it failed to (closing then)
@@ -154,15 +236,21 @@ class Resolver:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen in the namespace; started() once both listeners are bound; until the last asker goes."""
         udp = tcp = None
+        stored = False
         try:
-            ns = Namespace(f"/proc/self/fd/{self._ns_fd}")
-            udp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_DGRAM, 0))
-            tcp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
-            where = self.address.to_python()
-            await udp.bind(where)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await tcp.bind(where)
-            tcp.listen(MAX_TCP_CLIENTS)
+            if self._adopted is not None:
+                udp, tcp = (trio.socket.from_stdlib_socket(s) for s in self._adopted)
+            else:
+                ns = Namespace(f"/proc/self/fd/{self._ns_fd}")
+                udp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_DGRAM, 0))
+                tcp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
+                where = self.address.to_python()
+                await udp.bind(where)
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                await tcp.bind(where)
+                tcp.listen(MAX_TCP_CLIENTS)
+            # Kept by the service manager across a restart: the programs' resolver outlives this broker.
+            stored = self.owner.fdstore.push_resolver(self.store_key, [udp, tcp])
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -178,11 +266,14 @@ class Resolver:
                     self.ready.set()
                     task_status.started()
             except Exception:  # a broken listener, or a bug: this resolver ends, the broker serves on
+                self._for_good = True
                 log.exception("tenant %s: resolver in namespace %d failed", self.tenant.name, self.key[2])
         finally:
             self.closing = True
             self.ready.set()
             self.owner._gone(self)
+            if stored and (self._for_good or self.tenant.removed):
+                self.owner.fdstore.remove_resolver(self.store_key)  # a stop leaves it for the next broker
             for s in (udp, tcp):
                 if s is not None:
                     s.close()
@@ -198,13 +289,19 @@ class Resolver:
         os.close(self._ns_fd)
         self.done.set()
 
+    @property
+    def watched(self) -> int:
+        return len(self._askers)
+
     def watch(self, pid: int, pidfd: int) -> bool:
-        """Serve while pid lives; whether the resolver took pidfd (False: pid is watched already)."""
+        """Serve while pid lives; whether the resolver took pidfd (False: pid is watched already, or too many are)."""
         assert self._nursery is not None  # ready: it listens
         if pid in self._askers:
             return False
         if len(self._askers) >= MAX_ASKERS:
-            raise OSError(errno.EMFILE, f"the resolver waits for {MAX_ASKERS} processes already")
+            # Served all the same: it lives while those it waits for do (docs/dns.md, known limits).
+            log.debug("tenant %s: resolver in namespace %d: pid %d not waited for", self.tenant.name, self.key[2], pid)
+            return False
         self._askers.add(pid)
         self._nursery.start_soon(self._wait_for_exit, pid, pidfd)
         return True
@@ -216,9 +313,13 @@ class Resolver:
             os.close(pidfd)
         self._askers.discard(pid)
         if not self._askers:
-            self.closing = True
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+            self.close_for_good()
+
+    def close_for_good(self) -> None:
+        """Its programs are gone: it closes, and leaves the fd store."""
+        self.closing = self._for_good = True
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -277,6 +378,10 @@ class Resolver:
         except message.BadQuery as e:
             self._audit(proto, client, None, "error", None, errno.EBADMSG, reason=e.reason)
             return message.error_reply(e)
+        if self.tenant.bucket is not None and not self.tenant.bucket.take(time.monotonic()):
+            # max_rate, as for the tenant's requests: a flood of lookups costs this tenant, never another
+            self._audit(proto, client, q, "deny", tenant_loc(self.tenant.name, "max_rate"), errno.EAGAIN, answers=[])
+            return message.refusal(q, dns.rcode.REFUSED)
         if not message.name_allowed(q.name, dns_policy.names):
             rcode = dns.rcode.NXDOMAIN if dns_policy.on_refused == "nxdomain" else dns.rcode.REFUSED
             self._audit(proto, client, q, "deny", f"tenants.{self.tenant.name}.dns.names", 0, answers=[])
@@ -288,8 +393,8 @@ class Resolver:
             self._audit(proto, client, q, "graft", None, 0, answers=list(answer.addresses), upstream_ms=0.0)
             return message.reply(q, answer, age, max_size=limit)
         got = await self._forward(q)
-        if got is None:
-            self._audit(proto, client, q, "error", None, errno.ETIMEDOUT, reason="no upstream answered")
+        if isinstance(got, str):
+            self._audit(proto, client, q, "error", None, errno.ETIMEDOUT, reason=got)
             return message.refusal(q, dns.rcode.SERVFAIL)
         answer, upstream, ms = got
         self.cache.put(q, answer, time.monotonic())
@@ -306,20 +411,26 @@ class Resolver:
         )
         return message.reply(q, answer, 0, max_size=limit)
 
-    async def _forward(self, q: message.Query) -> tuple[message.Answer, tuple[str, int], float] | None:
-        """Ask the upstreams in turn: (answer, upstream, milliseconds), or None if none answered."""
+    async def _forward(self, q: message.Query) -> tuple[message.Answer, tuple[str, int], float] | str:
+        """Ask the upstreams in turn: (answer, upstream, milliseconds), or why none answered."""
         upstreams = [(str(u.addr), u.port) for u in self.tenant.config.dns.upstream or []] or host_nameservers()
+        why = "no upstream: none in the policy, none in the host's resolv.conf"
         for upstream in upstreams:
             started = time.perf_counter()
+            step = "over UDP"
             with trio.move_on_after(UPSTREAM_TIMEOUT):
                 try:
                     answer = await self._ask_udp(q, upstream)
                     if answer.truncated:
+                        step = "over TCP, after a truncated answer"
                         answer = await self._ask_tcp(q, upstream)
                     return answer, upstream, (time.perf_counter() - started) * 1000
                 except (OSError, message.BadAnswer) as e:
                     log.warning("tenant %s: resolver: upstream %s: %s", self.tenant.name, upstream, e)
-        return None
+                    why = f"upstream {upstream[0]}:{upstream[1]} {step}: {e}"
+                    continue
+            why = f"upstream {upstream[0]}:{upstream[1]}: no answer within {UPSTREAM_TIMEOUT:g} s {step}"
+        return why  # the last upstream's, for the audit record
 
     async def _upstream_socket(self, upstream: tuple[str, int], kind: int):
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
@@ -373,6 +484,49 @@ class Resolver:
                 upstream_ms=upstream_ms,
             )
         )
+
+
+def _stored_pair(socks: list[socket.socket]) -> tuple[socket.socket, socket.socket]:
+    """(udp, tcp) of a stored resolver: one each, IPv4, bound to a loopback address's port 53, TCP listening."""
+    by_type = {s.type: s for s in socks}
+    if len(socks) != 2 or set(by_type) != {socket.SOCK_DGRAM, socket.SOCK_STREAM}:
+        raise ValueError(f"{len(socks)} sockets, not one UDP and one TCP")
+    udp, tcp = by_type[socket.SOCK_DGRAM], by_type[socket.SOCK_STREAM]
+    for sock in (udp, tcp):
+        if sock.family != socket.AF_INET:
+            raise ValueError("not IPv4")
+        addr, port = sock.getsockname()
+        if port != RESOLVER_PORT or not ipaddress.ip_address(addr).is_loopback or addr != udp.getsockname()[0]:
+            raise ValueError(f"bound to {addr}:{port}")
+    if not tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError("its TCP socket does not listen")
+    for sock in (udp, tcp):
+        sock.setblocking(False)
+    return udp, tcp
+
+
+def _processes_by_netns() -> dict[tuple[int, int], list[int]]:
+    """Every process's pid, by the (dev, inode) of its network namespace: one scan of /proc."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry.name}/ns/net")
+        except OSError:
+            continue  # gone, or a kernel thread's
+        out.setdefault((st.st_dev, st.st_ino), []).append(int(entry.name))
+    return out
+
+
+def _same_file(st: os.stat_result, path: str | None) -> bool:
+    if path is None:
+        return False
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False  # the tenant's namespace is gone: not the peer's, which is open
+    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 async def _send_all(conn, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Tenant listeners kept in systemd's file descriptor store across restarts.
+"""Tenant listeners and resolver sockets kept in systemd's file descriptor store across restarts.
 
 A container reaches its tenant socket through a bind mount of the socket
 file. A restarted broker that bound a new socket at the same path would make
@@ -15,7 +15,14 @@ one. With the store, the listening socket itself outlives the broker:
   is dropped from the store (``FDSTOREREMOVE=1``) and its file removed.
 
 Connects made while no broker runs wait in the listener's backlog and are
-answered by the next broker. The store is used only when ``$FDSTORE`` is a
+answered by the next broker.
+
+A tenant's resolvers (dns/resolver.py) live in the store the same way: the
+UDP and TCP sockets one serves in a program's namespace are pushed together
+under ``resolver.<tenant>.<namespace inode>``, taken back by the next broker
+(``take_resolvers``), and removed when the resolver closes for good (its
+programs gone, its tenant removed). Queries sent while no broker runs wait
+in those sockets. The store is used only when ``$FDSTORE`` is a
 positive number (systemd 254 and later set it from
 ``FileDescriptorStoreMax=``; graft's unit sets both, for older systemd) and
 ``$NOTIFY_SOCKET`` is set. docs/systemd.md has the operator's side.
@@ -33,6 +40,7 @@ from .sdnotify import sd_notify
 log = logging.getLogger("graft.broker")
 
 FDNAME_PREFIX = "tenant."  # names may not contain ":" (LISTEN_FDNAMES is ":"-separated)
+RESOLVER_PREFIX = "resolver."
 LISTEN_FDS_START = 3
 
 
@@ -43,6 +51,8 @@ class FdStore:
         self.capacity = capacity  # $FDSTORE: how many fds the service manager keeps; 0: no store
         # tenant name -> listeners passed in at start under its name (normally one)
         self._inherited: dict[str, list[socket.socket]] = {}
+        # resolver key ("<tenant>.<namespace inode>") -> its sockets passed in at start
+        self._resolvers: dict[str, list[socket.socket]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -58,21 +68,26 @@ class FdStore:
             capacity = 0
         store = cls(max(capacity, 0))
         for fd, name in _listen_fds(env):
-            if name.startswith(FDNAME_PREFIX) and _is_socket(fd):
-                os.set_inheritable(fd, False)
-                store._inherited.setdefault(name[len(FDNAME_PREFIX) :], []).append(socket.socket(fileno=fd))
-                continue
-            log.warning("fd %d passed in as %r is not a tenant listener: closed, and dropped from the store", fd, name)
-            try:
-                os.close(fd)
-            except OSError:  # LISTEN_FDS counted more fds than were passed
-                pass
-            store._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", "drop a stray fd")
+            for prefix, kept in ((FDNAME_PREFIX, store._inherited), (RESOLVER_PREFIX, store._resolvers)):
+                if name.startswith(prefix) and _is_socket(fd):
+                    os.set_inheritable(fd, False)
+                    kept.setdefault(name[len(prefix) :], []).append(socket.socket(fileno=fd))
+                    break
+            else:
+                store._drop_stray(fd, name)
         for var in ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             env.pop(var, None)
-        if store._inherited and not store.enabled:
+        if (store._inherited or store._resolvers) and not store.enabled:
             log.warning("listeners were passed in but $FDSTORE is not set: adopting them, storing no new ones")
         return store
+
+    def _drop_stray(self, fd: int, name: str) -> None:
+        log.warning("fd %d passed in as %r is not a tenant listener: closed, and dropped from the store", fd, name)
+        try:
+            os.close(fd)
+        except OSError:  # LISTEN_FDS counted more fds than were passed
+            pass
+        self._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", "drop a stray fd")
 
     def take(self, tenant: str) -> list[socket.socket]:
         """The listeners passed in under tenant's name (normally one), once."""
@@ -82,6 +97,28 @@ class FdStore:
         """Listeners passed in that no tenant took (removed from the policy meanwhile), handed over."""
         left, self._inherited = self._inherited, {}
         return left
+
+    def take_resolvers(self, tenant: str) -> dict[str, list[socket.socket]]:
+        """The resolvers' sockets passed in for tenant, by resolver key, once."""
+        mine = {key: socks for key, socks in self._resolvers.items() if key.rpartition(".")[0] == tenant}
+        for key in mine:
+            del self._resolvers[key]
+        return mine
+
+    def leftover_resolvers(self) -> dict[str, list[socket.socket]]:
+        """Resolvers' sockets passed in that no tenant took, handed over."""
+        left, self._resolvers = self._resolvers, {}
+        return left
+
+    def push_resolver(self, key: str, socks: list) -> bool:
+        """Have the service manager keep a resolver's sockets, and only them, under its key; whether it did."""
+        name, fds = RESOLVER_PREFIX + key, tuple(s.fileno() for s in socks)
+        return self._notify(f"FDSTOREREMOVE=1\nFDNAME={name}", f"resolver {key}: replace its stored sockets") and (
+            self._notify(f"FDSTORE=1\nFDNAME={name}", f"resolver {key}: store its sockets", fds)
+        )
+
+    def remove_resolver(self, key: str) -> None:
+        self._notify(f"FDSTOREREMOVE=1\nFDNAME={RESOLVER_PREFIX}{key}", f"resolver {key}: drop its stored sockets")
 
     def check_capacity(self, tenants: int) -> None:
         if self.enabled and tenants > self.capacity:

@@ -21,7 +21,7 @@ import pytest
 from graft.broker.shim import wire
 from support.dns_server import TYPE_A, Question, dns_server
 from support.dnsmasq import dnsmasq
-from support.harness import eventually, http_server, need_program, run_grafted
+from support.harness import GRAFT, BrokerProcess, eventually, graft_cmd, http_server, need_program, run_grafted
 from support.seccomp_env import seccomp_records, seccomp_run
 
 pytestmark = pytest.mark.netns
@@ -127,6 +127,55 @@ proto = "tcp"
     ]
 
 
+# A program started by hand: the operator's one resolv.conf line (docs/dns.md), the shim in LD_PRELOAD, no graft run.
+BY_HAND = (
+    "import os, sys\n"
+    "from pyroute2 import netns\n"
+    "from graft.names import point_resolv_conf_at\n"
+    "netns.setns(sys.argv[1], flags=0)\n"
+    "point_resolv_conf_at('127.0.0.11')\n"
+    "env = dict(os.environ, LD_PRELOAD=sys.argv[2], GRAFT_SOCKET=sys.argv[3])\n"
+    "os.execve(sys.argv[4], sys.argv[4:], env)\n"
+)
+
+
+def test_a_program_launched_by_hand_with_the_shim_finds_the_resolver_at_its_first_lookup(netns, start_broker, site):
+    from graft.shim import LIB_PATH
+
+    curl = need_program("curl")
+    with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
+        broker = start_broker(policy(site, dns_port))
+        assert resolvers(broker) == 0
+        r = subprocess.run(
+            [sys.executable, "-c", BY_HAND, netns, str(LIB_PATH), str(broker.socket_path), curl, "-sS"]
+            + ["-w", " %{http_code}", f"http://myhost.graft.test:{site}/"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+        assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
+    assert [x["name"] for x in dns_records(broker) if x["qtype"] == "A"] == ["myhost.graft.test"]
+    assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # it went with the program
+
+
+def test_no_resolver_is_served_in_the_hosts_namespace(start_broker, site):
+    """A grafted program on the host asks at load too: the broker serves nothing there (127.0.0.11 is not its)."""
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port))
+        with subprocess.Popen(
+            graft_cmd(broker, None, sys.executable, "-c", "print('up', flush=True); input()"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as program:
+            assert program.stdout.readline() == "up\n"  # past the shim's constructor, which asked
+            assert resolvers(broker) == 0
+            program.communicate("", timeout=10)
+    assert "resolver on" not in broker.stderr()
+
+
 def test_a_name_outside_the_policy_is_refused_without_leaving_the_host(netns, start_broker, site):
     getent = need_program("getent")
     with dns_server("127.0.0.1", {**RECORDS, "other.example": "127.0.0.1"}, port=0) as (dns_port, asked):
@@ -190,6 +239,165 @@ def test_seccomp_mode_resolves_through_the_same_resolver(netns, seccomp_broker, 
     assert kept and {(x["addr"], x["action"], x["rule"]) for x in kept} == {
         ("127.0.0.11", "container", "tenants.t.dns.resolver")
     }
+
+
+# A container's program in seccomp mode: its resolv.conf names the resolver, and no one asked for it beforehand.
+POINTED = (
+    "import os, sys; from graft.names import point_resolv_conf_at; point_resolv_conf_at('127.0.0.11'); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def test_seccomp_mode_serves_the_resolver_at_the_programs_first_query(netns, seccomp_broker, site):
+    """No `graft run` asked (--no-dns): the stopped connect to the resolver's address has it served first."""
+    getent = need_program("getent")
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
+        text = policy(site, dns_port).replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
+        broker = seccomp_broker(text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n'))
+        r = seccomp_run(broker, netns, sys.executable, "-c", POINTED, getent, "hosts", "myhost.graft.test")
+        assert (r.returncode, r.stdout.split()[:2]) == (0, ["127.0.0.1", "myhost.graft.test"]), r.stderr
+        assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
+    assert [x["answers"] for x in dns_records(broker) if x["qtype"] == "A"] == [["127.0.0.1"]]
+    assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # it went with the program
+
+
+FLOOD = r"""
+import json, socket, sys
+import dns.message, dns.rcode
+counts = {"answered": 0, "refused": 0, "lost": 0}
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(2)
+    s.connect(("127.0.0.11", 53))
+    for i in range(int(sys.argv[1])):
+        s.send(dns.message.make_query("myhost.graft.test", "A", id=i).to_wire())
+        try:
+            rcode = dns.message.from_wire(s.recv(4096)).rcode()
+        except TimeoutError:
+            counts["lost"] += 1
+            continue
+        counts["answered" if rcode == dns.rcode.NOERROR else "refused"] += 1
+print(json.dumps(counts), flush=True)
+"""
+CONNECTS = r"""
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10).close()
+print("connected", flush=True)
+"""
+
+
+def test_a_flood_of_queries_costs_its_tenant_and_not_anothers_connects(netns, start_broker, site):
+    """Queries are requests: over max_rate they are refused and audited, and another tenant's connects go on."""
+    with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, _):
+        text = policy(site, dns_port).replace('default = "deny"\n', 'default = "deny"\nmax_rate = 50\n', 1)
+        other = f"""
+[tenants.b]
+default = "deny"
+[[tenants.b.connect]]
+to = ["127.0.0.1/32"]
+ports = [{site}]
+proto = "tcp"
+"""
+        broker = start_broker(text + other)
+        flood = subprocess.Popen(
+            graft_cmd(broker, netns, sys.executable, "-c", FLOOD, "600", dns=True),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            b = subprocess.run(
+                [GRAFT, "run", "--socket", str(broker.socket_dir / "b.sock"), "--", sys.executable, "-c", CONNECTS]
+                + [str(site), "50"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            out, err = flood.communicate(timeout=60)
+        finally:
+            flood.kill()
+            flood.wait()
+    assert b.returncode == 0 and b.stdout == "connected\n", b.stderr
+    counts = json.loads(out)  # the flood's own tally
+    assert counts["refused"] > 0 and counts["answered"] + counts["refused"] + counts["lost"] == 600, (out, err)
+    records = broker.audit()
+    limited = [x for x in records if x.get("op") == "dns" and x["rule"] == "tenants.t.max_rate"]
+    assert len(limited) == counts["refused"] and {(x["action"], x["errno"]) for x in limited} == {("deny", 11)}
+    # every connect of b's was granted (the kernel's records of fast-path ones reach the log a moment later)
+    assert eventually(lambda: len([x for x in broker.audit() if x["tenant"] == "b" and x["op"] == "connect"]) == 50)
+    assert {x["action"] for x in broker.audit() if x["tenant"] == "b"} == {"graft"}
+
+
+LOOKUPS = r"""
+import socket, sys
+for line in sys.stdin:
+    try:
+        print(socket.gethostbyname(line.strip()), flush=True)
+    except OSError as e:
+        print(f"error {e.errno}", flush=True)
+"""
+
+
+def test_a_reload_keeps_the_resolver_answering_under_the_new_names(netns, start_broker, site):
+    records = {**RECORDS, "other.graft.test": "127.0.0.2"}
+    with dns_server("127.0.0.1", records, port=0, ttl=300) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port))
+        with subprocess.Popen(
+            graft_cmd(broker, netns, sys.executable, "-c", LOOKUPS, dns=True),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as program:
+
+            def lookup(name: str) -> str:
+                program.stdin.write(name + "\n")
+                program.stdin.flush()
+                return program.stdout.readline().strip()
+
+            try:
+                assert (lookup("myhost.graft.test"), lookup("other.graft.test")) == ("127.0.0.1", "127.0.0.2")
+                broker.reload(policy(site, dns_port, names='["myhost.graft.test"]'))
+                assert resolvers(broker) == 1  # the same one, still listening
+                assert lookup("myhost.graft.test") == "127.0.0.1"
+                assert lookup("other.graft.test").startswith("error")  # refused now: the new names hold
+            finally:
+                program.stdin.close()
+                program.wait(timeout=10)
+    refused = [x for x in dns_records(broker) if x["name"] == "other.graft.test" and x["action"] == "deny"]
+    assert refused and {x["rule"] for x in refused} == {"tenants.t.dns.names"}
+
+
+def test_a_restart_keeps_the_resolver_answering_from_the_fd_store(netns, short_tmp, site):
+    """The resolver's sockets wait in the service manager's store; the next broker serves them, then closes them."""
+    with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
+        broker = BrokerProcess(short_tmp / "b", policy(site, dns_port), fdstore=True)
+        try:
+            broker.start()
+            with subprocess.Popen(
+                graft_cmd(broker, netns, sys.executable, "-c", LOOKUPS, dns=True),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            ) as program:
+                try:
+                    program.stdin.write("myhost.graft.test\n")
+                    program.stdin.flush()
+                    assert program.stdout.readline() == "127.0.0.1\n"
+                    (stored,) = [name for name in broker.drain_store() if name.startswith("resolver.")]
+                    assert broker.restart() == 0
+                    assert stored in broker.stored and resolvers(broker) == 1  # the same sockets, served again
+                    program.stdin.write("myhost.graft.test\n")  # the cache went with the first broker
+                    program.stdin.flush()
+                    assert program.stdout.readline() == "127.0.0.1\n"
+                finally:
+                    program.stdin.close()
+                    program.wait(timeout=10)
+            assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # its program gone: closed,
+            assert eventually(lambda: stored not in broker.drain_store(), timeout=10)  # and out of the store
+        finally:
+            assert broker.stop() == 0, broker.stderr()
+            broker.release_store()
+    assert [q for q, _ in asked if q.qtype == TYPE_A] == [Question("myhost.graft.test", TYPE_A)] * 2
 
 
 ASK_MANY = r"""

@@ -320,6 +320,18 @@ class BrokerProcess:
             os.close(fd)
         return msg.decode()
 
+    def drain_store(self) -> dict[str, list[int]]:
+        """The store once every notify message sent so far is taken (pushes and removals while running)."""
+        assert self._notify is not None and self.stored is not None
+        self._notify.setblocking(False)
+        try:
+            while True:
+                self._take_notify()
+        except BlockingIOError:
+            return self.stored
+        finally:
+            self._notify.setblocking(True)
+
     def release_store(self) -> None:
         for fds in (self.stored or {}).values():
             for fd in fds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.opcode
@@ -143,6 +144,21 @@ def test_a_reply_has_the_clients_id_and_spelling_and_the_ttls_that_remain():
     assert (r.id, r.question[0].name.to_text(), r.answer[0].ttl) == (0x1234, "MYHOST.test.", 260)
     assert [rd.address for rd in r.answer[0]] == ["127.0.0.1"]
     assert ans.message.answer[0].ttl == 300  # the cached answer is untouched
+
+
+def test_edns_in_a_reply_is_the_clients_never_the_upstreams():
+    """RFC 6891: a client that sent no OPT record gets none; one that did gets the resolver's size, no options."""
+    q = m.parse_query(query())
+    upstream = dns.message.from_wire(upstream_answer(q, 7, a("myhost.test", 300, "127.0.0.1")))
+    upstream.use_edns(0, 0, 4096, options=[dns.edns.GenericOption(65001, b"x")])
+    ans = m.parse_answer(upstream.to_wire(), q, 7)
+    assert ans.message.edns == 0  # as it came
+    assert dns.message.from_wire(m.reply(q, ans)).edns == -1
+    with_edns = dns.message.from_wire(m.reply(m.parse_query(query(use_edns=0, payload=4096)), ans))
+    assert (with_edns.edns, with_edns.payload, with_edns.options) == (0, m.MAX_UDP_ANSWER, ())
+    refused = dns.message.from_wire(m.refusal(m.parse_query(query(use_edns=0, payload=4096)), dns.rcode.REFUSED))
+    assert (refused.edns, refused.payload) == (0, m.MAX_UDP_ANSWER)
+    assert dns.message.from_wire(m.refusal(q, dns.rcode.REFUSED)).edns == -1
 
 
 def test_a_reply_too_large_for_the_client_is_truncated():
