@@ -17,6 +17,8 @@ from pathlib import Path
 
 GO_SOURCES = Path(__file__).resolve().parent / "programs" / "go"
 GO_COMMANDS = ("client", "server")
+# fetch: an HTTP GET by name with Go's own resolver (e2e/test_names_go.py), built only by the tests that run it.
+GO_NAME_COMMANDS = ("fetch",)
 _PT_INTERP = 3
 
 
@@ -61,11 +63,11 @@ def go_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def build_go(out: Path, cache: Path) -> dict[str, Path]:
-    """Build each of GO_COMMANDS into out; {name: path}. Raises with go's output on failure."""
+def build_go(out: Path, cache: Path, commands: tuple[str, ...] = GO_COMMANDS) -> dict[str, Path]:
+    """Build each of commands (default GO_COMMANDS) into out; {name: path}. Raises with go's output on failure."""
     out.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
-        ["go", "build", "-trimpath", "-o", f"{out}/", *(f"./{c}" for c in GO_COMMANDS)],
+        ["go", "build", "-trimpath", "-o", f"{out}/", *(f"./{c}" for c in commands)],
         cwd=GO_SOURCES,
         env=go_env(cache),
         capture_output=True,
@@ -75,4 +77,4 @@ def build_go(out: Path, cache: Path) -> dict[str, Path]:
     )
     if r.returncode != 0:
         raise RuntimeError(f"go build failed ({r.returncode}):\n{r.stdout}{r.stderr}")
-    return {c: out / c for c in GO_COMMANDS}
+    return {c: out / c for c in commands}
