@@ -63,10 +63,25 @@ def parse_policy(text: str, source: str = "<string>") -> PolicyFile:
         policy = PolicyFile.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(source, issues_from_validation(exc)) from None
-    issues = cross_tenant_issues(policy)
+    issues = cross_tenant_issues(policy) + name_rule_issues(policy)
     if issues:
         raise PolicyError(source, issues)
     return policy
+
+
+def name_rule_issues(policy: PolicyFile) -> list[PolicyIssue]:
+    """Connect rules with ``names`` in a tenant whose resolver is off: they could never match."""
+    return [
+        PolicyIssue(
+            format_loc(("tenants", name, "connect", i, "names")),
+            "names match what the tenant's resolver answered, and its dns.resolver is 'off': this rule would "
+            "never match by name",
+        )
+        for name, tenant in policy.tenants.items()
+        if tenant.dns.resolver == "off"
+        for i, rule in enumerate(tenant.connect)
+        if rule.names is not None
+    ]
 
 
 def cross_tenant_issues(policy: PolicyFile) -> list[PolicyIssue]:

@@ -19,11 +19,18 @@ Other embeddings (IPv4-compatible ::a.b.c.d, NAT64 64:ff9b::/96, 6to4) are plain
 
 Rules are tried in file order and the first whose every present key matches decides; no
 match means the tenant's ``default``.
+
+Names.  A connect rule's ``names`` match a destination by what the tenant's own lookups
+returned: the caller passes ``resolved``, the names (lower case, no trailing dot) whose
+answers held the destination, each with the time its match lapses, and the matcher says which
+name matched, and until when.  With ``to`` as well, either matches: the address first.  The
+clock stays the caller's.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +57,8 @@ class Decision:
     action: Literal["graft", "container", "deny"]
     rule: str
     host: tuple[IPAddress, int] | None = None
+    name: str | None = None  # matched by this name (a rule's `names`), not by address
+    expires: float | None = None  # ... until then, in the clock of the caller's `resolved`
 
 
 def _addr_key(addr: IPAddress) -> int:
@@ -89,22 +98,42 @@ def _merge(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((lo, hi) for lo, hi in out)
 
 
-# A compiled rule: (address intervals | None, port intervals | None, protos, decision, host).
-# `decision` is pre-built whenever it does not depend on the request; otherwise it is None and
-# `host` holds (address, None): the app's port is filled in per request.
+# A compiled rule: (address intervals | None, port intervals | None, protos, decision, host,
+# names | None). `decision` is pre-built whenever it does not depend on the request; otherwise
+# it is None and `host` holds (address, None): the app's port is filled in per request.
+# A rule with `names` and no `to` matches no address as such: its intervals are empty.
 _Compiled = tuple
 
 
 def _compile_rule(rule: ConnectRule | BindRule, loc: str) -> _Compiled:
     nets = rule.to if isinstance(rule, ConnectRule) else rule.addr
-    addrs = None if nets is None else _merge([iv for n in nets for iv in _net_intervals(n)])
+    names = tuple(rule.names) if isinstance(rule, ConnectRule) and rule.names is not None else None
+    addrs = (None if names is None else ()) if nets is None else _merge([iv for n in nets for iv in _net_intervals(n)])
     ports = None if rule.ports is None else _merge([(p.lo, p.hi) for p in rule.ports])
     target = getattr(rule, "host", None)
     if target is None:
-        return (addrs, ports, _PROTOS[rule.proto], Decision(rule.action, loc), None)
+        return (addrs, ports, _PROTOS[rule.proto], Decision(rule.action, loc), None, names)
     if target.port is not None:
-        return (addrs, ports, _PROTOS[rule.proto], Decision(rule.action, loc, (target.addr, target.port)), None)
-    return (addrs, ports, _PROTOS[rule.proto], None, (target.addr, loc))
+        return (addrs, ports, _PROTOS[rule.proto], Decision(rule.action, loc, (target.addr, target.port)), None, None)
+    return (addrs, ports, _PROTOS[rule.proto], None, (target.addr, loc), None)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """A plain name (lower case, no trailing dot) against a `names` pattern: exact, "*.suffix", "*"."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:])  # "*.svc.example": a name under svc.example, not it
+    return name == pattern
+
+
+def _by_name(names: tuple[str, ...], resolved: Mapping[str, float]) -> tuple[str, float] | None:
+    """The first name in resolved that one of names admits (the one that lasts longest), and its end."""
+    best = None
+    for name, expires in resolved.items():
+        if (best is None or expires > best[1]) and any(name_matches(name, p) for p in names):
+            best = (name, expires)
+    return best
 
 
 def _within(value: int, ranges: tuple[tuple[int, int], ...] | None) -> bool:
@@ -115,7 +144,7 @@ def _within(value: int, ranges: tuple[tuple[int, int], ...] | None) -> bool:
 class TenantMatcher:
     """One tenant's compiled rules.  Immutable after construction; safe to share."""
 
-    __slots__ = ("name", "default", "uids", "_rules", "_default")
+    __slots__ = ("name", "default", "uids", "has_names", "_rules", "_default")
 
     def __init__(self, name: str, tenant: Tenant):
         self.name = name
@@ -129,6 +158,8 @@ class TenantMatcher:
             for op in _OPS
         }
         self._default = Decision(tenant.default, format_loc(("tenants", name, "default")))
+        # Whether a connect's destination needs looking up among the tenant's resolved names at all.
+        self.has_names = any(rule.names is not None for rule in tenant.connect)
 
     def uid_allowed(self, uid: int) -> bool:
         """Whether a peer with this SO_PEERCRED uid may use the tenant at all."""
@@ -140,12 +171,14 @@ class TenantMatcher:
         proto: Literal["tcp", "udp"],
         addr: IPAddress,
         port: int,
+        resolved: Mapping[str, float] | None = None,
     ) -> Decision:
         """First matching rule for ``op`` wins; otherwise the tenant default.
 
         ``addr``/``port`` are the destination for connect (and for a UDP sendto on an
         unconnected socket), the requested local address for bind (0.0.0.0 / :: for the
-        wildcard, port 0 for an ephemeral port).
+        wildcard, port 0 for an ephemeral port). ``resolved``: the names whose lookups by
+        this tenant returned ``addr``, each with when that lapses (module doc, Names).
         """
         try:
             rules = self._rules[op]
@@ -156,9 +189,14 @@ class TenantMatcher:
         if not 0 <= port <= 65535:
             raise ValueError(f"port out of range: {port!r}")
         key = _addr_key(addr)
-        for addrs, ports, protos, decision, host in rules:
-            if proto not in protos or not _within(port, ports) or not _within(key, addrs):
+        for addrs, ports, protos, decision, host, names in rules:
+            if proto not in protos or not _within(port, ports):
                 continue
+            if not _within(key, addrs):
+                found = _by_name(names, resolved) if names is not None and resolved else None
+                if found is None:
+                    continue
+                return Decision(decision.action, decision.rule, name=found[0], expires=found[1])
             if decision is not None:
                 return decision
             return Decision("graft", host[1], (host[0], port))
@@ -172,7 +210,7 @@ class TenantMatcher:
         The broker uses it to decide whether the kernel may let a UDP socket
         grafted for one destination send to any other.
         """
-        for addrs, ports, protos, decision, _host in self._rules[op]:
+        for addrs, ports, protos, decision, _host, _names in self._rules[op]:
             if proto not in protos:
                 continue
             if (decision.action if decision is not None else "graft") != "graft":

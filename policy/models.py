@@ -47,6 +47,10 @@ MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel; it is never a pee
 RESERVED_TENANT_NAMES = ("seccomp",)
 
 EMPTY_LIST_MSG = "matches nothing; omit the key to match any"
+# Seconds a lookup's answer lets name rules match at least (dns.min_ttl): programs connect again
+# after a short TTL has run out (and many cache answers longer than it), and a floor of 0 would
+# refuse them; an answer's own longer TTL is taken as it is.
+MIN_TTL_DEFAULT = 30
 EMPTY_UIDS_MSG = "allows no uid at all; omit the key to allow any uid"
 PORT_MSG = "port must be an integer {lo}-65535 or a range 'a-b'"
 
@@ -309,6 +313,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+_DNS_NAME = re.compile(
+    r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
+)
+
+
+def _name_pattern(value: Any) -> str:
+    value = _require_str(value, "a name", '"api.example.com" or "*.svc.example"')
+    if value != "*" and (len(value) > 253 or not _DNS_NAME.fullmatch(value)):
+        raise _fail(
+            "graft_dns_name",
+            f"name {show(value)} must be a DNS name ('api.example.com'), '*.' and a suffix ('*.svc.example'), or '*'",
+        )
+    return value.rstrip(".").lower()
+
+
+NamePattern = Annotated[
+    str,
+    PlainValidator(_name_pattern),
+    WithJsonSchema({"type": "string", "examples": ["api.example.com", "*.svc.example"]}),
+]
+
+
 class ConnectRule(_Strict):
     """One ``[[tenants.<name>.connect]]`` block: which connects it matches, and what happens."""
 
@@ -317,6 +343,12 @@ class ConnectRule(_Strict):
     )
     ports: Annotated[list[ConnectPort] | None, AfterValidator(_non_empty)] = _list_field(
         "destination ports or 'a-b' ranges; absent = any port"
+    )
+    # A destination by name (docs/dns.md): an address one of the tenant's own lookups of a matching
+    # name returned, while its TTL (at least dns.min_ttl) lasts. With `to` too: either matches.
+    names: Annotated[list[NamePattern] | None, AfterValidator(_non_empty)] = _list_field(
+        "destinations by name: exact, or '*.suffix'; an address this tenant's lookups of such a name "
+        "returned, while the answer's TTL lasts; absent = by address only"
     )
     proto: Proto = Field("any", description="'tcp', 'udp' or 'any'")
     action: Action = Field("graft", description="'graft' (host socket), 'deny' (EPERM), 'container' (container stack)")
@@ -346,21 +378,6 @@ class BindRule(_Strict):
                 f"host is only allowed with action 'graft' (this rule's action is {show(action)})",
             )
         return value
-
-
-_DNS_NAME = re.compile(
-    r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
-)
-
-
-def _name_pattern(value: Any) -> str:
-    value = _require_str(value, "a name", '"api.example.com" or "*.svc.example"')
-    if value != "*" and (len(value) > 253 or not _DNS_NAME.fullmatch(value)):
-        raise _fail(
-            "graft_dns_name",
-            f"name {show(value)} must be a DNS name ('api.example.com'), '*.' and a suffix ('*.svc.example'), or '*'",
-        )
-    return value.rstrip(".").lower()
 
 
 def _upstream(value: Any) -> HostTarget:
@@ -395,11 +412,6 @@ def _resolver(value: Any) -> str:
     return str(addr)
 
 
-NamePattern = Annotated[
-    str,
-    PlainValidator(_name_pattern),
-    WithJsonSchema({"type": "string", "examples": ["api.example.com", "*.svc.example"]}),
-]
 Upstream = Annotated[
     HostTarget,
     PlainValidator(_upstream),
@@ -429,6 +441,12 @@ class DnsSettings(_Strict):
     )
     on_refused: Literal["refused", "nxdomain"] = Field(
         "refused", description="the answer to a name outside `names`: REFUSED or NXDOMAIN"
+    )
+    min_ttl: int = Field(
+        MIN_TTL_DEFAULT,
+        ge=0,
+        le=86400,
+        description="seconds a lookup's answer lets name rules match at least, whatever its TTL says",
     )
 
     @field_validator("upstream", "names")

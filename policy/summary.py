@@ -17,11 +17,14 @@ def _join(items) -> str:
 def _rule_line(op: str, index: int, rule: ConnectRule | BindRule, width: int) -> str:
     nets = rule.to if isinstance(rule, ConnectRule) else rule.addr
     word = "to" if isinstance(rule, ConnectRule) else "addr"
+    names = rule.names if isinstance(rule, ConnectRule) else None
+    where = [] if nets is None and names is not None else [f"{word} {'any' if nets is None else _join(nets)}"]
     parts = [
         f"{op}[{index}]".ljust(width),
         rule.action.ljust(9),
         rule.proto.ljust(3),
-        f"{word} {'any' if nets is None else _join(nets)}",
+        *where,
+        *([f"names {_join(names)}"] if names is not None else []),
         f"ports {'any' if rule.ports is None else _join(rule.ports)}",
     ]
     host = getattr(rule, "host", None)
@@ -40,7 +43,10 @@ def _dns_line(tenant: Tenant) -> str:
         return "    dns off (names are the container's)"
     upstream = "host's resolv.conf" if d.upstream is None else _join(str(u) for u in d.upstream)
     names = "any" if d.names is None else _join(d.names)
-    return f"    dns resolver {d.resolver}:53  upstream {upstream}  names {names}  on_refused {d.on_refused}"
+    return (
+        f"    dns resolver {d.resolver}:53  upstream {upstream}  names {names}  on_refused {d.on_refused}"
+        f"  min_ttl {d.min_ttl}s"
+    )
 
 
 def _tenant_lines(name: str, tenant: Tenant, socket_dir: str) -> list[str]:

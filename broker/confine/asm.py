@@ -43,6 +43,9 @@ class Asm:
     def rsh_imm(self, dst, imm):
         self._emit(0x77, dst, 0, 0, imm)  # BPF_ALU64 | BPF_RSH | BPF_K
 
+    def div_imm(self, dst, imm):
+        self._emit(0x37, dst, 0, 0, imm)  # BPF_ALU64 | BPF_DIV | BPF_K (unsigned)
+
     def stx_w(self, dst, off, src):
         self._emit(0x63, dst, src, off)  # BPF_STX | BPF_MEM | BPF_W
 
@@ -80,6 +83,14 @@ class Asm:
 
     def jne_reg(self, dst, src, target):
         self._emit(0x5D, dst, src, 0, 0, target)
+
+    def jge_reg(self, dst, src, target):
+        self._emit(0x3D, dst, src, 0, 0, target)  # BPF_JMP | BPF_JGE | BPF_X (unsigned, 64-bit)
+
+    def unique(self, name: str) -> str:
+        """A label name not used yet: for code a program emits more than once."""
+        n = sum(1 for label in self.labels if label.startswith(name))
+        return f"{name}#{n}"
 
     def exit(self):
         self._emit(0x95)

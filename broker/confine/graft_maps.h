@@ -45,8 +45,8 @@ struct graft_grant_key {
 };
 
 struct graft_grant_value {
-    uint32_t rule; /* the broker's id of the rule that granted it */
-    uint32_t unused;
+    uint32_t rule;    /* the broker's id of the rule that granted it */
+    uint32_t expires; /* the CLOCK_MONOTONIC second it lapses at (a rule's `names`: the answer's TTL); 0: never */
 };
 
 /* One connect the kernel judged by a grant (the events ring: the fast path's audit). */

@@ -69,6 +69,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 from . import bpf
@@ -87,6 +88,7 @@ from .maps import (
     encode_mark,
     encode_preissued_mark,
     grant_key,
+    grant_lasts,
     mark_btf,
 )
 from .programs import LICENSE, PROGRAMS, listen_guard_program, prog_type, program
@@ -295,23 +297,32 @@ class Confinement:
         return _GrantMap(fd, bpf.MapUpdater(fd, GRANT_KEY_SIZE, GRANT_VALUE_SIZE))
 
     def grant(
-        self, grant_id: int, family: int, host: str, port: int, rule_id: int, sock_type: int = socket.SOCK_STREAM
+        self,
+        grant_id: int,
+        family: int,
+        host: str,
+        port: int,
+        rule_id: int,
+        sock_type: int = socket.SOCK_STREAM,
+        expires: int = 0,
     ) -> None:
-        """From now on the tenant's sockets may reach (host, port) without the broker.
+        """From now on (until the CLOCK_MONOTONIC second expires, if not 0) the tenant's sockets may reach
+        (host, port) without the broker.
 
         TCP: its pre-issued sockets may connect there. UDP: its grafted UDP
         sockets may send there.
         """
         self._grant_maps[grant_id].updater.update(
-            grant_key(grant_id, family, host, port, sock_type), encode_grant_value(rule_id)
+            grant_key(grant_id, family, host, port, sock_type), encode_grant_value(rule_id, expires)
         )
 
     def granted(self, grant_id: int, family: int, host: str, port: int, sock_type: int) -> bool:
         """Whether the grant id's grants let its sockets reach (host, port) (the kernel's own lookup)."""
         grants = self._grant_maps.get(grant_id)
-        return (
-            grants is not None and grants.updater.lookup(grant_key(grant_id, family, host, port, sock_type)) is not None
-        )
+        if grants is None:
+            return False
+        value = grants.updater.lookup(grant_key(grant_id, family, host, port, sock_type))
+        return value is not None and grant_lasts(value, time.monotonic())
 
     def revoke_grants(self) -> None:
         """Forget every grant (a new policy): pre-issued sockets ask the broker again.

@@ -178,10 +178,18 @@ def grant_key(tenant_id: int, family: int, host: str, port: int, sock_type: int 
     return _bytes_of(k)
 
 
-def encode_grant_value(rule_id: int) -> bytes:
+def encode_grant_value(rule_id: int, expires: int = 0) -> bytes:
+    """A grant's value: the rule that made it, the CLOCK_MONOTONIC second it lapses at (0: never)."""
     v = ffi.new("struct graft_grant_value *")
     v.rule = rule_id
+    v.expires = expires
     return _bytes_of(v)
+
+
+def grant_lasts(value: bytes, now: float) -> bool:
+    """Whether a grant's value still holds at now (time.monotonic), as the kernel's programs judge it."""
+    expires = _view("struct graft_grant_value", GRANT_VALUE_SIZE, value).expires
+    return expires == 0 or int(now) < expires
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = (
     offset_of("struct graft_mark", f) for f in ("flags", "port", "ip4", "ip6", "tenant")
 )
 K_TENANT, K_KIND, K_PORT, K_ADDR = (offset_of("struct graft_grant_key", f) for f in ("tenant", "kind", "port", "addr"))
+V_EXPIRES = offset_of("struct graft_grant_value", "expires")
 E_TENANT, E_RULE, E_PID, E_UID, E_FAMILY, E_PORT, E_ADDR = (
     offset_of("struct graft_event", f) for f in ("tenant", "rule", "pid", "uid", "family", "port", "addr")
 )
@@ -159,7 +160,10 @@ def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped
 
     Entered with r6 = ctx, r7 = the mark; the key (as maps.grant_key builds
     it) is left at _KEY_AT and r0 points at the grant's value. mapped: an
-    IPv6 hook's v4-mapped destination, looked up in its IPv4 form.
+    IPv6 hook's v4-mapped destination, looked up in its IPv4 form. A grant
+    whose ``expires`` second has come (a rule's `names`, its TTL run out)
+    is none: the kernel's clock decides, so no sweep of the map can be late.
+    Uses r9.
     """
     a.ldx_w(1, 7, M_TENANT)
     a.jeq_imm(1, 0, "deny")  # a socket of no tenant's grants (a broker without them)
@@ -188,6 +192,16 @@ def _grant_lookup(a: Asm, v6: bool, sock_type: int, maps: dict[str, int], mapped
     a.stack_ptr(2, _KEY_AT)
     a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
     a.jeq_imm(0, 0, "deny")
+    lasting = a.unique("grant_lasts")
+    a.ldx_w(1, 0, V_EXPIRES)
+    a.jeq_imm(1, 0, lasting)  # a grant that never lapses: no clock needed
+    a.mov_reg(9, 0)  # the value, kept across the helper call
+    a.call(bpf.FUNC_KTIME_GET_NS)
+    a.div_imm(0, 1_000_000_000)
+    a.ldx_w(1, 9, V_EXPIRES)
+    a.jge_reg(0, 1, "deny")
+    a.mov_reg(0, 9)
+    a.label(lasting)
 
 
 def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:

@@ -63,6 +63,7 @@ class Record:
     reason: str | None = None  # written only when there is one (not None, not empty)
     # A DNS query's ("op": "dns"), written only for those: the name and type asked, the
     # addresses answered ([] for none or a refusal), and how long the upstream took (0: cached).
+    # `name` also on a connect a rule's `names` decided: the name its destination came from.
     name: str | None = None
     qtype: str | None = None
     answers: list[str] | None = None

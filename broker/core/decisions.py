@@ -49,7 +49,11 @@ class Decisions:
             # The broker's own resolver listens in the program's network (docs/dns.md): a query
             # sent there by hand (a TCP fallback, a program with its own resolver) stays there.
             return Verdict("container", format_loc(("tenants", tenant.name, "dns", "resolver")))
-        return judge(req, tenant.matcher, peer.uid)
+        resolved = None
+        if tenant.matcher.has_names:  # destinations by name: what the tenant's lookups returned, now
+            now = time.monotonic()
+            resolved = lambda ip: tenant.resolved.lookup(ip, now)  # noqa: E731
+        return judge(req, tenant.matcher, peer.uid, resolved)
 
     @property
     def audit_required(self) -> bool:
@@ -98,6 +102,7 @@ class Decisions:
                 confinement=self.confinement_state,
                 via=via,
                 reason=verdict.reason,
+                name=verdict.name,
             )
         )
 

@@ -25,7 +25,9 @@ audit log (``"via": "kernel"``). Without that ring there is no fast path.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import math
 import socket
 import time
 
@@ -38,6 +40,7 @@ from . import request
 from .audit import Record
 from .decisions import Decisions
 from .hostsock import HostSockets
+from .resolved import plain
 from .tenant import Peer, TenantState
 from .verdict import Verdict, tenant_loc
 
@@ -47,6 +50,7 @@ log = logging.getLogger("graft.broker")
 # their lag in the audit log. The ring holds maps.EVENTS_SIZE bytes, about
 # 21,000 records: it would take 400,000 connects/s to overflow it in between.
 KERNEL_AUDIT_INTERVAL = 0.05
+MAX_NAMED_GRANTS = 65536  # grants from rules' `names` whose name the kernel's records can carry
 
 
 class Grants:
@@ -67,6 +71,9 @@ class Grants:
         self._rules: list[str] = []
         self._events_lost = 0
         self._fast_path = False  # sockets are pre-issued only with confinement and its audit ring
+        # (grant id, port, address) -> the name a rule's `names` granted it for: the kernel's records
+        # of connects it judged by such a grant name it too. Bounded; oldest first out.
+        self._names: dict[tuple[int, int, object], str] = {}
 
     # ---- grant ids and rules -----------------------------------------------
 
@@ -100,6 +107,7 @@ class Grants:
         can make a grant that a new one would not.
         """
         self._serial += 1
+        self._names.clear()
         if self.confinement is None:
             return
         try:
@@ -139,11 +147,20 @@ class Grants:
         if rule_id is None:
             rule_id = self._rule_ids[verdict.rule] = len(self._rules)
             self._rules.append(verdict.rule)
+        # A grant from a rule's `names` lapses with the answer it came from: the kernel's clock and
+        # time.monotonic() are one (CLOCK_MONOTONIC); whole seconds, rounded down, so never later.
+        expires = max(1, math.floor(verdict.expires)) if verdict.expires is not None else 0
         try:
-            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id, req.type)
+            self.confinement.grant(tenant.gid, req.family, str(req.addr.ip), req.addr.port, rule_id, req.type, expires)
         except OSError as e:  # only a destination lost: the broker still answers
             log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
             return False
+        key = (tenant.gid, req.addr.port, plain(req.addr.ip))
+        self._names.pop(key, None)
+        if verdict.name is not None:
+            self._names[key] = verdict.name
+            if len(self._names) > MAX_NAMED_GRANTS:
+                del self._names[next(iter(self._names))]
         return True
 
     def judge_grant(self, tenant: TenantState, req: request.Request, peer: Peer, via: str) -> Verdict:
@@ -353,6 +370,7 @@ class Grants:
                 if tenant is not None and tenant.gid == ev.tenant_id:
                     tenant.counts["graft"] += 1
             rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
+            granted_for = self._names.get((ev.tenant_id, ev.port, plain(ipaddress.ip_address(ev.addr))))
             self.decisions.audit.write(
                 Record(
                     tenant=name,
@@ -370,6 +388,7 @@ class Grants:
                     confinement=self.decisions.confinement_state,
                     via="kernel",
                     reason=reason,
+                    name=granted_for,
                 )
             )
         assert self.confinement is not None

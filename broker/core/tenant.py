@@ -26,6 +26,7 @@ from graft.policy import Tenant, TenantMatcher
 from .netns import Namespace
 from .ratelimit import TokenBucket
 from .request import SockAddr
+from .resolved import Resolved
 
 MAX_CLIENTS_PER_TENANT = 256
 # Requests of one tenant the broker works on at once. A tenant's other ready
@@ -56,6 +57,7 @@ class TenantState:
     refreshing: trio.Event | None = None  # set when the running liveness dump ends
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
     bucket: TokenBucket | None = None  # max_rate
+    resolved: Resolved = field(default_factory=Resolved)  # what its lookups returned, for rules' `names`
     counts: Counter = field(default_factory=Counter)  # requests by audited action, for graft status
     # Owns the tenant's client tasks and its seccomp listeners' tasks (seccomp/agent.py): they end with it.
     nursery: trio.Nursery | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from graft.policy import Decision, TenantMatcher
@@ -31,6 +32,8 @@ class Verdict:
     errno: int = 0  # for "deny" and "error"
     target: SockAddr | None = None  # for "graft": the host address to bind/connect
     reason: str | None = None  # for "error": what went wrong, for the audit log
+    name: str | None = None  # decided by a rule's `names`: the name the destination came from,
+    expires: float | None = None  # ... which counts until then (time.monotonic): a grant lapses with it
 
 
 def tenant_loc(tenant: str, key: str) -> str:
@@ -80,18 +83,23 @@ def destination(ip: IPAddress) -> IPAddress:
     )
 
 
-def judge(req: Request, matcher: TenantMatcher, uid: int) -> Verdict:
+def judge(
+    req: Request, matcher: TenantMatcher, uid: int, resolved: Callable[[IPAddress], Mapping[str, float]] | None = None
+) -> Verdict:
+    """The verdict on req; resolved: the names a connect's destination came from (core/resolved.py), if asked."""
     op = req.judged_as
     if not matcher.uid_allowed(uid):
         return Verdict("deny", tenant_loc(matcher.name, "uids"), DENY_ERRNO[op])
     ip = destination(req.addr.ip) if req.op != OP_BIND else req.addr.ip
-    decision = matcher.decide(op, req.proto, ip, req.addr.port)
+    names = resolved(ip) if resolved is not None and op == "connect" else None
+    decision = matcher.decide(op, req.proto, ip, req.addr.port, names)
+    by_name = {"name": decision.name, "expires": decision.expires}
     if decision.action == "deny":
-        return Verdict("deny", decision.rule, DENY_ERRNO[op])
+        return Verdict("deny", decision.rule, DENY_ERRNO[op], **by_name)
     if decision.action == "container":
-        return Verdict("container", decision.rule)
+        return Verdict("container", decision.rule, **by_name)
     try:
         target = host_target(req, decision)
     except ValueError:
         return Verdict("deny", decision.rule, errno.EAFNOSUPPORT)
-    return Verdict("graft", decision.rule, 0, target)
+    return Verdict("graft", decision.rule, 0, target, **by_name)

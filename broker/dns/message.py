@@ -113,6 +113,7 @@ class Answer:
     ttl: int  # seconds it may be cached; 0: not at all
     addresses: tuple[str, ...]  # the A/AAAA records of the answer section
     truncated: bool
+    addresses_ttl: int = 0  # seconds the least-lived of those records may be used (at most MAX_TTL)
 
 
 def parse_query(wire: bytes) -> Query:
@@ -183,13 +184,10 @@ def parse_answer(wire: bytes, query: Query, upstream_id: int) -> Answer:
     if len(msg.question) != 1 or (msg.question[0].name, msg.question[0].rdtype, msg.question[0].rdclass) != query.key:
         raise BadAnswer("answers another question")
     rcode = msg.rcode()
-    addresses = tuple(
-        str(ipaddress.ip_address(rd.address))
-        for rrset in msg.answer
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
-        for rd in rrset
-    )
-    return Answer(msg, rcode, _cache_ttl(msg, rcode), addresses, bool(msg.flags & dns.flags.TC))
+    records = [rrset for rrset in msg.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)]
+    addresses = tuple(str(ipaddress.ip_address(rd.address)) for rrset in records for rd in rrset)
+    addresses_ttl = min((MAX_TTL, *(rrset.ttl for rrset in records))) if records else 0
+    return Answer(msg, rcode, _cache_ttl(msg, rcode), addresses, bool(msg.flags & dns.flags.TC), addresses_ttl)
 
 
 def wire_of(msg: dns.message.Message) -> bytes:

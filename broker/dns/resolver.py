@@ -390,6 +390,7 @@ class Resolver:
         hit = self.cache.get(q, time.monotonic())
         if hit is not None:
             answer, age = hit
+            self._learn(q, answer, age)
             self._audit(proto, client, q, "graft", None, 0, answers=list(answer.addresses), upstream_ms=0.0)
             return message.reply(q, answer, age, max_size=limit)
         got = await self._forward(q)
@@ -398,6 +399,7 @@ class Resolver:
             return message.refusal(q, dns.rcode.SERVFAIL)
         answer, upstream, ms = got
         self.cache.put(q, answer, time.monotonic())
+        self._learn(q, answer, 0)
         self._audit(
             proto,
             client,
@@ -410,6 +412,12 @@ class Resolver:
             host_addr=f"{upstream[0]}:{upstream[1]}",
         )
         return message.reply(q, answer, 0, max_size=limit)
+
+    def _learn(self, q: message.Query, answer: message.Answer, age: int) -> None:
+        """The addresses answered count as q's name for the tenant's rules' `names`, while their TTL lasts."""
+        if answer.addresses:
+            lasts = max(answer.addresses_ttl - age, self.tenant.config.dns.min_ttl)
+            self.tenant.resolved.learn(q.text, answer.addresses, time.monotonic() + lasts)
 
     async def _forward(self, q: message.Query) -> tuple[message.Answer, tuple[str, int], float] | str:
         """Ask the upstreams in turn: (answer, upstream, milliseconds), or why none answered."""

@@ -230,6 +230,13 @@ static void grant_key(struct graft_grant_key *k, uint32_t grant_id, int type, co
     k->kind = (uint32_t)type << 16 | family;
 }
 
+/* CLOCK_MONOTONIC in whole seconds: the clock a grant's expires is in (bpf_ktime_get_ns). */
+static uint64_t monotonic_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec;
+}
+
 /* 1: granted, 0: not, -ENOENT: the grant id has no map (retired by a reload), -errno otherwise. */
 static int granted(struct loop *l, uint32_t grant_id, int type, const struct sockaddr_storage *sa) {
     uint32_t id;
@@ -250,10 +257,12 @@ static int granted(struct loop *l, uint32_t grant_id, int type, const struct soc
         l->inner_id = id;
     }
     struct graft_grant_key key;
-    uint32_t value[2];
+    struct graft_grant_value value;
     grant_key(&key, grant_id, type, sa);
-    r = map_lookup(l->inner_fd, &key, value);
-    return r == 0 ? 1 : r == -ENOENT ? 0 : r;
+    r = map_lookup(l->inner_fd, &key, &value);
+    if (r != 0)
+        return r == -ENOENT ? 0 : r;
+    return value.expires == 0 || monotonic_seconds() < value.expires; /* lapsed: as the kernel's programs judge */
 }
 
 /* ---- the stopped thread --------------------------------------------------------------- */

@@ -21,7 +21,16 @@ import pytest
 from graft.broker.shim import wire
 from support.dns_server import TYPE_A, Question, dns_server
 from support.dnsmasq import dnsmasq
-from support.harness import GRAFT, BrokerProcess, eventually, graft_cmd, http_server, need_program, run_grafted
+from support.harness import (
+    GRAFT,
+    PROGRAMS,
+    BrokerProcess,
+    eventually,
+    graft_cmd,
+    http_server,
+    need_program,
+    run_grafted,
+)
 from support.seccomp_env import seccomp_records, seccomp_run
 
 pytestmark = pytest.mark.netns
@@ -398,6 +407,58 @@ def test_a_restart_keeps_the_resolver_answering_from_the_fd_store(netns, short_t
             assert broker.stop() == 0, broker.stderr()
             broker.release_store()
     assert [q for q, _ in asked if q.qtype == TYPE_A] == [Question("myhost.graft.test", TYPE_A)] * 2
+
+
+NAME_RULE_TTL = 2  # seconds: the answer's TTL, with min_ttl = 0, is how long the rule lets it be reached
+
+
+def name_rule_policy(http_port: int, dns_port: int, seccomp: bool = False) -> str:
+    text = f"""
+version = 1
+[broker]
+confinement = "required"
+[tenants.t]
+default = "deny"
+mode = "{"seccomp" if seccomp else "preload"}"
+[tenants.t.dns]
+upstream = ["127.0.0.1:{dns_port}"]
+min_ttl = 0
+[[tenants.t.connect]]
+names = ["*.graft.test"]
+ports = [{http_port}]
+proto = "tcp"
+"""
+    return text
+
+
+@pytest.mark.parametrize("mode", ["preload", "seccomp"])
+def test_a_name_rule_reaches_what_the_lookup_returned_until_its_ttl_runs_out(netns, short_tmp, site, mode):
+    """Before the lookup, the address is denied; after it, reached (the fast path too); after the TTL, denied."""
+    with dns_server("127.0.0.1", {"api.graft.test": "127.0.0.1"}, port=0, ttl=NAME_RULE_TTL) as (dns_port, _):
+        broker = BrokerProcess(short_tmp / "b", name_rule_policy(site, dns_port, seccomp=mode == "seccomp"))
+        try:
+            broker.start()
+            cmd = [sys.executable, str(PROGRAMS / "name_rule_client.py"), "api.graft.test", str(site), str(site + 1)]
+            run = seccomp_run if mode == "seccomp" else run_grafted
+            r = run(broker, netns, *cmd, dns=True)
+            records = broker.stop_and_audit()
+        finally:
+            broker.stop()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["before"], out["addresses"], out["other"]) == (errno.EPERM, ["127.0.0.1"], errno.EPERM), out
+    assert out["after"] == [0] * 10, out
+    # denied once the answer's TTL has run out, and not much before: whole seconds, rounded down in the kernel
+    assert out["lapsed_after"] is not None and NAME_RULE_TTL - 1 <= out["lapsed_after"] <= NAME_RULE_TTL + 3, out
+    connects = [x for x in records if x.get("op") == "connect" and x["port"] == site]
+    by_name = [x for x in connects if x["action"] == "graft"]
+    assert len(by_name) >= 10 and {(x["rule"], x["name"]) for x in by_name} == {
+        ("tenants.t.connect[0]", "api.graft.test")
+    }
+    if mode == "preload":
+        assert {"shim", "kernel"} <= {x["via"] for x in by_name}  # the fast path's grants lapse too
+    denied = [x for x in connects if x["action"] == "deny"]
+    assert len(denied) >= 2 and {(x["rule"], x.get("name")) for x in denied} == {("tenants.t.default", None)}
 
 
 ASK_MANY = r"""

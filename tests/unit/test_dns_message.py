@@ -110,6 +110,18 @@ def test_an_answer_gives_its_addresses_and_least_ttl():
     )
 
 
+def test_the_addresses_last_as_long_as_the_least_lived_of_their_records():
+    q = m.parse_query(query())
+    cname = dns.rrset.from_text("myhost.test.", 30, "IN", "CNAME", "edge.cdn.test.")
+    ans = m.parse_answer(
+        upstream_answer(q, 7, cname, a("edge.cdn.test", 300, "192.0.2.1"), a("edge.cdn.test", 300, "192.0.2.2")), q, 7
+    )
+    assert (ans.addresses, ans.addresses_ttl, ans.ttl) == (("192.0.2.1", "192.0.2.2"), 300, 30)
+    huge = m.parse_answer(upstream_answer(q, 7, a("myhost.test", 10**7, "192.0.2.1")), q, 7)
+    assert huge.addresses_ttl == m.MAX_TTL
+    assert m.parse_answer(upstream_answer(q, 7, rcode=dns.rcode.NXDOMAIN), q, 7).addresses_ttl == 0
+
+
 @pytest.mark.parametrize("mangle", ["id", "question", "not a response", "junk"])
 def test_only_the_answer_to_the_query_sent_is_taken(mangle):
     q = m.parse_query(query())

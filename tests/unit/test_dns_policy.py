@@ -80,7 +80,8 @@ def test_a_bad_key_is_named_where_it_is(dns, loc, words):
 
 def test_the_summary_says_what_the_resolver_does():
     text = summarize(parse_policy('version = 1\n[tenants.t]\n[tenants.t.dns]\nnames = ["*.graft.test"]\n'), "p")
-    assert "    dns resolver 127.0.0.11:53  upstream host's resolv.conf  names *.graft.test  on_refused refused" in text
+    line = "    dns resolver 127.0.0.11:53  upstream host's resolv.conf  names *.graft.test  on_refused refused"
+    assert line + "  min_ttl 30s" in text
     off = summarize(parse_policy('version = 1\n[tenants.t]\n[tenants.t.dns]\nresolver = "off"\n'), "p")
     assert "    dns off (names are the container's)" in off
 
@@ -111,3 +112,36 @@ def test_the_programs_resolv_conf_names_only_the_resolver_and_keeps_search_and_o
         "nameserver 127.0.0.11\nsearch corp.example\noptions ndots:2 edns0\n"
     )
     assert resolv_conf_text("", "127.0.0.11") == "nameserver 127.0.0.11\n"
+
+
+def test_a_connect_rule_names_destinations_and_min_ttl_floors_their_answers():
+    from graft.policy import parse_policy as parse
+
+    p = parse(
+        "version = 1\n[tenants.t]\n[tenants.t.dns]\nmin_ttl = 5\n"
+        '[[tenants.t.connect]]\nnames = ["API.example.com.", "*.svc.example"]\nports = [443]\n'
+    )
+    assert p.tenants["t"].connect[0].names == ["api.example.com", "*.svc.example"]
+    assert (p.tenants["t"].dns.min_ttl, parse("version = 1\n[tenants.t]\n").tenants["t"].dns.min_ttl) == (5, 30)
+
+
+@pytest.mark.parametrize(
+    ("text", "loc", "words"),
+    [
+        (
+            '[tenants.t.dns]\nresolver = "off"\n[[tenants.t.connect]]\nnames = ["a.example"]\n',
+            "tenants.t.connect[0].names",
+            "never match",
+        ),
+        ("[[tenants.t.connect]]\nnames = []\n", "tenants.t.connect[0].names", "matches nothing"),
+        ('[[tenants.t.connect]]\nnames = ["bad name"]\n', "tenants.t.connect[0].names[0]", "must be a DNS name"),
+        ("[tenants.t.dns]\nmin_ttl = -1\n", "tenants.t.dns.min_ttl", ""),
+        ('[[tenants.t.bind]]\nnames = ["a.example"]\n', "tenants.t.bind[0].names", ""),
+    ],
+)
+def test_a_bad_name_rule_is_named_where_it_is(text, loc, words):
+    from graft.policy import parse_policy as parse
+
+    with pytest.raises(PolicyError) as e:
+        parse("version = 1\n[tenants.t]\n" + text)
+    assert any(i.loc == loc and words in i.msg for i in e.value.errors), e.value.errors

@@ -440,3 +440,43 @@ def test_grafts_everything_only_when_no_rule_before_the_catch_all_decides_otherw
     tcp_deny_first = '[[tenants.t.connect]]\nproto = "tcp"\naction = "deny"\n[[tenants.t.connect]]\n'
     assert m(tcp_deny_first).grafts_everything("connect", "udp")
     assert not m("").grafts_everything("connect", "udp")
+
+
+# ---- names: destinations by what the tenant's lookups returned (docs/dns.md) ----------
+
+NAMED = matcher("""
+    default = "deny"
+
+    [[tenants.web.connect]]
+    names = ["api.example.com"]
+    ports = [443]
+    proto = "tcp"
+
+    [[tenants.web.connect]]
+    names = ["*.svc.example"]
+    to = ["10.9.0.0/16"]
+    proto = "tcp"
+""")
+
+
+def test_a_name_rule_matches_only_an_address_a_lookup_of_its_name_returned():
+    assert NAMED.has_names and not WEB.has_names
+    anywhere = ip("192.0.2.7")
+    assert NAMED.decide("connect", "tcp", anywhere, 443) == Decision("deny", "tenants.web.default")
+    got = NAMED.decide("connect", "tcp", anywhere, 443, {"api.example.com": 99.5})
+    assert got == Decision("graft", "tenants.web.connect[0]", name="api.example.com", expires=99.5)
+    assert NAMED.decide("connect", "tcp", anywhere, 80, {"api.example.com": 99.5}).action == "deny"  # its ports
+    assert NAMED.decide("connect", "tcp", anywhere, 443, {"www.example.com": 99.5}).action == "deny"
+
+
+def test_a_suffix_pattern_is_a_name_under_it_and_to_beside_names_matches_either():
+    addr = ip("192.0.2.8")
+    got = NAMED.decide("connect", "tcp", addr, 8080, {"svc.example": 1.0, "db.svc.example": 5.0, "x.svc.example": 7.0})
+    assert (got.rule, got.name, got.expires) == ("tenants.web.connect[1]", "x.svc.example", 7.0)  # the longest-lived
+    by_address = NAMED.decide("connect", "tcp", ip("10.9.1.1"), 8080)
+    assert by_address == Decision("graft", "tenants.web.connect[1]")  # no name needed, none reported
+    assert NAMED.decide("connect", "tcp", addr, 8080, {"svc.example": 9.0}).action == "deny"  # not under it
+
+
+def test_names_never_match_binds():
+    assert NAMED.decide("bind", "tcp", ip("0.0.0.0"), 443, {"api.example.com": 9.0}).action == "deny"

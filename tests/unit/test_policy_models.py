@@ -466,7 +466,13 @@ def test_json_schema():
         "connect",
         "bind",
     }
-    assert set(schema["$defs"]["DnsSettings"]["properties"]) == {"resolver", "upstream", "names", "on_refused"}
+    assert set(schema["$defs"]["DnsSettings"]["properties"]) == {
+        "resolver",
+        "upstream",
+        "names",
+        "on_refused",
+        "min_ttl",
+    }
     assert "null" not in json.dumps(schema)  # TOML has no null
     json.dumps(schema)  # serialisable
 
