@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from support.dnsmasq import dnsmasq  # noqa: E402
 from support.harness import (  # noqa: E402  (the demo reuses the test harness)
     BrokerProcess,
     graft_cmd,
@@ -41,7 +42,6 @@ from support.harness import (  # noqa: E402  (the demo reuses the test harness)
     run_grafted,
     run_in_netns,
 )
-from support.dnsmasq import dnsmasq  # noqa: E402
 from support.rootfs import Runtime, build_rootfs, default_config, real_runtime, write_bundle  # noqa: E402
 
 HOST_PORT, PUBLISHED_PORT, DENIED_PORT = 8000, 8080, 8001

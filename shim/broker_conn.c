@@ -325,6 +325,18 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
     return err;
 }
 
+/* A request that names no address and carries no options: PREISSUE, RESOLVER. */
+static void bare_request(struct graft_request *req, uint16_t op, int family, int type, int protocol)
+{
+    memset(req, 0, sizeof *req);
+    req->magic = GRAFT_WIRE_MAGIC;
+    req->version = GRAFT_WIRE_VERSION;
+    req->op = op;
+    req->family = family;
+    req->type = type;
+    req->protocol = protocol;
+}
+
 int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
                     struct forkguard *g)
 {
@@ -332,13 +344,7 @@ int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *
     struct graft_reply rep;
     struct received got;
 
-    memset(&req, 0, sizeof req);
-    req.magic = GRAFT_WIRE_MAGIC;
-    req.version = GRAFT_WIRE_VERSION;
-    req.op = GRAFT_OP_PREISSUE;
-    req.family = family;
-    req.type = SOCK_STREAM;
-    req.protocol = protocol;
+    bare_request(&req, GRAFT_OP_PREISSUE, family, SOCK_STREAM, protocol);
     *nfds = 0;
     *refused = 0;
     int err = roundtrip(&req, &rep, &got, g);
@@ -359,12 +365,7 @@ int broker_announce(struct graft_reply *rep, struct forkguard *g)
     struct received got;
     struct conn c;
 
-    memset(&req, 0, sizeof req);
-    req.magic = GRAFT_WIRE_MAGIC;
-    req.version = GRAFT_WIRE_VERSION;
-    req.op = GRAFT_OP_RESOLVER;
-    req.family = AF_INET;
-    req.type = SOCK_DGRAM;
+    bare_request(&req, GRAFT_OP_RESOLVER, AF_INET, SOCK_DGRAM, 0);
     int err = open_conn(&c, g);
     if (err != 0)
         return err;

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from support.dns_server import TYPE_A, Question, dns_server
-from support.harness import eventually, graft_cmd, need_program
+from support.harness import eventually, graft_cmd, need_program, with_resolv_conf
 
 pytestmark = pytest.mark.netns
 
@@ -88,18 +88,7 @@ def run_by_name(broker, netns: str, resolv: Path, *cmd: str) -> subprocess.Compl
     The bind mount is in a mount namespace of this command's own: the
     host's file, and every other process, keep theirs.
     """
-    wrapped = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "/bin/sh",
-        "-c",
-        'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-        str(resolv),
-        *graft_cmd(broker, netns, *cmd, dns=True),
-    ]
+    wrapped = with_resolv_conf(resolv, graft_cmd(broker, netns, *cmd, dns=True))
     return subprocess.run(wrapped, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 

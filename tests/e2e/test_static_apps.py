@@ -45,6 +45,7 @@ from support.harness import (
     need_program,
     run_grafted,
     run_in_netns,
+    with_resolv_conf,
 )
 from support.programs_env import loopback_connect, publish, rules, running
 from support.rootfs import default_config, write_bundle
@@ -372,22 +373,6 @@ def resolver_address() -> str:
     keeps concurrent runs apart.
     """
     return f"127.77.{random.randint(1, 254)}.{random.randint(1, 254)}"
-
-
-def with_resolv_conf(resolv: Path, cmd: list[str]) -> list[str]:
-    """cmd in a private mount namespace, where /etc/resolv.conf is resolv; the host's is untouched."""
-    return [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "/bin/sh",
-        "-c",
-        'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-        str(resolv),
-        *cmd,
-    ]
 
 
 @pytest.fixture

@@ -474,6 +474,22 @@ def graft_cmd(broker: BrokerProcess, ns: str | None, *cmd: str, dns: bool = Fals
     return [*args, "--", *cmd]
 
 
+def with_resolv_conf(resolv: Path, cmd: list[str]) -> list[str]:
+    """cmd in a private mount namespace, where /etc/resolv.conf is resolv; the host's is untouched."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+        str(resolv),
+        *cmd,
+    ]
+
+
 def run_grafted(
     broker: BrokerProcess,
     ns: str | None,
