@@ -46,7 +46,8 @@ lint: deps $(VENV)/.lint-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# make bench [QUICK=1] [ROUNDS=N]: host, nat, pasta, slirp4netns and graft, see docs/benchmarks.md.
+# make bench [QUICK=1] [ROUNDS=N]: host, nat, pasta, slirp4netns and graft, then DNS lookups through
+# the broker's resolver; see docs/benchmarks.md.
 # Run as root. ROUNDS: more rounds narrow each ratio's confidence interval.
 # Extra Debian packages the benchmarks run, and the commands they provide.
 BENCH_APT  := wrk passt slirp4netns
@@ -69,6 +70,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed setup.py constraints.txt
 bench: bench-deps build $(VENV)/.bench-installed
 	$(VPY) bench/broker_load.py $(if $(QUICK),--quick,--profile 10)
 	$(VPY) bench/run.py $(if $(QUICK),--quick) $(if $(ROUNDS),--rounds $(ROUNDS))
+	$(VPY) bench/dns_lookup.py $(if $(QUICK),--quick)
 
 clean:
 	$(MAKE) -C shim clean

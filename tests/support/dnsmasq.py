@@ -5,6 +5,11 @@ answers a few host records on a loopback address of the test's choosing,
 port 53, reading no resolv.conf, hosts file or configuration of the host's,
 and forwarding nothing: what it does not know is NXDOMAIN. It is ready once
 it answers a query (asked here, bounded), and is stopped on exit.
+
+``wildcards`` (domain -> IPv4 address) answers every name under a domain,
+so that a bench can ask a distinct name per query (bench/dns_lookup.py:
+a resolver's cache misses each time); ``cpus`` pins it, as benches pin
+their servers.
 """
 
 from __future__ import annotations
@@ -26,8 +31,19 @@ def dnsmasq_binary() -> str | None:
 
 
 @contextmanager
-def dnsmasq(address: str, records: dict[str, str], ttl: int = 300, port: int = 53):
-    """dnsmasq answering records (name -> IPv4 address) on address:port, with ttl; yields (address, port)."""
+def dnsmasq(
+    address: str,
+    records: dict[str, str],
+    ttl: int = 300,
+    port: int = 53,
+    wildcards: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
+):
+    """dnsmasq answering records (name -> IPv4 address) on address:port, with ttl; yields (address, port).
+
+    wildcards: domain -> IPv4 address, for every name under the domain (and the domain itself).
+    cpus: the CPUs it may run on (it is single-threaded).
+    """
     binary = dnsmasq_binary()
     if binary is None:
         raise RuntimeError("needs dnsmasq (make deps installs dnsmasq-base)")
@@ -47,10 +63,18 @@ def dnsmasq(address: str, records: dict[str, str], ttl: int = 300, port: int = 5
         "--local=/#/",  # every name is local: what it does not know is NXDOMAIN
         "--log-facility=-",
         *(f"--host-record={name},{ip}" for name, ip in records.items()),
+        # more specific than --local=/#/, so these domains are answered, not NXDOMAIN
+        *(f"--address=/{domain}/{ip}" for domain, ip in (wildcards or {}).items()),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_until_answering(proc, address, port, next(iter(records)))
+        if cpus is not None:
+            try:
+                os.sched_setaffinity(proc.pid, cpus)  # kept across its exec, if it has not happened yet
+            except ProcessLookupError:  # gone already: the wait below says why
+                pass
+        probe = next(iter(records)) if records or not wildcards else f"ready.{next(iter(wildcards))}"
+        _wait_until_answering(proc, address, port, probe)
         yield address, port
     finally:
         proc.terminate()
