@@ -34,7 +34,8 @@ log = logging.getLogger("graft.broker")
 DROP_REPORT_INTERVAL = 60.0
 
 
-_DNS_FIELDS = ("name", "qtype", "answers", "upstream_ms")
+_OPTIONAL = frozenset(("reason", "name", "qtype", "answers", "upstream_ms"))  # not written when None
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps makes one per call
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +71,14 @@ class Record:
     upstream_ms: float | None = None
 
     def to_json(self, ts: str) -> bytes:
-        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields = {"ts": ts}
+        for name in self.__slots__:  # in order: the fixed fields, then those written only when set
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                fields[name] = value
         if not self.reason:
-            del fields["reason"]
-        for name in _DNS_FIELDS:
-            if fields[name] is None:
-                del fields[name]
-        return (json.dumps({"ts": ts, **fields}, separators=(",", ":")) + "\n").encode()
+            fields.pop("reason", None)
+        return (_encode(fields) + "\n").encode()
 
 
 class AuditLog:

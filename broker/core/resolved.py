@@ -42,13 +42,13 @@ class Resolved:
     def __len__(self) -> int:
         return len(self._by_addr)
 
-    def learn(self, name: str, addresses: Iterable[str], lapses: float) -> None:
+    def learn(self, name: str, addresses: Iterable[str | IPAddress], lapses: float) -> None:
         """name's lookup returned addresses, which count as name's until lapses."""
         name = name.lower().rstrip(".")
         if not name or "\\" in name:
             return
-        for text in addresses:
-            ip = plain(ipaddress.ip_address(text))
+        for address in addresses:
+            ip = plain(ipaddress.ip_address(address))
             names = self._by_addr.get(ip)
             if names is None:
                 names = self._by_addr[ip] = {}

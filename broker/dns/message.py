@@ -18,13 +18,22 @@ accepts and what it sends back:
   TTL of its answer, or a negative answer's SOA minimum, RFC 2308).
 * ``Cache``: answers by (name, type, class) until their TTL runs out; a hit
   is re-rendered with the TTLs that remain and the client's id.
+
+A stub resolver sends the same bytes again and again, but for the id. So
+``Parsed`` keeps the queries it has parsed by their bytes after the id, and
+``cached_reply`` keeps an answer's rendering per query bytes and whole
+second of age: a cache hit neither parses nor renders (dnspython's cost,
+docs/benchmarks.md), and ``with_id`` gives every reply the id of the query
+it answers. Nothing is taken from a client's bytes that dnspython has not
+read first.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.exception
 import dns.flags
@@ -40,6 +49,8 @@ MAX_TTL = 86400  # seconds an answer is cached at most, whatever its TTL says (a
 MAX_CACHED_ANSWER = 4096  # bytes: a larger answer is passed on but not kept (bounds a tenant's cache)
 MAX_UDP_ANSWER = 1232  # bytes a UDP answer may take without EDNS saying more (the DNS flag day's size)
 NEGATIVE_TTL_MAX = 900  # seconds a negative answer is cached at most, whatever its SOA says
+PARSED_MAX = 1024  # distinct queries (bytes after the id) a resolver remembers parsed
+RENDERS_MAX = 16  # renderings one cached answer keeps (spellings and sizes asked this second)
 
 
 def name_allowed(name: dns.name.Name, patterns: list[str] | None) -> bool:
@@ -50,16 +61,27 @@ def name_allowed(name: dns.name.Name, patterns: list[str] | None) -> bool:
     """
     if patterns is None:
         return True
-    for p in patterns:
-        if p == "*":
+    for exact, suffix in _compiled(tuple(patterns)):
+        if exact is None and suffix is None:
+            return True  # "*"
+        if suffix is not None and name != suffix and name.is_subdomain(suffix):
             return True
-        if p.startswith("*."):
-            suffix = dns.name.from_text(p[2:])
-            if name != suffix and name.is_subdomain(suffix):
-                return True
-        elif name == dns.name.from_text(p):
+        if exact is not None and name == exact:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(patterns: tuple[str, ...]) -> tuple[tuple[dns.name.Name | None, dns.name.Name | None], ...]:
+    """Each pattern as (the exact name, or None; the suffix, or None): read once per list of patterns."""
+    return tuple(
+        (None, None)
+        if p == "*"
+        else (None, dns.name.from_text(p[2:]))
+        if p.startswith("*.")
+        else (dns.name.from_text(p), None)
+        for p in patterns
+    )
 
 
 class BadQuery(Exception):
@@ -84,24 +106,21 @@ class Query:
     name: dns.name.Name
     rdtype: int
     rdclass: int
+    # Worked out once (a query parsed once is judged and audited many times: Parsed):
+    # What the cache keys by: the name's canonical (lower-case) wire form, which hashes and compares
+    # as bytes do (dnspython's names compare label by label, case-insensitively: far slower).
+    key: tuple = field(init=False)
+    text: str = field(init=False)  # the name without its trailing dot, for the policy and the audit log
+    type_text: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.name.canonicalize().to_wire(), self.rdtype, self.rdclass))
+        object.__setattr__(self, "text", self.name.to_text(omit_final_dot=True))
+        object.__setattr__(self, "type_text", dns.rdatatype.to_text(self.rdtype))
 
     @property
     def id(self) -> int:
         return self.message.id
-
-    @property
-    def key(self) -> tuple[dns.name.Name, int, int]:
-        """What the cache keys by: names compare case-insensitively in dnspython."""
-        return (self.name, self.rdtype, self.rdclass)
-
-    @property
-    def text(self) -> str:
-        """The name without its trailing dot, for the policy and the audit log."""
-        return self.name.to_text(omit_final_dot=True)
-
-    @property
-    def type_text(self) -> str:
-        return dns.rdatatype.to_text(self.rdtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +131,11 @@ class Answer:
     rcode: int
     ttl: int  # seconds it may be cached; 0: not at all
     addresses: tuple[str, ...]  # the A/AAAA records of the answer section
+    ips: tuple  # the same, as ipaddress objects (read once: each cache hit passes them on)
     truncated: bool
     addresses_ttl: int = 0  # seconds the least-lived of those records may be used (at most MAX_TTL)
+    # (query bytes after the id, age, size limit) -> the reply: see cached_reply
+    renders: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def parse_query(wire: bytes) -> Query:
@@ -181,13 +203,18 @@ def parse_answer(wire: bytes, query: Query, upstream_id: int) -> Answer:
         raise BadAnswer(f"malformed answer: {e}") from None
     if msg.id != upstream_id or not msg.flags & dns.flags.QR:
         raise BadAnswer("not the answer to the query sent")
-    if len(msg.question) != 1 or (msg.question[0].name, msg.question[0].rdtype, msg.question[0].rdclass) != query.key:
+    if len(msg.question) != 1 or (msg.question[0].name, msg.question[0].rdtype, msg.question[0].rdclass) != (
+        query.name,
+        query.rdtype,
+        query.rdclass,
+    ):
         raise BadAnswer("answers another question")
     rcode = msg.rcode()
     records = [rrset for rrset in msg.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)]
-    addresses = tuple(str(ipaddress.ip_address(rd.address)) for rrset in records for rd in rrset)
+    ips = tuple(ipaddress.ip_address(rd.address) for rrset in records for rd in rrset)
     addresses_ttl = min((MAX_TTL, *(rrset.ttl for rrset in records))) if records else 0
-    return Answer(msg, rcode, _cache_ttl(msg, rcode), addresses, bool(msg.flags & dns.flags.TC), addresses_ttl)
+    addresses = tuple(str(ip) for ip in ips)
+    return Answer(msg, rcode, _cache_ttl(msg, rcode), addresses, ips, bool(msg.flags & dns.flags.TC), addresses_ttl)
 
 
 def wire_of(msg: dns.message.Message) -> bytes:
@@ -231,6 +258,52 @@ def reply(query: Query, answer: Answer, age: int = 0, max_size: int = 65535) -> 
         msg.flags |= dns.flags.TC
         wire = msg.to_wire(max_size=65535)
     return wire
+
+
+def cached_reply(query_bytes: bytes, query: Query, answer: Answer, age: int, max_size: int) -> bytes:
+    """reply(), rendered once per query bytes (after the id), whole second of age and size limit.
+
+    query is what those bytes parse to (``Parsed``); the reply carries the
+    id of whichever query was parsed first: ``with_id`` puts the client's in.
+    """
+    key = (query_bytes, age, max_size)
+    wire = answer.renders.get(key)
+    if wire is None:
+        if len(answer.renders) >= RENDERS_MAX:
+            answer.renders.clear()  # a second gone by: the older ages are asked no more
+        wire = answer.renders[key] = reply(query, answer, age, max_size)
+    return wire
+
+
+def with_id(reply_wire: bytes, query_wire: bytes) -> bytes:
+    """reply_wire with the id of the query it answers (its first two bytes)."""
+    return query_wire[:2] + reply_wire[2:]
+
+
+class Parsed:
+    """Queries already parsed, by their bytes after the id; a repeat is not parsed again.
+
+    What is remembered is parse_query's judgement of those very bytes, so a
+    repeat is judged alike; a BadQuery is not remembered (it costs its
+    sender the parse each time). The least recently used go first.
+    """
+
+    def __init__(self, max_entries: int = PARSED_MAX):
+        self.max_entries = max_entries
+        self._queries: OrderedDict[bytes, Query] = OrderedDict()
+
+    def parse(self, wire: bytes) -> Query:
+        """parse_query(wire), from memory if these bytes were parsed before; its id is the first's."""
+        key = wire[2:]
+        q = self._queries.get(key)
+        if q is not None and len(wire) >= 2:
+            self._queries.move_to_end(key)
+            return q
+        q = parse_query(wire)
+        self._queries[key] = q
+        if len(self._queries) > self.max_entries:
+            self._queries.popitem(last=False)
+        return q
 
 
 def udp_limit(query: Query) -> int:

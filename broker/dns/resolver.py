@@ -51,6 +51,7 @@ QUERIES_AT_ONCE = 64  # per resolver: more wait for a slot (UDP ones are dropped
 MAX_RESOLVERS_PER_TENANT = 64  # namespaces a tenant's resolvers serve at once
 MAX_ASKERS = 256  # processes one resolver waits for (each holds a pidfd)
 TCP_IDLE_TIMEOUT = 10.0
+UDP_BURST = 64  # queued datagrams answered before the resolver yields to the broker's other tasks
 MAX_TCP_CLIENTS = 32
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of the network namespace a socket belongs to
@@ -229,7 +230,10 @@ class Resolver:
         self.done = trio.Event()
         self._askers: set[int] = set()  # pids
         self._nursery: trio.Nursery | None = None
-        self._slots = trio.CapacityLimiter(QUERIES_AT_ONCE)
+        self._slots = trio.CapacityLimiter(QUERIES_AT_ONCE)  # queries being forwarded at once
+        self._parsed = message.Parsed()
+        self._allowed: dict[bytes, bool] = {}  # query bytes after the id -> whether `names` admit it
+        self._allowed_for: list[str] | None = None  # ... the `names` that said so
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -238,14 +242,15 @@ class Resolver:
         udp = tcp = None
         stored = False
         try:
+            # UDP stays a plain non-blocking socket, which _serve_udp drives itself (one wait per burst).
             if self._adopted is not None:
-                udp, tcp = (trio.socket.from_stdlib_socket(s) for s in self._adopted)
+                udp, tcp = self._adopted[0], trio.socket.from_stdlib_socket(self._adopted[1])
             else:
                 ns = Namespace(f"/proc/self/fd/{self._ns_fd}")
-                udp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_DGRAM, 0))
+                udp = await ns.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
                 tcp = trio.socket.from_stdlib_socket(await ns.socket(socket.AF_INET, socket.SOCK_STREAM, 0))
                 where = self.address.to_python()
-                await udp.bind(where)
+                udp.bind(where)
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 await tcp.bind(where)
                 tcp.listen(MAX_TCP_CLIENTS)
@@ -323,28 +328,58 @@ class Resolver:
 
     # ---- queries -----------------------------------------------------------------------
 
-    async def _serve_udp(self, sock) -> None:
+    async def _serve_udp(self, sock: socket.socket) -> None:
+        """Answer the queries on sock: hits and refusals inline, misses in tasks of their own.
+
+        The loop drives the non-blocking socket itself, as the shim
+        front-end does its connections: one wait for readability, then
+        plain recvfrom/sendto for every datagram queued, instead of trio's
+        socket methods' scheduling points around each call (a cache hit's
+        cost is mostly those, docs/benchmarks.md). It yields after each
+        burst of ``UDP_BURST`` so a flood cannot hold the broker.
+        """
         async with trio.open_nursery() as queries:
             while True:
-                try:
-                    data, client = await sock.recvfrom(65535)
-                except OSError as e:  # an ICMP error of an earlier answer: nothing to do with the next query
-                    log.debug("tenant %s: resolver: %s", self.tenant.name, e)
-                    continue
-                token = object()
-                try:
-                    self._slots.acquire_on_behalf_of_nowait(token)
-                except trio.WouldBlock:
-                    continue  # a flood: UDP clients ask again
-                queries.start_soon(self._answer_udp, sock, data, client, token)
+                await trio.lowlevel.wait_readable(sock)
+                for _ in range(UDP_BURST):
+                    try:
+                        data, client = sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError as e:  # an ICMP error of an earlier answer: nothing to do with the next query
+                        log.debug("tenant %s: resolver: %s", self.tenant.name, e)
+                        continue
+                    self._take_udp(sock, queries, data, client)
+                await trio.lowlevel.checkpoint()
 
-    async def _answer_udp(self, sock, data: bytes, client, token) -> None:
+    def _take_udp(self, sock: socket.socket, queries: trio.Nursery, data: bytes, client) -> None:
         try:
-            out = await self._answer(data, "udp", client, udp=True)
-            if out is not None:
-                await sock.sendto(out, client)
+            out, q = self._answer_here(data, "udp", client, udp=True)
+        except Exception:  # a bug costs this query, never the resolver or the broker
+            log.exception("tenant %s: resolver: internal error answering %s", self.tenant.name, client)
+            return
+        if q is None:  # answered here (a hit, a refusal): no task, no slot
+            self._send_udp(sock, out, data, client)
+            return
+        token = object()
+        try:
+            self._slots.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            return  # a flood of misses: UDP clients ask again
+        queries.start_soon(self._forward_udp, sock, data, q, client, token)
+
+    def _send_udp(self, sock: socket.socket, out: bytes | None, data: bytes, client) -> None:
+        """Send a reply, or drop it: a full send buffer loses a datagram, as the network may (the client asks again)."""
+        if out is None:
+            return
+        try:
+            sock.sendto(message.with_id(out, data), client)
         except OSError as e:
             log.debug("tenant %s: resolver: cannot answer %s: %s", self.tenant.name, client, e)
+
+    async def _forward_udp(self, sock: socket.socket, data: bytes, q: message.Query, client, token) -> None:
+        try:
+            self._send_udp(sock, await self._answer_upstream(q, "udp", client, udp=True), data, client)
         except Exception:  # a bug costs this query, never the resolver or the broker
             log.exception("tenant %s: resolver: internal error answering %s", self.tenant.name, client)
         finally:
@@ -359,9 +394,12 @@ class Resolver:
                         data = await _read_framed(conn)
                         if data is None:
                             return
-                        out = await self._answer(data, "tcp", client, udp=False)
+                        out, q = self._answer_here(data, "tcp", client, udp=False)
+                        if q is not None:
+                            out = await self._answer_upstream(q, "tcp", client, udp=False)
                         if out is None:
                             return
+                        out = message.with_id(out, data)
                         await _send_all(conn, struct.pack("!H", len(out)) + out)
                         continue
                     return  # idle
@@ -370,29 +408,51 @@ class Resolver:
             except Exception:  # a bug costs this connection, never the resolver or the broker
                 log.exception("tenant %s: resolver: internal error on a TCP connection", self.tenant.name)
 
-    async def _answer(self, data: bytes, proto: str, client, *, udp: bool) -> bytes | None:
-        """The answer to one query (None: nothing to send), audited."""
+    def _answer_here(self, data: bytes, proto: str, client, *, udp: bool) -> tuple[bytes | None, message.Query | None]:
+        """What can be answered without an upstream, audited: (reply or None to send nothing, None);
+        or (None, the query) to be forwarded (``_answer_upstream``).
+
+        Replies carry the id of the query first parsed from these bytes
+        (message.Parsed): the caller gives them the client's (message.with_id).
+        """
         dns_policy = self.tenant.config.dns
         try:
-            q = message.parse_query(data)
+            q = self._parsed.parse(data)
         except message.BadQuery as e:
             self._audit(proto, client, None, "error", None, errno.EBADMSG, reason=e.reason)
-            return message.error_reply(e)
+            return message.error_reply(e), None
         if self.tenant.bucket is not None and not self.tenant.bucket.take(time.monotonic()):
             # max_rate, as for the tenant's requests: a flood of lookups costs this tenant, never another
             self._audit(proto, client, q, "deny", tenant_loc(self.tenant.name, "max_rate"), errno.EAGAIN, answers=[])
-            return message.refusal(q, dns.rcode.REFUSED)
-        if not message.name_allowed(q.name, dns_policy.names):
+            return message.refusal(q, dns.rcode.REFUSED), None
+        if not self._name_allowed(data, q, dns_policy.names):
             rcode = dns.rcode.NXDOMAIN if dns_policy.on_refused == "nxdomain" else dns.rcode.REFUSED
             self._audit(proto, client, q, "deny", f"tenants.{self.tenant.name}.dns.names", 0, answers=[])
-            return message.refusal(q, rcode)
-        limit = message.udp_limit(q) if udp else 65535
+            return message.refusal(q, rcode), None
         hit = self.cache.get(q, time.monotonic())
-        if hit is not None:
-            answer, age = hit
-            self._learn(q, answer, age)
-            self._audit(proto, client, q, "graft", None, 0, answers=list(answer.addresses), upstream_ms=0.0)
-            return message.reply(q, answer, age, max_size=limit)
+        if hit is None:
+            return None, q
+        answer, age = hit
+        self._learn(q, answer, age)
+        self._audit(proto, client, q, "graft", None, 0, answers=list(answer.addresses), upstream_ms=0.0)
+        limit = message.udp_limit(q) if udp else 65535
+        return message.cached_reply(data[2:], q, answer, age, limit), None
+
+    def _name_allowed(self, data: bytes, q: message.Query, names: list[str] | None) -> bool:
+        """message.name_allowed, remembered per query bytes for the policy's `names` in force (a reload: anew)."""
+        if names is not self._allowed_for:
+            self._allowed, self._allowed_for = {}, names
+        key = data[2:]
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            if len(self._allowed) >= message.PARSED_MAX:
+                self._allowed.clear()
+            allowed = self._allowed[key] = message.name_allowed(q.name, names)
+        return allowed
+
+    async def _answer_upstream(self, q: message.Query, proto: str, client, *, udp: bool) -> bytes:
+        """The upstream's answer to q (or SERVFAIL), cached and audited."""
+        limit = message.udp_limit(q) if udp else 65535
         got = await self._forward(q)
         if isinstance(got, str):
             self._audit(proto, client, q, "error", None, errno.ETIMEDOUT, reason=got)
@@ -414,10 +474,14 @@ class Resolver:
         return message.reply(q, answer, 0, max_size=limit)
 
     def _learn(self, q: message.Query, answer: message.Answer, age: int) -> None:
-        """The addresses answered count as q's name for the tenant's rules' `names`, while their TTL lasts."""
-        if answer.addresses:
+        """The addresses answered count as q's name for the tenant's rules' `names`, while their TTL lasts.
+
+        Only for a tenant with such rules: a reload that gives it its first
+        one counts the lookups made from then on.
+        """
+        if answer.ips and self.tenant.matcher.has_names:
             lasts = max(answer.addresses_ttl - age, self.tenant.config.dns.min_ttl)
-            self.tenant.resolved.learn(q.text, answer.addresses, time.monotonic() + lasts)
+            self.tenant.resolved.learn(q.text, answer.ips, time.monotonic() + lasts)
 
     async def _forward(self, q: message.Query) -> tuple[message.Answer, tuple[str, int], float] | str:
         """Ask the upstreams in turn: (answer, upstream, milliseconds), or why none answered."""

@@ -241,3 +241,30 @@ def test_checking_disabled_is_never_forwarded():
     cd.flags |= dns.flags.CD
     fwd = dns.message.from_wire(m.forwarded(m.parse_query(cd.to_wire()), 9))
     assert not fwd.flags & dns.flags.CD and fwd.flags & dns.flags.RD
+
+
+def test_a_repeated_query_is_parsed_once_and_its_reply_rendered_once_per_second_of_age():
+    parsed = m.Parsed(max_entries=2)
+    first, again = query(), b"\x99\x99" + query()[2:]  # the same bytes but for the id
+    q = parsed.parse(first)
+    assert parsed.parse(again) is q  # remembered: the bytes after the id are the same
+    ans = m.parse_answer(upstream_answer(q, 7, a("myhost.test", 300, "127.0.0.1")), q, 7)
+    wire = m.cached_reply(again[2:], q, ans, 40, 512)
+    assert m.cached_reply(again[2:], q, ans, 40, 512) is wire  # rendered once for that second
+    assert wire == m.reply(q, ans, 40, max_size=512)
+    out = dns.message.from_wire(m.with_id(wire, again))
+    assert (out.id, out.answer[0].ttl) == (0x9999, 260)  # the client's id, the TTL that remains
+    assert dns.message.from_wire(m.cached_reply(again[2:], q, ans, 41, 512)).answer[0].ttl == 259
+    with pytest.raises(m.BadQuery):
+        parsed.parse(b"\x00\x01junk")
+    parsed.parse(query("b.test"))
+    parsed.parse(query("c.test"))
+    assert parsed.parse(first) is not q  # evicted (least recently used): parsed afresh
+
+
+def test_renderings_of_one_answer_are_bounded():
+    q = m.parse_query(query())
+    ans = m.parse_answer(upstream_answer(q, 7, a("myhost.test", 300, "127.0.0.1")), q, 7)
+    for age in range(m.RENDERS_MAX * 3):
+        m.cached_reply(query()[2:], q, ans, age, 512)
+    assert len(ans.renders) <= m.RENDERS_MAX
