@@ -17,6 +17,7 @@ import pytest
 from support.harness import BrokerProcess, need_root_and_netns, network_namespace
 from support.runtime_env import rootfs, rt, site  # noqa: F401  (fixtures)
 from support.seccomp_env import seccomp_broker  # noqa: F401  (a fixture)
+from support.static_binaries import go_fetch  # noqa: F401  (a fixture)
 
 KINDS = ("unit", "broker", "e2e", "reliability")
 TESTS = Path(__file__).resolve().parent

@@ -27,10 +27,10 @@ from support.harness import (
     BrokerProcess,
     eventually,
     graft_cmd,
-    http_server,
     need_program,
     run_grafted,
 )
+from support.runtime_env import PAGE  # the page of the shared `site` fixture
 from support.seccomp_env import seccomp_records, seccomp_run
 
 pytestmark = pytest.mark.netns
@@ -63,14 +63,6 @@ def resolvers(broker) -> int:
     return read_status(broker.socket_dir)["tenants"]["t"]["resolvers"]
 
 
-@pytest.fixture
-def site(short_tmp):
-    (short_tmp / "www").mkdir()
-    (short_tmp / "www" / "index.html").write_text("grafted by name\n")
-    with http_server(short_tmp / "www") as port:
-        yield port
-
-
 def test_curl_reaches_a_host_server_by_name_from_a_bare_namespace(netns, start_broker, site):
     curl = need_program("curl")
     with open("/etc/resolv.conf") as f:
@@ -80,7 +72,7 @@ def test_curl_reaches_a_host_server_by_name_from_a_bare_namespace(netns, start_b
         r = run_grafted(
             broker, netns, curl, "-sS", "-o", "-", "-w", " %{http_code}", f"http://myhost.graft.test:{site}/", dns=True
         )
-        assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+        assert r.returncode == 0 and r.stdout == PAGE + " 200", (r.stdout, r.stderr)
         assert (Question("myhost.graft.test", TYPE_A),) == tuple({q for q, _ in asked if q.qtype == TYPE_A})
         # A second program asks again: answered from the tenant's cache while the TTL lasts.
         py = run_grafted(
@@ -126,7 +118,7 @@ proto = "tcp"
             nameserver=address,
         )
         r = run_grafted(broker, netns, curl, "-sS", "-w", " %{http_code}", f"http://myhost.test:{site}/", dns=True)
-    assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+    assert r.returncode == 0 and r.stdout == PAGE + " 200", (r.stdout, r.stderr)
     looked_up = [x for x in dns_records(broker) if x["qtype"] == "A"]
     assert [(x["name"], x["answers"], x["action"], x["host_addr"]) for x in looked_up] == [
         ("myhost.test", ["127.0.0.1"], "graft", f"{address}:53")
@@ -163,7 +155,7 @@ def test_a_program_launched_by_hand_with_the_shim_finds_the_resolver_at_its_firs
             timeout=60,
             stdin=subprocess.DEVNULL,
         )
-        assert r.returncode == 0 and r.stdout == "grafted by name\n 200", (r.stdout, r.stderr)
+        assert r.returncode == 0 and r.stdout == PAGE + " 200", (r.stdout, r.stderr)
         assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
     assert [x["name"] for x in dns_records(broker) if x["qtype"] == "A"] == ["myhost.graft.test"]
     assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # it went with the program

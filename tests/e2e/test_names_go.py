@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import errno
 import json
-from pathlib import Path
 
 import pytest
 
 from support.dns_server import TYPE_A, TYPE_AAAA, Question, dns_server
-from support.harness import http_server, need_program, run_grafted
+from support.harness import run_grafted
+from support.runtime_env import PAGE  # the page of the shared `site` fixture
 from support.seccomp_env import seccomp_records, seccomp_run
-from support.static_binaries import GO_NAME_COMMANDS, build_go, interpreter
 
 pytestmark = pytest.mark.netns
 
 NAME = "myhost.graft.test"
 RECORDS = {NAME: "127.0.0.1"}
-PAGE = "fetched by name, from Go\n"
 
 
 def policy(http_port: int, dns_port: int, seccomp: bool = False) -> str:
@@ -60,26 +58,6 @@ proto = "tcp"
         text = text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n')
         text = text.replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
     return text
-
-
-@pytest.fixture(scope="session")
-def fetch(request, tmp_path_factory) -> str:
-    """tests/support/programs/go/fetch, built with CGO_ENABLED=0 and checked static."""
-    need_program("go")
-    cache_provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    cache = cache_provider.mkdir("graft-go") if cache_provider else tmp_path_factory.mktemp("go-cache")
-    path = build_go(tmp_path_factory.mktemp("go-bin"), cache, GO_NAME_COMMANDS)["fetch"]
-    # The property these tests rest on: no ELF interpreter, so no libc resolver and no LD_PRELOAD.
-    assert interpreter(path) is None, f"fetch is not static: it asks for {interpreter(path)}"
-    return str(path)
-
-
-@pytest.fixture
-def site(tmp_path: Path):
-    """An HTTP server on the host's 127.0.0.1 only: from a bare namespace, reachable only when grafted."""
-    (tmp_path / "index.html").write_text(PAGE)
-    with http_server(tmp_path) as port:
-        yield port
 
 
 def check_lookups(broker, asked: list) -> None:
@@ -106,12 +84,12 @@ def check_lookups(broker, asked: list) -> None:
     assert all(r["name"].startswith(NAME + ".") and r["action"] == "deny" for r in others), others
 
 
-def test_seccomp_mode_go_fetches_a_host_only_page_by_name(netns, seccomp_broker, fetch, site):
+def test_seccomp_mode_go_fetches_a_host_only_page_by_name(netns, seccomp_broker, go_fetch, site):
     """Resolved by Go through the broker's resolver, then its connect grafted: the page of a host-only server."""
     url = f"http://{NAME}:{site}/"
     with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
         broker = seccomp_broker(policy(site, dns_port, seccomp=True))
-        r = seccomp_run(broker, netns, fetch, url, dns=True)
+        r = seccomp_run(broker, netns, go_fetch, url, dns=True)
         assert r.returncode == 0, (r.stdout, r.stderr)
         out = json.loads(r.stdout)
         assert out == {
@@ -136,7 +114,7 @@ def test_seccomp_mode_go_fetches_a_host_only_page_by_name(netns, seccomp_broker,
     ], grafted
 
 
-def test_preload_mode_go_resolves_by_name_but_its_connect_is_not_grafted(netns, start_broker, fetch, site):
+def test_preload_mode_go_resolves_by_name_but_its_connect_is_not_grafted(netns, start_broker, go_fetch, site):
     """The limit of preload mode for a static program: names work, the connect does not.
 
     The broker's resolver answers Go's own queries in the namespace (no
@@ -151,7 +129,7 @@ def test_preload_mode_go_resolves_by_name_but_its_connect_is_not_grafted(netns, 
     url = f"http://{NAME}:{site}/"
     with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
         broker = start_broker(policy(site, dns_port))
-        r = run_grafted(broker, netns, fetch, url, dns=True)
+        r = run_grafted(broker, netns, go_fetch, url, dns=True)
         assert r.returncode == 1, (r.stdout, r.stderr)
         out = json.loads(r.stdout)
         assert (out["dns"], out["dialed"], out["errno"]) == (["127.0.0.1"], [f"127.0.0.1:{site}"], errno.ECONNREFUSED)

@@ -15,6 +15,10 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from .harness import need_program
+
 GO_SOURCES = Path(__file__).resolve().parent / "programs" / "go"
 GO_COMMANDS = ("client", "server")
 # fetch: an HTTP GET by name with Go's own resolver (e2e/test_names_go.py), built only by the tests that run it.
@@ -78,3 +82,15 @@ def build_go(out: Path, cache: Path, commands: tuple[str, ...] = GO_COMMANDS) ->
     if r.returncode != 0:
         raise RuntimeError(f"go build failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     return {c: out / c for c in commands}
+
+
+@pytest.fixture(scope="session")
+def go_fetch(request, tmp_path_factory) -> str:
+    """programs/go/fetch (a GET by name with Go's own resolver), built with CGO_ENABLED=0 and checked static."""
+    need_program("go")
+    cache_provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = cache_provider.mkdir("graft-go") if cache_provider else tmp_path_factory.mktemp("go-cache")
+    path = build_go(tmp_path_factory.mktemp("go-bin"), cache, GO_NAME_COMMANDS)["fetch"]
+    # What its tests rest on: no ELF interpreter, so no libc resolver and no LD_PRELOAD.
+    assert interpreter(path) is None, f"fetch is not static: it asks for {interpreter(path)}"
+    return str(path)
