@@ -337,26 +337,98 @@ static void bare_request(struct graft_request *req, uint16_t op, int family, int
     req->protocol = protocol;
 }
 
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
+static void preissue_request(struct graft_request *req, int family, int protocol, int want)
+{
+    bare_request(req, GRAFT_OP_PREISSUE, family, SOCK_STREAM, protocol);
+    req->flags = (uint32_t)want << GRAFT_PREISSUE_WANT_SHIFT & GRAFT_PREISSUE_WANT_MASK;
+}
+
+/* A PREISSUE's reply, received: the sockets, or *refused the errno of a DENY or ERROR verdict. */
+static int preissue_outcome(const struct graft_reply *rep, const struct received *got, int fds[GRAFT_PREISSUE_MAX],
+                            int *nfds, int *refused)
+{
+    if (rep->verdict != GRAFT_V_GRAFT) {
+        *refused = rep->error; /* DENY or ERROR: >= 1, checked */
+        return 0;
+    }
+    memcpy(fds, got->fds, sizeof fds[0] * (size_t)got->nfds);
+    *nfds = got->nfds;
+    return 0;
+}
+
+int broker_preissue(int family, int protocol, int want, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
                     struct forkguard *g)
 {
     struct graft_request req;
     struct graft_reply rep;
     struct received got;
 
-    bare_request(&req, GRAFT_OP_PREISSUE, family, SOCK_STREAM, protocol);
+    preissue_request(&req, family, protocol, want);
     *nfds = 0;
     *refused = 0;
     int err = roundtrip(&req, &rep, &got, g);
+    return err != 0 ? err : preissue_outcome(&rep, &got, fds, nfds, refused);
+}
+
+int broker_preissue_send(int family, int protocol, int want, struct broker_pending *pending, struct forkguard *g)
+{
+    struct graft_request req;
+    struct conn c;
+
+    preissue_request(&req, family, protocol, want);
+    int err = open_conn(&c, g);
     if (err != 0)
         return err;
-    if (rep.verdict != GRAFT_V_GRAFT) {
-        *refused = rep.error; /* DENY or ERROR: >= 1, checked */
-        return 0;
+    if (c.slot < 0) { /* unpooled (a full pool): a fork child could not close it while the reply is awaited */
+        put_back(&c, false);
+        return EAGAIN;
     }
-    memcpy(fds, got.fds, sizeof fds[0] * (size_t)got.nfds);
-    *nfds = got.nfds;
+    wait_begin(&c, g);
+    err = send_request(c.fd, &req);
+    wait_end(&c, g);
+    if (err != 0) {
+        put_back(&c, false);
+        return err;
+    }
+    pending->fd = c.fd; /* lent from the pool meanwhile: a fork child closes it */
+    pending->slot = c.slot;
     return 0;
+}
+
+int broker_preissue_collect(const struct broker_pending *pending, bool wait, int fds[GRAFT_PREISSUE_MAX], int *nfds,
+                            int *refused, struct forkguard *g)
+{
+    struct conn c = {.fd = pending->fd, .slot = pending->slot};
+    struct pollfd p = {.fd = c.fd, .events = POLLIN};
+    *nfds = 0;
+    *refused = 0;
+    int err = 0;
+    if (!wait) {
+        int n;
+        do
+            n = poll(&p, 1, 0);
+        while (n < 0 && errno == EINTR);
+        if (n == 0)
+            return EAGAIN; /* still on its way: the request stays pending */
+        if (n < 0)
+            err = errno;
+    } else {
+        wait_begin(&c, g);
+        err = await_reply(c.fd);
+        wait_end(&c, g);
+    }
+    struct graft_reply rep;
+    struct received got = {.nfds = 0};
+    if (err == 0)
+        err = receive_reply(c.fd, GRAFT_OP_PREISSUE, &rep, &got);
+    put_back(&c, false); /* one request per connection: it has done its work */
+    return err != 0 ? err : preissue_outcome(&rep, &got, fds, nfds, refused);
+}
+
+void broker_pending_drop(const struct broker_pending *pending)
+{
+    struct conn c = {.fd = pending->fd, .slot = pending->slot};
+    put_back(&c, false);
 }
 
 int broker_announce(struct graft_reply *rep, struct forkguard *g)

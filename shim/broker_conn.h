@@ -9,6 +9,8 @@
 #ifndef GRAFT_BROKER_CONN_H
 #define GRAFT_BROKER_CONN_H
 
+#include <stdbool.h>
+
 #include "forkguard.h"
 #include "graft_wire.h"
 
@@ -39,16 +41,37 @@ int broker_roundtrip(const struct graft_request *req, struct graft_reply *rep, i
                      struct forkguard *g);
 
 /*
- * Asks for pre-issued TCP sockets of family (graft_wire.h: PREISSUE), a
- * round trip like broker_roundtrip. Returns why the broker is unreachable,
- * or 0 when it answered: then either 1..GRAFT_PREISSUE_MAX unconnected,
+ * Asks for want (1..GRAFT_PREISSUE_MAX) pre-issued TCP sockets of family
+ * (graft_wire.h: PREISSUE), a round trip like broker_roundtrip. Returns why
+ * the broker is unreachable, or 0 when it answered: then either 1..want unconnected,
  * non-blocking, O_CLOEXEC host sockets are in fds[0..*nfds), which the
  * caller owns, or *refused holds the errno of a DENY or ERROR verdict
  * (EOPNOTSUPP from a broker without PREISSUE or without confinement).
  * The fork guard g is held and released as by broker_roundtrip.
  */
-int broker_preissue(int family, int protocol, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
+int broker_preissue(int family, int protocol, int want, int fds[GRAFT_PREISSUE_MAX], int *nfds, int *refused,
                     struct forkguard *g);
+
+/*
+ * The same request, in two halves, so that no thread waits for it while
+ * sockets are left (preissue.c asks ahead of an empty pool). _send opens a
+ * connection of its own, sends the request (want: 1..GRAFT_PREISSUE_MAX)
+ * and records the connection in *pending; it stays lent from the
+ * connection pool, so a fork child closes it. 0, or why not (EAGAIN: the
+ * pool is full). _collect takes the reply: without wait, EAGAIN if it has
+ * not come yet (the request stays pending); otherwise, and after any other
+ * outcome, the connection is closed, and the result is broker_preissue's.
+ * _drop gives a pending request up. The fork guard is held by the caller,
+ * and released only while _collect waits.
+ */
+struct broker_pending {
+    int fd;
+    int slot;
+};
+int broker_preissue_send(int family, int protocol, int want, struct broker_pending *pending, struct forkguard *g);
+int broker_preissue_collect(const struct broker_pending *pending, bool wait, int fds[GRAFT_PREISSUE_MAX], int *nfds,
+                            int *refused, struct forkguard *g);
+void broker_pending_drop(const struct broker_pending *pending);
 
 /*
  * Asks the broker to serve the tenant's resolver in this process's network

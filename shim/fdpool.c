@@ -158,3 +158,13 @@ void fdpool_flush(struct fdpool *p)
         }
     }
 }
+
+int fdpool_count(struct fdpool *p)
+{
+    if (!fdpool_owned(p))
+        return 0;
+    int n = 0;
+    for (int i = 0; i < FDPOOL_SLOTS; i++)
+        n += atomic_load_explicit(&p->slot[i].v, memory_order_relaxed) != 0;
+    return n;
+}

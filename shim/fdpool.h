@@ -73,4 +73,7 @@ int fdpool_pop(struct fdpool *p);
 /* Closes every idle fd. Lent ones are left to their borrowers. */
 void fdpool_flush(struct fdpool *p);
 
+/* How many fds the pool holds, idle or lent (a moment's count: others may change it at once). */
+int fdpool_count(struct fdpool *p);
+
 #endif /* GRAFT_FDPOOL_H */

@@ -16,8 +16,10 @@
  * struct sockaddr_in / sockaddr_in6 bytes the application passed.
  *
  * PREISSUE (the connect fast path, docs/architecture.md): the request names
- * family, type (SOCK_STREAM) and protocol only, with addr_len 0 and no
- * options. A GRAFT reply carries 1..GRAFT_PREISSUE_MAX unconnected host
+ * family, type (SOCK_STREAM) and protocol, with addr_len 0 and no options;
+ * its flags may say how many sockets are wanted (GRAFT_PREISSUE_WANT: 1..
+ * GRAFT_PREISSUE_MAX, 0 for as many as the broker gives). A GRAFT reply
+ * carries 1..GRAFT_PREISSUE_MAX (at most as many as wanted) unconnected host
  * sockets, each locked by the kernel so that its first connect() succeeds
  * only to a destination the broker has already granted this tenant (a GRAFT
  * reply to a TCP connect); anywhere else it fails with EPERM. Any other
@@ -68,6 +70,9 @@
 
 /* Request flags. */
 #define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */
+/* PREISSUE: the sockets wanted, (flags & GRAFT_PREISSUE_WANT_MASK) >> GRAFT_PREISSUE_WANT_SHIFT. */
+#define GRAFT_PREISSUE_WANT_SHIFT 8
+#define GRAFT_PREISSUE_WANT_MASK 0xff00
 
 /* Reply verdicts. */
 #define GRAFT_V_GRAFT     1   /* fd attached; error = errno of the broker's connect/bind (0 or EINPROGRESS) */

@@ -2,13 +2,15 @@
  * preissue.c: the pools of pre-issued sockets and their refill (see
  * preissue.h).
  *
- * A refill keeps one socket for its caller and pools the rest. The failure
+ * A blocking refill keeps one socket for its caller and pools the rest; a
+ * request sent ahead pools all it brings. The failure
  * count and the hold-off deadline (monotonic clock) are per family, as a
  * host without IPv6 refuses only AF_INET6, and are read and written
  * without a lock: threads racing on them at worst ask the broker once more.
  */
 #include "preissue.h"
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -38,12 +40,52 @@ _Static_assert(FDPOOL_SLOTS >= GRAFT_PREISSUE_MAX - 1, "a full refill fits an em
  */
 #define REFILL_STALE_NS (2 * (BROKER_TIMEOUT_SEC + 1) * 1000000000LL)
 
+/*
+ * A family's refill is one atomic word, the pid of the process it belongs
+ * to and a state (so that in a fork child, where its threads and its
+ * connection do not exist, it reads as IDLE):
+ *
+ *   IDLE        no refill;
+ *   ASKING      a thread sends a request (ahead of need, or a blocking
+ *               refill of an empty pool);
+ *   PENDING     a request sent ahead is on its way, its connection in
+ *               `pending` (lent from the connection pool: a fork child
+ *               closes it); any thread may collect its reply;
+ *   COLLECTING  a thread takes that reply (without waiting, or waiting for
+ *               it when the pool has run dry).
+ *
+ * Every change is one compare-and-swap (``move``); `pending` is written
+ * and read only by the thread whose move put the word in ASKING or
+ * COLLECTING. A thread stuck in ASKING or COLLECTING (it left by
+ * siglongjmp from a signal handler) is taken for gone after
+ * REFILL_STALE_NS, and its connection, if any, stays lent until exit.
+ */
+enum refill_state { IDLE, ASKING, PENDING, COLLECTING };
+
+/*
+ * How many sockets a refill asks for adapts to how fast the process uses
+ * them: doubled when the last batch lasted under FAST_NS, halved when it
+ * lasted over SLOW_NS, between MIN_WANT and the pool's size. A request goes
+ * out ahead of need when the pool is down to half of it. A process that
+ * connects once a second holds a few sockets; one that connects thousands
+ * of times a second asks for full batches, well before it runs out.
+ */
+#define START_WANT 4
+#define MIN_WANT 2
+#define MAX_WANT GRAFT_PREISSUE_MAX
+#define FAST_NS 250000000LL   /* 250 ms */
+#define SLOW_NS 2000000000LL  /* 2 s */
+_Static_assert(MAX_WANT <= FDPOOL_SLOTS, "a full batch fits an empty pool");
+
 struct family_pool {
     int family;
     const char *name; /* for messages */
     struct fdpool fds;
-    _Atomic pid_t refiller;       /* the process refilling, 0 for none */
-    _Atomic int64_t refill_since; /* monotonic ns, when it began */
+    _Atomic uint64_t refill;      /* pid << 32 | enum refill_state */
+    _Atomic int64_t refill_since; /* monotonic ns, when ASKING or COLLECTING began */
+    struct broker_pending pending;
+    atomic_int want;              /* sockets one refill asks for */
+    _Atomic int64_t last_batch;   /* monotonic ns, when the last batch came */
     atomic_uint failures;         /* since a pre-issued socket of the family last connected */
     _Atomic int64_t refill_after; /* monotonic ns */
 };
@@ -52,8 +94,8 @@ struct family_pool {
 static atomic_uint generation;
 
 /* Indexed by family == AF_INET6. */
-static struct family_pool pools[] = {[0] = {.family = AF_INET, .name = "tcp"},
-                                     [1] = {.family = AF_INET6, .name = "tcp6"}};
+static struct family_pool pools[] = {[0] = {.family = AF_INET, .name = "tcp", .want = START_WANT},
+                                     [1] = {.family = AF_INET6, .name = "tcp6", .want = START_WANT}};
 
 #define N_POOLS (sizeof pools / sizeof pools[0])
 
@@ -85,44 +127,108 @@ static void hold_off(struct family_pool *p, unsigned int repeats, const char *wh
               (long long)(delay / 1000000000LL));
 }
 
-/*
- * One refill per family at a time: a thread that finds the pool empty while
- * another refills takes the slow path, one round trip like a refill of its
- * own, rather than fetching a batch that would mostly not fit the pool.
- * The refiller is recorded by pid, so that in a fork child, where the
- * refilling thread does not exist, the mark is stale and ignored.
- */
-static bool begin_refill(struct family_pool *p, int64_t now)
+static uint64_t word(pid_t pid, enum refill_state state)
 {
-    pid_t me = getpid();
-    pid_t current = atomic_load(&p->refiller);
-    if (current == me && now - atomic_load(&p->refill_since) < REFILL_STALE_NS)
+    return (uint64_t)(uint32_t)pid << 32 | state;
+}
+
+/*
+ * Moves p's refill from `from` to `to` for this process; whether it did.
+ * From IDLE, a word of another process (a fork parent's) or of a thread
+ * stuck past REFILL_STALE_NS counts as IDLE too.
+ */
+static bool move(struct family_pool *p, pid_t me, enum refill_state from, enum refill_state to)
+{
+    uint64_t w = atomic_load(&p->refill);
+    if (from == IDLE) {
+        enum refill_state state = (enum refill_state)(w & 0xffffffffu);
+        bool busy = (pid_t)(w >> 32) == me && state != IDLE;
+        if (busy && (state == PENDING || monotonic_ns() - atomic_load(&p->refill_since) < REFILL_STALE_NS))
+            return false;
+    } else if (w != word(me, from)) {
         return false;
-    if (!atomic_compare_exchange_strong(&p->refiller, &current, me))
+    }
+    if (!atomic_compare_exchange_strong(&p->refill, &w, word(me, to)))
         return false;
-    atomic_store(&p->refill_since, now);
+    if (to == ASKING || to == COLLECTING)
+        atomic_store(&p->refill_since, monotonic_ns());
     return true;
 }
 
-/* A socket for the caller, the rest pooled; -1, and *unreachable set if the broker cannot be reached. */
-static int refill(struct family_pool *p, int protocol, int *unreachable, struct forkguard *g)
+static void set(struct family_pool *p, pid_t me, enum refill_state to)
 {
-    int64_t now = monotonic_ns();
-    if (now < atomic_load(&p->refill_after) || !begin_refill(p, now))
-        return -1;
-    int fds[GRAFT_PREISSUE_MAX], nfds, refused;
-    int err = broker_preissue(p->family, protocol, fds, &nfds, &refused, g);
-    atomic_store(&p->refiller, 0);
+    atomic_store(&p->refill, word(me, to)); /* only the thread that holds ASKING or COLLECTING calls it */
+}
+
+/* A batch came: want follows how long the last one lasted. */
+static void adapt(struct family_pool *p)
+{
+    int64_t now = monotonic_ns(), lasted = now - atomic_exchange(&p->last_batch, now);
+    int want = atomic_load(&p->want);
+    if (lasted < FAST_NS && want < MAX_WANT)
+        atomic_store(&p->want, want * 2 > MAX_WANT ? MAX_WANT : want * 2);
+    else if (lasted > SLOW_NS && want > MIN_WANT)
+        atomic_store(&p->want, want / 2 < MIN_WANT ? MIN_WANT : want / 2);
+}
+
+/* Sockets that came (all pooled; keep: one for the caller, returned) or a refusal; the other outcomes. */
+static int settle_batch(struct family_pool *p, int err, int refused, int *fds, int nfds, bool keep, int *unreachable)
+{
     if (err != 0 || refused != 0) {
         hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err != 0 ? err : refused));
-        *unreachable = err;
+        if (unreachable != NULL)
+            *unreachable = err;
         return -1;
     }
-    for (int i = 1; i < nfds; i++)
+    adapt(p);
+    for (int i = keep ? 1 : 0; i < nfds; i++)
         if (!fdpool_add(&p->fds, fds[i]))
             graft_real.close(fds[i]);
     log_debug("preissue %s: %d sockets", p->name, nfds);
-    return fds[0];
+    return keep ? fds[0] : -1;
+}
+
+/* The pool is getting low: a request goes out now, its reply is collected by a later take. */
+static void ask_ahead(struct family_pool *p, pid_t me, int protocol, struct forkguard *g)
+{
+    int want = atomic_load(&p->want), have = fdpool_count(&p->fds);
+    if (have == 0 || have > want / 2 || monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
+        return;
+    int err = broker_preissue_send(p->family, protocol, want - have, &p->pending, g);
+    if (err != 0) {
+        set(p, me, IDLE);
+        if (err != EAGAIN) /* EAGAIN: no room to keep the request, not a broker's failure */
+            hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err));
+        return;
+    }
+    set(p, me, PENDING);
+}
+
+/* The reply to a request sent ahead, into the pool; with wait, waited for. Whether one was collected. */
+static bool collect(struct family_pool *p, pid_t me, bool wait, int *unreachable, struct forkguard *g)
+{
+    if (!move(p, me, PENDING, COLLECTING))
+        return false;
+    int fds[GRAFT_PREISSUE_MAX], nfds, refused;
+    int err = broker_preissue_collect(&p->pending, wait, fds, &nfds, &refused, g);
+    if (err == EAGAIN && !wait) {
+        set(p, me, PENDING); /* not yet */
+        return false;
+    }
+    set(p, me, IDLE);
+    settle_batch(p, err, refused, fds, nfds, false, unreachable);
+    return true;
+}
+
+/* The pool is empty and nothing is on its way: one round trip, a socket for the caller, the rest pooled. */
+static int refill(struct family_pool *p, pid_t me, int protocol, int *unreachable, struct forkguard *g)
+{
+    if (monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
+        return -1;
+    int fds[GRAFT_PREISSUE_MAX], nfds, refused;
+    int err = broker_preissue(p->family, protocol, atomic_load(&p->want), fds, &nfds, &refused, g);
+    set(p, me, IDLE);
+    return settle_batch(p, err, refused, fds, nfds, true, unreachable);
 }
 
 struct preissued preissue_take(int family, int protocol, struct forkguard *g)
@@ -131,9 +237,18 @@ struct preissued preissue_take(int family, int protocol, struct forkguard *g)
     struct preissued out = {.fd = -1, .gen = atomic_load(&generation), .unreachable = 0};
     if (!fdpool_owned(&p->fds))
         return out;
+    pid_t me = getpid();
+    collect(p, me, false, NULL, g); /* a reply that has come: pooled before anything is taken */
+    /* Before the take: sending releases the fork guard, and a socket in hand then would reach a fork child. */
+    ask_ahead(p, me, protocol, g);
     out.fd = fdpool_pop(&p->fds);
-    if (out.fd < 0)
-        out.fd = refill(p, protocol, &out.unreachable, g);
+    if (out.fd >= 0)
+        return out;
+    /* Dry: the reply on its way is the soonest socket; without one, a round trip of our own. */
+    if (collect(p, me, true, &out.unreachable, g))
+        out.fd = fdpool_pop(&p->fds);
+    else if (out.unreachable == 0)
+        out.fd = refill(p, me, protocol, &out.unreachable, g);
     return out;
 }
 
@@ -148,8 +263,14 @@ void preissue_refused(int family, unsigned int gen)
 {
     if (!atomic_compare_exchange_strong(&generation, &gen, gen + 1))
         return;
-    for (size_t i = 0; i < N_POOLS; i++)
+    pid_t me = getpid();
+    for (size_t i = 0; i < N_POOLS; i++) {
         fdpool_flush(&pools[i].fds);
+        if (move(&pools[i], me, PENDING, COLLECTING)) { /* its sockets would be as suspect as the pool's */
+            broker_pending_drop(&pools[i].pending);
+            set(&pools[i], me, IDLE);
+        }
+    }
     struct family_pool *p = pool_of(family);
     unsigned int before = atomic_fetch_add(&p->failures, 1);
     if (before > 0)

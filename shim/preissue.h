@@ -8,7 +8,12 @@
  * round trip: the shim connects the socket itself and installs it on the
  * app's fd as it would a graft (libgraft.c). The sockets wait in one
  * fdpool per family (fdpool.h, for fork, vfork, exec and fds the app
- * closed behind the shim's back), refilled by one round trip when empty.
+ * closed behind the shim's back). When a pool is down to half of what a
+ * refill brings, a request goes out at once and its reply is collected
+ * by a later take, without waiting (preissue.c has the states), so a
+ * connect waits for the broker only when the pool has run dry: then for
+ * the reply on its way, or for one round trip of its own. How many a
+ * refill asks for follows how fast the process connects.
  *
  * Failures hold refills off for a while, doubling while they repeat, so
  * that a fast path that does not work costs connects next to nothing over
@@ -36,8 +41,8 @@ struct preissued {
 
 /*
  * A pre-issued socket of family (AF_INET or AF_INET6) for a TCP placeholder
- * of protocol (0 or IPPROTO_TCP); one round trip refills the pool if it is
- * empty. No socket (fd -1) if the refill failed or is held off, another
+ * of protocol (0 or IPPROTO_TCP); a pool getting low asks ahead, and an
+ * empty one waits for what is on its way or refills with one round trip. No socket (fd -1) if the refill failed or is held off, another
  * thread is refilling, or the caller is a vfork/CLONE_VM child; unreachable
  * says when the broker could not be reached, so that the caller does not
  * try it a second time. Like any round trip, a refill is a cancellation

@@ -274,7 +274,7 @@ class Grants:
         if not tenant.matcher.uid_allowed(peer.uid):
             return refuse(Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
-        n = await self.sockets.room(tenant, request.PREISSUE_MAX, tenant.config.max_sockets // 2)
+        n = await self.sockets.room(tenant, req.wanted, tenant.config.max_sockets // 2)
         if n == 0:
             return refuse(
                 Verdict(

@@ -33,6 +33,8 @@ OP_GRANT = _lib.GRAFT_OP_GRANT
 OP_RESOLVER = _lib.GRAFT_OP_RESOLVER
 PREISSUE_MAX = _lib.GRAFT_PREISSUE_MAX  # TCP sockets handed out ahead of their connects
 REQF_SENDTO = _lib.GRAFT_REQF_SENDTO
+PREISSUE_WANT_SHIFT = _lib.GRAFT_PREISSUE_WANT_SHIFT
+PREISSUE_WANT_MASK = _lib.GRAFT_PREISSUE_WANT_MASK
 
 OP_NAMES = {OP_CONNECT: "connect", OP_BIND: "bind", OP_PREISSUE: "preissue", OP_GRANT: "grant", OP_RESOLVER: "resolver"}
 _PROTO_BY_TYPE = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
@@ -102,6 +104,11 @@ class Request:
     @property
     def proto(self) -> str:
         return _PROTO_BY_TYPE[self.type]
+
+    @property
+    def wanted(self) -> int:
+        """A PREISSUE's sockets wanted: what its flags say (graft_wire.h), or as many as may be issued."""
+        return (self.flags & PREISSUE_WANT_MASK) >> PREISSUE_WANT_SHIFT or PREISSUE_MAX
 
     @property
     def family_name(self) -> str:

@@ -20,6 +20,8 @@ from ..core.request import (
     OP_NAMES,
     OP_PREISSUE,
     OP_RESOLVER,
+    PREISSUE_MAX,
+    PREISSUE_WANT_MASK,
     REQF_SENDTO,
     SOCKADDR_SIZE,
     BadRequest,
@@ -46,7 +48,7 @@ V_ERROR = _lib.GRAFT_V_ERROR
 REQUEST_SIZE = ffi.sizeof("struct graft_request")
 REPLY_SIZE = ffi.sizeof("struct graft_reply")
 
-_KNOWN_FLAGS = REQF_SENDTO
+_KNOWN_FLAGS = REQF_SENDTO | PREISSUE_WANT_MASK
 # What socket(2) accepts as protocol for each type: 0 means the default.
 _PROTOCOLS = {
     socket.SOCK_STREAM: (0, socket.IPPROTO_TCP),
@@ -73,6 +75,8 @@ def decode_request(data: bytes) -> Request:
         raise BadRequest(errno.EPROTONOSUPPORT, f"protocol {req.protocol} does not fit socket type {req.type}")
     if req.flags & ~_KNOWN_FLAGS:
         raise BadRequest(errno.EINVAL, f"unknown flags {req.flags:#x}")
+    if req.flags & PREISSUE_WANT_MASK and req.op != OP_PREISSUE:
+        raise BadRequest(errno.EINVAL, "only a preissue request says how many sockets it wants")
     if req.flags & REQF_SENDTO and (req.op not in (OP_CONNECT, OP_GRANT) or req.type != socket.SOCK_DGRAM):
         raise BadRequest(errno.EINVAL, "the sendto flag needs a UDP connect")
     if req.op == OP_GRANT and (req.type != socket.SOCK_DGRAM or not req.flags & REQF_SENDTO or req.n_opts):
@@ -84,9 +88,12 @@ def decode_request(data: bytes) -> Request:
     if req.op == OP_PREISSUE:
         if req.type != socket.SOCK_STREAM:
             raise BadRequest(errno.ESOCKTNOSUPPORT, "only TCP sockets are pre-issued")
-        if req.flags or req.addr_len or req.n_opts:
-            raise BadRequest(errno.EINVAL, "a preissue request names no flags, address or options")
-        return Request(req.op, req.family, req.type, req.protocol, 0, None, ())
+        if req.flags & ~PREISSUE_WANT_MASK or req.addr_len or req.n_opts:
+            raise BadRequest(errno.EINVAL, "a preissue request names no flags but its count, no address or options")
+        preissue = Request(req.op, req.family, req.type, req.protocol, req.flags, None, ())
+        if preissue.wanted > PREISSUE_MAX:
+            raise BadRequest(errno.EINVAL, f"a preissue request wants {preissue.wanted}, at most {PREISSUE_MAX}")
+        return preissue
     if not 0 < req.addr_len <= ADDR_MAX:
         raise BadRequest(errno.EINVAL, f"addr_len {req.addr_len} out of range")
     addr = decode_sockaddr(bytes(ffi.buffer(req.addr, req.addr_len)))

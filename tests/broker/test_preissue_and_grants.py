@@ -156,6 +156,21 @@ def test_a_pre_issued_socket_connects_only_where_the_broker_has_granted(short_tm
     }
 
 
+def test_a_preissue_gets_as_many_sockets_as_it_wants(short_tmp):
+    """The shim's batches follow its connect rate: the broker gives what is asked, up to PREISSUE_MAX."""
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port)) as broker:
+        client = WireClient(broker.socket_path)
+        try:
+            for want in (1, 3, request.PREISSUE_MAX):
+                reply, socks = client.preissue(want=want)
+                for s in socks:
+                    s.close()
+                assert (reply.verdict, len(socks)) == (wire.V_GRAFT, want)
+        finally:
+            client.close()
+
+
 def test_a_stopping_broker_writes_every_fast_path_connect_first(short_tmp):
     """SIGTERM right after the connects: every one the kernel judged is in the log the broker leaves.
 

@@ -180,7 +180,11 @@ def test_fd_table_handles_fds_far_above_65536(tmp_path):
 
 
 def test_ten_thousand_connect_close_cycles_leak_no_fds_and_no_memory(netns, start_broker):
-    """fd count unchanged; VmRSS grows by less than 2 MiB over 10,000 cycles.
+    """No fd but the shim's pooled sockets comes or goes; VmRSS grows by less than 2 MiB over 10,000 cycles.
+
+    The shim's pools hold a varying number of sockets (their refills follow
+    the connect rate), at most FDPOOL_SLOTS (16) each: a socket leaked per
+    cycle, or even per refill, would be thousands.
 
     The shim allocates nothing per connect once an fd number's entry exists
     (entries are reused with the number), so a leak of even 200 bytes per
@@ -190,5 +194,6 @@ def test_ten_thousand_connect_close_cycles_leak_no_fds_and_no_memory(netns, star
     with echo_server() as port:
         broker = start_broker(policy(connect_port=port, extra="max_sockets = 20000\n"))
         out = run_json(broker, netns, "fd_cycles.py", "127.0.0.1", port, 1000, 10_000, timeout=240)
-    assert out["after"]["fds"] == out["before"]["fds"], out
+    assert out["after"]["fds"]["others"] == out["before"]["fds"]["others"], out
+    assert out["after"]["fds"]["sockets"] <= 2 * 16, out  # a pre-issued pool and the broker connections, full
     assert out["after"]["rss_kib"] - out["before"]["rss_kib"] < 2048, out

@@ -608,13 +608,14 @@ class WireClient:
         data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, REPLY_ANC_SPACE)
         return reply_from_msg(data, anc)
 
-    def preissue(self, family: int = socket.AF_INET) -> tuple:
-        """Ask for pre-issued TCP sockets: (Reply, [sockets])."""
+    def preissue(self, family: int = socket.AF_INET, want: int = 0) -> tuple:
+        """Ask for pre-issued TCP sockets (want: how many; 0, as many as may be issued): (Reply, [sockets])."""
         from graft.broker.core import request
         from graft.broker.io.scmrights import passed_fds
         from graft.broker.shim import wire
 
-        self.send(wire.encode_request(request.OP_PREISSUE, None, family=family))
+        flags = want << request.PREISSUE_WANT_SHIFT
+        self.send(wire.encode_request(request.OP_PREISSUE, None, family=family, flags=flags))
         data, anc, _, _ = self.sock.recvmsg(wire.REPLY_SIZE + 1, socket.CMSG_SPACE(4 * request.PREISSUE_MAX))
         socks = [socket.socket(fileno=fd) for fd in passed_fds(anc)]
         return wire.decode_reply(data), socks

@@ -83,6 +83,13 @@ def test_preissue_request_names_only_the_socket():
     )
 
 
+def test_a_preissue_request_may_say_how_many_sockets_it_wants():
+    assert wire.decode_request(PREISSUE).wanted == request.PREISSUE_MAX  # unsaid: as many as may be issued
+    for want in (1, 4, request.PREISSUE_MAX):
+        raw = _mutate(PREISSUE, "flags", want << request.PREISSUE_WANT_SHIFT)
+        assert wire.decode_request(raw).wanted == want
+
+
 @pytest.mark.parametrize(
     "raw, err",
     [
@@ -106,6 +113,8 @@ def test_preissue_request_names_only_the_socket():
         (_mutate(PREISSUE, "addr_len", 16), errno.EINVAL),
         (_mutate(PREISSUE, "n_opts", 1), errno.EINVAL),
         (_mutate(PREISSUE, "flags", request.REQF_SENDTO), errno.EINVAL),
+        (_mutate(PREISSUE, "flags", (request.PREISSUE_MAX + 1) << request.PREISSUE_WANT_SHIFT), errno.EINVAL),
+        (_mutate(GOOD, "flags", 4 << request.PREISSUE_WANT_SHIFT), errno.EINVAL),  # a count only on a preissue
         (_mutate(PREISSUE, "family", socket.AF_UNIX), errno.EAFNOSUPPORT),
         (_mutate(GRANT, "type", socket.SOCK_STREAM), errno.EINVAL),  # UDP only
         (_mutate(GRANT, "flags", 0), errno.EINVAL),  # as a sendto
