@@ -47,7 +47,7 @@ lint: deps $(VENV)/.lint-installed
 	$(VENV)/bin/ruff format --check .
 
 # make bench [QUICK=1] [ROUNDS=N]: host, nat, pasta, slirp4netns and graft, then DNS lookups through
-# the broker's resolver; see docs/benchmarks.md.
+# the broker's resolver, then the connect rate at 1, 8 and 64 client processes; see docs/benchmarks.md.
 # Run as root. ROUNDS: more rounds narrow each ratio's confidence interval.
 # Extra Debian packages the benchmarks run, and the commands they provide.
 BENCH_APT  := wrk passt slirp4netns
@@ -71,6 +71,7 @@ bench: bench-deps build $(VENV)/.bench-installed
 	$(VPY) bench/broker_load.py $(if $(QUICK),--quick,--profile 10)
 	$(VPY) bench/run.py $(if $(QUICK),--quick) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(VPY) bench/dns_lookup.py $(if $(QUICK),--quick)
+	$(VPY) bench/connect_rate.py $(if $(QUICK),--quick) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	$(MAKE) -C shim clean

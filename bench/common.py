@@ -79,6 +79,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             f.close()
 
 
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (SystemExit), so a benchmark's ExitStack cleans up on `kill` too.
+
+    SIGKILL cannot be caught. Only in the process that calls this: pyroute2
+    forks helpers and stops them with SIGTERM, and a fork that unwound would
+    run this process's clean-up.
+    """
+    me = os.getpid()
+
+    def on_sigterm(*_):
+        if os.getpid() != me:
+            os._exit(128 + signal.SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def start_process(
     stack: ExitStack, argv: list[str], *, log_to: Path | None = None, stdin=subprocess.DEVNULL, env=None, pass_fds=()
 ) -> subprocess.Popen:

@@ -50,7 +50,6 @@ import datetime as dt
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -261,16 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if dnsmasq_binary() is None:
         raise SystemExit("missing dnsmasq (make deps installs dnsmasq-base)")
 
-    # SIGTERM unwinds like Ctrl-C, so the broker, dnsmasq and the namespace go on `kill` too;
-    # only in this process (pyroute2's forked helpers are stopped with SIGTERM), as in run.py.
-    me = os.getpid()
-
-    def on_sigterm(*_):
-        if os.getpid() != me:
-            os._exit(128 + signal.SIGTERM)
-        sys.exit(128 + signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    common.unwind_on_sigterm()  # the broker, dnsmasq and the namespace go on `kill` too
 
     machine = common.machine_info()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -35,10 +35,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -816,18 +814,8 @@ def main(argv=None) -> int:
         "slirp4netns",
     )
 
-    # SIGTERM unwinds like Ctrl-C, so the namespaces, nft table and pasta and
-    # slirp4netns processes are removed on `kill` too (SIGKILL cannot be caught).
-    # Only in this process: pyroute2 forks helpers and stops them with SIGTERM,
-    # and a fork that unwound would run this process's clean-up.
-    me = os.getpid()
-
-    def on_sigterm(*_):
-        if os.getpid() != me:
-            os._exit(128 + signal.SIGTERM)
-        sys.exit(128 + signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # the namespaces, nft table and pasta and slirp4netns processes go on `kill` too
+    common.unwind_on_sigterm()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
