@@ -75,6 +75,7 @@ enum refill_state { IDLE, ASKING, PENDING, COLLECTING };
 #define MAX_WANT GRAFT_PREISSUE_MAX
 #define FAST_NS 250000000LL   /* 250 ms */
 #define SLOW_NS 2000000000LL  /* 2 s */
+#define BUSY_PAUSE_NS 20000000LL /* 20 ms: no refill after the tenant's limits refused one */
 _Static_assert(MAX_WANT <= FDPOOL_SLOTS, "a full batch fits an empty pool");
 
 struct family_pool {
@@ -174,6 +175,16 @@ static void adapt(struct family_pool *p)
 /* Sockets that came (all pooled; keep: one for the caller, returned) or a refusal; the other outcomes. */
 static int settle_batch(struct family_pool *p, int err, int refused, int *fds, int nfds, bool keep, int *unreachable)
 {
+    if (err == 0 && (refused == ENOBUFS || refused == EAGAIN)) {
+        /*
+         * The tenant's pools are at their share of max_sockets, or it is at its max_rate: a passing
+         * state of the tenant, not a broker that cannot serve. Smaller batches, and a short pause
+         * (its connects ask the broker meanwhile), never the doubling hold-off.
+         */
+        atomic_store(&p->want, MIN_WANT);
+        atomic_store(&p->refill_after, monotonic_ns() + BUSY_PAUSE_NS);
+        return -1;
+    }
     if (err != 0 || refused != 0) {
         hold_off(p, atomic_fetch_add(&p->failures, 1), broker_strerror(err != 0 ? err : refused));
         if (unreachable != NULL)
