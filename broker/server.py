@@ -36,7 +36,7 @@ from .core.hostsock import HostSockets
 from .core.netns import Namespace
 from .core.stages import Stages
 from .core.tenant import TenantState
-from .dns.resolver import Resolvers
+from .dns.resolvers import Resolvers
 from .io.fdstore import FdStore
 from .seccomp.abi import SECCOMP_SOCKET
 from .seccomp.agent import SeccompAgent

@@ -1,26 +1,23 @@
-"""The resolver front-end: a tenant's DNS, served inside the network namespace its programs run in.
+"""One tenant's resolver in one network namespace: its listeners and its queries (docs/dns.md).
 
-``Resolvers.serve`` is asked by a process (``graft run``, through the
-shim front-end's RESOLVER request) from inside its namespace: the broker
-learns the namespace from the process's pid, and serves one ``Resolver``
-per (tenant, namespace) on the tenant's resolver address, port 53, UDP and
-TCP, for as long as a process that asked lives (pidfds; no polling). Each
-runs as a task of its tenant's nursery, so it ends with the tenant; its
-tasks are drawn in docs/architecture.md.
+A ``Resolver`` listens on the tenant's resolver address, port 53, UDP and
+TCP, inside the namespace a program runs in, for as long as a process that
+asked for it lives (pidfds; no polling); resolvers.py decides which
+namespaces are served, for whom, and keeps them across a restart. It runs
+as a task of its tenant's nursery, so it ends with the tenant; its tasks
+are drawn in docs/architecture.md.
 
 A query is judged by the tenant's ``max_rate`` (a query is a request) and
-``dns.names``, answered from the tenant's
-cache, or forwarded to its upstreams from a socket in the tenant's netns
-(where its grafted sockets are made), under a random id; a truncated answer
-is asked again over TCP. Every query is an audit record (``"op": "dns"``,
-``"via": "resolver"``). The messages are message.py's; docs/dns.md has the
-design and what is not done yet.
+``dns.names``, answered from the tenant's cache, or forwarded to its
+upstreams from a socket in the tenant's netns (where its grafted sockets
+are made), under a random id; a truncated answer is asked again over TCP.
+Every query is an audit record (``"op": "dns"``, ``"via": "resolver"``).
+The messages are message.py's.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import ipaddress
 import logging
 import os
@@ -29,32 +26,32 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dns.rcode
 import trio
 
 from ..core import request
 from ..core.audit import Record
-from ..core.decisions import Decisions
 from ..core.netns import Namespace
-from ..core.tenant import Peer, TenantState
+from ..core.tenant import TenantState
 from ..core.verdict import tenant_loc
-from ..io.fdstore import FdStore
 from ..io.unixsock import accept_forever
 from . import message
+
+if TYPE_CHECKING:
+    from .resolvers import Resolvers
 
 log = logging.getLogger("graft.broker")
 
 RESOLVER_PORT = 53  # what resolv.conf can name: glibc asks port 53 only
 UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before the next is asked
 QUERIES_AT_ONCE = 64  # per resolver: more wait for a slot (UDP ones are dropped)
-MAX_RESOLVERS_PER_TENANT = 64  # namespaces a tenant's resolvers serve at once
 MAX_ASKERS = 256  # processes one resolver waits for (each holds a pidfd)
 TCP_IDLE_TIMEOUT = 10.0
 UDP_BURST = 64  # queued datagrams answered before the resolver yields to the broker's other tasks
 MAX_TCP_CLIENTS = 32
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
-SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of the network namespace a socket belongs to
 
 
 def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[tuple[str, int]]:
@@ -72,138 +69,6 @@ def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[tuple[str, int]]:
             except ValueError:
                 continue
     return out
-
-
-class Resolvers:
-    """The tenants' resolvers, one per (tenant, network namespace)."""
-
-    def __init__(self, decisions: Decisions, fdstore: FdStore):
-        self.decisions = decisions
-        self.fdstore = fdstore  # resolvers' sockets survive a restart there, as the tenants' listeners do
-        self._by_key: dict[tuple[str, int, int], Resolver] = {}
-        # Per tenant, not per resolver: a tenant's programs in any namespace share its answers, and
-        # they outlive a resolver that closes between two programs. Two tenants' policies differ.
-        self.caches: dict[str, message.Cache] = {}
-
-    def forget(self, tenant: TenantState) -> None:
-        """A tenant gone: its cached answers go (its resolvers end with its nursery)."""
-        self.caches.pop(tenant.name, None)
-
-    def count(self, tenant: TenantState) -> int:
-        return sum(1 for (name, _, _) in self._by_key if name == tenant.name)
-
-    async def serve(self, tenant: TenantState, peer: Peer) -> request.SockAddr | None:
-        """Serve the tenant's resolver in peer's namespace while peer lives; its address, or None.
-
-        None: the tenant's dns.resolver is "off", or peer runs in the
-        broker's namespace or the tenant's, whose names are their own.
-
-        Raises OSError when it cannot be served: a uid the tenant does not
-        allow, max_rate, too many resolvers or askers, the peer gone, its
-        namespace unreadable, the address taken there.
-        """
-        if tenant.config.dns.resolver == "off":
-            return None
-        if not tenant.matcher.uid_allowed(peer.uid):
-            raise OSError(errno.EPERM, f"uid {peer.uid} is not among the tenant's uids")
-        pidfd, ns_fd = os.pidfd_open(peer.pid), -1
-        try:  # both fds are closed here unless a resolver took them, on every way out
-            ns_fd = os.open(f"/proc/{peer.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            st = os.fstat(ns_fd)
-            if any(_same_file(st, ns) for ns in ("/proc/self/ns/net", tenant.namespace.path)):
-                return None  # the host's, or where the tenant's grafted sockets live: names need no graft there
-            key = (tenant.name, st.st_dev, st.st_ino)
-            resolver = self._by_key.get(key)
-            if resolver is not None and resolver.closing:
-                await resolver.done.wait()  # its last asker went as this one asked: a fresh one
-                resolver = self._by_key.get(key)
-            if resolver is None:
-                # max_rate counts new resolvers only: every process the shim is loaded in asks at start
-                if tenant.bucket is not None and not tenant.bucket.take(time.monotonic()):
-                    raise OSError(errno.EAGAIN, "the tenant's max_rate")
-                if self.count(tenant) >= MAX_RESOLVERS_PER_TENANT:
-                    raise OSError(errno.EMFILE, f"the tenant has {MAX_RESOLVERS_PER_TENANT} resolvers already")
-                resolver, ns_fd = Resolver(self, tenant, key, ns_fd), -1  # the ns fd is the resolver's now
-                self._by_key[key] = resolver
-                try:
-                    await tenant.nursery.start(resolver.run)
-                except RuntimeError:  # the tenant's nursery is closing: it is being removed
-                    resolver.never_started()
-                    raise OSError(errno.ESHUTDOWN, f"tenant {tenant.name} is being removed") from None
-            else:
-                await resolver.ready.wait()  # another asker's start, a moment ago
-            if resolver.closing:
-                raise OSError(errno.EAGAIN, "the resolver there is closing; ask again")
-            if resolver.watch(peer.pid, pidfd):
-                pidfd = -1  # the resolver's now
-            return resolver.address
-        finally:
-            for fd in (pidfd, ns_fd):
-                if fd >= 0:
-                    os.close(fd)
-
-    async def adopt(self, tenant: TenantState) -> None:
-        """Serve again what an earlier broker left in the fd store for tenant, while its programs live.
-
-        A resolver's programs are the processes in its namespace now (one
-        scan of /proc for all): who asked of the earlier broker is not
-        known. A resolver with none left, or whose sockets are not what the
-        broker stores, is closed and leaves the store.
-        """
-        stored = self.fdstore.take_resolvers(tenant.name)
-        if not stored:
-            return
-        programs = _processes_by_netns()
-        for store_key, socks in stored.items():
-            try:
-                await self._adopt_one(tenant, socks, programs)
-            except (OSError, ValueError) as e:
-                log.info("tenant %s: stored resolver %s not served again: %s", tenant.name, store_key, e)
-                for sock in socks:
-                    sock.close()
-                self.fdstore.remove_resolver(store_key)
-
-    async def _adopt_one(self, tenant: TenantState, socks: list[socket.socket], programs: dict) -> None:
-        udp, tcp = _stored_pair(socks)
-        if tenant.config.dns.resolver == "off":
-            raise ValueError('the tenant\'s resolver is "off" now')
-        ns_fd = fcntl.ioctl(udp.fileno(), SIOCGSKNS)  # the socket's own namespace
-        try:
-            st = os.fstat(ns_fd)
-            key = (tenant.name, st.st_dev, st.st_ino)
-            pids = programs.get((st.st_dev, st.st_ino), [])
-            if not pids:
-                raise ValueError("no process is left in its namespace")
-            if key in self._by_key:
-                raise ValueError("the namespace is served already")
-        except BaseException:
-            os.close(ns_fd)
-            raise
-        resolver = Resolver(self, tenant, key, ns_fd, adopted=(udp, tcp))  # the fds are the resolver's now
-        self._by_key[key] = resolver
-        await tenant.nursery.start(resolver.run)
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                continue  # gone since the scan
-            if not resolver.watch(pid, pidfd):
-                os.close(pidfd)
-        if not resolver.watched:
-            resolver.close_for_good()  # all of them went meanwhile
-        log.info("tenant %s: resolver in namespace %d served again for %d processes", tenant.name, key[2], len(pids))
-
-    def drop_leftovers(self) -> None:
-        """Stored resolvers of tenants no longer in the policy: closed, out of the store."""
-        for store_key, socks in self.fdstore.leftover_resolvers().items():
-            for sock in socks:
-                sock.close()
-            self.fdstore.remove_resolver(store_key)
-            log.info("stored resolver %s: its tenant is not in the policy; closed", store_key)
-
-    def _gone(self, resolver: Resolver) -> None:
-        if self._by_key.get(resolver.key) is resolver:
-            del self._by_key[resolver.key]
 
 
 class Resolver:
@@ -556,49 +421,6 @@ class Resolver:
                 upstream_ms=upstream_ms,
             )
         )
-
-
-def _stored_pair(socks: list[socket.socket]) -> tuple[socket.socket, socket.socket]:
-    """(udp, tcp) of a stored resolver: one each, IPv4, bound to a loopback address's port 53, TCP listening."""
-    by_type = {s.type: s for s in socks}
-    if len(socks) != 2 or set(by_type) != {socket.SOCK_DGRAM, socket.SOCK_STREAM}:
-        raise ValueError(f"{len(socks)} sockets, not one UDP and one TCP")
-    udp, tcp = by_type[socket.SOCK_DGRAM], by_type[socket.SOCK_STREAM]
-    for sock in (udp, tcp):
-        if sock.family != socket.AF_INET:
-            raise ValueError("not IPv4")
-        addr, port = sock.getsockname()
-        if port != RESOLVER_PORT or not ipaddress.ip_address(addr).is_loopback or addr != udp.getsockname()[0]:
-            raise ValueError(f"bound to {addr}:{port}")
-    if not tcp.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise ValueError("its TCP socket does not listen")
-    for sock in (udp, tcp):
-        sock.setblocking(False)
-    return udp, tcp
-
-
-def _processes_by_netns() -> dict[tuple[int, int], list[int]]:
-    """Every process's pid, by the (dev, inode) of its network namespace: one scan of /proc."""
-    out: dict[tuple[int, int], list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry.name}/ns/net")
-        except OSError:
-            continue  # gone, or a kernel thread's
-        out.setdefault((st.st_dev, st.st_ino), []).append(int(entry.name))
-    return out
-
-
-def _same_file(st: os.stat_result, path: str | None) -> bool:
-    if path is None:
-        return False
-    try:
-        other = os.stat(path)
-    except OSError:
-        return False  # the tenant's namespace is gone: not the peer's, which is open
-    return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
 async def _send_all(conn, data: bytes) -> None:
