@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             from graft.names import use_broker_resolver
 
-            use_broker_resolver(env["GRAFT_SOCKET"])  # names, docs/dns.md
+            use_broker_resolver(env["GRAFT_SOCKET"], env)  # names, docs/dns.md
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:

@@ -48,15 +48,30 @@ def ask_resolver(socket_path: str, timeout: float = 10.0) -> str | None:
     return str(rep.addr.ip)
 
 
-def use_broker_resolver(socket_path: str) -> None:
+# Set where the resolver is served: the shim (libgraft.c, announce) then only says it is there too.
+RESOLVER_NETNS_ENV = "GRAFT_RESOLVER_NETNS"
+
+
+def netns_id() -> str:
+    """This process's network namespace as the shim writes it in GRAFT_RESOLVER_NETNS: "dev:inode"."""
+    st = os.stat("/proc/self/ns/net")
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def use_broker_resolver(socket_path: str, env: dict[str, str] | None = None) -> None:
     """Point this process's resolv.conf at the tenant's resolver, served where it runs; warn if it cannot be.
 
-    The program runs either way: what it reaches by address works without names.
+    env, the program's environment, learns that it is served here
+    (GRAFT_RESOLVER_NETNS): the shim's ask as the program loads need not
+    wait. The program runs either way: what it reaches by address works
+    without names.
     """
     try:
         resolver = ask_resolver(socket_path)
         if resolver is not None:
             point_resolv_conf_at(resolver)
+            if env is not None:
+                env[RESOLVER_NETNS_ENV] = netns_id()
     except OSError as e:
         print(f"graft run: no resolver for the program ({e.strerror or e}); names will not resolve", file=sys.stderr)
 

@@ -431,7 +431,7 @@ void broker_pending_drop(const struct broker_pending *pending)
     put_back(&c, false);
 }
 
-int broker_announce(struct graft_reply *rep, struct forkguard *g)
+int broker_announce(struct graft_reply *rep, bool wait, struct forkguard *g)
 {
     struct graft_request req;
     struct received got;
@@ -442,7 +442,13 @@ int broker_announce(struct graft_reply *rep, struct forkguard *g)
     if (err != 0)
         return err;
     got.nfds = 0;
-    err = exchange(&c, &req, rep, &got, g);
+    if (wait) {
+        err = exchange(&c, &req, rep, &got, g);
+    } else {
+        wait_begin(&c, g);
+        err = send_request(c.fd, &req); /* read by the broker after this end has closed, all the same */
+        wait_end(&c, g);
+    }
     put_back(&c, false); /* a process that never grafts must not hold one of the tenant's connections */
     return err;
 }

@@ -76,10 +76,12 @@ void broker_pending_drop(const struct broker_pending *pending);
 /*
  * Asks the broker to serve the tenant's resolver in this process's network
  * namespace (graft_wire.h: RESOLVER), on a connection of its own that is
- * closed after the reply. Returns why the broker is unreachable, or 0 with
- * *rep its validated reply. The fork guard g is held as by broker_roundtrip.
+ * closed after the reply, or, without wait, right after the request (the
+ * broker serves it all the same; *rep is then unset). Returns why the
+ * broker is unreachable, or 0 with *rep its validated reply. The fork
+ * guard g is held as by broker_roundtrip.
  */
-int broker_announce(struct graft_reply *rep, struct forkguard *g);
+int broker_announce(struct graft_reply *rep, bool wait, struct forkguard *g);
 
 /* Human-readable reason for a broker_roundtrip error. */
 const char *broker_strerror(int err);

@@ -251,24 +251,52 @@ static void scope_leave(struct scope *s)
  * graft's, to point at the resolver), and a broker that is down or refuses
  * costs one debug line; the process's first graft reports it as usual.
  * GRAFT_DNS=off (graft run --no-dns) asks for none.
+ *
+ * Waiting for the answer costs a process start a round trip (it doubled a
+ * fork+exec of /bin/true), and only the first process in a namespace needs
+ * it: one whose GRAFT_RESOLVER_NETNS (set by the process, or `graft run`,
+ * that had it served) names its own namespace only says that it is there
+ * too, without waiting, so that the resolver serves while it lives.
  */
+#define RESOLVER_ENV "GRAFT_RESOLVER_NETNS"
+
+/* "dev:inode" of this process's network namespace, or "" if it cannot be read. */
+static void netns_id(char *buf, size_t size)
+{
+    struct stat st;
+    buf[0] = '\0';
+    if (stat("/proc/self/ns/net", &st) == 0)
+        snprintf(buf, size, "%llu:%llu", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+}
+
 static void announce(void)
 {
     int saved = errno;
     const char *dns = getenv("GRAFT_DNS");
     if (dns != NULL && strcmp(dns, "off") == 0)
         return;
+    char here[48];
+    netns_id(here, sizeof here);
+    const char *served = getenv(RESOLVER_ENV);
+    bool wait = here[0] == '\0' || served == NULL || strcmp(served, here) != 0;
     struct scope scope;
     struct graft_reply rep;
     scope_enter(&scope);
-    int err = broker_announce(&rep, &scope.guard);
+    int err = broker_announce(&rep, wait, &scope.guard);
     scope_leave(&scope);
     if (err != 0)
         log_debug("resolver: broker unreachable at %s (%s)", broker_path(), broker_strerror(err));
+    else if (!wait)
+        log_debug("resolver: served here already; this process is there too");
     else if (rep.verdict == GRAFT_V_ERROR)
         log_debug("resolver: the broker cannot serve one here (%s)", log_errstr(rep.error));
-    else
-        log_debug("resolver: %s", rep.verdict == GRAFT_V_GRAFT ? "served in this namespace" : "none (the tenant's)");
+    else if (rep.verdict != GRAFT_V_GRAFT)
+        log_debug("resolver: none (the tenant's)");
+    else {
+        log_debug("resolver: served in this namespace");
+        if (here[0] != '\0')
+            setenv(RESOLVER_ENV, here, 1); /* before main(): the process's children need not wait */
+    }
     errno = saved;
 }
 

@@ -263,7 +263,8 @@ class ShimFront:
             log.warning("tenant %s: pid %d does not read its replies; connection dropped", tenant.name, peer.pid)
             return False
         except OSError as e:
-            log.info("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
+            # Not an error: a shim that only says it runs in a namespace (RESOLVER, libgraft.c) goes at once.
+            log.debug("tenant %s: client pid %d went away before its reply: %s", tenant.name, peer.pid, e)
             return False
 
     def _audit_refusal(self, tenant: TenantState, peer: Peer, e: request.BadRequest) -> None:

@@ -161,6 +161,28 @@ def test_a_program_launched_by_hand_with_the_shim_finds_the_resolver_at_its_firs
     assert eventually(lambda: resolvers(broker) == 0, timeout=10)  # it went with the program
 
 
+def test_only_the_first_process_in_a_namespace_waits_for_its_resolver(netns, start_broker, site):
+    """The shim that had it served tells its children, which only say they are there too (docs/dns.md)."""
+    from graft.shim import LIB_PATH
+
+    with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
+        broker = start_broker(policy(site, dns_port))
+        r = subprocess.run(
+            [sys.executable, "-c", BY_HAND, netns, str(LIB_PATH), str(broker.socket_path)]
+            + ["/bin/sh", "-c", 'echo "$GRAFT_RESOLVER_NETNS"; /bin/true'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, GRAFT_DEBUG="1"),
+        )
+    assert r.returncode == 0, r.stderr
+    st = os.stat(f"/run/netns/{netns}")
+    assert r.stdout == f"{st.st_dev}:{st.st_ino}\n"  # sh had it served, and says where
+    lines = [line for line in r.stderr.splitlines() if "resolver:" in line]
+    assert len(lines) == 2 and "served in this namespace" in lines[0] and "served here already" in lines[1], lines
+
+
 def test_no_resolver_is_served_in_the_hosts_namespace(start_broker, site):
     """A grafted program on the host asks at load too: the broker serves nothing there (127.0.0.11 is not its)."""
     with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, _):
