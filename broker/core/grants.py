@@ -370,7 +370,9 @@ class Grants:
                 if tenant is not None and tenant.gid == ev.tenant_id:
                     tenant.counts["graft"] += 1
             rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
-            granted_for = self._names.get((ev.tenant_id, ev.port, plain(ipaddress.ip_address(ev.addr))))
+            granted_for = (  # an address parsed only if some grant came from a rule's `names`
+                self._names.get((ev.tenant_id, ev.port, plain(ipaddress.ip_address(ev.addr)))) if self._names else None
+            )
             self.decisions.audit.write(
                 Record(
                     tenant=name,
