@@ -370,25 +370,37 @@ int broker_preissue(int family, int protocol, int want, int fds[GRAFT_PREISSUE_M
     return err != 0 ? err : preissue_outcome(&rep, &got, fds, nfds, refused);
 }
 
+/* Sends req on c; a failure closes c. */
+static int send_on(struct conn *c, const struct graft_request *req, struct forkguard *g)
+{
+    wait_begin(c, g);
+    int err = send_request(c->fd, req);
+    wait_end(c, g);
+    if (err != 0)
+        put_back(c, false);
+    return err;
+}
+
 int broker_preissue_send(int family, int protocol, int want, struct broker_pending *pending, struct forkguard *g)
 {
     struct graft_request req;
     struct conn c;
 
     preissue_request(&req, family, protocol, want);
-    int err = open_conn(&c, g);
-    if (err != 0)
-        return err;
-    if (c.slot < 0) { /* unpooled (a full pool): a fork child could not close it while the reply is awaited */
-        put_back(&c, false);
-        return EAGAIN;
-    }
-    wait_begin(&c, g);
-    err = send_request(c.fd, &req);
-    wait_end(&c, g);
+    /* A pooled connection if there is one (the broker then accepts none), else a fresh one, as roundtrip does. */
+    c.fd = fdpool_borrow(&pool, &c.slot);
+    int err = c.fd >= 0 ? send_on(&c, &req, g) : ECONNRESET;
     if (err != 0) {
-        put_back(&c, false);
-        return err;
+        err = open_conn(&c, g);
+        if (err != 0)
+            return err;
+        if (c.slot < 0) { /* unpooled (a full pool): a fork child could not close it while the reply is awaited */
+            put_back(&c, false);
+            return EAGAIN;
+        }
+        err = send_on(&c, &req, g);
+        if (err != 0)
+            return err;
     }
     pending->fd = c.fd; /* lent from the pool meanwhile: a fork child closes it */
     pending->slot = c.slot;
@@ -421,7 +433,7 @@ int broker_preissue_collect(const struct broker_pending *pending, bool wait, int
     struct received got = {.nfds = 0};
     if (err == 0)
         err = receive_reply(c.fd, GRAFT_OP_PREISSUE, &rep, &got);
-    put_back(&c, false); /* one request per connection: it has done its work */
+    put_back(&c, err == 0 && rep.verdict != GRAFT_V_ERROR); /* back to the pool, as after a round trip */
     return err != 0 ? err : preissue_outcome(&rep, &got, fds, nfds, refused);
 }
 

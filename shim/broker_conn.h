@@ -54,13 +54,14 @@ int broker_preissue(int family, int protocol, int want, int fds[GRAFT_PREISSUE_M
 
 /*
  * The same request, in two halves, so that no thread waits for it while
- * sockets are left (preissue.c asks ahead of an empty pool). _send opens a
- * connection of its own, sends the request (want: 1..GRAFT_PREISSUE_MAX)
- * and records the connection in *pending; it stays lent from the
- * connection pool, so a fork child closes it. 0, or why not (EAGAIN: the
- * pool is full). _collect takes the reply: without wait, EAGAIN if it has
- * not come yet (the request stays pending); otherwise, and after any other
- * outcome, the connection is closed, and the result is broker_preissue's.
+ * sockets are left (preissue.c asks ahead of an empty pool). _send borrows
+ * a pooled connection (or opens one), sends the request (want:
+ * 1..GRAFT_PREISSUE_MAX) and records the connection in *pending; it stays
+ * lent from the connection pool, so a fork child closes it. 0, or why not
+ * (EAGAIN: the pool is full). _collect takes the reply: without wait,
+ * EAGAIN if it has not come yet (the request stays pending); otherwise, and
+ * after any other outcome, the connection goes back to the pool (or is
+ * closed, after a failure), and the result is broker_preissue's.
  * _drop gives a pending request up. The fork guard is held by the caller,
  * and released only while _collect waits.
  */
