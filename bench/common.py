@@ -382,10 +382,16 @@ class Env:
         return (NAT_HOST if scenario == "nat" else "127.0.0.1"), port
 
 
-def build_connbench(tmp: Path) -> str:
-    out = tmp / "connbench"
-    subprocess.run(["cc", "-O2", "-Wall", "-o", str(out), str(REPO / "bench" / "connbench.c")], check=True)
+def build_c(name: str, tmp: Path) -> str:
+    """bench/NAME.c built into tmp with the project's C flags (warnings are errors); the binary's path."""
+    out = tmp / name
+    cc = ["cc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(REPO / "bench" / f"{name}.c")]
+    subprocess.run(cc, check=True)
     return str(out)
+
+
+def build_connbench(tmp: Path) -> str:
+    return build_c("connbench", tmp)
 
 
 def require(*programs: str) -> None:

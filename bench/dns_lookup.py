@@ -51,7 +51,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -91,23 +90,6 @@ default = "deny"
 upstream = ["{UPSTREAM}:53"]
 names = ["*.{DOMAIN}"]
 """
-
-
-def build_client(tmp: Path) -> str:
-    out = tmp / "dnsbench"
-    cc = [
-        "cc",
-        "-std=gnu11",
-        "-O2",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-o",
-        str(out),
-        str(common.REPO / "bench" / "dnsbench.c"),
-    ]
-    subprocess.run(cc, check=True)
-    return str(out)
 
 
 def pin_all_threads(pid: int, cpus: set[int]) -> None:
@@ -268,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     audit = None
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graft-bench-", dir="/tmp")))
-        client = build_client(tmp)
+        client = common.build_c("dnsbench", tmp)
         cpus = None if args.no_pin else SERVER_CPUS
         stack.enter_context(
             dnsmasq(UPSTREAM, {CACHED_NAME: "127.0.0.1"}, ttl=TTL, wildcards={DOMAIN: "127.0.0.1"}, cpus=cpus)
