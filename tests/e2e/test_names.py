@@ -30,6 +30,7 @@ from support.harness import (
     need_program,
     run_grafted,
 )
+from support.names_env import names_policy
 from support.runtime_env import PAGE  # the page of the shared `site` fixture
 from support.seccomp_env import seccomp_records, seccomp_run
 
@@ -37,20 +38,8 @@ pytestmark = pytest.mark.netns
 RECORDS = {"myhost.graft.test": "127.0.0.1"}
 
 
-def policy(http_port: int, dns_port: int, names: str = '["*.graft.test"]', extra: str = "") -> str:
-    return f"""
-version = 1
-[tenants.t]
-default = "deny"
-[tenants.t.dns]
-upstream = ["127.0.0.1:{dns_port}"]
-names = {names}
-{extra}
-[[tenants.t.connect]]
-to = ["127.0.0.1/32"]
-ports = [{http_port}]
-proto = "tcp"
-"""
+def policy(http_port: int, dns_port: int, **options) -> str:
+    return names_policy(dns_port, http_port, **options)
 
 
 def dns_records(broker) -> list[dict]:
@@ -250,8 +239,7 @@ def test_seccomp_mode_resolves_through_the_same_resolver(netns, seccomp_broker, 
     """glibc's own resolver sockets are stopped there: its query to the resolver goes on, in the program's network."""
     getent = need_program("getent")
     with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
-        text = policy(site, dns_port).replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
-        broker = seccomp_broker(text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n'))
+        broker = seccomp_broker(policy(site, dns_port, seccomp=True))
         r = seccomp_run(broker, netns, getent, "hosts", "myhost.graft.test", dns=True)
         assert (r.returncode, r.stdout.split()[:2]) == (0, ["127.0.0.1", "myhost.graft.test"]), r.stderr
         assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}
@@ -275,8 +263,7 @@ def test_seccomp_mode_serves_the_resolver_at_the_programs_first_query(netns, sec
     """No `graft run` asked (--no-dns): the stopped connect to the resolver's address has it served first."""
     getent = need_program("getent")
     with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
-        text = policy(site, dns_port).replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
-        broker = seccomp_broker(text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n'))
+        broker = seccomp_broker(policy(site, dns_port, seccomp=True))
         r = seccomp_run(broker, netns, sys.executable, "-c", POINTED, getent, "hosts", "myhost.graft.test")
         assert (r.returncode, r.stdout.split()[:2]) == (0, ["127.0.0.1", "myhost.graft.test"]), r.stderr
         assert Question("myhost.graft.test", TYPE_A) in {q for q, _ in asked}

@@ -31,6 +31,7 @@ import pytest
 
 from support.dns_server import TYPE_A, TYPE_AAAA, Question, dns_server
 from support.harness import run_grafted
+from support.names_env import names_policy
 from support.runtime_env import PAGE  # the page of the shared `site` fixture
 from support.seccomp_env import seccomp_records, seccomp_run
 
@@ -42,22 +43,7 @@ RECORDS = {NAME: "127.0.0.1"}
 
 def policy(http_port: int, dns_port: int, seccomp: bool = False) -> str:
     """Tenant "t": the test's responder as its upstream, *.graft.test allowed, one host port to connect to."""
-    text = f"""
-version = 1
-[tenants.t]
-default = "deny"
-[tenants.t.dns]
-upstream = ["127.0.0.1:{dns_port}"]
-names = ["*.graft.test"]
-[[tenants.t.connect]]
-to = ["127.0.0.1/32"]
-ports = [{http_port}]
-proto = "tcp"
-"""
-    if seccomp:  # seccomp mode is served only with the broker's kernel confinement on
-        text = text.replace("version = 1\n", 'version = 1\n[broker]\nconfinement = "required"\n')
-        text = text.replace("[tenants.t]\n", '[tenants.t]\nmode = "seccomp"\n')
-    return text
+    return names_policy(dns_port, http_port, seccomp=seccomp)
 
 
 def check_lookups(broker, asked: list) -> None:

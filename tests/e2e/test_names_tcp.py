@@ -37,6 +37,7 @@ import pytest
 
 from support.dns_server import TYPE_A, Question, dns_server
 from support.harness import eventually, graft_cmd, need_program, with_resolv_conf
+from support.names_env import names_policy
 
 pytestmark = pytest.mark.netns
 
@@ -55,17 +56,6 @@ GETADDRINFO = (
 )
 # glibc's resolv.conf options as graft run finds them: none (no EDNS, 512 bytes), or EDNS offering 1200.
 GLIBC_OPTIONS = {"no-edns": "", "edns0": "options edns0\n"}
-
-
-def policy(dns_port: int) -> str:
-    return f"""
-version = 1
-[tenants.t]
-default = "deny"
-[tenants.t.dns]
-upstream = ["127.0.0.1:{dns_port}"]
-names = ["*.graft.test"]
-"""
 
 
 @pytest.fixture
@@ -130,7 +120,7 @@ def test_an_answer_too_large_for_udp_comes_whole_over_tcp_on_both_sides(netns, s
     getent = need_program("getent")
     resolv = resolv_conf(GLIBC_OPTIONS[glibc])
     with dns_server("127.0.0.1", RECORDS, port=0, ttl=300) as (dns_port, asked):
-        broker = start_broker(policy(dns_port))
+        broker = start_broker(names_policy(dns_port))
         got = getent_addresses(run_by_name(broker, netns, resolv, getent, "hosts", "many.graft.test"))
         small = getent_addresses(run_by_name(broker, netns, resolv, getent, "hosts", "myhost.graft.test"))
         # The broker asked UDP, was told TC, asked the same upstream over TCP; glibc's TCP retry was
@@ -157,7 +147,7 @@ def test_a_truncated_upstream_answer_is_asked_again_over_tcp_and_the_client_stay
     getent = need_program("getent")
     resolv = resolv_conf(GLIBC_OPTIONS["no-edns"])
     with dns_server("127.0.0.1", RECORDS, port=0, truncate={"tc.graft.test"}) as (dns_port, asked):
-        broker = start_broker(policy(dns_port))
+        broker = start_broker(names_policy(dns_port))
         got = getent_addresses(run_by_name(broker, netns, resolv, getent, "hosts", "tc.graft.test"))
         assert upstream_log(asked, "tc.graft.test") == ["udp", "tcp"], asked
     assert got == ["127.0.0.2"]
@@ -178,7 +168,7 @@ def test_an_answer_too_large_only_for_the_client_is_truncated_for_it_alone(
     """
     resolv = resolv_conf(GLIBC_OPTIONS[glibc])
     with dns_server("127.0.0.1", RECORDS, port=0) as (dns_port, asked):
-        broker = start_broker(policy(dns_port))
+        broker = start_broker(names_policy(dns_port))
         r = run_by_name(broker, netns, resolv, sys.executable, "-c", GETADDRINFO, "some.graft.test")
         assert r.returncode == 0, (r.stdout, r.stderr)
         upstream = upstream_log(asked, "some.graft.test")
