@@ -35,6 +35,7 @@ venv: $(VENV)/.installed
 build: venv
 	$(MAKE) -C shim
 	$(MAKE) -C broker/seccomp
+	$(MAKE) -C broker/confine
 
 demo: deps build
 	$(VPY) demo/demo.py
@@ -80,6 +81,7 @@ bench: bench-deps build $(VENV)/.bench-installed
 
 clean:
 	$(MAKE) -C shim clean
+	$(MAKE) -C broker/confine clean
 	$(MAKE) -C broker/seccomp clean
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 

@@ -6,7 +6,8 @@ so nothing generic like ``policy`` lands at the top of site-packages.
 ``build_py`` compiles libgraft.so with the shim's own Makefile and ships it,
 with the wire header the broker parses, inside ``graft.shim``; and the
 seccomp agent's C loop, libgraft_seccomp.so (broker/seccomp/Makefile), with
-its header, inside ``graft.broker.seccomp``.
+its header, inside ``graft.broker.seccomp``; and the fast path's per-socket
+work, libgraft_confine.so (broker/confine/Makefile), inside ``graft.broker.confine``.
 """
 
 import os
@@ -23,6 +24,7 @@ class BuildWithShim(build_py):
     def run(self):
         subprocess.run(["make", "-C", os.path.join(HERE, "shim"), "libgraft.so"], check=True)
         subprocess.run(["make", "-C", os.path.join(HERE, "broker", "seccomp"), "libgraft_seccomp.so"], check=True)
+        subprocess.run(["make", "-C", os.path.join(HERE, "broker", "confine"), "libgraft_confine.so"], check=True)
         super().run()
 
 
@@ -42,7 +44,7 @@ setup(
     package_data={
         "graft.shim": ["libgraft.so", "graft_wire.h"],
         "graft.broker.seccomp": ["libgraft_seccomp.so", "seccomp_fast.h"],
-        "graft.broker.confine": ["graft_maps.h"],
+        "graft.broker.confine": ["libgraft_confine.so", "graft_confine.h", "graft_maps.h"],
         "graft.policy": ["examples/*.toml", "examples/README.md"],
     },
     install_requires=[

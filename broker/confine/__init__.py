@@ -2,7 +2,9 @@
 
 lifecycle.py loads, pins, attaches and removes them; programs.py and asm.py
 write the programs; maps.py is the layout of the maps they share with the
-broker; bpf.py is bpf(2); ringbuf.py reads the kernel's audit ring. Nothing
+broker; bpf.py is bpf(2); fastpath.py drives the C (issue.c, kaudit.c) that
+makes pre-issued sockets in batches and writes the kernel's audit ring as
+audit lines. Nothing
 here decides: core/ fills the maps, the kernel enforces them. Imports stay
 within confine/ and io/.
 """

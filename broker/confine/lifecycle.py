@@ -72,7 +72,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import bpf
+from . import bpf, fastpath
 from .maps import (
     BTF_KEY_ID,
     BTF_VALUE_ID,
@@ -86,7 +86,6 @@ from .maps import (
     MapSpec,
     encode_grant_value,
     encode_mark,
-    encode_preissued_mark,
     grant_key,
     grant_lasts,
     mark_btf,
@@ -201,6 +200,7 @@ class Confinement:
     _grant_maps: dict[int, _GrantMap] = field(default_factory=dict, repr=False)  # grant id -> its own map
     _owner: bpf.MapUpdater | None = field(default=None, repr=False)
     _closes: bpf.MapUpdater | None = field(default=None, repr=False)
+    _issuer: fastpath.Issuer | None = field(default=None, repr=False)
 
     @property
     def map_fd(self) -> int:
@@ -222,10 +222,16 @@ class Confinement:
         if dest is not None and sock.type == socket.SOCK_STREAM:
             guard_against_listening(sock, self.guard_fd)
 
-    def mark_preissued(self, sock: socket.socket, tenant_id: int) -> None:
-        """Lock an unconnected TCP socket to the tenant's grants: it may connect to those only."""
-        self._set_mark(sock, encode_preissued_mark(tenant_id))
-        guard_against_listening(sock, self.guard_fd)
+    def issuer(self) -> fastpath.Issuer:
+        """What makes pre-issued sockets, locked to a tenant's grants (fastpath.py): in C, a batch at a time.
+
+        Each gets what mark() and own() give a grafted socket: the pre-issued
+        mark (it may connect only where its grant id is granted), the listen
+        guard, and its entry in the count of the tenant's sockets.
+        """
+        if self._issuer is None:
+            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["owned"])
+        return self._issuer
 
     def _marks(self) -> bpf.MapUpdater:
         if self._updater is None:

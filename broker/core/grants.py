@@ -24,6 +24,7 @@ audit log (``"via": "kernel"``). Without that ring there is no fast path.
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import logging
@@ -33,11 +34,10 @@ import time
 
 import trio
 
-from ..confine import lifecycle, maps
+from ..confine import fastpath, lifecycle, maps
 from ..confine.lifecycle import Confinement
-from ..confine.ringbuf import RingReader
 from . import request
-from .audit import Record
+from .audit import Record, json_string
 from .decisions import Decisions
 from .hostsock import HostSockets
 from .resolved import plain
@@ -74,6 +74,11 @@ class Grants:
         # (grant id, port, address) -> the name a rule's `names` granted it for: the kernel's records
         # of connects it judged by such a grant name it too. Bounded; oldest first out.
         self._names: dict[tuple[int, int, object], str] = {}
+        self._named_gids: collections.Counter[int] = collections.Counter()  # grant id -> its entries in _names
+        # What the kernel's records are written with changed (a grant id, a rule, _named_gids):
+        # _write_kernel_events tells the C reader before the next drain.
+        self._names_version = 0
+        self._ring_names = -1
 
     # ---- grant ids and rules -----------------------------------------------
 
@@ -88,6 +93,7 @@ class Grants:
             log.error("tenant %s: fast path off: %s", tenant.name, e)
             return
         self._tenant_by_gid[tenant.gid] = tenant.name
+        self._names_version += 1
 
     def drop(self, tenant: TenantState) -> None:
         """The tenant's grant id retires: its grants (its own map in the kernel) go."""
@@ -108,6 +114,8 @@ class Grants:
         """
         self._serial += 1
         self._names.clear()
+        self._named_gids.clear()
+        self._names_version += 1
         if self.confinement is None:
             return
         try:
@@ -147,6 +155,7 @@ class Grants:
         if rule_id is None:
             rule_id = self._rule_ids[verdict.rule] = len(self._rules)
             self._rules.append(verdict.rule)
+            self._names_version += 1
         # A grant from a rule's `names` lapses with the answer it came from: the kernel's clock and
         # time.monotonic() are one (CLOCK_MONOTONIC); whole seconds, rounded down, so never later.
         expires = max(1, math.floor(verdict.expires)) if verdict.expires is not None else 0
@@ -156,12 +165,23 @@ class Grants:
             log.warning("tenant %s: cannot grant %s in the kernel: %s", tenant.name, req.addr, e)
             return False
         key = (tenant.gid, req.addr.port, plain(req.addr.ip))
-        self._names.pop(key, None)
+        if self._names.pop(key, None) is not None:
+            self._forget_name(key)
         if verdict.name is not None:
             self._names[key] = verdict.name
+            self._named_gids[key[0]] += 1
+            self._names_version += 1
             if len(self._names) > MAX_NAMED_GRANTS:
-                del self._names[next(iter(self._names))]
+                oldest = next(iter(self._names))
+                del self._names[oldest]
+                self._forget_name(oldest)
         return True
+
+    def _forget_name(self, key: tuple[int, int, object]) -> None:
+        self._named_gids[key[0]] -= 1
+        if not self._named_gids[key[0]]:
+            del self._named_gids[key[0]]
+            self._names_version += 1
 
     def judge_grant(self, tenant: TenantState, req: request.Request, peer: Peer, via: str) -> Verdict:
         """GRANT: a new destination of a grafted UDP socket, judged as its sendto and granted in the kernel.
@@ -233,12 +253,13 @@ class Grants:
 
     async def preissue(
         self, tenant: TenantState, req: request.Request, peer: Peer, via: str
-    ) -> tuple[list[socket.socket], Verdict | None, int]:
+    ) -> tuple[fastpath.Batch, Verdict | None, int]:
         """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
 
         Both front-ends' (via): the shim's pools, and the seccomp agent's C
         loop (seccomp_fast.c), which puts them on apps' fds. Returns the
-        sockets, or none and the refusal, audited; and the grant id they are
+        sockets (the broker's copies: the caller sends them on and closes
+        them), or none and the refusal, audited; and the grant id they are
         marked with: the one in force when the peer's uid was checked (a
         reload that changes the tenant's netns or uids meanwhile gives it a
         new id, and these sockets are refused rather than marked with it).
@@ -254,7 +275,7 @@ class Grants:
         """
         name = tenant.name
 
-        def refuse(verdict: Verdict) -> tuple[list[socket.socket], Verdict, int]:
+        def refuse(verdict: Verdict) -> tuple[fastpath.Batch, Verdict, int]:
             return self._refuse(tenant, peer, req, via, verdict)
 
         grant_id, namespace = tenant.gid, tenant.namespace  # what the checks below are good for
@@ -285,58 +306,54 @@ class Grants:
             n = tenant.bucket.take_up_to(n, time.monotonic())
             if n == 0:
                 return refuse(Verdict("deny", tenant_loc(name, "max_rate"), errno.EAGAIN))
-        try:
-            socks = await namespace.sockets(req.family, req.type, req.protocol, n)
+        issuer, kid = self.confinement.issuer(), tenant.kid
+        try:  # made, marked and counted in C, many at a time (confine/fastpath.py)
+            batch = await namespace.run(
+                lambda: issuer.issue(req.family, req.type, req.protocol, n, namespace.owner, grant_id, kid)
+            )
+        except fastpath.LockError as e:  # fail closed: none of them leaves
+            log.error("tenant %s: %s", tenant.name, e)
+            return refuse(Verdict("error", "broker.confinement", errno.EPERM, reason=str(e)))
         except OSError as e:
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
             return refuse(
                 Verdict("error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"),
             )
+        tenant.issued += n  # the kernel counts their closes from here, whether they leave or not
         if tenant.gid != grant_id:
-            for sock in socks:
-                sock.close()
+            batch.close()
             return refuse(
                 Verdict("error", "broker.reload", errno.EAGAIN, reason="the tenant's netns or uids changed meanwhile"),
             )
-        try:
-            for sock in socks:
-                self.confinement.mark_preissued(sock, grant_id)
-                self.sockets.own(tenant, sock)
-        except OSError as e:  # fail closed: none of them leaves
-            for sock in socks:
-                sock.close()
-            log.error("tenant %s: cannot lock pre-issued sockets: %s", tenant.name, e)
-            return refuse(
-                Verdict("error", "broker.confinement", errno.EPERM, reason=f"cannot lock the sockets: {e}"),
-            )
         tenant.preissued += n
-        return socks, None, grant_id
+        return batch, None, grant_id
 
     def _refuse(
         self, tenant: TenantState, peer: Peer, req: request.Request, via: str, verdict: Verdict
-    ) -> tuple[list[socket.socket], Verdict, int]:
+    ) -> tuple[fastpath.Batch, Verdict, int]:
         self.decisions.audit_request(tenant, peer, req, verdict, via)
-        return [], verdict, 0
+        return fastpath.NONE, verdict, 0
 
     # ---- the kernel's audit records ----------------------------------------
 
-    def open_audit_ring(self) -> RingReader | None:
+    def open_audit_ring(self) -> fastpath.KernelAudit | None:
         """The kernel's ring of fast-path connect records, mapped: the fast path is on from here.
 
         None, and the fast path stays off, without confinement or when the
-        ring cannot be mapped: nobody would audit those connects.
+        ring cannot be mapped (or its C reader loaded): nobody would audit
+        those connects.
         """
         if self.confinement is None:
             return None
         try:
-            ring = RingReader(self.confinement.maps["events"], maps.EVENTS_SIZE)
-        except OSError as e:
-            log.error("fast path off: cannot map the kernel's audit ring: %s", e)
+            ring = fastpath.KernelAudit.mapped(self.confinement.maps["events"], maps.EVENTS_SIZE)
+        except (OSError, fastpath.Unavailable) as e:
+            log.error("fast path off: cannot read the kernel's audit ring: %s", e)
             return None
         self._fast_path = True
         return ring
 
-    async def drain_kernel_audit(self, ring: RingReader) -> None:
+    async def drain_kernel_audit(self, ring: fastpath.KernelAudit) -> None:
         """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
         try:
             while True:
@@ -349,50 +366,24 @@ class Grants:
             self._audit_kernel_events(ring)  # what the last interval left
             ring.close()
 
-    def _audit_kernel_events(self, ring: RingReader) -> None:
+    def _audit_kernel_events(self, ring: fastpath.KernelAudit) -> None:
         try:
             self._write_kernel_events(ring)
         except Exception:  # a bug here must cost audit records, never the broker
             log.exception("audit: cannot write the kernel's records of fast-path connects")
 
-    def _write_kernel_events(self, ring: RingReader) -> None:
-        for raw in ring.drain():
-            ev = maps.decode_event(raw)
-            name = self._tenant_by_gid.get(ev.tenant_id)
-            reason = None
-            if name is None:
-                # Judged by an earlier broker's grant after it stopped uncleanly
-                # (a crash): its tenant names and rules are not known here.
-                reason = f"judged in the kernel by a grant of an earlier broker (tenant id {ev.tenant_id})"
-                log.warning("audit: a fast-path connect of pid %d was judged by an earlier broker's grant", ev.pid)
+    def _write_kernel_events(self, ring: fastpath.KernelAudit) -> None:
+        """The ring's records, in order: written in C, but for those of grant ids _names_for_ring leaves to Python."""
+        if self._ring_names != self._names_version:
+            self._count_written(ring)
+            ring.set_names(*self._names_for_ring())
+            self._ring_names = self._names_version
+        for lines, n, held in ring.drain():
+            if lines is not None:
+                self.decisions.audit.write_lines(lines, n)
             else:
-                tenant = self.tenants.get(name)
-                if tenant is not None and tenant.gid == ev.tenant_id:
-                    tenant.counts["graft"] += 1
-            rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
-            granted_for = (  # an address parsed only if some grant came from a rule's `names`
-                self._names.get((ev.tenant_id, ev.port, plain(ipaddress.ip_address(ev.addr)))) if self._names else None
-            )
-            self.decisions.audit.write(
-                Record(
-                    tenant=name,
-                    pid=ev.pid,
-                    uid=ev.uid,
-                    op="connect",
-                    proto="tcp",
-                    family=request.family_name(ev.family),
-                    addr=ev.addr,
-                    port=ev.port,
-                    host_addr=None,
-                    action="graft",
-                    rule=rule,
-                    errno=0,
-                    confinement=self.decisions.confinement_state,
-                    via="kernel",
-                    reason=reason,
-                    name=granted_for,
-                )
-            )
+                self._write_kernel_event(maps.decode_event(held))
+        self._count_written(ring)
         assert self.confinement is not None
         lost = self.confinement.events_lost()
         if lost > self._events_lost:
@@ -400,3 +391,54 @@ class Grants:
                 "audit: %d record(s) of fast-path connects lost (the kernel's ring was full)", lost - self._events_lost
             )
             self._events_lost = lost
+
+    def _names_for_ring(self) -> tuple[list[tuple[int, bool, str]], list[str], str]:
+        """What the C reader writes records with: each grant id's tenant, the rules; as JSON.
+
+        A grant id with grants from a rule's ``names`` is left to Python
+        (its records may name the name); so, by not being listed, is an
+        earlier broker's.
+        """
+        tenants = [(gid, gid in self._named_gids, json_string(name)) for gid, name in self._tenant_by_gid.items()]
+        return tenants, [json_string(rule) for rule in self._rules], json_string(self.decisions.confinement_state)
+
+    def _count_written(self, ring: fastpath.KernelAudit) -> None:
+        for gid, n in ring.take_written().items():
+            tenant = self.tenants.get(self._tenant_by_gid[gid])
+            if tenant is not None and tenant.gid == gid:
+                tenant.counts["graft"] += n
+
+    def _write_kernel_event(self, ev: maps.ConnectEvent) -> None:
+        """One record the C reader left to Python: an earlier broker's grant, or one that may be a name's."""
+        name = self._tenant_by_gid.get(ev.tenant_id)
+        reason = None
+        if name is None:
+            # Judged by an earlier broker's grant after it stopped uncleanly
+            # (a crash): its tenant names and rules are not known here.
+            reason = f"judged in the kernel by a grant of an earlier broker (tenant id {ev.tenant_id})"
+            log.warning("audit: a fast-path connect of pid %d was judged by an earlier broker's grant", ev.pid)
+        else:
+            tenant = self.tenants.get(name)
+            if tenant is not None and tenant.gid == ev.tenant_id:
+                tenant.counts["graft"] += 1
+        rule = self._rules[ev.rule_id] if name is not None and ev.rule_id < len(self._rules) else None
+        self.decisions.audit.write(
+            Record(
+                tenant=name,
+                pid=ev.pid,
+                uid=ev.uid,
+                op="connect",
+                proto="tcp",
+                family=request.family_name(ev.family),
+                addr=ev.addr,
+                port=ev.port,
+                host_addr=None,
+                action="graft",
+                rule=rule,
+                errno=0,
+                confinement=self.decisions.confinement_state,
+                via="kernel",
+                reason=reason,
+                name=self._names.get((ev.tenant_id, ev.port, plain(ipaddress.ip_address(ev.addr)))),
+            )
+        )

@@ -112,14 +112,22 @@ class Namespace:
                 raise
             return out
 
+        return await self.run(make)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """fn's result, run with the thread in this namespace: inline in the broker's own, else on a worker thread.
+
+        fn makes sockets and returns at once (for the broker's own namespace
+        it runs on trio's thread); the owner uid is fn's to set (owned_by).
+        """
         if self.path is None:
-            return make()
-        return await trio.to_thread.run_sync(self._in_netns, make)
+            return fn()
+        return await trio.to_thread.run_sync(self._in_netns, fn)
 
     async def live_inodes(self) -> set[int]:
         """Inodes of every TCP and UDP socket, v4 and v6, in this namespace."""
         if self.path is None:
-            return await trio.to_thread.run_sync(_dump_inodes)
+            return await trio.to_thread.run_sync(_dump_inodes)  # a dump takes a while: off trio's thread
         return await trio.to_thread.run_sync(self._in_netns, _dump_inodes)
 
 

@@ -44,6 +44,11 @@ def reopen(fd: int) -> int:
     return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+def _left(data: bytes, written: int, lines: int) -> int:
+    """Of the lines in data, those not written whole once its first ``written`` bytes are (one at least)."""
+    return max(1, lines - data.count(b"\n", 0, written))
+
+
 class Outlet:
     """Non-blocking, ordered, bounded writes of whole lines to one fd (which it owns).
 
@@ -65,7 +70,7 @@ class Outlet:
             self._write = lambda data: os.write(fd, data)
         self.lost = 0  # lines offered and never written
         self._lock = threading.Lock()
-        self._waiting: collections.deque[bytes] = collections.deque()
+        self._waiting: collections.deque[tuple[bytes, int]] = collections.deque()  # (bytes, lines in them)
         self._waiting_bytes = 0
         # A regular file is never full, and epoll cannot wait on one: nothing ever waits for it.
         self._pollable = not stat.S_ISREG(mode)
@@ -89,9 +94,9 @@ class Outlet:
         """Bytes waiting for the reader."""
         return self._waiting_bytes
 
-    def offer(self, line: bytes) -> bool:
-        """Write line now, or queue it: True. Lost (no room, or the fd failed): False, with OSError raised
-        for a failure other than a full pipe."""
+    def offer(self, line: bytes, lines: int = 1) -> bool:
+        """Write line (``lines`` whole lines) now, or queue it: True. Lost (no room, or the fd failed): False,
+        with OSError raised for a failure other than a full pipe; lost counts ``lines``."""
         with self._lock:
             if not self._waiting:  # else behind what already waits: order is kept
                 try:
@@ -99,19 +104,19 @@ class Outlet:
                 except BlockingIOError:
                     n = 0
                 except OSError:
-                    self.lost += 1
+                    self.lost += lines
                     raise
                 if n == len(line):
                     return True
                 # Nothing written (full), or a line longer than PIPE_BUF written in part: the rest goes first.
                 if n == 0 and not self._room_for(line):
-                    self.lost += 1
+                    self.lost += lines
                     return False
-                line = line[n:]
+                line, lines = line[n:], _left(line, n, lines)
             elif not self._room_for(line):
-                self.lost += 1
+                self.lost += lines
                 return False
-            self._waiting.append(line)
+            self._waiting.append((line, lines))
             self._waiting_bytes += len(line)
         self._wake()
         return True
@@ -136,21 +141,24 @@ class Outlet:
         """Write what waits, as far as the reader has made room (never blocks)."""
         with self._lock:
             while self._waiting:
-                line = self._waiting[0]
+                line, lines = self._waiting[0]
                 try:
                     n = self._write(line)
                 except BlockingIOError:
                     return
                 except OSError:
-                    self.lost += len(self._waiting)
+                    self.lost += self._lines_waiting()
                     self._waiting.clear()
                     self._waiting_bytes = 0
                     raise
                 self._waiting_bytes -= n
                 if n < len(line):
-                    self._waiting[0] = line[n:]
+                    self._waiting[0] = (line[n:], _left(line, n, lines))
                     return
                 self._waiting.popleft()
+
+    def _lines_waiting(self) -> int:
+        return sum(lines for _, lines in self._waiting)
 
     async def run(self) -> None:
         """Write waiting lines as the reader makes room; runs until cancelled."""
@@ -174,7 +182,7 @@ class Outlet:
             self.flush()
         except OSError:
             pass
-        self.lost += len(self._waiting)
+        self.lost += self._lines_waiting()
         if self._sock is not None:
             self._sock.close()
         else:

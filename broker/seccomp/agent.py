@@ -63,6 +63,7 @@ from pathlib import Path
 
 import trio
 
+from ..confine import fastpath
 from ..core import request
 from ..core.decisions import to_resolver
 from ..core.sockopts import Defaults, copy_options, option_defaults
@@ -299,24 +300,23 @@ class SeccompAgent:
     async def _refill(self, tenant: TenantState, ctl: trio.socket.SocketType, msg: fast.Message) -> None:
         """Pre-issued TCP sockets for the loop, judged for the calling process (none: refused, audited)."""
         peer = procfs.proc_status(msg.pid)
-        socks: list[socket.socket] = []
+        batch = fastpath.NONE
         grant_id = 0
         if peer is not None:
             req = request.Request(request.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
             try:
-                socks, _, grant_id = await self.stages.grants.preissue(tenant, req, peer, "seccomp")
+                batch, _, grant_id = await self.stages.grants.preissue(tenant, req, peer, "seccomp")
             except Exception:  # a bug costs the pool (the loop holds off), never the listener
                 log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
         # The thread that asked is gone: nothing was judged, so nothing was refused; the next may ask.
         header = fast.encode_pool(msg.family, peer.uid if peer is not None else msg.uid, grant_id, again=peer is None)
         try:
-            fds = array.array("i", [s.fileno() for s in socks])
-            await ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if socks else [])
+            fds = array.array("i", batch.fds())
+            await ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
         except OSError:
             pass  # the loop has ended; the sockets go with the broker's copies
         finally:
-            for sock in socks:
-                sock.close()
+            batch.close()
 
     @staticmethod
     def _respond(fd: int, response: bytes) -> None:

@@ -215,13 +215,12 @@ class ShimFront:
 
         grants = self.stages.grants
         if req.op == request.OP_PREISSUE:
-            socks, refusal, _ = await grants.preissue(tenant, req, peer, "shim")
+            batch, refusal, _ = await grants.preissue(tenant, req, peer, "shim")
             reply = fd_less_reply(refusal) if refusal is not None else wire.encode_reply(wire.V_GRAFT, 0)
             try:
-                return await self._send(conn, reply, socks, tenant, peer)
+                return await self._send(conn, reply, batch.fds(), tenant, peer)
             finally:
-                for sock in socks:
-                    sock.close()
+                batch.close()
 
         if req.op == request.OP_GRANT:
             reply = fd_less_reply(grants.judge_grant(tenant, req, peer, "shim"))
@@ -231,7 +230,7 @@ class ShimFront:
         try:
             self.stages.grant(tenant, req, out)  # before the reply: the app's next connect finds it
             return await self._send(
-                conn, outcome_reply(req, out), [out.sock] if out.sock is not None else [], tenant, peer
+                conn, outcome_reply(req, out), [out.sock.fileno()] if out.sock is not None else [], tenant, peer
             )
         finally:
             out.close()
@@ -247,12 +246,10 @@ class ShimFront:
             return wire.encode_reply(wire.V_CONTAINER)  # dns.resolver = "off": names stay the container's
         return wire.encode_reply(wire.V_GRAFT, 0, addr)
 
-    async def _send(
-        self, conn: socket.socket, reply: bytes, socks: list[socket.socket], tenant: TenantState, peer: Peer
-    ) -> bool:
+    async def _send(self, conn: socket.socket, reply: bytes, fds: list[int], tenant: TenantState, peer: Peer) -> bool:
         anc = []
-        if socks:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in socks]))]
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         try:
             conn.sendmsg([reply], anc)
             return True

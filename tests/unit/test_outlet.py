@@ -74,3 +74,19 @@ async def test_a_line_offered_from_another_thread_wakes_the_writer(pipe):
         nursery.cancel_scope.cancel()
     assert read_all(r, 14) == b"from a thread\n"
     out.close()
+
+
+def test_a_block_of_lines_is_lost_and_counted_line_by_line():
+    """The kernel's audit records come in blocks (confine/fastpath.py): a lost block is each of its records lost."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+    out = Outlet(w, limit=100)
+    fill(w)
+    assert out.offer(b"a\nb\n", 2) and out.waiting == 4  # queued whole
+    assert not out.offer(b"c\n" * 60, 60) and out.lost == 60  # beyond the limit
+    os.close(r)  # the reader goes: what waits is lost, by its lines
+    with pytest.raises(OSError):
+        out.flush()
+    assert out.lost == 62
+    out.close()
+    assert out.lost == 62
