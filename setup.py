@@ -3,7 +3,7 @@
 The source tree keeps one top-level directory per component (shim/, broker/,
 policy/, graft/ for the CLI); they install as one ``graft`` package namespace
 so nothing generic like ``policy`` lands at the top of site-packages.
-``build_py`` compiles libgraft.so with the shim's own Makefile and ships it,
+``build_py`` compiles libgraft.so (and libgraft-musl.so, where musl-gcc is) with the shim's own Makefile and ships it,
 with the wire header the broker parses, inside ``graft.shim``; and the
 seccomp agent's C loop, libgraft_seccomp.so (broker/seccomp/Makefile), with
 its header, inside ``graft.broker.seccomp``; and the fast path's per-socket
@@ -11,6 +11,7 @@ work, libgraft_confine.so (broker/confine/Makefile), inside ``graft.broker.confi
 """
 
 import os
+import shutil
 import subprocess
 
 from setuptools import setup
@@ -22,7 +23,9 @@ BROKER_LAYERS = ("core", "shim", "seccomp", "dns", "confine", "io")  # broker/__
 
 class BuildWithShim(build_py):
     def run(self):
-        subprocess.run(["make", "-C", os.path.join(HERE, "shim"), "libgraft.so"], check=True)
+        # The musl build (for musl images) needs musl-gcc; without it graft-runtime refuses musl images in preload mode.
+        shims = ["libgraft.so", *(["libgraft-musl.so"] if shutil.which("musl-gcc") else [])]
+        subprocess.run(["make", "-C", os.path.join(HERE, "shim"), *shims], check=True)
         subprocess.run(["make", "-C", os.path.join(HERE, "broker", "seccomp"), "libgraft_seccomp.so"], check=True)
         subprocess.run(["make", "-C", os.path.join(HERE, "broker", "confine"), "libgraft_confine.so"], check=True)
         super().run()
@@ -42,7 +45,7 @@ setup(
         "graft.shim": "shim",
     },
     package_data={
-        "graft.shim": ["libgraft.so", "graft_wire.h"],
+        "graft.shim": ["libgraft.so", "libgraft-musl.so", "graft_wire.h"],
         "graft.broker.seccomp": ["libgraft_seccomp.so", "seccomp_fast.h"],
         "graft.broker.confine": ["libgraft_confine.so", "graft_confine.h", "graft_maps.h"],
         "graft.policy": ["examples/*.toml", "examples/README.md"],
@@ -55,7 +58,7 @@ setup(
         "dnspython>=2.6",  # the resolver's DNS messages (broker/dns/message.py)
     ],
     extras_require={
-        "test": ["pytest", "pytest-trio", "hypothesis"],
+        "test": ["pytest", "pytest-trio", "hypothesis", "kubernetes-validate"],  # packaging/kubernetes schemas
         "lint": ["ruff"],  # make lint
         # make bench: figures (Agg backend) and the broker profile (docs/benchmarks.md)
         "bench": ["matplotlib", "py-spy"],

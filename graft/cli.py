@@ -3,7 +3,7 @@
 graft run [--seccomp] (--tenant NAME [--socket-dir DIR] | --socket PATH) [--netns NAME|PATH [--no-dns]] -- CMD ...
 graft policy check FILE
 graft policy schema
-graft shim-path
+graft shim-path [--musl]
 graft confinement status|remove
 graft status [--socket-dir DIR] [--json]
 """
@@ -80,10 +80,15 @@ def _run_seccomp(args: argparse.Namespace, cmd: list[str]) -> int:
 
 
 def _cmd_shim_path(args: argparse.Namespace) -> int:
-    if not LIB_PATH.exists():
-        print(f"graft shim-path: {LIB_PATH} is missing; build the shim first (make build)", file=sys.stderr)
+    """The glibc build's path (the fixed interface), or with --musl the musl build's, for musl images."""
+    from graft.shim import MUSL_LIB_PATH
+
+    path = MUSL_LIB_PATH if args.musl else LIB_PATH
+    if not path.exists():
+        how = "make build, with musl-gcc from musl-tools" if args.musl else "make build"
+        print(f"graft shim-path: {path} is missing; build the shim first ({how})", file=sys.stderr)
         return 1
-    print(LIB_PATH)
+    print(path)
     return 0
 
 
@@ -193,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     shim = sub.add_parser("shim-path", help="print the path of libgraft.so")
+    shim.add_argument("--musl", action="store_true", help="the build for musl images (Alpine), libgraft-musl.so")
     shim.set_defaults(func=_cmd_shim_path)
 
     pol = sub.add_parser("policy", help="policy file tools").add_subparsers(dest="policy_command", required=True)

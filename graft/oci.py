@@ -79,19 +79,56 @@ class Request:
         return os.path.join(self.socket_dir, SECCOMP_SOCKET)
 
 
-def requested(config: dict) -> Request | None:
-    """The tenant and socket directory a config's annotations name, or None if it names no tenant."""
+def is_tenant_name(value: object) -> bool:
+    """A name that can only mean <socket_dir>/<name>.sock: no path of its own, no way out of the directory."""
+    return isinstance(value, str) and bool(value) and "/" not in value and value not in (".", "..")
+
+
+def requested(config: dict, tenant: str | None = None, socket_dir: str | None = None) -> Request | None:
+    """The tenant and socket directory to graft config for, or None to leave it alone.
+
+    tenant, socket_dir: the operator's, from graft-runtime's own flags
+    --graft-tenant and --graft-socket-dir (docs/containers.md, "One runtime
+    per tenant"); graft-runtime has checked them. The annotations are the
+    container's: whoever writes its config. So the operator's word wins:
+
+    - with a tenant flag, every bundle is grafted for it; an annotation
+      naming another tenant is refused (a container does not choose its
+      tenant against the runtime it was given), the same one is fine;
+    - the socket directory is the flag's, else (without a tenant flag) the
+      annotation's, else /run/graft. An annotation naming another directory
+      than the operator's is refused, not ignored: it would pick another
+      broker, and so another policy. Without either flag the annotations
+      decide, as before there were flags.
+    """
     annotations = config.get("annotations")
-    if not isinstance(annotations, dict) or TENANT_ANNOTATION not in annotations:
+    if not isinstance(annotations, dict):
+        annotations = {}
+    # The operator's directory: the flag's; a tenant flag without one means the default.
+    operator_dir = socket_dir if socket_dir is not None or tenant is None else DEFAULT_SOCKET_DIR
+    if TENANT_ANNOTATION in annotations:
+        named = annotations[TENANT_ANNOTATION]
+        if not is_tenant_name(named):
+            raise BundleError(f"annotation {TENANT_ANNOTATION}={named!r} is not a tenant name")
+        if tenant is not None and named != tenant:
+            raise BundleError(
+                f"annotation {TENANT_ANNOTATION}={named!r} names another tenant than this runtime's "
+                f"--graft-tenant {tenant}; a container cannot choose its own tenant"
+            )
+        tenant = named
+    if tenant is None:
         return None
-    tenant = annotations[TENANT_ANNOTATION]
-    if not isinstance(tenant, str) or not tenant or "/" in tenant or tenant in (".", ".."):
-        raise BundleError(f"annotation {TENANT_ANNOTATION}={tenant!r} is not a tenant name")
-    socket_dir = annotations.get(SOCKET_DIR_ANNOTATION, DEFAULT_SOCKET_DIR)
-    # Relative to what? The runtime's working directory is the engine's choice.
-    if not isinstance(socket_dir, str) or not os.path.isabs(socket_dir):
-        raise BundleError(f"annotation {SOCKET_DIR_ANNOTATION}={socket_dir!r} is not an absolute path")
-    return Request(tenant, os.path.normpath(socket_dir))
+    chosen = annotations.get(SOCKET_DIR_ANNOTATION)
+    if chosen is not None:
+        # Relative to what? The runtime's working directory is the engine's choice.
+        if not isinstance(chosen, str) or not os.path.isabs(chosen):
+            raise BundleError(f"annotation {SOCKET_DIR_ANNOTATION}={chosen!r} is not an absolute path")
+        if operator_dir is not None and os.path.normpath(chosen) != os.path.normpath(operator_dir):
+            raise BundleError(
+                f"annotation {SOCKET_DIR_ANNOTATION}={chosen!r} names another broker than this runtime's "
+                f"socket directory {operator_dir}; a container cannot choose its own broker"
+            )
+    return Request(tenant, os.path.normpath(operator_dir or chosen or DEFAULT_SOCKET_DIR))
 
 
 def mode_from_status(status: dict, request: Request) -> str:

@@ -27,7 +27,13 @@
  * could keep a fork waiting indefinitely. Safe because no thread takes the
  * guard twice (forkguard.h).
  */
-static pthread_rwlock_t guard = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
+#ifdef PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
+#define GUARD_INITIALIZER PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
+#else
+/* musl has no writer-preferring kind: its rwlock lets new readers in while a writer waits. */
+#define GUARD_INITIALIZER PTHREAD_RWLOCK_INITIALIZER
+#endif
+static pthread_rwlock_t guard = GUARD_INITIALIZER;
 
 /* The forking thread's own holding, from prepare to parent/child. */
 static struct forkguard forking;
@@ -76,7 +82,7 @@ static void child(void)
     fdt_fork_child();
     fdpool_fork_child();
     grants_fork_child();
-    guard = (pthread_rwlock_t)PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
+    guard = (pthread_rwlock_t)GUARD_INITIALIZER;
     pthread_sigmask(SIG_SETMASK, &forking.saved, NULL);
 }
 

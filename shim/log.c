@@ -77,8 +77,13 @@ void log_once(_Atomic pid_t *once, const char *fmt, ...)
 
 const char *log_errstr(int err)
 {
+#ifdef __GLIBC__
     /* Unlike strerror(), returns constant strings: no shared buffer. */
     const char *s = strerrordesc_np(err);
+#else
+    /* musl's strerror() returns constant strings already (and has no strerrordesc_np). */
+    const char *s = strerror(err);
+#endif
     return s != NULL ? s : "Unknown error";
 }
 

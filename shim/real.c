@@ -34,6 +34,20 @@ static void *resolve(const char *name)
     return fn;
 }
 
+#ifndef __GLIBC__
+/*
+ * musl (1.2.3) defines neither close_range() nor fcntl64(), so its programs
+ * never call the shim's; resolving them would abort every program. The
+ * shim's own calls get the system call, and fcntl.
+ */
+#include <sys/syscall.h>
+
+static int raw_close_range(unsigned int first, unsigned int last, int flags)
+{
+    return (int)syscall(SYS_close_range, first, last, flags);
+}
+#endif
+
 #define RESOLVE(name) (graft_real.name = (__typeof__(graft_real.name))resolve(#name))
 
 void graft_real_init(void)
@@ -46,13 +60,21 @@ void graft_real_init(void)
     RESOLVE(close);
     RESOLVE(dup2);
     RESOLVE(dup3);
+#ifdef __GLIBC__
     RESOLVE(close_range);
+#else
+    graft_real.close_range = raw_close_range;
+#endif
     RESOLVE(sendto);
     RESOLVE(sendmsg);
     RESOLVE(sendmmsg);
     RESOLVE(getsockname);
     RESOLVE(dup);
     RESOLVE(fcntl);
+#ifdef __GLIBC__
     RESOLVE(fcntl64);
+#else
+    graft_real.fcntl64 = graft_real.fcntl; /* musl's off_t is 64-bit: fcntl is fcntl64 */
+#endif
     RESOLVE(epoll_ctl);
 }

@@ -61,14 +61,16 @@ def test_policy_schema_is_json_schema():
     assert r.returncode == 0 and "tenants" in schema["properties"]
 
 
-def test_shim_path_points_at_the_built_library():
-    r = graft("shim-path")
+@pytest.mark.parametrize("flags, name", [((), "libgraft.so"), (("--musl",), "libgraft-musl.so")])
+def test_shim_path_points_at_the_built_library(flags, name):
+    r = graft("shim-path", *flags)
     path = Path(r.stdout.strip())
-    assert r.returncode == 0 and path.is_absolute() and path.name == "libgraft.so" and path.is_file()
+    assert r.returncode == 0 and path.is_absolute() and path.name == name and path.is_file()
 
 
-def test_shim_exports_only_interposed_symbols():
-    lib = graft("shim-path").stdout.strip()
+@pytest.mark.parametrize("flags", [(), ("--musl",)])  # the glibc build, and the musl one (same map)
+def test_shim_exports_only_interposed_symbols(flags):
+    lib = graft("shim-path", *flags).stdout.strip()
     out = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if line.split()[1] in "TtWi"}
     assert exported == {

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shlex
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from graft.cgroups import crun_refuses_host
 from support.dns_server import dns_server
 from support.harness import free_port, need_program, need_root_and_netns
 from support.rootfs import GRAFT_RUNTIME, Runtime, default_config, host_dirs, real_runtime, write_bundle
@@ -83,6 +84,18 @@ def test_a_container_resolves_a_name_through_the_brokers_resolver(rt, start_brok
     assert engine.read_text() == ENGINE_RESOLV_CONF  # the engine's file is never written to
 
 
+def test_a_runtime_per_tenant_grafts_a_bundle_without_annotation(rt, start_broker, short_tmp, rootfs, site):
+    """--graft-tenant: the operator's runtime names the tenant, for engines that pass no annotations."""
+    broker = start_broker(policy(site), "web")
+    web = rt.with_flags("--graft-tenant", "web", f"--graft-socket-dir={broker.socket_dir}")
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, curl(site)))
+    with web.container_id() as cid:
+        out = web.run("run", "--bundle", str(bundle), cid)
+    assert (out.returncode, out.stdout) == (0, PAGE), out.stderr
+    (rec,) = [r for r in broker.audit() if r["op"] == "connect"]
+    assert (rec["tenant"], rec["port"], rec["action"], rec["via"]) == ("web", site, "graft", "shim")
+
+
 def test_unannotated_bundle_is_untouched_and_cut_off(rt, short_tmp, rootfs, site):
     """The control: the same container without the annotation cannot reach the host, and its config is not written."""
     bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, curl(site)))
@@ -98,23 +111,10 @@ def test_preload_http_server_is_published_on_the_host(rt, start_broker, short_tm
     broker = start_broker(policy(site, published), "web")
     server = ["python3", "-u", "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", "/etc"]
     bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, server, annotations(broker)))
-    with rt.container_id() as cid:
-        proc = subprocess.Popen(
-            rt.cmd("run", "--bundle", str(bundle), cid),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            # http.server prints this once it listens; a container that hangs before that fails the test
-            assert select.select([proc.stdout], [], [], 60)[0], "the server printed nothing in 60 s"
-            ready = proc.stdout.readline()
-            assert "Serving HTTP" in ready, (ready, proc.stderr.read() if proc.poll() is not None else "")
-            got = subprocess.run(curl(published, "/hosts"), capture_output=True, text=True, timeout=30)
-        finally:
-            rt.run("kill", cid, "KILL")
-            proc.wait(timeout=30)
+    with rt.container_id() as cid, rt.serving(cid, bundle) as (proc, ready):
+        # http.server prints this once it listens
+        assert "Serving HTTP" in ready, (ready, proc.stderr.read() if proc.poll() is not None else "")
+        got = subprocess.run(curl(published, "/hosts"), capture_output=True, text=True, timeout=30)
     assert got.returncode == 0 and got.stdout == (rootfs / "etc" / "hosts").read_text(), got.stderr
     (rec,) = [r for r in broker.audit() if r["op"] == "bind"]
     assert (rec["port"], rec["action"], rec["host_addr"]) == (80, "graft", f"127.0.0.1:{published}")
@@ -144,14 +144,33 @@ def test_seccomp_mode_extends_the_bundles_profile(rt, start_broker, short_tmp, r
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown tenant", "no broker", "no socket dir", "seccomp without confinement", "malformed config", "musl image"],
+    [
+        "unknown tenant",
+        "no broker",
+        "no socket dir",
+        "seccomp without confinement",
+        "malformed config",
+        "old glibc image",
+        "another tenant than the runtime's",
+        "another broker than the runtime's",
+    ],
 )
 def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp, rootfs):
     need_root_and_netns()
     rt = Runtime(real_runtime("runc", short_tmp), short_tmp / "state")
     ann = {"io.graft.tenant": "web", "io.graft.socket-dir": str(short_tmp / "nowhere")}
     expect = "no broker answers at"
-    if case == "unknown tenant":
+    if case in ("another tenant than the runtime's", "another broker than the runtime's"):
+        # A broker that serves both tenants: only the operator's flag stands between them.
+        broker = start_broker(policy(free_port()) + "[tenants.db]\n", "web")
+        rt = rt.with_flags("--graft-tenant", "web", "--graft-socket-dir", str(broker.socket_dir))
+        if case == "another tenant than the runtime's":
+            ann = {"io.graft.tenant": "db"}
+            expect = "annotation io.graft.tenant='db' names another tenant than this runtime's --graft-tenant web"
+        else:
+            ann = annotations(broker) | {"io.graft.socket-dir": str(short_tmp)}
+            expect = f"names another broker than this runtime's socket directory {broker.socket_dir}"
+    elif case == "unknown tenant":
         broker = start_broker(policy(free_port()), "web")
         ann = {**annotations(broker), "io.graft.tenant": "db"}
         expect = "tenant 'db' is not in the policy of the broker"
@@ -162,11 +181,14 @@ def test_bad_annotation_fails_create_with_one_line(case, start_broker, short_tmp
     elif case == "malformed config":
         ann = annotations(start_broker(policy(free_port()), "web"))
         expect = "has an unexpected shape: AttributeError"
-    elif case == "musl image":
+    elif case == "old glibc image":
+        # Neither build loads there: the glibc one needs a newer glibc, and the programs are glibc's, not musl's.
+        # (A musl image goes to the musl build: tests/e2e/test_musl_preload.py.)
         ann = annotations(start_broker(policy(free_port()), "web"))
-        (rootfs / "usr" / "lib").mkdir()  # /lib -> usr/lib, in the image (the host's /usr is mounted over it)
-        (rootfs / "usr" / "lib" / "ld-musl-x86_64.so.1").write_bytes(b"\x7fELF")
-        expect = "tenant 'web' is in preload mode, but the image's programs use musl (lib/ld-musl-x86_64.so.1)"
+        libc = rootfs / "usr" / "lib" / "x86_64-linux-gnu" / "libc.so.6"  # in the image; the host's /usr goes over it
+        libc.parent.mkdir(parents=True)
+        libc.write_bytes(b"\x00GNU C Library (GNU libc) stable release version 2.17\x00")
+        expect = "tenant 'web' is in preload mode, but the image's glibc is 2.17 (/lib/x86_64-linux-gnu/libc.so.6)"
     elif case == "no broker":
         (short_tmp / "nowhere").mkdir()
     config = default_config(rootfs, ["true"], ann)
@@ -233,6 +255,86 @@ def test_graft_runtime_will_not_exec_itself():
     )
     assert out.returncode == 1
     assert out.stderr == f"graft-runtime: the real runtime {GRAFT_RUNTIME} is graft-runtime itself\n"
+
+
+# ---- the default real runtime -------------------------------------------------------------------
+
+
+def without_graft_runtime_env(path: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GRAFT_RUNTIME"}
+    return env if path is None else {**env, "PATH": path}
+
+
+def by_default(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    """graft-runtime ARGS with neither --graft-runtime nor $GRAFT_RUNTIME (and PATH=path, if given)."""
+    return subprocess.run(
+        [GRAFT_RUNTIME, *args],
+        env=without_graft_runtime_env(path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_default_real_runtime_runs_containers_here(short_tmp, rootfs):
+    """No --graft-runtime, no $GRAFT_RUNTIME: the runtime graft-runtime picks can run this host's containers."""
+    need_root_and_netns()
+    need_program("runc")
+    need_program("crun")
+    version = by_default("--version")
+    expected = "runc" if crun_refuses_host() else "crun"  # crun first, unless it refuses every container here
+    assert version.returncode == 0 and version.stdout.startswith(f"{expected} version"), version.stderr
+    state = short_tmp / "state"
+    bundle = write_bundle(short_tmp / "bundle", default_config(rootfs, ["echo", "ran"]))
+    with Runtime(need_program(expected), state).container_id() as cid:  # deleted by the same runtime
+        out = by_default("--root", str(state), "run", "--bundle", str(bundle), cid)
+    assert (out.returncode, out.stdout) == (0, "ran\n"), out.stderr
+
+
+def as_containerd_shim(tmp: Path, path: str, *args: str) -> subprocess.CompletedProcess:
+    """graft-runtime ARGS run by a parent whose executable is called containerd-shim-runc-v2, with PATH=path."""
+    shim = tmp / "containerd-shim-runc-v2"
+    shutil.copy("/bin/dash", shim)  # a copy, not a link: the parent's executable is what graft-runtime reads
+    # "; exit" keeps the shell from exec'ing graft-runtime in its own place: the shell stays its parent.
+    script = f'{shlex.join([GRAFT_RUNTIME, *args])}; exit "$?"'
+    env = without_graft_runtime_env(path)
+    return subprocess.run([str(shim), "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def only_crun_on_path(short_tmp) -> str:
+    directory = short_tmp / "path"
+    directory.mkdir()
+    (directory / "crun").symlink_to(need_program("crun"))
+    return str(directory)
+
+
+def test_under_containerds_shim_the_default_is_runc(short_tmp, only_crun_on_path):
+    """containerd-shim-runc-v2 runs graft-runtime as its runc binary: runc, never crun, whatever the host."""
+    out = as_containerd_shim(short_tmp, only_crun_on_path, "--version")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (
+        "graft-runtime: no real runtime: called by containerd-shim-runc-v2 as its runc binary, and runc is not "
+        "on PATH; name one with --graft-runtime PATH or $GRAFT_RUNTIME\n"
+    )
+    runc = subprocess.run([need_program("runc"), "--version"], capture_output=True, text=True)
+    both = short_tmp / "path"
+    (both / "runc").symlink_to(need_program("runc"))
+    out = as_containerd_shim(short_tmp, str(both), "--version")
+    assert (out.returncode, out.stdout) == (0, runc.stdout), out.stderr
+
+
+def test_crun_is_passed_over_where_it_refuses_every_container(only_crun_on_path):
+    out = by_default("--version", path=only_crun_on_path)
+    if not crun_refuses_host():  # a cgroup2-only or v1-only host: crun it is
+        assert out.returncode == 0 and out.stdout.startswith("crun version"), out.stderr
+        return
+    assert out.returncode == 1 and out.stderr == (
+        "graft-runtime: no real runtime: crun refuses every container on this host's hybrid cgroup layout "
+        "(a cgroup2 with controllers at /sys/fs/cgroup/unified), and runc is not on PATH; "
+        "name one with --graft-runtime PATH or $GRAFT_RUNTIME\n"
+    )
 
 
 # ---- podman ------------------------------------------------------------------------------------

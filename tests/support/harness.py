@@ -510,10 +510,13 @@ def run_grafted(
     )
 
 
-def compile_c(source: str, binary: Path, *extra: str) -> Path:
-    """Build support/c/SOURCE into binary with the project's C flags (warnings are errors); extra: more cc args."""
+def compile_c(source: str, binary: Path, *extra: str, compiler: str = "cc") -> Path:
+    """Build support/c/SOURCE into binary with the project's C flags (warnings are errors); extra: more cc args.
+
+    compiler: another C compiler driver, e.g. musl-gcc for programs of a musl image.
+    """
     cc = [
-        "cc",
+        compiler,
         "-std=gnu11",
         "-O2",
         "-Wall",

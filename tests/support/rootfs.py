@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import select
 import shutil
 import subprocess
 import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+from graft.cgroups import CRUN_UNIFIED, crun_refuses_host
 
 GRAFT_RUNTIME = str(Path(sys.executable).parent / "graft-runtime")
 
@@ -58,14 +62,45 @@ def build_rootfs(root: Path) -> Path:
     return root
 
 
+def musl_loader() -> str:
+    """Where musl's dynamic loader (which is musl's libc too) lives, on the host (Debian's musl) and in a musl image."""
+    return f"/lib/ld-musl-{platform.machine()}.so.1"
+
+
+def build_musl_rootfs(root: Path, programs: list[Path]) -> Path:
+    """A musl image's root filesystem, as Alpine's is as far as the C library goes: musl's loader in /lib, no glibc.
+
+    programs (built with musl-gcc, dynamically: LD_PRELOAD needs the loader) go to /bin;
+    the config for it takes no host directories (default_config(host_programs=False)).
+    """
+    for name in MOUNT_POINTS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    (root / "lib").mkdir()
+    shutil.copy(musl_loader(), root / musl_loader().lstrip("/"))  # the file, not Debian's link to it
+    (root / "bin").mkdir()
+    for path in programs:
+        shutil.copy(path, root / "bin" / path.name)
+    for name, text in ETC_FILES.items():
+        (root / "etc" / name).write_text(text)
+    return root
+
+
 def _tmpfs(destination: str, *options: str) -> dict:
     return {"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", *options]}
 
 
 def default_config(
-    rootfs: Path, args: list[str], annotations: dict[str, str] | None = None, env: list[str] | None = None
+    rootfs: Path,
+    args: list[str],
+    annotations: dict[str, str] | None = None,
+    env: list[str] | None = None,
+    host_programs: bool = True,
 ) -> dict:
-    """The config `runc spec` writes, without a terminal, running args in rootfs (shared, read-only)."""
+    """The config `runc spec` writes, without a terminal, running args in rootfs (shared, read-only).
+
+    host_programs: mount the host's program directories (host_dirs) read-only, as build_rootfs's
+    root filesystems need; an image with programs of its own (build_musl_rootfs) goes without.
+    """
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     config = {
         "ociVersion": "1.0.2-dev",
@@ -106,7 +141,7 @@ def default_config(
             _tmpfs("/run", "mode=755"),
             *(
                 {"destination": f"/{d}", "type": "bind", "source": f"/{d}", "options": ["rbind", "ro"]}
-                for d in host_dirs()
+                for d in (host_dirs() if host_programs else ())
             ),
         ],
         "linux": {
@@ -140,35 +175,25 @@ def write_bundle(bundle: Path, config: dict) -> Path:
 
 # ---- running containers ----------------------------------------------------------------
 
-# crun (1.8) refuses a hybrid cgroup layout whose unified hierarchy has controllers
-# ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"). It looks
-# at this fixed path, so this is the path to check; runc has no such limit.
-CRUN_HYBRID_PATH = "/sys/fs/cgroup/unified"
-
-
-def _crun_refuses_this_host() -> bool:
-    with open("/proc/self/mounts") as f:
-        hybrid = any(line.split()[1:3] == [CRUN_HYBRID_PATH, "cgroup2"] for line in f)
-    return hybrid and bool(Path(CRUN_HYBRID_PATH, "cgroup.controllers").read_text().strip())
-
 
 def real_runtime(name: str, tmp: Path) -> str:
     """The path graft-runtime should exec for runc or crun here (crun behind a shim on hybrid hosts).
 
-    On a hybrid host crun runs in a mount namespace of its own where the unified
-    hierarchy is unmounted, so it sees (and uses) the v1 controllers, as runc
-    does; every command of one container must go through the same wrapper.
+    crun refuses a hybrid host (graft/cgroups.py, which graft-runtime asks too). There it
+    runs in a mount namespace of its own where crun's unified hierarchy is unmounted, so
+    it sees (and uses) the v1 controllers, as runc does; every command of one container
+    must go through the same wrapper.
     """
     path = shutil.which(name)
     if path is None:
         raise FileNotFoundError(f"{name} is not installed (make deps installs it)")
-    if name != "crun" or not _crun_refuses_this_host():
+    if name != "crun" or not crun_refuses_host():
         return path
     wrapper = tmp / "crun-v1"
     wrapper.write_text(
         "#!/bin/sh\n"
         "# crun with the cgroup v1 controllers only: see tests/support/rootfs.py\n"
-        f'exec unshare --mount --propagation private /bin/sh -c \'umount {CRUN_HYBRID_PATH} && exec "$0" "$@"\' '
+        f'exec unshare --mount --propagation private /bin/sh -c \'umount {CRUN_UNIFIED} && exec "$0" "$@"\' '
         f'{path} "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -178,17 +203,48 @@ def real_runtime(name: str, tmp: Path) -> str:
 class Runtime:
     """graft-runtime driving one real runtime, with its container state in a directory of the test."""
 
-    def __init__(self, real: str, state_dir: Path):
+    def __init__(self, real: str, state_dir: Path, graft_flags: tuple[str, ...] = ()):
         self.real = real
         self.state_dir = state_dir
+        self.graft_flags = graft_flags  # graft-runtime's own, e.g. --graft-tenant NAME: an operator's runtime
+
+    def with_flags(self, *graft_flags: str) -> Runtime:
+        """The same runtime and state, registered with more of graft-runtime's flags."""
+        return Runtime(self.real, self.state_dir, (*self.graft_flags, *graft_flags))
 
     def cmd(self, *args: str) -> list[str]:
-        return [GRAFT_RUNTIME, "--graft-runtime", self.real, "--root", str(self.state_dir), *args]
+        return [GRAFT_RUNTIME, *self.graft_flags, "--graft-runtime", self.real, "--root", str(self.state_dir), *args]
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
             self.cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
+
+    @contextmanager
+    def serving(self, cid: str, bundle: Path, timeout: float = 60):
+        """``run`` of a container that serves, in the background: (the process, its first line of output).
+
+        The first line is the server's word that it listens: a container that
+        prints nothing within timeout fails the test. The container is killed
+        on the way out if it still runs.
+        """
+        proc = subprocess.Popen(
+            self.cmd("run", "--bundle", str(bundle), cid),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert select.select([proc.stdout], [], [], timeout)[0], f"the server printed nothing in {timeout:g} s"
+            ready = proc.stdout.readline()
+            if not ready and proc.poll() is not None:
+                raise AssertionError(f"the container exited {proc.returncode}: {proc.stderr.read()}")
+            yield proc, ready
+        finally:
+            if proc.poll() is None:
+                self.run("kill", cid, "KILL")
+            proc.wait(timeout=30)
 
     def containers(self) -> list[str]:
         """The ids of the containers in the state directory."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -65,6 +66,48 @@ def test_bad_annotations(annotations, message):
     c["annotations"] = annotations
     with pytest.raises(oci.BundleError, match=message):
         oci.requested(c)
+
+
+# ---- the operator's flags against the container's annotations (--graft-tenant, --graft-socket-dir) ----
+
+T, D = oci.TENANT_ANNOTATION, oci.SOCKET_DIR_ANNOTATION
+
+
+@pytest.mark.parametrize(
+    "annotations, tenant, socket_dir, expected",
+    [
+        ({}, "web", None, oci.Request("web", "/run/graft")),  # no annotation: grafted all the same
+        ({}, "web", "/srv/graft/", oci.Request("web", "/srv/graft")),
+        ({T: "web"}, "web", None, oci.Request("web", "/run/graft")),  # the same tenant: fine
+        ({T: "web", D: "/srv/graft"}, "web", "/srv//graft", oci.Request("web", "/srv/graft")),  # the same directory
+        ({D: "/run/graft/"}, "web", None, oci.Request("web", "/run/graft")),  # the flag's default, named
+        ({T: "db"}, None, "/srv/graft", oci.Request("db", "/srv/graft")),  # a directory flag alone pins the broker
+        ({}, None, "/srv/graft", None),  # ... and grafts nothing by itself
+        ({T: "db", D: "/srv/graft"}, None, None, oci.Request("db", "/srv/graft")),  # no flags: annotations decide
+    ],
+)
+def test_the_operators_flags_and_the_annotations(annotations, tenant, socket_dir, expected):
+    assert oci.requested({**config(), "annotations": annotations}, tenant, socket_dir) == expected
+
+
+@pytest.mark.parametrize(
+    "annotations, tenant, socket_dir, message",
+    [
+        ({T: "db"}, "web", None, "io.graft.tenant='db' names another tenant than this runtime's --graft-tenant web"),
+        ({T: "db"}, "web", "/srv/graft", "cannot choose its own tenant"),
+        ({D: "/tmp/mine"}, "web", None, "names another broker than this runtime's socket directory /run/graft"),
+        ({T: "web", D: "/tmp/mine"}, None, "/srv/graft", "than this runtime's socket directory /srv/graft"),
+        ({T: "../x"}, "web", None, "is not a tenant name"),  # a bad annotation is refused as such, flag or not
+        ({D: "tmp"}, "web", None, "is not an absolute path"),
+    ],
+)
+def test_an_annotation_against_the_operators_flags_is_refused(annotations, tenant, socket_dir, message):
+    with pytest.raises(oci.BundleError, match=re.escape(message)):
+        oci.requested({**config(), "annotations": annotations}, tenant, socket_dir)
+
+
+def test_annotations_of_another_type_are_none_under_a_tenant_flag():
+    assert oci.requested({**config(), "annotations": ["x"]}, "web") == oci.Request("web", "/run/graft")
 
 
 # ---- the broker's word on the tenant ------------------------------------------------------
@@ -386,7 +429,47 @@ def test_parse_finds_the_log_engines_read():
     assert runtime.parse(["--graft-runtime", "/usr/bin/runc", "kill", "id"]).runtime == "/usr/bin/runc"
 
 
-@pytest.mark.parametrize("argv", [["--root"], ["create", "--bundle"], ["--graft-runtime"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--graft-tenant", "web", "--graft-socket-dir", "/srv/graft", "--root", "/r", "create", "id"],
+        ["--graft-tenant=web", "--root=/r", "--graft-socket-dir=/srv/graft", "create", "id"],
+    ],
+)
+def test_parse_takes_the_tenant_flags_out(argv):
+    inv = runtime.parse(argv)
+    assert (inv.tenant, inv.socket_dir, inv.command) == ("web", "/srv/graft", "create")
+    assert [a for a in inv.args if "graft" in a] == [], "the real runtime would refuse graft's own flags"
+
+
+def test_graft_flags_after_the_command_are_the_commands():
+    """Only the global flags, before the command, are ours: what follows it is the real runtime's."""
+    inv = runtime.parse(["create", "--graft-tenant", "web", "id"])
+    assert inv.tenant is None and inv.args == ["create", "--graft-tenant", "web", "id"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--graft-tenant", "../web"], "--graft-tenant '../web' is not a tenant name"),
+        (["--graft-tenant="], "--graft-tenant '' is not a tenant name"),
+        (["--graft-socket-dir", "run/graft"], "--graft-socket-dir 'run/graft' is not an absolute path"),
+    ],
+)
+def test_bad_tenant_flags(flags, message):
+    with pytest.raises(runtime.UsageError, match=re.escape(message)):
+        runtime.operator_request(runtime.parse([*flags, "create", "id"]))
+
+
+def test_operator_request_normalises_the_directory():
+    inv = runtime.parse(["--graft-tenant", "web", "--graft-socket-dir", "/srv//graft/", "run", "id"])
+    assert runtime.operator_request(inv) == ("web", "/srv/graft")
+    assert runtime.operator_request(runtime.parse(["run", "id"])) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--root"], ["create", "--bundle"], ["--graft-runtime"], ["--graft-tenant"], ["--graft-socket-dir"]]
+)
 def test_parse_missing_values(argv):
     with pytest.raises(runtime.UsageError, match="needs a value"):
         runtime.parse(argv)
