@@ -16,7 +16,11 @@ under `graft run`. The demo shows, each with its audit line:
       whose only mention of graft is the annotation io.graft.tenant=demo,
       runs curl and fetches the same host-only page; and one annotated
       io.graft.tenant=static (a tenant in seccomp mode) runs the static
-      busybox wget, which no LD_PRELOAD could graft, and fetches it too.
+      busybox wget, which no LD_PRELOAD could graft, and fetches it too;
+      then Debian's dockerd (a private one, on a private containerd, both
+      started and stopped here) runs `docker run --runtime graft-demo`: the
+      runtime packaging/docker/daemon.json registers for tenant demo, since
+      dockerd 20.10 passes no annotations. Its curl fetches the page too.
 
 It exits 0 only if all of them behave so, and removes everything it made.
 """
@@ -34,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.dnsmasq import dnsmasq  # noqa: E402
+from support.docker import graft_runtime, host_volumes, private_dockerd  # noqa: E402
 from support.harness import (  # noqa: E402  (the demo reuses the test harness)
     BrokerProcess,
     graft_cmd,
@@ -107,6 +112,26 @@ class Containers:
         return done
 
 
+def docker_run(stack: ExitStack, tmp: Path, broker: BrokerProcess, rootfs: Path, url: str) -> None:
+    """Step (d) with Docker: a private containerd and dockerd whose runtime graft-demo is tenant demo's."""
+    runtime = graft_runtime("demo", broker.socket_dir)
+    dk = stack.enter_context(private_dockerd(tmp, {"graft-demo": runtime}))  # stopped before the broker is
+    print(f"    private dockerd (pid {dk.pid}) on {dk.host}, on its own containerd (pid {dk.containerd.pid})")
+    print(f'    daemon.json: "graft-demo": {json.dumps(runtime)}')
+    image = dk.import_rootfs(rootfs, "graft-demo:rootfs")
+    print(f"    $ tar -C {rootfs} -c . | docker import - {image}")
+    args = ["run", "--rm", "--network", "none", *host_volumes(), "--runtime", "graft-demo", image]
+    args += ["curl", "-sS", "--max-time", "10", url]
+    print(f"    $ docker {' '.join(args)}")
+    seen = len(broker.audit())
+    run = dk.docker(*args)
+    if run.stderr.strip():
+        print(f"    stderr: {run.stderr.strip()}")
+    print(f"    curl in the Docker container says: {run.stdout.strip()!r}")
+    check(run.returncode == 0 and run.stdout == PAGE, "a docker run --runtime graft-demo container fetches it too")
+    audit_line(broker, since=seen, tenant="demo", op="connect", port=HOST_PORT, action="graft", via="shim")
+
+
 def main() -> int:
     policy = (REPO / "policy" / "examples" / "demo.toml").read_text()
     with ExitStack() as stack:
@@ -177,7 +202,7 @@ def main() -> int:
         check(denied.returncode == 1 and "errno 1 " in denied.stdout, "the connect fails with EPERM")
         audit_line(broker, op="connect", port=DENIED_PORT, action="deny", errno=1)
 
-        step(f"(d) containers started by runc through graft-runtime -> host 127.0.0.1:{HOST_PORT}")
+        step(f"(d) containers started by runc, then by dockerd, through graft-runtime -> host 127.0.0.1:{HOST_PORT}")
         containers = Containers(tmp, broker)
         seen = len(broker.audit())
         print(f"    root filesystem {containers.rootfs} (the host's /usr, read-only), network: only lo")
@@ -194,9 +219,10 @@ def main() -> int:
             + ("" if run.returncode == 0 else f" (exit status {run.returncode})"),
         )
         audit_line(broker, since=seen, tenant="static", op="connect", port=HOST_PORT, action="graft", via="seccomp")
+        docker_run(stack, tmp, broker, containers.rootfs, url)
 
         step("clean-up")
-    print("    containers, namespace, servers and broker removed")
+    print("    containers, Docker's daemons and their state, namespace, servers and broker removed")
     print("\nDemo passed: (a), (b), (c) and (d) behaved as described.")
     return 0
 

@@ -18,10 +18,17 @@ from support.harness import REPO
 PKG = REPO / "packaging"
 
 
-def test_docker_daemon_json():
-    graft = json.loads((PKG / "docker" / "daemon.json").read_text())["runtimes"]["graft"]
-    assert graft["path"].endswith("/bin/graft-runtime")
-    assert graft["runtimeArgs"][0] == "--graft-runtime"
+def test_docker_daemon_json_has_one_runtime_per_tenant():
+    """Each graft-NAME runtime names tenant NAME (dockerd 20.10 passes no annotations), with no spaces anywhere."""
+    runtimes = json.loads((PKG / "docker" / "daemon.json").read_text())["runtimes"]
+    assert runtimes and all(name.startswith("graft-") for name in runtimes)
+    for name, runtime in runtimes.items():
+        args = runtime["runtimeArgs"]
+        assert runtime["path"].endswith("/bin/graft-runtime")
+        assert args[args.index("--graft-tenant") + 1] == name.removeprefix("graft-")
+        assert args[args.index("--graft-socket-dir") + 1] == "/run/graft"
+        # dockerd 20.10 passes runtimeArgs through a shell script unquoted (docs/containers.md)
+        assert not [a for a in (runtime["path"], *args) if any(c.isspace() for c in a)]
 
 
 def test_podman_containers_conf():
