@@ -25,7 +25,7 @@ import mmap
 import os
 from pathlib import Path
 
-from ..io.cheader import ffi_of
+from ..io.cheader import ffi_of, lazy_library
 from . import maps
 
 HEADER = Path(__file__).with_name("graft_confine.h")
@@ -35,22 +35,12 @@ ffi = ffi_of(HEADER, "CONFINE")
 _consts = ffi.dlopen(None)  # only for the #define constants
 EMPTY, FULL, HELD = _consts.GRAFT_KAUDIT_EMPTY, _consts.GRAFT_KAUDIT_FULL, _consts.GRAFT_KAUDIT_HELD
 
-_lib = None
-
 
 class Unavailable(Exception):
     """The library is not there (not built) or does not load."""
 
 
-def library():
-    """libgraft_confine.so, loaded once; Unavailable with the reason otherwise."""
-    global _lib
-    if _lib is None:
-        try:
-            _lib = ffi.dlopen(str(LIBRARY))
-        except OSError as e:
-            raise Unavailable(f"cannot load {LIBRARY} (built by `make build`): {e}") from None
-    return _lib
+library = lazy_library(ffi, LIBRARY, Unavailable)  # libgraft_confine.so, loaded once
 
 
 # ---- pre-issued sockets ---------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import request, sockopts
-from ..io.cheader import ffi_of
+from ..io.cheader import ffi_of, lazy_library
 from . import abi
 
 HEADER = Path(__file__).with_name("seccomp_fast.h")
@@ -51,18 +51,7 @@ class Unavailable(Exception):
     """The loop's library is not there (not built) or does not load."""
 
 
-_lib = None
-
-
-def library():
-    """libgraft_seccomp.so, loaded once; Unavailable with the reason otherwise."""
-    global _lib
-    if _lib is None:
-        try:
-            _lib = ffi.dlopen(str(LIBRARY))
-        except OSError as e:
-            raise Unavailable(f"cannot load {LIBRARY} (built by `make build`): {e}") from None
-    return _lib
+library = lazy_library(ffi, LIBRARY, Unavailable)  # libgraft_seccomp.so, loaded once
 
 
 # ---- messages ------------------------------------------------------------------------
