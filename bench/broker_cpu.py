@@ -10,7 +10,7 @@ local listener that accepts and closes) and the broker's utime+stime from
 graft. Audit log to a file, confinement as the machine allows ("auto").
 
 A third row is the connect fast path (confinement on only): this script
-plays the shim, asking for pre-issued sockets (16 per request) and
+plays the shim, asking for pre-issued sockets (as many as one request gets) and
 connecting them itself to the granted listener; the broker's share is the
 refills plus writing the kernel's audit records, per connect.
 """

@@ -29,7 +29,7 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
-#define FDPOOL_SLOTS 16
+#define FDPOOL_SLOTS 32
 
 struct fdpool_slot {
     atomic_uint v; /* 0: empty; else (fd + 1) << 1 | busy */

@@ -66,7 +66,7 @@
 #define GRAFT_OP_RESOLVER 5  /* serve the tenant's resolver in my network namespace: see below */
 
 /* Sockets one PREISSUE reply carries at most. */
-#define GRAFT_PREISSUE_MAX 16
+#define GRAFT_PREISSUE_MAX 32
 
 /* Request flags. */
 #define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */

@@ -458,7 +458,9 @@ def forgotten(path, destinations: list[str]) -> int:
             _, got = client.preissue()
             assert got
             socks += got
-        errs = [connect_errno(sock, (host, 9)) for sock, host in zip(socks, destinations, strict=True)]
+        errs = [
+            connect_errno(sock, (host, 9)) for sock, host in zip(socks[: len(destinations)], destinations, strict=True)
+        ]
     finally:
         for sock in socks:
             sock.close()
