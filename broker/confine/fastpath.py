@@ -141,8 +141,7 @@ class KernelAudit:
         self._k.producer = ffi.cast("uint64_t *", prod)
         self._k.data = prod + page
         self._k.mask = size - 1
-        self._keep: list = []  # what the C struct points to
-        self._tenants = ffi.new("struct graft_kaudit_tenant[]", 0)
+        self._keep: list = []  # what the C struct points to (set_names)
         self._out = ffi.new("char[]", self.BUFFER)
         self._lines = ffi.new("uint32_t *")
         self._stop = ffi.new("int *")

@@ -75,7 +75,7 @@ class Grants:
         # of connects it judged by such a grant name it too. Bounded; oldest first out.
         self._names: dict[tuple[int, int, object], str] = {}
         self._named_gids: collections.Counter[int] = collections.Counter()  # grant id -> its entries in _names
-        # What the kernel's records are written with changed (a grant id, a rule, _named_gids):
+        # What the kernel's records are written with changed (a grant id, a rule, _named_gids' keys):
         # _write_kernel_events tells the C reader before the next drain.
         self._names_version = 0
         self._ring_names = -1
@@ -170,7 +170,8 @@ class Grants:
         if verdict.name is not None:
             self._names[key] = verdict.name
             self._named_gids[key[0]] += 1
-            self._names_version += 1
+            if self._named_gids[key[0]] == 1:  # the grant id's records are Python's from now on
+                self._names_version += 1
             if len(self._names) > MAX_NAMED_GRANTS:
                 oldest = next(iter(self._names))
                 del self._names[oldest]
