@@ -29,7 +29,8 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
-#define FDPOOL_SLOTS 32
+/* Two of the largest pre-issue batch (preissue.c asks for one more when one is left). */
+#define FDPOOL_SLOTS 128
 
 struct fdpool_slot {
     atomic_uint v; /* 0: empty; else (fd + 1) << 1 | busy */

@@ -65,8 +65,13 @@
 #define GRAFT_OP_GRANT   4   /* a new destination for a grafted UDP socket: see below */
 #define GRAFT_OP_RESOLVER 5  /* serve the tenant's resolver in my network namespace: see below */
 
-/* Sockets one PREISSUE reply carries at most. */
-#define GRAFT_PREISSUE_MAX 32
+/*
+ * Sockets one PREISSUE reply carries at most: below the want field's 255
+ * and the kernel's SCM_MAX_FD (253). A pool that asks ahead at half a batch
+ * keeps 32 connects of runway while its refill is on its way, which covers
+ * the broker's slow round trips on a loaded machine (docs/benchmarks.md).
+ */
+#define GRAFT_PREISSUE_MAX 64
 
 /* Request flags. */
 #define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */

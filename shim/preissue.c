@@ -23,7 +23,6 @@
 #include "log.h"
 #include "real.h"
 
-_Static_assert(FDPOOL_SLOTS >= GRAFT_PREISSUE_MAX - 1, "a full refill fits an empty pool");
 
 #define HOLDOFF_FIRST_NS 1000000000LL /* 1 s */
 /*
@@ -65,10 +64,15 @@ enum refill_state { IDLE, ASKING, PENDING, COLLECTING };
 /*
  * How many sockets a refill asks for adapts to how fast the process uses
  * them: doubled when the last batch lasted under FAST_NS, halved when it
- * lasted over SLOW_NS, between MIN_WANT and the pool's size. A request goes
- * out ahead of need when the pool is down to half of it. A process that
- * connects once a second holds a few sockets; one that connects thousands
- * of times a second asks for full batches, well before it runs out.
+ * lasted over SLOW_NS, between MIN_WANT and MAX_WANT. A request for one
+ * more batch goes out ahead of need when the pool is down to one batch, so
+ * a pool holds up to two and the reply has a whole batch of connects to
+ * arrive in: at half a batch, a broker sharing the cores with a busy client
+ * and server was late often enough to set the connect p99 (a dry pool's
+ * wait, and at several processes a core, the scheduler's whole round;
+ * docs/benchmarks.md). A process that connects once a second holds a few
+ * sockets; one that connects thousands of times a second asks for full
+ * batches, well before it runs out.
  */
 #define START_WANT 4
 #define MIN_WANT 2
@@ -76,7 +80,7 @@ enum refill_state { IDLE, ASKING, PENDING, COLLECTING };
 #define FAST_NS 250000000LL   /* 250 ms */
 #define SLOW_NS 2000000000LL  /* 2 s */
 #define BUSY_PAUSE_NS 20000000LL /* 20 ms: no refill after the tenant's limits refused one */
-_Static_assert(MAX_WANT <= FDPOOL_SLOTS, "a full batch fits an empty pool");
+_Static_assert(2 * MAX_WANT <= FDPOOL_SLOTS, "a batch asked for at one batch left fits the pool");
 
 struct family_pool {
     int family;
@@ -199,13 +203,13 @@ static int settle_batch(struct family_pool *p, int err, int refused, int *fds, i
     return keep ? fds[0] : -1;
 }
 
-/* The pool is getting low: a request goes out now, its reply is collected by a later take. */
+/* The pool is down to a batch: a request for one more goes out now, its reply is collected by a later take. */
 static void ask_ahead(struct family_pool *p, pid_t me, int protocol, struct forkguard *g)
 {
     int want = atomic_load(&p->want), have = fdpool_count(&p->fds);
-    if (have == 0 || have > want / 2 || monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
+    if (have == 0 || have > want || monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
         return;
-    int err = broker_preissue_send(p->family, protocol, want - have, &p->pending, g);
+    int err = broker_preissue_send(p->family, protocol, want, &p->pending, g);
     if (err != 0) {
         set(p, me, IDLE);
         if (err != EAGAIN) /* EAGAIN: no room to keep the request, not a broker's failure */

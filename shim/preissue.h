@@ -8,8 +8,8 @@
  * round trip: the shim connects the socket itself and installs it on the
  * app's fd as it would a graft (libgraft.c). The sockets wait in one
  * fdpool per family (fdpool.h, for fork, vfork, exec and fds the app
- * closed behind the shim's back). When a pool is down to half of what a
- * refill brings, a request goes out at once and its reply is collected
+ * closed behind the shim's back). When a pool is down to what one refill
+ * brings, a request for another goes out at once and its reply is collected
  * by a later take, without waiting (preissue.c has the states), so a
  * connect waits for the broker only when the pool has run dry: then for
  * the reply on its way, or for one round trip of its own. How many a

@@ -66,7 +66,9 @@ _Static_assert(sizeof(struct seccomp_notif) == GRAFT_FAST_NOTIF_SIZE, "struct se
 
 enum {
     POOL_CAP = 2 * GRAFT_FAST_POOL_MAX,
-    LOW_WATER = 4, /* ask for more when a pool is down to this */
+    /* Ask for another batch when a pool is down to one: the reply has a batch of connects to come in
+     * (at 4, most replies came after the pool was dry, and those connects went to the broker). */
+    LOW_WATER = GRAFT_FAST_POOL_MAX,
     MAX_OPTS = GRAFT_FAST_MAX_OPTS,
     OPT_MAX_SIZE = 16,
 };
