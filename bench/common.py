@@ -495,8 +495,9 @@ def machine_info() -> dict:
 
     def git(*args):
         r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
+        return r.stdout if r.returncode == 0 else None
 
+    # Not stripped: a porcelain line's status columns start with a space (" M shim/...").
     dirty = git("status", "--porcelain", "--", "shim", "broker", "policy", "graft")
     return {
         "nproc": os.cpu_count(),
@@ -505,6 +506,6 @@ def machine_info() -> dict:
         "machine": u.machine,
         "loadavg_at_start": [round(x, 2) for x in load],
         "host_time_wait_at_start": host_time_wait(),
-        "git_commit": git("rev-parse", "HEAD"),
+        "git_commit": (git("rev-parse", "HEAD") or "").strip() or None,
         "uncommitted_changes_in": sorted({ln[3:].split("/")[0] for ln in (dirty or "").splitlines()}),
     }

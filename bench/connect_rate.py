@@ -38,7 +38,11 @@ ratios to host are formed per round and summarised by their geometric mean
 with a 95% t-interval (bench/stats.py), the p50 difference by its median.
 The server runs on CPU 0 (at nice -10, so that it is never what limits a
 run) and every client on CPU 1 (common.py's placement); the broker and
-pasta run where the scheduler puts them, as in bench/run.py. SYNs the host
+pasta run where the scheduler puts them, as in bench/run.py, at the
+server's nice: they carry the connects to it, and in production they and
+the server are equals at the default nice. A broker at 0 against the
+server at -10 got about a ninth of CPU 0 while both wanted it, answered
+refills late, and set the preload p99 at 8 clients (docs/benchmarks.md). SYNs the host
 namespace's listeners dropped are counted around every run: a dropped SYN
 is retried after 1 s and turns a run's rate and p99 into noise.
 Results: bench/results/<ts>-connect-rate.json and .md.
@@ -397,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds, each running every scenario at every client count (default 5)")
     p.add_argument("--connects", type=int, help="timed cycles per run, shared by its processes (default 20,000)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
+    p.add_argument(
+        "--broker-nice",
+        type=int,
+        default=SERVER_NICE,
+        help=f"the broker's and pasta's niceness (default {SERVER_NICE}, the server's; 0 shows what a lower one costs)",
+    )
     p.add_argument("--report", metavar="JSON", help="only print the tables (text and Markdown) of a results file")
     args = p.parse_args(argv)
     if args.report:  # summarised again from the runs: the same code as a fresh run's tables
@@ -413,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     info = {"machine": common.machine_info(), "config": cfg.__dict__, "quick": args.quick, "started_utc": stamp}
+    info["server_nice"], info["broker_nice"] = SERVER_NICE, args.broker_nice
     info["builds_at_start"] = builds()
     log(f"connect rate: {cfg.rounds} rounds x {cfg.connects} cycles; machine {info['machine']}")
     started = time.monotonic()
@@ -439,9 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         netns = f"graft-bench-cr-{run_id}"
         create_namespace(netns)  # only `lo`, up
         stack.callback(remove_namespace, netns)
-        pasta = stack.enter_context(usernet.pasta_namespace(run_id, tmp, tcp_in={}, tcp_out=[port], udp_out=[]))
+        pasta = stack.enter_context(
+            usernet.pasta_namespace(run_id, tmp, tcp_in={}, tcp_out=[port], udp_out=[], nice=args.broker_nice)
+        )
         # as bench/run.py's broker: info and an audit log file, as a broker in production runs
-        broker = BrokerProcess(tmp / "broker", policy(port, "required"), tenant="preload")
+        broker = BrokerProcess(tmp / "broker", policy(port, "required"), tenant="preload", nice=args.broker_nice)
         stack.callback(broker.stop)
         broker.start("--log-level", "info", "--audit-log", str(tmp / "broker" / "audit.jsonl"))
         env = {

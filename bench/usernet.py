@@ -96,14 +96,18 @@ def pasta_argv(
 
 
 @contextmanager
-def pasta_namespace(run_id: str, tmp: Path, *, tcp_in: dict[int, int], tcp_out: list[int], udp_out: list[int]):
-    """A namespace connected by pasta; yields {"netns", "argv", "pid"}."""
+def pasta_namespace(
+    run_id: str, tmp: Path, *, tcp_in: dict[int, int], tcp_out: list[int], udp_out: list[int], nice: int = 0
+):
+    """A namespace connected by pasta (at niceness nice); yields {"netns", "argv", "pid"}."""
     name = f"graft-bench-pasta-{run_id}"
     with ExitStack() as stack:
         create_namespace(name)
         stack.callback(remove_namespace, name)
         pidfile, logfile = tmp / "pasta.pid", tmp / "pasta.log"
         argv = pasta_argv(f"/run/netns/{name}", pidfile, logfile, tcp_in=tcp_in, tcp_out=tcp_out, udp_out=udp_out)
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]
         proc = start_process(stack, argv, log_to=tmp / "pasta.stdout")
         # pasta writes its pid file once its forwarding sockets are bound.
         _wait_file(pidfile, proc)

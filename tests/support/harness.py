@@ -184,6 +184,9 @@ class BrokerProcess:
     runs: a test that counts ``"via": "kernel"`` records reads them with
     ``stop_and_audit()``, or waits for its exact count with ``eventually``.
 
+    ``nice`` starts it at that niceness (its threads inherit it): a bench
+    whose other fixtures run above the default gives the broker the same.
+
     ``nameserver`` runs the broker in a mount namespace of its own whose
     /etc/resolv.conf names that server (graft.names mounts it, as for a
     program): the host's resolvers as the broker sees them, without touching
@@ -200,8 +203,10 @@ class BrokerProcess:
         stderr_fd: int | None = None,
         kernel_audit_interval: float | None = None,
         nameserver: str | None = None,
+        nice: int = 0,
     ):
         self.cgroup = cgroup
+        self.nice = nice
         self.nameserver = nameserver
         self.kernel_audit_interval = kernel_audit_interval
         self.stderr_fd = stderr_fd  # the broker's stderr, if not the file stderr() reads
@@ -278,6 +283,8 @@ class BrokerProcess:
                 "point_resolv_conf_at(sys.argv[1]); os.execv(sys.argv[2], sys.argv[2:])",
                 self.nameserver,
             ]
+        if self.nice:
+            prefix = ["nice", "-n", str(self.nice), *prefix]
         if self.kernel_audit_interval is None:
             return [*prefix, GRAFT_BROKER]
         return [
