@@ -31,6 +31,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Hashable
 
 import trio
 
@@ -253,7 +254,7 @@ class Grants:
     # ---- pre-issued sockets ------------------------------------------------
 
     async def preissue(
-        self, tenant: TenantState, req: request.Request, peer: Peer, via: str
+        self, tenant: TenantState, req: request.Request, peer: Peer, via: str, pool: Hashable
     ) -> tuple[fastpath.Batch, Verdict | None, int]:
         """Unconnected TCP sockets for a fast path: as many as max_sockets and max_rate allow.
 
@@ -267,7 +268,9 @@ class Grants:
 
         They are issued only while the tenant holds fewer than half its
         max_sockets, so sockets idling in pools never make a real connect
-        fail with ENOBUFS; beyond that every connect asks the broker.
+        fail with ENOBUFS; beyond that every connect asks the broker. pool
+        names what the sockets fill (a shim process, a seccomp listener's
+        loop): the pools that asked lately share that half (core/poolshare.py).
 
         Each is marked pre-issued for the tenant: the kernel lets it connect
         only where the broker has granted (``grant``). Issuing confers no
@@ -296,7 +299,8 @@ class Grants:
         if not tenant.matcher.uid_allowed(peer.uid):
             return refuse(Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
-        n = await self.sockets.room(tenant, req.wanted, tenant.config.max_sockets // 2)
+        share = tenant.config.max_sockets // 2
+        n = await self.sockets.room(tenant, tenant.pools.batch(pool, req.wanted, share, time.monotonic()), share)
         if n == 0:
             return refuse(
                 Verdict(

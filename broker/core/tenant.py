@@ -24,6 +24,7 @@ import trio
 from graft.policy import Tenant, TenantMatcher
 
 from .netns import Namespace
+from .poolshare import PoolShare
 from .ratelimit import TokenBucket
 from .request import SockAddr
 from .resolved import Resolved
@@ -54,6 +55,7 @@ class TenantState:
     issued: int = 0  # sockets handed out and counted in the kernel (confinement on)
     closed: int = 0  # of those, closed as of the kernel's count when last read
     preissued: int = 0  # of those, pre-issued for the fast path
+    pools: PoolShare = field(default_factory=PoolShare)  # its pools that asked lately, for the size of a batch
     refreshing: trio.Event | None = None  # set when the running liveness dump ends
     full_until: float = float("-inf")  # a dump found the tenant full: trust it until then
     bucket: TokenBucket | None = None  # max_rate

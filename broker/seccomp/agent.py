@@ -285,7 +285,7 @@ class SeccompAgent:
                 log.error("tenant %s: the seccomp loop sent a bad message (%s); closing its listener", tenant.name, e)
                 return
             if msg.kind == fast.REFILL:
-                await self._refill(tenant, ctl, msg)
+                await self._refill(tenant, fd, ctl, msg)
                 continue
             n = msg.notification
             try:
@@ -297,15 +297,15 @@ class SeccompAgent:
                 except OSError as e:
                     log.error("tenant %s: cannot answer pid %d: %s", tenant.name, n.pid, e)
 
-    async def _refill(self, tenant: TenantState, ctl: trio.socket.SocketType, msg: fast.Message) -> None:
-        """Pre-issued TCP sockets for the loop, judged for the calling process (none: refused, audited)."""
+    async def _refill(self, tenant: TenantState, fd: int, ctl: trio.socket.SocketType, msg: fast.Message) -> None:
+        """Pre-issued TCP sockets for listener fd's loop, judged for the calling process (none: refused, audited)."""
         peer = procfs.proc_status(msg.pid)
         batch = fastpath.NONE
         grant_id = 0
         if peer is not None:
             req = request.Request(request.OP_PREISSUE, msg.family, socket.SOCK_STREAM, 0, 0, None, ())
             try:
-                batch, _, grant_id = await self.stages.grants.preissue(tenant, req, peer, "seccomp")
+                batch, _, grant_id = await self.stages.grants.preissue(tenant, req, peer, "seccomp", ("seccomp", fd))
             except Exception:  # a bug costs the pool (the loop holds off), never the listener
                 log.exception("tenant %s: internal error issuing sockets to a seccomp loop", tenant.name)
         # The thread that asked is gone: nothing was judged, so nothing was refused; the next may ask.

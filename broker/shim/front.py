@@ -215,7 +215,7 @@ class ShimFront:
 
         grants = self.stages.grants
         if req.op == request.OP_PREISSUE:
-            batch, refusal, _ = await grants.preissue(tenant, req, peer, "shim")
+            batch, refusal, _ = await grants.preissue(tenant, req, peer, "shim", ("shim", peer.pid))
             reply = fd_less_reply(refusal) if refusal is not None else wire.encode_reply(wire.V_GRAFT, 0)
             try:
                 return await self._send(conn, reply, batch.fds(), tenant, peer)
