@@ -137,12 +137,14 @@ bool fdpool_add(struct fdpool *p, int fd)
     return fill(p, fd, false) >= 0;
 }
 
-int fdpool_pop(struct fdpool *p)
+int fdpool_pop(struct fdpool *p, ino_t *ino)
 {
     int slot;
     int fd = fdpool_borrow(p, &slot);
-    if (fd >= 0)
-        fdpool_remove(p, slot);
+    if (fd < 0)
+        return -1;
+    *ino = p->slot[slot].ino; /* as the borrow's fstat just found it */
+    fdpool_remove(p, slot);
     return fd;
 }
 

@@ -68,8 +68,8 @@ int fdpool_lend_new(struct fdpool *p, int fd);
 /* Adds fd idle; false if the pool is full (the caller keeps the fd). */
 bool fdpool_add(struct fdpool *p, int fd);
 
-/* Takes an idle fd out of the pool for good, or -1. */
-int fdpool_pop(struct fdpool *p);
+/* Takes an idle fd out of the pool for good, or -1; *ino is its inode (checked by the take). */
+int fdpool_pop(struct fdpool *p, ino_t *ino);
 
 /* Closes every idle fd. Lent ones are left to their borrowers. */
 void fdpool_flush(struct fdpool *p);

@@ -33,6 +33,7 @@
  * entry is alone. Exactly one member of a BUSY ring is the claimant.
  */
 #include "fdtable.h"
+#include "sigmask.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -209,14 +210,13 @@ static void unlink_entry(struct entry *e)
 struct held {
     uint64_t mask; /* stripes held */
     bool ring;     /* ring_lock held */
-    sigset_t saved;
+    struct sigmask_hold signals;
 };
 
+/* Inside the fork guard (a connect's claim and commit) they are blocked already: sigmask.h. */
 static void block_signals(struct held *h)
 {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &h->saved);
+    sigmask_block_all(&h->signals);
 }
 
 static void lock_mask(uint64_t mask)
@@ -268,7 +268,7 @@ static void unlock_group(struct held *h)
     unlock_mask(h->mask);
     if (h->ring)
         pthread_mutex_unlock(&ring_lock);
-    pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
+    sigmask_restore(&h->signals);
 }
 
 /*

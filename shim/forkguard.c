@@ -47,14 +47,14 @@ static void block_all(sigset_t *saved)
 
 void forkguard_enter(struct forkguard *g)
 {
-    block_all(&g->saved);
+    sigmask_block_all(&g->mask); /* the fd table's locks inside then leave the mask alone */
     pthread_rwlock_rdlock(&guard);
 }
 
 void forkguard_leave(struct forkguard *g)
 {
     pthread_rwlock_unlock(&guard);
-    pthread_sigmask(SIG_SETMASK, &g->saved, NULL);
+    sigmask_restore(&g->mask);
 }
 
 static void prepare(void)
@@ -62,7 +62,8 @@ static void prepare(void)
     sigset_t saved;
     block_all(&saved);
     pthread_rwlock_wrlock(&guard);
-    forking.saved = saved; /* written only while holding the guard exclusively */
+    /* Written only while holding the guard exclusively. */
+    forking.mask = (struct sigmask_hold){.blocked = true, .saved = saved};
     fdt_fork_prepare();
 }
 
@@ -83,7 +84,7 @@ static void child(void)
     fdpool_fork_child();
     grants_fork_child();
     guard = (pthread_rwlock_t)GUARD_INITIALIZER;
-    pthread_sigmask(SIG_SETMASK, &forking.saved, NULL);
+    pthread_sigmask(SIG_SETMASK, &forking.mask.saved, NULL);
 }
 
 void forkguard_init(void)

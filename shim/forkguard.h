@@ -49,11 +49,11 @@
 #ifndef GRAFT_FORKGUARD_H
 #define GRAFT_FORKGUARD_H
 
-#include <signal.h>
+#include "sigmask.h"
 
 /* One holding of the guard by one thread. */
 struct forkguard {
-    sigset_t saved; /* the thread's signal mask before forkguard_enter */
+    struct sigmask_hold mask; /* the thread's signal mask before forkguard_enter */
 };
 
 /* Installs the shim's fork handlers (the guard's, fdtable's, fdpool's, grants'). Call once. */

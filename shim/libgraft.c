@@ -671,18 +671,22 @@ static const struct fdt_names *published_names(const union inet_sockaddr *app_bo
 }
 
 /* Replaces the placeholder on fd, and its duplicates, with hostfd (consumed). 0 or an errno. */
-static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *app,
+static int install_host_socket(int fd, uint64_t gen, int hostfd, ino_t host_ino, struct app_fd *app,
                                const union inet_sockaddr *app_bound)
 {
     struct stat st;
     int err = read_app_fd(fd, app);
     if (err == 0)
         err = match_nonblock(hostfd, app->nonblock);
-    if (err == 0 && fstat(hostfd, &st) < 0)
-        err = errno;
+    if (err == 0 && host_ino == 0) {
+        if (fstat(hostfd, &st) < 0)
+            err = errno;
+        else
+            host_ino = st.st_ino;
+    }
     if (err == 0) {
         struct fdt_names names;
-        err = fdt_commit(fd, gen, st.st_ino, published_names(app_bound, hostfd, &names),
+        err = fdt_commit(fd, gen, host_ino, published_names(app_bound, hostfd, &names),
                          dup_onto_app_fd, &hostfd);
     } else {
         fdt_release(fd, gen, FDT_PLACEHOLDER);
@@ -691,8 +695,8 @@ static int install_host_socket(int fd, uint64_t gen, int hostfd, struct app_fd *
     return err;
 }
 
-/* Applies an outcome to the claimed entry, ending the claim. */
-static void settle(const struct attempt *a, struct outcome *o, int hostfd)
+/* Applies an outcome to the claimed entry, ending the claim. host_ino: hostfd's inode if known, or 0. */
+static void settle(const struct attempt *a, struct outcome *o, int hostfd, ino_t host_ino)
 {
     switch (o->kind) {
     case OUT_NATIVE:
@@ -702,7 +706,7 @@ static void settle(const struct attempt *a, struct outcome *o, int hostfd)
         fdt_release(a->fd, a->sock->gen, FDT_PLACEHOLDER);
         break;
     case OUT_GRAFTED: {
-        int err = install_host_socket(a->fd, a->sock->gen, hostfd, &o->app, a->app_bound);
+        int err = install_host_socket(a->fd, a->sock->gen, hostfd, host_ino, &o->app, a->app_bound);
         if (err != 0) {
             o->kind = OUT_FAILED;
             o->error = err;
@@ -735,7 +739,7 @@ static void decide(const struct attempt *a, struct outcome *o)
 {
     int hostfd;
     ask(a, o, &hostfd);
-    settle(a, o, hostfd);
+    settle(a, o, hostfd, 0);
 }
 
 /* ---- socket() and setsockopt() ---- */
@@ -862,7 +866,7 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
     struct preissued got = preissue_take(a->sock->family, a->sock->protocol, a->guard);
     if (got.fd < 0 && got.unreachable != 0) { /* asking again would double the wait */
         on_unreachable(a, got.unreachable, o);
-        settle(a, o, -1);
+        settle(a, o, -1, 0);
         return true;
     }
     if (got.fd < 0)
@@ -883,7 +887,7 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
     o->kind = OUT_GRAFTED;
     o->error = err;
     debug_fast_graft(a, err);
-    settle(a, o, hostfd);
+    settle(a, o, hostfd, got.ino); /* the pool checked its inode: no fstat of our own */
     return true;
 }
 

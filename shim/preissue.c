@@ -249,19 +249,19 @@ static int refill(struct family_pool *p, pid_t me, int protocol, int *unreachabl
 struct preissued preissue_take(int family, int protocol, struct forkguard *g)
 {
     struct family_pool *p = pool_of(family);
-    struct preissued out = {.fd = -1, .gen = atomic_load(&generation), .unreachable = 0};
+    struct preissued out = {.fd = -1, .ino = 0, .gen = atomic_load(&generation), .unreachable = 0};
     if (!fdpool_owned(&p->fds))
         return out;
     pid_t me = getpid();
     collect(p, me, false, NULL, g); /* a reply that has come: pooled before anything is taken */
     /* Before the take: sending releases the fork guard, and a socket in hand then would reach a fork child. */
     ask_ahead(p, me, protocol, g);
-    out.fd = fdpool_pop(&p->fds);
+    out.fd = fdpool_pop(&p->fds, &out.ino);
     if (out.fd >= 0)
         return out;
     /* Dry: the reply on its way is the soonest socket; without one, a round trip of our own. */
     if (collect(p, me, true, &out.unreachable, g))
-        out.fd = fdpool_pop(&p->fds);
+        out.fd = fdpool_pop(&p->fds, &out.ino);
     else if (out.unreachable == 0)
         out.fd = refill(p, me, protocol, &out.unreachable, g);
     return out;

@@ -27,6 +27,8 @@
 #ifndef GRAFT_PREISSUE_H
 #define GRAFT_PREISSUE_H
 
+#include <sys/types.h>
+
 #include "forkguard.h"
 
 /* Sets up the pools. Call once. */
@@ -35,6 +37,7 @@ void preissue_init(void);
 /* What preissue_take hands out. */
 struct preissued {
     int fd;           /* the socket, which the caller then owns; -1 for none */
+    ino_t ino;        /* its inode, if it came from the pool (as checked there); 0: not known */
     unsigned int gen; /* the pools' generation it was taken in, for preissue_refused */
     int unreachable;  /* fd -1 because a refill found the broker unreachable: why (an errno) */
 };

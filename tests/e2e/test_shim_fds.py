@@ -179,7 +179,7 @@ def test_placeholder_dup2ed_to_a_high_fd_grafts(netns, start_broker):
 def test_fd_table_handles_fds_far_above_65536(tmp_path):
     """The shim's fd table, compiled with a unit test driving it with fds up to 2**30 - 1."""
     binary = tmp_path / "fdtable_test"
-    compile_c("fdtable_test.c", binary, f"-I{SHIM}", str(SHIM / "fdtable.c"))
+    compile_c("fdtable_test.c", binary, f"-I{SHIM}", str(SHIM / "fdtable.c"), str(SHIM / "sigmask.c"))
     r = subprocess.run([str(binary)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "fdtable: all checks passed"

@@ -1,0 +1,33 @@
+/*
+ * sigmask.c: nested sections with every signal blocked (see sigmask.h).
+ */
+#define _GNU_SOURCE
+#include "sigmask.h"
+
+#include <pthread.h>
+
+/*
+ * initial-exec: the shim is loaded at start (LD_PRELOAD), so its TLS is in
+ * the static block, and an access is a load off the thread pointer that
+ * never allocates: safe in a signal handler, as every section must be.
+ */
+static __thread bool all_blocked __attribute__((tls_model("initial-exec")));
+
+void sigmask_block_all(struct sigmask_hold *h)
+{
+    h->blocked = !all_blocked;
+    if (!h->blocked)
+        return;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &h->saved);
+    all_blocked = true;
+}
+
+void sigmask_restore(const struct sigmask_hold *h)
+{
+    if (!h->blocked)
+        return;
+    all_blocked = false;
+    pthread_sigmask(SIG_SETMASK, &h->saved, NULL);
+}
