@@ -78,9 +78,9 @@ class LockError(OSError):
 class Issuer:
     """graft_issue for one confinement's maps and listen guard."""
 
-    def __init__(self, marks_fd: int, guard_fd: int, owned_fd: int):
+    def __init__(self, marks_fd: int, guard_fd: int, counts_fd: int):
         self._lib = library()
-        self._fds = (marks_fd, guard_fd, owned_fd)
+        self._fds = (marks_fd, guard_fd, counts_fd)
 
     def issue(self, family: int, type: int, proto: int, n: int, owner_uid: int, grant_id: int, count_id: int) -> Batch:
         """n sockets, marked pre-issued for grant_id and counted under count_id; all or none (OSError).
@@ -88,7 +88,7 @@ class Issuer:
         Runs in the calling thread, which must be in the tenant's network
         namespace (core/netns.py runs it there); threads may call it at once.
         """
-        marks_fd, guard_fd, owned_fd = self._fds
+        marks_fd, guard_fd, counts_fd = self._fds
         config = ffi.new(
             "struct graft_issue_config *",
             {
@@ -98,7 +98,7 @@ class Issuer:
                 "owner_uid": owner_uid,
                 "marks_fd": marks_fd,
                 "guard_fd": guard_fd,
-                "owned_fd": owned_fd,
+                "counts_fd": counts_fd,
                 "count_id": count_id,
             },
         )

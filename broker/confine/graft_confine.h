@@ -31,7 +31,7 @@ struct graft_issue_config {
     int marks_fd;         /* SK_STORAGE: socket -> struct graft_mark */
     uint8_t mark[32];     /* the struct graft_mark every one of them gets */
     int guard_fd;         /* the listen guard, attached and locked on each */
-    int owned_fd;         /* HASH: socket cookie -> count id (the kernel counts their closes) */
+    int counts_fd;        /* SK_STORAGE: socket -> count id (the kernel counts their closes) */
     uint32_t count_id;    /* the tenant's count id */
     int failed_locking;   /* out: graft_issue failed marking or counting them (else: making them) */
 };

@@ -23,9 +23,6 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-#ifndef SO_COOKIE
-#define SO_COOKIE 57
-#endif
 #ifndef SO_ATTACH_BPF
 #define SO_ATTACH_BPF 50
 #endif
@@ -50,16 +47,13 @@ static int map_update(int map_fd, const void *key, const void *value)
 static int lock_and_count(const struct graft_issue_config *c, int fd)
 {
     int one = 1, err;
-    uint64_t cookie;
-    socklen_t len = sizeof cookie;
 
     if ((err = map_update(c->marks_fd, &fd, c->mark)) < 0)
         return err;
     if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_BPF, &c->guard_fd, sizeof c->guard_fd) < 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_LOCK_FILTER, &one, sizeof one) < 0 ||
-        getsockopt(fd, SOL_SOCKET, SO_COOKIE, &cookie, &len) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_LOCK_FILTER, &one, sizeof one) < 0)
         return -errno;
-    return map_update(c->owned_fd, &cookie, &c->count_id);
+    return map_update(c->counts_fd, &fd, &c->count_id);
 }
 
 EXPORT void graft_issue_close(const int *fds, int n)

@@ -25,10 +25,12 @@ the kernel, with no module:
   granted connect locks the mark to that destination, as if the broker had
   connected it, and leaves an audit record in the ``events`` ring buffer.
   Anything else is refused (EPERM) and the shim asks the broker.
-* ``owned`` maps the cookie of every socket the broker handed out to its
-  tenant, and a ``sock_release`` program counts each one's close into
-  ``released``: ``max_sockets`` is counted exactly, pre-issued sockets
-  (which no socket dump sees) included.
+* ``counts`` (SK_STORAGE) holds, on every socket the broker handed out,
+  the id its tenant is counted under, and a ``sock_release`` program counts
+  each one's close into ``released``: ``max_sockets`` is counted exactly,
+  pre-issued sockets (which no socket dump sees) included. Storage on the
+  socket, not a hash by cookie: no cookie to read and no entry to insert
+  and delete per socket, and it goes with the socket.
 * ``listen()`` has no sock_addr hook, and on a socket with no port it binds
   a fresh ephemeral port on the host's wildcard address: a pre-issued
   socket, or (before kernel 6.18, which refuses it) a connected one
@@ -80,6 +82,7 @@ from .maps import (
     GRANT_VALUE_SIZE,
     MAPS,
     MARK_SIZE,
+    RETIRED_MAPS,
     STATE_EPOCH,
     STATE_EVENTS_LOST,
     TENANT_GRANTS,
@@ -100,7 +103,6 @@ DEFAULT_BPFFS = "/sys/fs/bpf"
 MAP_PIN = "marks"
 MAP_NAME = "graft_marks"
 
-SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 SO_ATTACH_BPF = getattr(socket, "SO_ATTACH_BPF", 50)
 SO_LOCK_FILTER = getattr(socket, "SO_LOCK_FILTER", 44)
 
@@ -230,7 +232,7 @@ class Confinement:
         guard, and its entry in the count of the tenant's sockets.
         """
         if self._issuer is None:
-            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["owned"])
+            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["counts"])
         return self._issuer
 
     def _marks(self) -> bpf.MapUpdater:
@@ -348,8 +350,8 @@ class Confinement:
     def own(self, sock: socket.socket, tenant_id: int) -> None:
         """Count sock for the tenant until it is closed (released() counts the close)."""
         if self._owner is None:
-            self._owner = bpf.MapUpdater(self.maps["owned"], 8, 4)
-        self._owner.update(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), struct.pack("=I", tenant_id))
+            self._owner = bpf.MapUpdater(self.maps["counts"], 4, 4)
+        self._owner.update(struct.pack("=i", sock.fileno()), struct.pack("=I", tenant_id))
 
     def released(self, tenant_id: int) -> int:
         """How many sockets owned by the tenant have been closed."""
@@ -461,6 +463,8 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
     conf = Confinement(cgroup, cgroup_dir, pin_dir, {"marks": map_fd})
     try:
         all_reused = marks_reused
+        for name in RETIRED_MAPS:
+            _unlink(os.path.join(pin_dir, name))
         for name, spec in MAPS.items():
             conf.maps[name], reused = _load_or_reuse_map(pin_dir, name, spec)
             all_reused = all_reused and reused
@@ -508,6 +512,14 @@ def _load_or_reuse_map(pin_dir: str, name: str, spec: MapSpec) -> tuple[int, boo
 
 
 def _create_map(spec: MapSpec, name: str) -> int:
+    if spec.btf is not None:
+        blob, key_id, value_id = spec.btf
+        btf_fd = bpf.btf_load(blob())
+        try:
+            shape = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+            return bpf.map_create(*shape, name, btf_fd, key_id, value_id)
+        finally:
+            os.close(btf_fd)
     if spec.inner is None:
         return bpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, name)
     template = _create_map(spec.inner, name[:12] + "_tpl")
@@ -693,7 +705,7 @@ def remove(cgroup: str, pin_dir: str, rmdir_cgroup: bool = True) -> list[str]:
     finally:
         if cg_fd is not None:
             os.close(cg_fd)
-    for map_name in [*MAPS, MAP_PIN]:  # the marks last, as they were pinned last
+    for map_name in [*MAPS, *RETIRED_MAPS, MAP_PIN]:  # the marks last, as they were pinned last
         map_path = os.path.join(pin_dir, map_name)
         if os.path.exists(map_path):
             os.unlink(map_path)

@@ -38,8 +38,8 @@ GRANT_KEY_SIZE = ffi.sizeof("struct graft_grant_key")
 GRANT_VALUE_SIZE = ffi.sizeof("struct graft_grant_value")
 GRANTS_PER_TENANT = 4096  # about 0.4 MB of kernel memory per tenant on the fast path
 GRANT_TENANTS_MAX = 65536
-# owned: socket cookie -> tenant id; released: tenant id -> closes counted.
-OWNED_MAX = 1 << 20
+# counts: socket -> the count id it is counted under (SK_STORAGE: freed with the socket);
+# released: count id -> closes counted.
 RELEASED_MAX = 65536
 # events: one struct graft_event per connect judged in the kernel (the fast path's audit).
 EVENT_SIZE = ffi.sizeof("struct graft_event")
@@ -75,6 +75,14 @@ def mark_btf() -> bytes:
 
 
 BTF_KEY_ID, BTF_VALUE_ID = 1, 4
+
+
+def count_btf() -> bytes:
+    """BTF for the counts map: key int, value __u32 (a count id)."""
+    return bpf.btf_blob([("int", "int", 4, True), ("int", "__u32", 4, False)], [])
+
+
+COUNT_BTF_VALUE_ID = 2
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -200,15 +208,23 @@ class MapSpec:
     max_entries: int
     flags: int = 0
     inner: MapSpec | None = None  # a map of maps: the shape of the maps it holds
+    btf: tuple | None = None  # (blob function, key type id, value type id): SK_STORAGE needs BTF
 
 
 # A tenant's grants (the inner maps of "grants").
 TENANT_GRANTS = MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY_SIZE, GRANT_VALUE_SIZE, GRANTS_PER_TENANT)
-# The maps besides the marks (which need BTF; see _load_or_reuse), pinned by these names.
+# The maps besides the marks (the sentinel of a complete set; see _load_or_reuse), pinned by these names.
 MAPS = {
     "grants": MapSpec(bpf.MAP_TYPE_HASH_OF_MAPS, 4, 4, GRANT_TENANTS_MAX, bpf.F_NO_PREALLOC, TENANT_GRANTS),
-    "owned": MapSpec(bpf.MAP_TYPE_HASH, 8, 4, OWNED_MAX, bpf.F_NO_PREALLOC),
+    # Not cloned to accepted sockets: a grafted listener's connections are the app's own, uncounted.
+    "counts": MapSpec(
+        bpf.MAP_TYPE_SK_STORAGE, 4, 4, 0, bpf.F_NO_PREALLOC, btf=(count_btf, BTF_KEY_ID, COUNT_BTF_VALUE_ID)
+    ),
     "released": MapSpec(bpf.MAP_TYPE_HASH, 4, 8, RELEASED_MAX, bpf.F_NO_PREALLOC),
     "events": MapSpec(bpf.MAP_TYPE_RINGBUF, 0, 0, EVENTS_SIZE),
     "state": MapSpec(bpf.MAP_TYPE_ARRAY, 4, 8, 2),
 }
+# Pinned by an earlier broker and no longer used: unpinned at start and by remove().
+# owned: socket cookie -> count id, a hash the release program looked up and deleted from at every
+# close, and the broker filled with an SO_COOKIE and an update per socket; the counts map replaced it.
+RETIRED_MAPS = ("owned",)

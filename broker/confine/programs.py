@@ -9,7 +9,8 @@
   only names where later sends go). A pre-issued socket's first connect is
   judged by the tenant's ``grants``, locks the mark to that destination and
   writes an audit record to the ``events`` ring.
-* release: cgroup ``sock_release``, counts closes of handed-out sockets.
+* release: cgroup ``sock_release``, counts closes of handed-out sockets (by
+  the count id the ``counts`` socket storage holds).
 * the listen guard: a socket filter that drops SYNs without ACK, attached
   and locked on connected and pre-issued TCP sockets (docs/security.md,
   "The listen hole").
@@ -262,17 +263,14 @@ def _first_connect(a: Asm, v6: bool, maps: dict[str, int]) -> None:
 def release_program(maps: dict[str, int]) -> bytes:
     """cgroup sock_release: a socket the broker handed out is closed; count it for its tenant."""
     a = Asm()
-    a.call(bpf.FUNC_GET_SOCKET_COOKIE)  # r1 = ctx already
-    a.stx_dw(10, -8, 0)
-    a.ld_map_fd(1, maps["owned"])
-    a.stack_ptr(2, -8)
-    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.mov_reg(2, 1)  # the socket: the ctx of a cgroup sock program
+    a.ld_map_fd(1, maps["counts"])
+    a.mov_imm(3, 0)  # no value to create
+    a.mov_imm(4, 0)  # flags 0: look up only
+    a.call(bpf.FUNC_SK_STORAGE_GET)
     a.jeq_imm(0, 0, "out")  # not handed out by the broker (an accepted socket, its own)
     a.ldx_w(1, 0, 0)
-    a.stx_w(10, -16, 1)  # the tenant id
-    a.ld_map_fd(1, maps["owned"])
-    a.stack_ptr(2, -8)
-    a.call(bpf.FUNC_MAP_DELETE_ELEM)
+    a.stx_w(10, -16, 1)  # the count id (the storage goes with the socket)
     a.ld_map_fd(1, maps["released"])
     a.stack_ptr(2, -16)
     a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
