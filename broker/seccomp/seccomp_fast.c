@@ -95,7 +95,6 @@ struct pool {
     bool filled_once;      /* grant_id and uid are known */
     bool refilling;        /* a REFILL is out and unanswered... */
     int64_t refill_sent;   /* ...since then (a lost answer must not stop refills for good) */
-    uint32_t refill_uid;   /* ...for this uid */
     struct holdoff holdoffs[HOLDOFF_SLOTS];
     /* A fresh socket's value of each allowlisted option (read from the first socket used). */
     bool have_defaults;
@@ -493,7 +492,6 @@ static void want_refill(struct pool *p, uint32_t uid, uint32_t pid, struct refil
         return;
     p->refilling = true;
     p->refill_sent = now;
-    p->refill_uid = uid;
     *out = (struct refill){p, uid, pid};
 }
 
@@ -660,11 +658,14 @@ static int receive_pool(struct loop *l) {
     p->refilling = false;
     if (k == 0 && (m.flags & GRAFT_FAST_POOL_AGAIN))
         return 1; /* not refused (the asking thread was gone): the next caller may ask */
+    /* m.uid, not the uid the loop asked for: the broker judges the uid the process has when it
+     * reads the request (a setuid since the connect that asked changes it), and that is the one
+     * refused or issued for. */
     if (k == 0) { /* refused: max_sockets, max_rate, uids, no fast path */
-        hold_off(p, p->refill_uid);
+        hold_off(p, m.uid);
         return 1;
     }
-    struct holdoff *held = holdoff_of(p, p->refill_uid);
+    struct holdoff *held = holdoff_of(p, m.uid);
     if (held != NULL)
         held->ns = 0; /* issued: this uid's next refusal waits the shortest time again */
     if (!p->filled_once || p->grant_id != m.grant_id || p->uid != m.uid) {
