@@ -289,6 +289,54 @@ def test_max_sockets_counts_pre_issued_sockets_until_they_are_closed(short_tmp):
     ), denied
 
 
+def preissue_in_another_process(path) -> int:
+    """How many sockets one PREISSUE of another process (another pid, so another pool) gets."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # nothing but the request and the answer: the test process's state stays untouched
+        code = 1
+        try:
+            os.close(r)
+            client = WireClient(path)
+            _, socks = client.preissue()
+            os.write(w, str(len(socks)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            got = f.read()
+    finally:
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and got, (status, got)
+    return int(got)
+
+
+def test_pools_that_ask_together_share_the_pools_half_of_max_sockets(short_tmp):
+    """A pool that asks alone gets half of the pools' share; with a second one asking, each a quarter.
+
+    The pools are the shim processes (core/poolshare.py): this one and a
+    forked child, told apart by their pids. Neither is refused.
+    """
+    need_confinement()
+    with echo_server() as port, running(short_tmp / "b", policy(port, max_sockets=40)) as broker:
+        client = WireClient(broker.socket_path)
+        held: list[socket.socket] = []
+        try:
+            _, alone = client.preissue()  # the share is 20: alone, 20 // 2
+            held += alone
+            other = preissue_in_another_process(broker.socket_path)  # two pools: 20 // 4
+            _, together = client.preissue()
+            held += together
+            assert (len(alone), other, len(together)) == (10, 5, 5)
+        finally:
+            for s in held:
+                s.close()
+            client.close()
+    assert not [r for r in broker.audit() if r["action"] == "deny"]
+
+
 def test_a_pre_issued_socket_that_listens_never_gets_a_connection(short_tmp):
     """listen() on a pre-issued socket binds an ephemeral host port; the listen guard drops its SYNs."""
     need_confinement()
