@@ -76,12 +76,11 @@ from dataclasses import dataclass, field
 
 from . import bpf, fastpath
 from .maps import (
-    BTF_KEY_ID,
-    BTF_VALUE_ID,
     GRANT_KEY_SIZE,
     GRANT_VALUE_SIZE,
     MAPS,
     MARK_SIZE,
+    MARKS,
     RETIRED_MAPS,
     STATE_EPOCH,
     STATE_EVENTS_LOST,
@@ -91,7 +90,6 @@ from .maps import (
     encode_mark,
     grant_key,
     grant_lasts,
-    mark_btf,
 )
 from .programs import LICENSE, PROGRAMS, listen_guard_program, prog_type, program
 
@@ -445,21 +443,7 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
             os.close(map_fd)
             raise Unavailable(f"{map_path} is not graft's mark map (remove it: graft confinement remove)")
     else:
-        btf_fd = bpf.btf_load(mark_btf())
-        try:
-            map_fd = bpf.map_create(
-                bpf.MAP_TYPE_SK_STORAGE,
-                4,
-                MARK_SIZE,
-                0,
-                bpf.F_NO_PREALLOC | bpf.F_CLONE,
-                MAP_NAME,
-                btf_fd,
-                BTF_KEY_ID,
-                BTF_VALUE_ID,
-            )
-        finally:
-            os.close(btf_fd)
+        map_fd = _create_map(MARKS, MAP_NAME)
     conf = Confinement(cgroup, cgroup_dir, pin_dir, {"marks": map_fd})
     try:
         all_reused = marks_reused

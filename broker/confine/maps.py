@@ -213,7 +213,11 @@ class MapSpec:
 
 # A tenant's grants (the inner maps of "grants").
 TENANT_GRANTS = MapSpec(bpf.MAP_TYPE_LRU_HASH, GRANT_KEY_SIZE, GRANT_VALUE_SIZE, GRANTS_PER_TENANT)
-# The maps besides the marks (the sentinel of a complete set; see _load_or_reuse), pinned by these names.
+# The marks (cloned to accepted sockets: see lifecycle.py), pinned last as the sentinel of a complete set.
+MARKS = MapSpec(
+    bpf.MAP_TYPE_SK_STORAGE, 4, MARK_SIZE, 0, bpf.F_NO_PREALLOC | bpf.F_CLONE, btf=(mark_btf, BTF_KEY_ID, BTF_VALUE_ID)
+)
+# The maps besides the marks, pinned by these names.
 MAPS = {
     "grants": MapSpec(bpf.MAP_TYPE_HASH_OF_MAPS, 4, 4, GRANT_TENANTS_MAX, bpf.F_NO_PREALLOC, TENANT_GRANTS),
     # Not cloned to accepted sockets: a grafted listener's connections are the app's own, uncounted.
