@@ -67,9 +67,10 @@
 
 /*
  * Sockets one PREISSUE reply carries at most: below the want field's 255
- * and the kernel's SCM_MAX_FD (253). A pool that asks ahead at half a batch
- * keeps 32 connects of runway while its refill is on its way, which covers
- * the broker's slow round trips on a loaded machine (docs/benchmarks.md).
+ * and the kernel's SCM_MAX_FD (253). A pool that asks ahead at one batch
+ * left (preissue.c) keeps 64 connects of runway while its refill is on its
+ * way, which covers the broker's slow round trips on a loaded machine
+ * (docs/benchmarks.md).
  */
 #define GRAFT_PREISSUE_MAX 64
 
