@@ -38,13 +38,6 @@ static pthread_rwlock_t guard = GUARD_INITIALIZER;
 /* The forking thread's own holding, from prepare to parent/child. */
 static struct forkguard forking;
 
-static void block_all(sigset_t *saved)
-{
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, saved);
-}
-
 void forkguard_enter(struct forkguard *g)
 {
     sigmask_block_all(&g->mask); /* the fd table's locks inside then leave the mask alone */
@@ -59,11 +52,10 @@ void forkguard_leave(struct forkguard *g)
 
 static void prepare(void)
 {
-    sigset_t saved;
-    block_all(&saved);
+    struct sigmask_hold mask;
+    sigmask_block_all(&mask);
     pthread_rwlock_wrlock(&guard);
-    /* Written only while holding the guard exclusively. */
-    forking.mask = (struct sigmask_hold){.blocked = true, .saved = saved};
+    forking.mask = mask; /* written only while holding the guard exclusively */
     fdt_fork_prepare();
 }
 
@@ -84,7 +76,7 @@ static void child(void)
     fdpool_fork_child();
     grants_fork_child();
     guard = (pthread_rwlock_t)GUARD_INITIALIZER;
-    pthread_sigmask(SIG_SETMASK, &forking.mask.saved, NULL);
+    sigmask_restore(&forking.mask); /* also clears the child's copy of the thread's "all blocked" */
 }
 
 void forkguard_init(void)
