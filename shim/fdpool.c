@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "real.h"
+#include "sigmask.h"
 
 #define SLOT_BUSY 1u
 
@@ -64,7 +65,7 @@ void fdpool_init(struct fdpool *p)
 
 bool fdpool_owned(struct fdpool *p)
 {
-    return getpid() == atomic_load_explicit(&p->owner, memory_order_relaxed);
+    return sigmask_getpid() == atomic_load_explicit(&p->owner, memory_order_relaxed);
 }
 
 /* Makes slot i busy if it is idle and its fd still is ours: the fd, or -1. */

@@ -80,7 +80,7 @@ static _Atomic pid_t owner;
  */
 static bool owned(void)
 {
-    return getpid() == atomic_load_explicit(&owner, memory_order_relaxed);
+    return sigmask_getpid() == atomic_load_explicit(&owner, memory_order_relaxed);
 }
 
 /* ---- lookup ---- */

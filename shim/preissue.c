@@ -22,6 +22,7 @@
 #include "graft_wire.h"
 #include "log.h"
 #include "real.h"
+#include "sigmask.h"
 
 
 #define HOLDOFF_FIRST_NS 1000000000LL /* 1 s */
@@ -252,7 +253,7 @@ struct preissued preissue_take(int family, int protocol, struct forkguard *g)
     struct preissued out = {.fd = -1, .ino = 0, .gen = atomic_load(&generation), .unreachable = 0};
     if (!fdpool_owned(&p->fds))
         return out;
-    pid_t me = getpid();
+    pid_t me = sigmask_getpid();
     collect(p, me, false, NULL, g); /* a reply that has come: pooled before anything is taken */
     /* Before the take: sending releases the fork guard, and a socket in hand then would reach a fork child. */
     ask_ahead(p, me, protocol, g);
@@ -278,7 +279,7 @@ void preissue_refused(int family, unsigned int gen)
 {
     if (!atomic_compare_exchange_strong(&generation, &gen, gen + 1))
         return;
-    pid_t me = getpid();
+    pid_t me = sigmask_getpid();
     for (size_t i = 0; i < N_POOLS; i++) {
         fdpool_flush(&pools[i].fds);
         if (move(&pools[i], me, PENDING, COLLECTING)) { /* its sockets would be as suspect as the pool's */

@@ -17,6 +17,7 @@
 
 #include <signal.h>
 #include <stdbool.h>
+#include <sys/types.h>
 
 struct sigmask_hold {
     bool blocked; /* this section blocked the mask (no outer one had) */
@@ -28,5 +29,16 @@ void sigmask_block_all(struct sigmask_hold *h);
 
 /* Ends the section: restores the mask it saved, if it blocked it. */
 void sigmask_restore(const struct sigmask_hold *h);
+
+/*
+ * getpid(), read once per outermost section: the ownership checks of the
+ * table and the pools (a vfork child must not use the parent's) cost one
+ * system call per interposed call rather than one each. Inside a section
+ * the process cannot change: a fork waits for every section's locks (the
+ * fork guard, the table's stripes), and the shim never forks or vforks
+ * inside one. The fork handlers, which run in a section across the fork,
+ * call getpid() themselves, and the child's restore forgets the parent's.
+ */
+pid_t sigmask_getpid(void);
 
 #endif /* GRAFT_SIGMASK_H */
