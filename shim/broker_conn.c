@@ -218,7 +218,7 @@ static int receive_reply(int fd, uint16_t op, struct graft_reply *rep, struct re
         iov = (struct iovec){.iov_base = rep, .iov_len = sizeof *rep};
         msg = (struct msghdr){.msg_iov = &iov, .msg_iovlen = 1,
                               .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf};
-        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); /* await_reply saw it arrive */
+        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); /* after await_reply, or a collect that does not wait */
     } while (n < 0 && errno == EINTR);
     if (n < 0)
         return io_error(errno);
@@ -411,28 +411,23 @@ int broker_preissue_collect(const struct broker_pending *pending, bool wait, int
                             int *refused, struct forkguard *g)
 {
     struct conn c = {.fd = pending->fd, .slot = pending->slot};
-    struct pollfd p = {.fd = c.fd, .events = POLLIN};
+    struct graft_reply rep;
+    struct received got = {.nfds = 0};
     *nfds = 0;
     *refused = 0;
-    int err = 0;
+    int err;
     if (!wait) {
-        int n;
-        do
-            n = poll(&p, 1, 0);
-        while (n < 0 && errno == EINTR);
-        if (n == 0)
-            return EAGAIN; /* still on its way: the request stays pending */
-        if (n < 0)
-            err = errno;
+        /* One recvmsg, no poll first: it is made at every take while a request is on its way. */
+        err = receive_reply(c.fd, GRAFT_OP_PREISSUE, &rep, &got);
+        if (err == ETIMEDOUT) /* io_error's name for EAGAIN: not there yet, the request stays pending */
+            return EAGAIN;
     } else {
         wait_begin(&c, g);
         err = await_reply(c.fd);
         wait_end(&c, g);
+        if (err == 0)
+            err = receive_reply(c.fd, GRAFT_OP_PREISSUE, &rep, &got);
     }
-    struct graft_reply rep;
-    struct received got = {.nfds = 0};
-    if (err == 0)
-        err = receive_reply(c.fd, GRAFT_OP_PREISSUE, &rep, &got);
     put_back(&c, err == 0 && rep.verdict != GRAFT_V_ERROR); /* back to the pool, as after a round trip */
     return err != 0 ? err : preissue_outcome(&rep, &got, fds, nfds, refused);
 }
