@@ -55,6 +55,7 @@ _Static_assert(N_STRIPES <= 64, "a set of stripes is a 64-bit mask");
 struct entry {
     _Atomic int state;       /* enum fdt_state */
     _Atomic bool has_names;  /* GRAFTED with a translated address in names */
+    _Atomic bool on_host;    /* sock.on_host, for the lock-free hint */
     int fd;                  /* the fd number this entry belongs to, for life */
     int next, prev;          /* ring of duplicates (fd numbers); fd itself when alone */
     bool claimant;           /* BUSY: this member's claim is the one in progress */
@@ -345,6 +346,7 @@ static void reset(struct entry *e, ino_t ino, const struct fdt_sock *desc, enum 
     uint64_t gen = e->sock.gen + 1;
     e->sock = *desc;
     e->sock.gen = gen;
+    atomic_store_explicit(&e->on_host, desc->on_host, memory_order_relaxed);
     e->ino = ino;
     e->polls.n = 0;
     e->claimant = false;
@@ -575,6 +577,49 @@ static void set_grafted(struct entry *e, ino_t ino, const struct fdt_names *name
     set_state(e, FDT_GRAFTED);
 }
 
+/*
+ * Runs install on e and then on every other member of its ring, under the
+ * group's locks. done(m) settles a member it worked on; a member it fails
+ * on is forgotten (it keeps its old file and is adopted again later). The
+ * ring is dissolved, the members alone, unless keep_ring. 0, or install's
+ * errno on e, which leaves the ring as it was.
+ */
+static int install_ring(struct entry *e, bool keep_ring, fdt_install_fn install, void *arg,
+                        void (*done)(struct entry *m, const void *how), const void *how)
+{
+    int err = install(e->fd, e->ino, &e->polls, arg);
+    if (err != 0)
+        return err;
+    struct entry *m = ring_next(e);
+    while (m != e) {
+        struct entry *next = ring_next(m);
+        if (install(m->fd, m->ino, &m->polls, arg) != 0) {
+            unlink_entry(m);
+            m->sock.gen++;
+            m->claimant = false;
+            set_state(m, FDT_NONE);
+        } else {
+            if (!keep_ring)
+                unlink_entry(m);
+            done(m, how);
+        }
+        m = next;
+    }
+    done(e, how);
+    return 0;
+}
+
+struct graft_how {
+    ino_t ino;
+    const struct fdt_names *names;
+};
+
+static void graft_done(struct entry *m, const void *how)
+{
+    const struct graft_how *g = how;
+    set_grafted(m, g->ino, g->names);
+}
+
 int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
                fdt_install_fn install, void *arg)
 {
@@ -583,33 +628,62 @@ int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
     int err = EBADF; /* the app closed fd while the broker was deciding */
     lock_group(fd, e, &h);
     if (claim_held(e, gen)) {
-        err = install(fd, e->ino, &e->polls, arg);
-        if (err != 0) {
+        /* The duplicates: every fd number of the socket moves to the host. */
+        struct graft_how how = {ino, names};
+        err = install_ring(e, false, install, arg, graft_done, &how);
+        if (err != 0)
             ring_set_state(e, FDT_PLACEHOLDER);
-        } else {
-            /* The duplicates: every fd number of the socket moves to the host. */
-            while (!alone(e)) {
-                struct entry *m = ring_next(e);
-                unlink_entry(m);
-                if (install(m->fd, m->ino, &m->polls, arg) == 0) {
-                    set_grafted(m, ino, names);
-                } else {
-                    m->sock.gen++;
-                    m->claimant = false;
-                    set_state(m, FDT_NONE);
-                }
-            }
-            set_grafted(e, ino, names);
-        }
     }
     unlock_group(&h);
     return err;
+}
+
+static void replace_done(struct entry *m, const void *how)
+{
+    m->ino = *(const ino_t *)how;
+    m->sock.on_host = false;
+    atomic_store_explicit(&m->on_host, false, memory_order_relaxed);
+}
+
+int fdt_replace(int fd, uint64_t gen, ino_t ino, fdt_install_fn install, void *arg)
+{
+    struct entry *e = entry_of(fd);
+    struct held h;
+    int err = EBADF;
+    lock_group(fd, e, &h);
+    if (claim_held(e, gen))
+        err = install_ring(e, true, install, arg, replace_done, &ino);
+    unlock_group(&h);
+    return err;
+}
+
+bool fdt_reclaim(int fd, uint64_t gen, struct fdt_sock *out)
+{
+    struct entry *e = entry_of(fd);
+    struct held h;
+    bool claimed = false;
+    lock_group(fd, e, &h);
+    if (e != NULL && e->sock.gen == gen && state_of(e) == FDT_GRAFTED && alone(e)) {
+        e->claimant = true;
+        set_state(e, FDT_BUSY);
+        *out = e->sock;
+        claimed = true;
+    }
+    unlock_group(&h);
+    return claimed;
 }
 
 bool fdt_is_placeholder(int fd)
 {
     struct entry *e = live_entry(fd);
     return e != NULL && atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_PLACEHOLDER;
+}
+
+bool fdt_is_host_placeholder(int fd)
+{
+    struct entry *e = live_entry(fd);
+    return e != NULL && atomic_load_explicit(&e->state, memory_order_relaxed) == FDT_PLACEHOLDER &&
+           atomic_load_explicit(&e->on_host, memory_order_relaxed);
 }
 
 bool fdt_is_tracked(int fd)
@@ -668,6 +742,7 @@ void fdt_dup(int oldfd, int newfd, ino_t ino)
         uint64_t gen = n->sock.gen;
         n->sock = o->sock;
         n->sock.gen = gen;
+        atomic_store_explicit(&n->on_host, n->sock.on_host, memory_order_relaxed);
         n->ino = o->ino;
         if (state == FDT_PLACEHOLDER || state == FDT_BUSY) {
             link_after(o, n); /* BUSY: the claim in progress will graft it too */

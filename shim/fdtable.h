@@ -3,7 +3,9 @@
  *
  * socket() registers every TCP/UDP socket as a PLACEHOLDER: a real socket
  * in the container's stack that owns the fd number until the first
- * bind/connect/listen decides its fate. That decision runs without any lock
+ * bind/connect/listen decides its fate (or, for a TCP socket of a process
+ * whose connects take the fast way, a pre-issued host socket: on_host, see
+ * fdt_replace). That decision runs without any lock
  * held across the broker round trip: the deciding thread *claims* the entry
  * (PLACEHOLDER -> BUSY), gets a snapshot of it, and later settles it with
  * the snapshot's generation number, which any close, reuse or re-creation of
@@ -49,6 +51,8 @@ struct fdt_sock {
     int family;          /* AF_INET or AF_INET6 */
     int type;            /* SOCK_STREAM or SOCK_DGRAM */
     int protocol;
+    bool on_host;        /* the placeholder is a pre-issued host socket (see fdt_replace) */
+    unsigned int pool_gen; /* on_host: the pools' generation it was taken in (preissue.h) */
     bool bound;          /* bound natively to port 0; the real bind is deferred */
     socklen_t bound_len;
     uint8_t bound_addr[GRAFT_ADDR_MAX];
@@ -167,8 +171,28 @@ typedef int (*fdt_install_fn)(int fd, ino_t placeholder_ino, const struct fdt_po
 int fdt_commit(int fd, uint64_t gen, ino_t ino, const struct fdt_names *names,
                fdt_install_fn install, void *arg);
 
-/* Lock-free hints: fd is a placeholder now / is tracked at all (claim to be sure). */
+/*
+ * A placeholder may be a pre-issued host socket rather than a container
+ * socket (on_host: socket() took one from the pool, libgraft.c), so that a
+ * fast-path connect connects it where it is. Any other decision needs the
+ * container socket first: fdt_replace puts it, inode ino, on fd and every
+ * other fd in its ring, like fdt_commit, but the claim goes on, with
+ * on_host cleared. Returns 0 or an errno value (the ring is unchanged if
+ * install fails on fd; a duplicate it fails on is forgotten).
+ */
+int fdt_replace(int fd, uint64_t gen, ino_t ino, fdt_install_fn install, void *arg);
+
+/*
+ * Claims again an fd this thread settled GRAFTED under claim gen (a
+ * connect in place the kernel refused): GRAFTED -> BUSY, copied out to
+ * out. False if the fd was closed or reused since. (A duplicate made
+ * meanwhile is a copy of a decided entry and keeps the refused socket.)
+ */
+bool fdt_reclaim(int fd, uint64_t gen, struct fdt_sock *out);
+
+/* Lock-free hints: fd is a placeholder now / a host one / is tracked at all (claim to be sure). */
 bool fdt_is_placeholder(int fd);
+bool fdt_is_host_placeholder(int fd);
 bool fdt_is_tracked(int fd);
 
 /*

@@ -9,8 +9,11 @@
  * with a denial. A TCP connect to a destination the broker granted before
  * may skip the round trip: it connects a host socket the broker issued
  * ahead of time, which the kernel lets connect only where the broker has
- * granted (preissue.h). From then on the fd is an ordinary socket: the
- * data path never enters the shim.
+ * granted (preissue.h). Once such sockets come, socket() itself takes one
+ * for a new TCP socket, so that its connect connects it in place, and a
+ * container socket is put under the fd only if it is used otherwise (see
+ * socket_on_host). From then on the fd is an ordinary socket: the data
+ * path never enters the shim.
  *
  * UDP adds a fourth first use: a sendto/sendmsg/sendmmsg with a
  * destination on an unbound, unconnected placeholder. These functions are
@@ -443,6 +446,7 @@ enum outcome_kind {
     OUT_NATIVE,  /* run the real call on the placeholder */
     OUT_FAILED,  /* fail the call with errno = error */
     OUT_GRAFTED, /* the host socket is on the app's fd */
+    OUT_IN_PLACE, /* connect: the app's fd is the pre-issued host socket; connect it as it is */
 };
 
 struct outcome {
@@ -695,6 +699,69 @@ static int install_host_socket(int fd, uint64_t gen, int hostfd, ino_t host_ino,
     return err;
 }
 
+/*
+ * The options the app set, on another socket for its fd: a pre-issued
+ * host socket (the app's own doing, with the app's privileges, as a
+ * setsockopt after the graft would be), or a container socket put in
+ * place of one. What the kernel refuses is ignored. (The broker filters
+ * what it replays through an allowlist because it applies options as
+ * root.)
+ */
+static void apply_recorded_opts(int fd, const struct fdt_sock *sock)
+{
+    for (uint32_t i = 0; i < sock->n_opts; i++) {
+        const struct graft_sockopt *opt = &sock->opts[i];
+        graft_real.setsockopt(fd, opt->level, opt->name, opt->val, opt->len);
+    }
+}
+
+/*
+ * Puts a container socket, with the options the app set, in place of a
+ * claimed placeholder's pre-issued host socket (on_host, see socket()):
+ * for every decision but a connect in place, since a bind, a listen, a
+ * send, or a connect the broker judges (its verdict may be the
+ * container's) belongs to the container's stack until the broker says
+ * otherwise. The claim goes on. 0 or an errno.
+ */
+static int to_container(int fd, struct fdt_sock *sock)
+{
+    int fl_flags = graft_real.fcntl(fd, F_GETFL);
+    if (fl_flags < 0)
+        return errno;
+    int type = sock->type | SOCK_CLOEXEC | (fl_flags & O_NONBLOCK ? SOCK_NONBLOCK : 0);
+    int placeholder = graft_real.socket(sock->family, type, sock->protocol);
+    if (placeholder < 0)
+        return errno;
+    apply_recorded_opts(placeholder, sock);
+    struct stat st;
+    int err = fstat(placeholder, &st) == 0
+                  ? fdt_replace(fd, sock->gen, st.st_ino, dup_onto_app_fd, &placeholder)
+                  : errno;
+    graft_real.close(placeholder);
+    if (err == 0)
+        sock->on_host = false;
+    return err;
+}
+
+/*
+ * claim_socket for a decision in the container's terms: a placeholder on a
+ * host socket gets its container socket first. False with *err 0 to pass
+ * the call through; false with *err set if the container socket could not
+ * be made (the claim is released and the call fails with it, rather than
+ * run on a host socket the broker never judged for it).
+ */
+static bool claim_in_container(int fd, bool may_adopt, struct fdt_sock *sock, int *err)
+{
+    *err = 0;
+    if (!claim_socket(fd, may_adopt, sock))
+        return false;
+    if (sock->on_host && (*err = to_container(fd, sock)) != 0) {
+        fdt_release(fd, sock->gen, FDT_PLACEHOLDER);
+        return false;
+    }
+    return true;
+}
+
 /* Applies an outcome to the claimed entry, ending the claim. host_ino: hostfd's inode if known, or 0. */
 static void settle(const struct attempt *a, struct outcome *o, int hostfd, ino_t host_ino)
 {
@@ -704,6 +771,8 @@ static void settle(const struct attempt *a, struct outcome *o, int hostfd, ino_t
         break;
     case OUT_FAILED: /* still undecided: the app may try again */
         fdt_release(a->fd, a->sock->gen, FDT_PLACEHOLDER);
+        break;
+    case OUT_IN_PLACE: /* never an outcome to settle: connect_claimed settled it already */
         break;
     case OUT_GRAFTED: {
         int err = install_host_socket(a->fd, a->sock->gen, hostfd, host_ino, &o->app, a->app_bound);
@@ -744,12 +813,62 @@ static void decide(const struct attempt *a, struct outcome *o)
 
 /* ---- socket() and setsockopt() ---- */
 
+/*
+ * A TCP socket of a process whose connects take the fast way starts on a
+ * pre-issued host socket when the pool has one ready (never waiting for
+ * one): a connect to a granted destination then connects it where it is,
+ * with the kernel's own blocking, timeout and signal semantics, and no
+ * container socket is made only to be destroyed by the dup3 of a graft.
+ * Every other decision puts a container socket in its place first
+ * (to_container), as does an option the host socket refuses (setsockopt).
+ * The fd is the lowest free number, as socket() would give.
+ */
+static int socket_on_host(int domain, int type, int protocol)
+{
+    struct scope scope;
+    scope_enter(&scope);
+    struct preissued got = preissue_take_ready(domain, protocol, &scope.guard);
+    int fd = -1;
+    if (got.fd >= 0) {
+        fd = graft_real.fcntl(got.fd, type & SOCK_CLOEXEC ? F_DUPFD_CLOEXEC : F_DUPFD, 0);
+        /* The pool's sockets are non-blocking (issue.c), as the fast path's connect wants them. */
+        if (fd >= 0 && (!fdt_in_range(fd) || ((type & SOCK_NONBLOCK) == 0 && graft_real.fcntl(fd, F_SETFL, 0) < 0))) {
+            graft_real.close(fd);
+            fd = -1;
+        }
+        graft_real.close(got.fd);
+    }
+    if (fd >= 0) {
+        struct fdt_sock desc;
+        memset(&desc, 0, sizeof desc);
+        desc.family = domain;
+        desc.type = SOCK_STREAM;
+        desc.protocol = protocol;
+        desc.on_host = true;
+        desc.pool_gen = got.gen;
+        fdt_track(fd, got.ino, &desc);
+        if (!fdt_is_tracked(fd)) { /* out of memory: an untracked host socket would connect natively */
+            graft_real.close(fd);
+            fd = -1;
+        }
+    }
+    scope_leave(&scope);
+    return fd;
+}
+
 EXPORT int socket(int domain, int type, int protocol)
 {
     graft_init();
     int saved = errno;
-    int fd = graft_real.socket(domain, type, protocol);
     int base_type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (base_type == SOCK_STREAM && graftable(domain, base_type, protocol) && preissue_in_use(domain)) {
+        int fd = socket_on_host(domain, type, protocol);
+        if (fd >= 0) {
+            errno = saved;
+            return fd;
+        }
+    }
+    int fd = graft_real.socket(domain, type, protocol);
     if (fd < 0 || !graftable(domain, base_type, protocol))
         return fd;
 
@@ -767,6 +886,37 @@ EXPORT int socket(int domain, int type, int protocol)
 }
 
 /*
+ * An option that the pre-issued host socket under a placeholder refused (a
+ * privilege the app holds over its own network namespace only, say), or
+ * that the table cannot record and so could not carry over, is set where
+ * it would have been without the shim: on a container socket, put in
+ * place first. host_rc is the call's result on the host socket, and
+ * stands (with its errno) if that cannot be done.
+ */
+static int setsockopt_in_container(int fd, int level, int name, const void *val, socklen_t len, int host_rc)
+{
+    int host_errno = errno, err;
+    struct fdt_sock sock;
+    struct scope scope;
+    scope_enter(&scope);
+    bool claimed = fdt_is_host_placeholder(fd) && claim_in_container(fd, false, &sock, &err);
+    if (claimed)
+        fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+    scope_leave(&scope);
+    if (!claimed) {
+        errno = host_errno;
+        return host_rc;
+    }
+    int rc = graft_real.setsockopt(fd, level, name, val, len);
+    if (rc == 0) {
+        int saved = errno;
+        fdt_record_opt(fd, level, name, val, len);
+        errno = saved;
+    }
+    return rc;
+}
+
+/*
  * The real call runs first, so the kernel validates the option and the
  * placeholder carries it; only what the kernel accepted is recorded, to be
  * replayed by the broker on a host socket as its allowlist admits.
@@ -776,9 +926,14 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     graft_init();
     int rc = graft_real.setsockopt(fd, level, name, val, len);
     if (rc != 0)
-        return rc;
+        return fdt_is_host_placeholder(fd) ? setsockopt_in_container(fd, level, name, val, len, rc) : rc;
     int saved = errno;
-    switch (fdt_record_opt(fd, level, name, val, len)) {
+    enum fdt_opt recorded = fdt_record_opt(fd, level, name, val, len);
+    if ((recorded == FDT_OPT_TOO_LONG || recorded == FDT_OPT_TOO_MANY) && fdt_is_host_placeholder(fd)) {
+        errno = saved;
+        return setsockopt_in_container(fd, level, name, val, len, rc);
+    }
+    switch (recorded) {
     case FDT_OPT_TOO_LONG:
         log_debug("setsockopt fd %d level %d name %d: %u-byte value not recorded (limit %d)", fd,
                   level, name, (unsigned)len, GRAFT_OPT_VAL_MAX);
@@ -823,20 +978,6 @@ EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 static bool fast_path_fits(const struct fdt_sock *sock)
 {
     return sock->type == SOCK_STREAM && !sock->bound;
-}
-
-/*
- * Options on a pre-issued socket are the app's own doing, with the app's
- * privileges, as a setsockopt after the graft would be: what the kernel
- * refuses is ignored. (The broker filters what it replays through an
- * allowlist because it applies options as root.)
- */
-static void apply_recorded_opts(int hostfd, const struct fdt_sock *sock)
-{
-    for (uint32_t i = 0; i < sock->n_opts; i++) {
-        const struct graft_sockopt *opt = &sock->opts[i];
-        graft_real.setsockopt(hostfd, opt->level, opt->name, opt->val, opt->len);
-    }
 }
 
 /* GRAFT_DEBUG: "connect tcp 127.0.0.1:8080 -> graft (fast)", plus an error at once. */
@@ -891,23 +1032,84 @@ static bool connect_fast(const struct attempt *a, struct outcome *o)
     return true;
 }
 
-static void graft_connect(int fd, const union inet_sockaddr *target, struct outcome *o,
-                          struct forkguard *guard)
+/*
+ * A claimed placeholder's connect: in place on its pre-issued host socket
+ * (the kernel connects it once the caller has left the decision's scope,
+ * refused_in_place), the fast way with a socket from the pool, or as the
+ * broker decides. in_place: whether the first may be tried.
+ */
+static void connect_claimed(struct attempt *a, struct fdt_sock *sock, bool in_place, struct outcome *o)
 {
-    struct fdt_sock sock;
-    o->kind = OUT_NATIVE;
-    if (!claim_socket(fd, true, &sock))
-        return;
-    if (sock.family != target->sa.sa_family) { /* the kernel has the native errno */
-        fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
+    if (sock->on_host) {
+        if (in_place && sock->family == a->addr->sa.sa_family && fast_path_fits(sock) &&
+            grants_has(&a->addr->sa)) {
+            fdt_release(a->fd, sock->gen, FDT_GRAFTED); /* its socket is the graft already */
+            o->kind = OUT_IN_PLACE;
+            if (log_debug_on())
+                debug_verdict(a, "graft", "fast, in place");
+            return;
+        }
+        int err = to_container(a->fd, sock);
+        if (err != 0) {
+            fdt_release(a->fd, sock->gen, FDT_PLACEHOLDER);
+            o->kind = OUT_FAILED;
+            o->error = err;
+            return;
+        }
+    }
+    if (sock->family != a->addr->sa.sa_family) { /* the kernel has the native errno */
+        fdt_release(a->fd, sock->gen, FDT_PLACEHOLDER);
         return;
     }
-    struct attempt a = {guard, "connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, &sock, target, 0, NULL};
-    if (connect_fast(&a, o))
+    if (connect_fast(a, o))
         return;
-    decide(&a, o);
-    if (o->kind == OUT_GRAFTED && fast_path_fits(&sock))
-        grants_add(&target->sa);
+    decide(a, o);
+    if (o->kind == OUT_GRAFTED && fast_path_fits(sock))
+        grants_add(&a->addr->sa);
+}
+
+/*
+ * again: fd was connected in place and the kernel refused (EPERM); it is
+ * claimed back from GRAFTED, and the broker decides, on a container socket.
+ */
+static void graft_connect(int fd, const union inet_sockaddr *target, struct fdt_sock *sock, bool again,
+                          struct outcome *o, struct forkguard *guard)
+{
+    o->kind = OUT_NATIVE;
+    if (again ? !fdt_reclaim(fd, sock->gen, sock) : !claim_socket(fd, true, sock)) {
+        if (again) { /* closed or reused meanwhile: the kernel's answer stands */
+            o->kind = OUT_FAILED;
+            o->error = EPERM;
+        }
+        return;
+    }
+    struct attempt a = {guard, "connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, sock, target, 0, NULL};
+    connect_claimed(&a, sock, !again, o);
+}
+
+/*
+ * The connect of a placeholder's pre-issued host socket, where it is: the
+ * kernel's own call, and so its own errno, blocking, SO_SNDTIMEO and
+ * signal semantics. EPERM is the kernel's refusal, as in connect_fast: the
+ * grant is gone, every cached grant and pooled socket is suspect, and the
+ * caller has the broker decide after all. Whether it refused; *rc is the
+ * call's result otherwise.
+ */
+static bool refused_in_place(int fd, const struct sockaddr *addr, socklen_t len, const struct fdt_sock *sock,
+                             int saved, int *rc)
+{
+    errno = saved;
+    *rc = graft_real.connect(fd, addr, len);
+    if (*rc == 0 || errno != EPERM) {
+        int err = errno;
+        preissue_connected(sock->family);
+        errno = err;
+        return false;
+    }
+    grants_flush();
+    preissue_refused(sock->family, sock->pool_gen);
+    log_debug("connect fd %d: pre-issued socket refused in place: grant gone; ask the broker", fd);
+    return true;
 }
 
 /*
@@ -952,10 +1154,19 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     union inet_sockaddr target;
     if (copy_inet_addr(addr, len, &target)) {
         struct outcome o;
+        struct fdt_sock sock;
         struct scope scope;
+        int rc;
         scope_enter(&scope);
-        graft_connect(fd, &target, &o, &scope.guard);
+        graft_connect(fd, &target, &sock, false, &o, &scope.guard);
         scope_leave(&scope);
+        if (o.kind == OUT_IN_PLACE) {
+            if (!refused_in_place(fd, addr, len, &sock, saved, &rc))
+                return rc;
+            scope_enter(&scope);
+            graft_connect(fd, &target, &sock, true, &o, &scope.guard);
+            scope_leave(&scope);
+        }
         if (o.kind != OUT_NATIVE)
             return connect_result(fd, &o, saved);
     }
@@ -1009,8 +1220,9 @@ static int graft_bind(int fd, const union inet_sockaddr *local, const struct soc
                       socklen_t len, int saved, struct forkguard *guard)
 {
     struct fdt_sock sock;
-    if (!claim_socket(fd, true, &sock))
-        return GO_NATIVE;
+    int err;
+    if (!claim_in_container(fd, true, &sock, &err))
+        return err != 0 ? fail(err) : GO_NATIVE;
     /* A mismatched family, or a second bind (EINVAL), is the kernel's to answer. */
     if (sock.family != local->sa.sa_family || sock.bound) {
         fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
@@ -1059,8 +1271,9 @@ static void listen_address(const struct fdt_sock *sock, union inet_sockaddr *out
 static int graft_listen(int fd, int backlog, int saved, struct forkguard *guard)
 {
     struct fdt_sock sock;
-    if (!claim_socket(fd, false, &sock))
-        return GO_NATIVE;
+    int err;
+    if (!claim_in_container(fd, false, &sock, &err))
+        return err != 0 ? fail(err) : GO_NATIVE;
     if (sock.type != SOCK_STREAM) { /* EOPNOTSUPP, from the kernel */
         fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
         return GO_NATIVE;
@@ -1146,8 +1359,9 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
     struct outcome o = {.kind = OUT_NATIVE};
     struct fdt_sock sock;
     struct scope scope;
+    int err;
     scope_enter(&scope);
-    if (claim_socket(fd, false, &sock)) {
+    if (claim_in_container(fd, false, &sock, &err)) {
         if (sock.type != SOCK_DGRAM || !dest_for_family(sock.family, &given, &dest)) {
             fdt_release(fd, sock.gen, FDT_PLACEHOLDER);
         } else {
@@ -1155,6 +1369,9 @@ static int graft_sendto(int fd, const struct sockaddr *addr, socklen_t len)
                                 &dest, GRAFT_REQF_SENDTO, NULL};
             decide(&a, &o);
         }
+    } else if (err != 0) {
+        o.kind = OUT_FAILED;
+        o.error = err;
     }
     scope_leave(&scope);
     if (o.kind == OUT_FAILED || (o.kind == OUT_GRAFTED && o.error != 0))

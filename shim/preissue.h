@@ -27,6 +27,7 @@
 #ifndef GRAFT_PREISSUE_H
 #define GRAFT_PREISSUE_H
 
+#include <stdbool.h>
 #include <sys/types.h>
 
 #include "forkguard.h"
@@ -56,6 +57,17 @@ struct preissued {
  * installs or closes it before leaving the guard.
  */
 struct preissued preissue_take(int family, int protocol, struct forkguard *g);
+
+/*
+ * Like preissue_take, but only a socket the pool holds now: no wait, no
+ * round trip (a pool getting low still asks ahead). For socket(), which
+ * takes one for a TCP socket of a process whose connects go the fast way,
+ * so that the connect finds its host socket already on the app's fd.
+ */
+struct preissued preissue_take_ready(int family, int protocol, struct forkguard *g);
+
+/* Whether a batch of the family ever came to this process: one atomic load, for socket(). */
+bool preissue_in_use(int family);
 
 /* A socket from preissue_take connected, or failed for another reason than the kernel's refusal. */
 void preissue_connected(int family);

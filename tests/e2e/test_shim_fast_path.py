@@ -4,9 +4,12 @@ tests/support/programs/fastpath_client.py connects over and over under graft. Th
 first connect to a destination goes to the broker, which grants it in the
 kernel; later ones take a pre-issued socket from the shim's pool and
 connect it directly (GRAFT_DEBUG says "(fast)", the audit log "via":
-"kernel"). The tests check that this is invisible to the app, and that
-everything that must send a connect back to the broker does: a reload, a
-broker without confinement, an app that closed the pool's fds.
+"kernel"), and once the pool is in use, socket() itself takes one, which
+its connect then connects in place ("(fast, in place)"). The tests check
+that this is invisible to the app, and that everything that must send a
+connect back to the broker does: a reload, a broker without confinement,
+an app that closed the pool's fds; and that a socket used for anything but
+such a connect is a container socket again first.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from pyroute2 import NetNS
 
 from graft.broker.shim import wire
 from support.harness import GRAFT, PROGRAMS, echo_server, eventually, free_port, graft_cmd
@@ -109,15 +113,68 @@ def test_repeated_connects_take_the_fast_path(netns, start_broker):
     assert {(r["pid"], r["action"], r["rule"], r["port"]) for r in by_kernel} == {
         (client.proc.pid, "graft", "tenants.t.connect[0]", port)
     }
-    assert err.count("-> graft (fast)") == 40, err
+    assert err.count("-> graft (fast") == 40, err
+    # Once a batch has come, socket() takes its socket from the pool: only a pool that is empty
+    # at that moment (before the first batch, or a refill late) leaves a connect to the pool.
+    assert err.count("-> graft (fast, in place)") >= 20, err
 
 
 def test_a_refused_connect_fails_the_same_on_the_fast_path(netns, start_broker):
     port = free_port()  # allowed, nothing listens
     with grafted_client(netns, start_broker, port) as (_, client):
-        assert [client.ask("connect 1") for _ in range(3)] == ["ECONNREFUSED"] * 3
+        assert [client.ask("connect 1") for _ in range(4)] == ["ECONNREFUSED"] * 4
         err = client.finish()
-    assert err.count("-> graft (fast)") == 2, err
+    assert err.count("-> graft (fast") == 3, err
+    assert err.count("-> graft (fast, in place)") >= 1, err
+
+
+def test_a_socket_is_on_a_host_socket_once_the_pool_is_in_use(netns, start_broker):
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (_, client):
+        assert client.ask("where") == "container"  # no grant yet: nothing to pre-issue
+        assert client.ask("connect 3") == "ok"
+        assert client.ask("where") == "host"
+
+
+def test_a_bind_puts_the_container_socket_back_first(netns, start_broker):
+    """A deferred port-0 bind is the container's: the socket must be one of the container's first."""
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (broker, client):
+        assert client.ask("connect 3") == "ok"
+        assert client.ask("bind0") == "container ok"
+        assert client.ask("where") == "host"  # the next socket takes the fast way again
+    by_broker, _ = connects(broker)
+    assert [r["action"] for r in by_broker] == ["graft", "graft"]  # the bound socket's connect went to the broker
+
+
+def test_options_beyond_what_the_shim_records_put_the_container_socket_back(netns, start_broker):
+    """The 17th option cannot be recorded, so it could not be carried over: set on a container socket."""
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (_, client):
+        assert client.ask("connect 3") == "ok"
+        assert client.ask("opts") == "container ok"
+
+
+def test_an_option_the_host_socket_refuses_is_set_on_a_container_socket(netns, start_broker):
+    """SO_BINDTODEVICE to a device only the container has: ENODEV on a host socket, fine in the container."""
+    device = f"gv{os.getpid() % 100000}"
+    with NetNS(netns) as ns:  # a veth pair with both ends in the namespace, gone with it
+        ns.link("add", ifname=device, kind="veth", peer=f"{device}p")
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (_, client):
+        assert client.ask("connect 3") == "ok"
+        assert client.ask("where") == "host"
+        assert client.ask(f"device {device}") == "container"
+        assert client.ask("device no-such-device") == "ENODEV"  # refused in the container too: its errno
+
+
+def test_a_connect_in_place_the_kernel_refuses_goes_to_the_broker(netns, start_broker):
+    """A reload takes the kernel's grants: the socket under the app's fd is refused, the broker grants again."""
+    with echo_server() as port, grafted_client(netns, start_broker, port) as (broker, client):
+        assert client.ask("connect 3") == "ok"
+        assert client.ask("where") == "host"
+        broker.reload(policy(port))
+        assert client.ask("connect 1") == "ok"
+        err = client.finish()
+    assert "refused in place" in err, err
+    by_broker, _ = connects(broker)
+    assert [r["action"] for r in by_broker] == ["graft", "graft"]
 
 
 def test_a_reload_sends_connects_back_to_the_broker(netns, start_broker):

@@ -13,6 +13,16 @@ Commands, one per line; each answers one line on stdout:
                  are taken again: "ok"
   files          "ok" if the /dev/null files opened by closeall are still
                  /dev/null (nothing was put on their numbers)
+  where          where a new TCP socket lives before any use: "host" (a
+                 pre-issued socket the shim put under it) or "container"
+  bind0          a new socket bound to 127.0.0.1 port 0, then connected and
+                 echoed through: where it was after the bind, and the
+                 connect's answer ("container ok")
+  opts           a new socket given 17 distinct options (one more than the
+                 shim records), then connected and echoed through: where it
+                 was after them, and the connect's answer
+  device NAME    a new socket bound to device NAME with SO_BINDTODEVICE:
+                 where it was after, or the errno name
 """
 
 from __future__ import annotations
@@ -24,6 +34,48 @@ import socket
 import sys
 
 SYS_CLOSE_RANGE = 436  # x86-64 and the generic table alike
+SO_NETNS_COOKIE = 71
+
+# 17 options a TCP socket takes before it connects, none of them changing where it may connect
+OPTIONS = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1),
+    (socket.SOL_SOCKET, socket.SO_OOBINLINE, 1),
+    (socket.SOL_SOCKET, socket.SO_RCVBUF, 65536),
+    (socket.SOL_SOCKET, socket.SO_SNDBUF, 65536),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY, 1),
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30000),
+    (socket.IPPROTO_TCP, socket.TCP_SYNCNT, 3),
+    (socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 65536),
+    (socket.IPPROTO_TCP, socket.TCP_LINGER2, 10),
+    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 65536),
+    (socket.IPPROTO_IP, socket.IP_TOS, 0x10),
+]
+
+
+def netns_cookie(s: socket.socket) -> int:
+    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
+
+
+def where(s: socket.socket) -> str:
+    with socket.socket(socket.AF_UNIX) as own:  # the shim leaves AF_UNIX alone: the program's netns
+        return "container" if netns_cookie(s) == netns_cookie(own) else "host"
+
+
+def echo(s: socket.socket, host: str, port: int) -> str:
+    """s connected to the echo server and a payload through it: "ok" or the errno name."""
+    try:
+        s.connect((host, port))
+        s.sendall(b"hello")
+        return "ok" if s.recv(5) == b"hello" else "MIXED"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
 
 held: list[int] = []
 
@@ -74,6 +126,25 @@ def main() -> None:
             null = os.stat("/dev/null")
             same = all((st.st_dev, st.st_ino) == (null.st_dev, null.st_ino) for st in map(os.fstat, held))
             out = "ok" if held and same else "clobbered"
+        elif cmd == "where":
+            with socket.socket() as s:
+                out = where(s)
+        elif cmd == "bind0":
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                out = f"{where(s)} {echo(s, host, port)}"
+        elif cmd == "opts":
+            with socket.socket() as s:
+                for level, name, value in OPTIONS:
+                    s.setsockopt(level, name, value)
+                out = f"{where(s)} {echo(s, host, port)}"
+        elif cmd == "device":
+            with socket.socket() as s:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, args[0].encode())
+                    out = where(s)
+                except OSError as e:
+                    out = errno.errorcode.get(e.errno, str(e.errno))
         else:
             out = f"unknown command {cmd}"
         print(out, flush=True)
