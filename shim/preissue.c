@@ -91,6 +91,7 @@ struct family_pool {
     _Atomic int64_t refill_since; /* monotonic ns, when ASKING or COLLECTING began */
     struct broker_pending pending;
     atomic_int want;              /* sockets one refill asks for */
+    atomic_int got;               /* sockets the last batch brought: the broker may give fewer than want */
     _Atomic int64_t last_batch;   /* monotonic ns, when the last batch came */
     atomic_uint failures;         /* since a pre-issued socket of the family last connected */
     _Atomic int64_t refill_after; /* monotonic ns */
@@ -100,8 +101,9 @@ struct family_pool {
 static atomic_uint generation;
 
 /* Indexed by family == AF_INET6. */
-static struct family_pool pools[] = {[0] = {.family = AF_INET, .name = "tcp", .want = START_WANT},
-                                     [1] = {.family = AF_INET6, .name = "tcp6", .want = START_WANT}};
+static struct family_pool pools[] = {
+    [0] = {.family = AF_INET, .name = "tcp", .want = START_WANT, .got = START_WANT},
+    [1] = {.family = AF_INET6, .name = "tcp6", .want = START_WANT, .got = START_WANT}};
 
 #define N_POOLS (sizeof pools / sizeof pools[0])
 
@@ -197,6 +199,7 @@ static int settle_batch(struct family_pool *p, int err, int refused, int *fds, i
         return -1;
     }
     adapt(p);
+    atomic_store(&p->got, nfds);
     for (int i = keep ? 1 : 0; i < nfds; i++)
         if (!fdpool_add(&p->fds, fds[i]))
             graft_real.close(fds[i]);
@@ -204,11 +207,19 @@ static int settle_batch(struct family_pool *p, int err, int refused, int *fds, i
     return keep ? fds[0] : -1;
 }
 
-/* The pool is down to a batch: a request for one more goes out now, its reply is collected by a later take. */
+/*
+ * The pool is down to a batch: a request for one more goes out now, its
+ * reply is collected by a later take. A batch is what the last one brought
+ * when the broker gave less than asked (its share of the tenant's pools
+ * among the processes that ask, core/poolshare.py): asking at `want` left
+ * then held up to a batch more than that share, and the tenant's other
+ * pools got the rest in scraps (batches of 7 at 8 processes) and ran dry.
+ */
 static void ask_ahead(struct family_pool *p, pid_t me, int protocol, struct forkguard *g)
 {
-    int want = atomic_load(&p->want), have = fdpool_count(&p->fds);
-    if (have == 0 || have > want || monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
+    int want = atomic_load(&p->want), got = atomic_load(&p->got), have = fdpool_count(&p->fds);
+    int batch = got < want ? got : want;
+    if (have == 0 || have > batch || monotonic_ns() < atomic_load(&p->refill_after) || !move(p, me, IDLE, ASKING))
         return;
     int err = broker_preissue_send(p->family, protocol, want, &p->pending, g);
     if (err != 0) {

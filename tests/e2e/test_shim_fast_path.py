@@ -37,12 +37,13 @@ CLIENT = str(PROGRAMS / "fastpath_client.py")
 pytestmark = pytest.mark.netns
 
 
-def policy(port: int, confinement: str = "required", action: str = "graft") -> str:
+def policy(port: int, confinement: str = "required", action: str = "graft", max_sockets: int = 1024) -> str:
     return f"""version = 1
 [broker]
 confinement = "{confinement}"
 [tenants.t]
 default = "deny"
+max_sockets = {max_sockets}
 [[tenants.t.connect]]
 to = ["127.0.0.1/32"]
 ports = [{port}]
@@ -126,6 +127,24 @@ def test_a_refused_connect_fails_the_same_on_the_fast_path(netns, start_broker):
         err = client.finish()
     assert err.count("-> graft (fast") == 3, err
     assert err.count("-> graft (fast, in place)") >= 1, err
+
+
+def test_a_pool_given_less_than_it_asks_keeps_to_its_share(netns, start_broker):
+    """max_sockets 32: the pools' half is 16, a lone pool's batches 8 (core/poolshare.py).
+
+    The pool asks for its next batch when it is down to what the last one
+    brought, not to what it asked for (up to 64), so it never holds more
+    than two batches and the tenant's limit never refuses its refills.
+    """
+    with echo_server() as port, grafted_client(netns, start_broker, port, max_sockets=32) as (broker, client):
+        assert client.ask("connect 300") == "ok"
+        client.finish()
+        assert eventually(lambda: len(connects(broker)[1]) >= 290), len(connects(broker)[1])
+    refusals = [r for r in broker.audit() if r["op"] == "preissue"]
+    assert refusals == []
+    by_broker, by_kernel = connects(broker)
+    assert len(by_broker) + len(by_kernel) == 300
+    assert len(by_broker) <= 3, by_broker  # the first, and at most a dry pool's rare round trip
 
 
 def test_a_socket_is_on_a_host_socket_once_the_pool_is_in_use(netns, start_broker):
