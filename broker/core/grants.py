@@ -359,11 +359,22 @@ class Grants:
         return ring
 
     async def drain_kernel_audit(self, ring: fastpath.KernelAudit) -> None:
-        """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL."""
+        """Write the kernel's records of fast-path connects to the audit log, every KERNEL_AUDIT_INTERVAL.
+
+        A drain yields to the broker's other tasks after each C call's few
+        hundred lines: at 40,000 fast-path connects a second an interval
+        brings 2,000 records, milliseconds of formatting in one piece,
+        during which every shim's refill waited (busy stretches of up to
+        51 ms measured at 8 processes, 7 ms after).
+        """
         try:
             while True:
                 await trio.sleep(KERNEL_AUDIT_INTERVAL)
-                self._audit_kernel_events(ring)
+                try:
+                    for _ in self._kernel_events_written(ring):
+                        await trio.lowlevel.checkpoint()  # what was drained is written: nothing is lost here
+                except Exception:  # a bug here must cost audit records, never the broker
+                    log.exception("audit: cannot write the kernel's records of fast-path connects")
         finally:
             # Until the next broker starts, no pre-issued socket may connect anywhere:
             # nobody would audit it, nor answer for rules that may change meanwhile.
@@ -378,17 +389,33 @@ class Grants:
             log.exception("audit: cannot write the kernel's records of fast-path connects")
 
     def _write_kernel_events(self, ring: fastpath.KernelAudit) -> None:
-        """The ring's records, in order: written in C, but for those of grant ids _names_for_ring leaves to Python."""
-        if self._ring_names != self._names_version:
-            self._count_written(ring)
-            ring.set_names(*self._names_for_ring())
-            self._ring_names = self._names_version
+        """The ring's records, in order, all at once (the last drain, as the broker stops)."""
+        for _ in self._kernel_events_written(ring):
+            pass
+
+    def _kernel_events_written(self, ring: fastpath.KernelAudit):
+        """The ring's records, in order: written in C, but for those of grant ids _names_for_ring leaves to Python.
+
+        Yields after each piece is written (a drain call's lines, or one
+        record Python writes), so that its caller may let other tasks run;
+        what they changed meanwhile (a grant from a rule's ``names``, a new
+        grant id) applies to the records after it, as in the next drain.
+        """
+        self._update_ring_names(ring)
         for lines, n, held in ring.drain():
             if lines is not None:
                 self.decisions.audit.write_lines(lines, n)
             else:
                 self._write_kernel_event(maps.decode_event(held))
+            yield
+            self._update_ring_names(ring)
         self._count_written(ring)
+
+    def _update_ring_names(self, ring: fastpath.KernelAudit) -> None:
+        if self._ring_names != self._names_version:
+            self._count_written(ring)
+            ring.set_names(*self._names_for_ring())
+            self._ring_names = self._names_version
         assert self.confinement is not None
         lost = self.confinement.events_lost()
         if lost > self._events_lost:
