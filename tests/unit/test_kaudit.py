@@ -98,18 +98,20 @@ def test_lines_are_the_records_python_writes():
         ("web", event(17, 0, "127.0.0.1", 8080)),
         ("db", event(3, 1, "fd00::5", 5432, socket.AF_INET6, pid=4242, uid=0)),
         ("web", event(17, 99, "10.1.2.3", 1, pid=2**32 - 1)),  # a rule id beyond the table: null
+        ("web", event(17, 0, "0.255.100.9", 65535, uid=2**32 - 1)),  # every width of octet, the top port
+        ("db", event(3, 1, "::ffff:10.0.0.1", 0, socket.AF_INET6, pid=0)),
     ]
     for _, ev in events:
         ring.put(ev)
     k = reader(ring)
     (out,) = list(k.drain())
     lines, n, held = out
-    assert (n, held) == (3, None)
+    assert (n, held) == (5, None)
     got = lines.splitlines(keepends=True)
     assert got == [python_line(line, t, ev) for line, (t, ev) in zip(got, events, strict=True)]
     assert json.loads(got[2])["rule"] is None
     assert ring.consumed == ring.prod
-    assert k.take_written() == {17: 2, 3: 1} and k.take_written() == {}
+    assert k.take_written() == {17: 3, 3: 2} and k.take_written() == {}
     assert list(k.drain()) == []  # consumed: nothing twice
 
 
