@@ -1076,13 +1076,13 @@ static void graft_connect(int fd, const union inet_sockaddr *target, struct fdt_
                           struct outcome *o, struct forkguard *guard)
 {
     o->kind = OUT_NATIVE;
-    if (again ? !fdt_reclaim(fd, sock->gen, sock) : !claim_socket(fd, true, sock)) {
-        if (again) { /* closed or reused meanwhile: the kernel's answer stands */
-            o->kind = OUT_FAILED;
-            o->error = EPERM;
-        }
+    if (again && !fdt_reclaim(fd, sock->gen, sock)) { /* closed or reused meanwhile: the kernel's answer stands */
+        o->kind = OUT_FAILED;
+        o->error = EPERM;
         return;
     }
+    if (!again && !claim_socket(fd, true, sock))
+        return;
     struct attempt a = {guard, "connect", GRAFT_OP_CONNECT, fd, ENETUNREACH, sock, target, 0, NULL};
     connect_claimed(&a, sock, !again, o);
 }
