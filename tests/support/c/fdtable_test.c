@@ -65,15 +65,22 @@ static int record_install(int fd, ino_t placeholder_ino, const struct fdt_polls 
     return fd == r->fail_fd ? EBADF : 0;
 }
 
-/* A placeholder on a pre-issued host socket, and its duplicate, get a container socket together. */
-static void host_placeholder_replaced(void)
+/* socket() took a pre-issued TCP socket for fd. */
+static void track_on_host(int fd, ino_t ino)
 {
-    struct fdt_sock desc, out, other;
+    struct fdt_sock desc;
     memset(&desc, 0, sizeof desc);
     desc.family = AF_INET;
     desc.type = SOCK_STREAM;
     desc.on_host = true;
-    fdt_track(10, 500, &desc);
+    fdt_track(fd, ino, &desc);
+}
+
+/* A placeholder on a pre-issued host socket, and its duplicate, get a container socket together. */
+static void host_placeholder_replaced(void)
+{
+    struct fdt_sock out, other;
+    track_on_host(10, 500);
     fdt_dup(10, 11, 500);
     CHECK(fdt_is_host_placeholder(10) && fdt_is_host_placeholder(11));
 
@@ -99,12 +106,8 @@ static void host_placeholder_replaced(void)
 /* A connect in place that the kernel refused is claimed back from GRAFTED, once, by its own claim. */
 static void grafted_in_place_reclaimed(void)
 {
-    struct fdt_sock desc, out, again;
-    memset(&desc, 0, sizeof desc);
-    desc.family = AF_INET;
-    desc.type = SOCK_STREAM;
-    desc.on_host = true;
-    fdt_track(12, 700, &desc);
+    struct fdt_sock out, again;
+    track_on_host(12, 700);
     CHECK(fdt_claim(12, 700, &out) == FDT_CLAIMED);
     CHECK(!fdt_reclaim(12, out.gen, &again)); /* BUSY, not GRAFTED */
     fdt_release(12, out.gen, FDT_GRAFTED);
@@ -114,7 +117,7 @@ static void grafted_in_place_reclaimed(void)
     fdt_release(12, out.gen, FDT_PLACEHOLDER);
     CHECK(fdt_is_host_placeholder(12));
     fdt_drop(12);
-    fdt_track(12, 700, &desc);
+    track_on_host(12, 700);
     CHECK(fdt_claim(12, 700, &out) == FDT_CLAIMED);
     fdt_release(12, out.gen, FDT_GRAFTED);
     fdt_drop(12); /* closed meanwhile */
