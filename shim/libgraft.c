@@ -823,11 +823,11 @@ static void decide(const struct attempt *a, struct outcome *o)
  * (to_container), as does an option the host socket refuses (setsockopt).
  * The fd is the lowest free number, as socket() would give.
  */
-static int socket_on_host(int domain, int type, int protocol)
+static int socket_on_host(int type, const struct fdt_sock *desc)
 {
     struct scope scope;
     scope_enter(&scope);
-    struct preissued got = preissue_take_ready(domain, protocol, &scope.guard);
+    struct preissued got = preissue_take_ready(desc->family, desc->protocol, &scope.guard);
     int fd = -1;
     if (got.fd >= 0) {
         fd = graft_real.fcntl(got.fd, type & SOCK_CLOEXEC ? F_DUPFD_CLOEXEC : F_DUPFD, 0);
@@ -839,14 +839,10 @@ static int socket_on_host(int domain, int type, int protocol)
         graft_real.close(got.fd);
     }
     if (fd >= 0) {
-        struct fdt_sock desc;
-        memset(&desc, 0, sizeof desc);
-        desc.family = domain;
-        desc.type = SOCK_STREAM;
-        desc.protocol = protocol;
-        desc.on_host = true;
-        desc.pool_gen = got.gen;
-        fdt_track(fd, got.ino, &desc);
+        struct fdt_sock on_host = *desc;
+        on_host.on_host = true;
+        on_host.pool_gen = got.gen;
+        fdt_track(fd, got.ino, &on_host);
         if (!fdt_is_tracked(fd)) { /* out of memory: an untracked host socket would connect natively */
             graft_real.close(fd);
             fd = -1;
@@ -861,25 +857,22 @@ EXPORT int socket(int domain, int type, int protocol)
     graft_init();
     int saved = errno;
     int base_type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (base_type == SOCK_STREAM && graftable(domain, base_type, protocol) && preissue_in_use(domain)) {
-        int fd = socket_on_host(domain, type, protocol);
-        if (fd >= 0) {
-            errno = saved;
-            return fd;
-        }
-    }
-    int fd = graft_real.socket(domain, type, protocol);
-    if (fd < 0 || !graftable(domain, base_type, protocol))
-        return fd;
+    if (!graftable(domain, base_type, protocol))
+        return graft_real.socket(domain, type, protocol);
 
-    struct stat st;
-    if (fstat(fd, &st) == 0) {
-        struct fdt_sock desc;
-        memset(&desc, 0, sizeof desc);
-        desc.family = domain;
-        desc.type = base_type;
-        desc.protocol = protocol;
-        fdt_track(fd, st.st_ino, &desc);
+    struct fdt_sock desc;
+    memset(&desc, 0, sizeof desc);
+    desc.family = domain;
+    desc.type = base_type;
+    desc.protocol = protocol;
+    int fd = base_type == SOCK_STREAM && preissue_in_use(domain) ? socket_on_host(type, &desc) : -1;
+    if (fd < 0) {
+        fd = graft_real.socket(domain, type, protocol);
+        if (fd < 0)
+            return fd;
+        struct stat st;
+        if (fstat(fd, &st) == 0)
+            fdt_track(fd, st.st_ino, &desc);
     }
     errno = saved;
     return fd;

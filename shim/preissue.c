@@ -258,17 +258,6 @@ static int refill(struct family_pool *p, pid_t me, int protocol, int *unreachabl
     return settle_batch(p, err, refused, fds, nfds, true, unreachable);
 }
 
-/* A socket from the pool, never waiting; a pool getting low asks ahead. */
-static struct preissued take_ready(struct family_pool *p, pid_t me, int protocol, struct forkguard *g)
-{
-    struct preissued out = {.fd = -1, .ino = 0, .gen = atomic_load(&generation), .unreachable = 0};
-    collect(p, me, false, NULL, g); /* a reply that has come: pooled before anything is taken */
-    /* Before the take: sending releases the fork guard, and a socket in hand then would reach a fork child. */
-    ask_ahead(p, me, protocol, g);
-    out.fd = fdpool_pop(&p->fds, &out.ino);
-    return out;
-}
-
 bool preissue_in_use(int family)
 {
     return atomic_load_explicit(&pool_of(family)->last_batch, memory_order_relaxed) != 0;
@@ -277,23 +266,24 @@ bool preissue_in_use(int family)
 struct preissued preissue_take_ready(int family, int protocol, struct forkguard *g)
 {
     struct family_pool *p = pool_of(family);
-    if (!fdpool_owned(&p->fds)) {
-        struct preissued none = {.fd = -1, .ino = 0, .gen = 0, .unreachable = 0};
-        return none;
-    }
-    return take_ready(p, sigmask_getpid(), protocol, g);
+    struct preissued out = {.fd = -1, .ino = 0, .gen = atomic_load(&generation), .unreachable = 0};
+    if (!fdpool_owned(&p->fds))
+        return out;
+    pid_t me = sigmask_getpid();
+    collect(p, me, false, NULL, g); /* a reply that has come: pooled before anything is taken */
+    /* Before the take: sending releases the fork guard, and a socket in hand then would reach a fork child. */
+    ask_ahead(p, me, protocol, g);
+    out.fd = fdpool_pop(&p->fds, &out.ino);
+    return out;
 }
 
 struct preissued preissue_take(int family, int protocol, struct forkguard *g)
 {
     struct family_pool *p = pool_of(family);
-    struct preissued out = {.fd = -1, .ino = 0, .gen = atomic_load(&generation), .unreachable = 0};
-    if (!fdpool_owned(&p->fds))
+    struct preissued out = preissue_take_ready(family, protocol, g);
+    if (out.fd >= 0 || !fdpool_owned(&p->fds))
         return out;
     pid_t me = sigmask_getpid();
-    out = take_ready(p, me, protocol, g);
-    if (out.fd >= 0)
-        return out;
     /* Dry: the reply on its way is the soonest socket; without one, a round trip of our own. */
     if (collect(p, me, true, &out.unreachable, g))
         out.fd = fdpool_pop(&p->fds, &out.ino);

@@ -410,12 +410,6 @@ class Grants:
             yield
             self._update_ring_names(ring)
         self._count_written(ring)
-
-    def _update_ring_names(self, ring: fastpath.KernelAudit) -> None:
-        if self._ring_names != self._names_version:
-            self._count_written(ring)
-            ring.set_names(*self._names_for_ring())
-            self._ring_names = self._names_version
         assert self.confinement is not None
         lost = self.confinement.events_lost()
         if lost > self._events_lost:
@@ -423,6 +417,12 @@ class Grants:
                 "audit: %d record(s) of fast-path connects lost (the kernel's ring was full)", lost - self._events_lost
             )
             self._events_lost = lost
+
+    def _update_ring_names(self, ring: fastpath.KernelAudit) -> None:
+        if self._ring_names != self._names_version:
+            self._count_written(ring)
+            ring.set_names(*self._names_for_ring())
+            self._ring_names = self._names_version
 
     def _names_for_ring(self) -> tuple[list[tuple[int, bool, str]], list[str], str]:
         """What the C reader writes records with: each grant id's tenant, the rules; as JSON.
