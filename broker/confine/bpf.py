@@ -157,6 +157,7 @@ CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
 CGROUP_UDP6_SENDMSG = 15
+CGROUP_INET_SOCK_CREATE = 2
 CGROUP_INET_SOCK_RELEASE = 34
 
 # flags
@@ -173,6 +174,7 @@ FUNC_GET_CURRENT_UID_GID = 15
 FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SK_STORAGE_GET = 107
 FUNC_RINGBUF_OUTPUT = 130
+SK_STORAGE_GET_F_CREATE = 1  # sk_storage_get flag: create the socket's entry, from the value given
 RB_NO_WAKEUP = 1  # ringbuf_output flag: the consumer polls, no wakeup per record
 
 # Little-endian machines only: Asm packs instructions little-endian.

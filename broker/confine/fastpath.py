@@ -71,24 +71,46 @@ class Batch:
 NONE = Batch()  # what a refusal hands out
 
 
-class LockError(OSError):
+class IssueError(OSError):
+    """None of the batch is handed out; ``counted``: how many of them the kernel counts (it counts their closes)."""
+
+    def __init__(self, err: int, message: str, counted: int):
+        super().__init__(err, message)
+        self.counted = counted
+
+
+class LockError(IssueError):
     """The sockets were made but could not be marked or counted (none is handed out)."""
+
+
+# The initial pid namespace's inode number (the kernel's PROC_PID_INIT_INO): only there do
+# getpid() and gettid() give the pid_tgid the kernel's programs see, which a stamp is keyed by.
+_INIT_PID_NS = 0xEFFFFFFC
+
+
+def in_initial_pid_namespace() -> bool:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS
+    except OSError:
+        return False
 
 
 class Issuer:
     """graft_issue for one confinement's maps and listen guard."""
 
-    def __init__(self, marks_fd: int, guard_fd: int, counts_fd: int):
+    def __init__(self, marks_fd: int, guard_fd: int, counts_fd: int, stamps_fd: int = -1):
+        """stamps_fd: the stamps map, through which the kernel marks and counts the sockets (-1: from C, per socket)."""
         self._lib = library()
-        self._fds = (marks_fd, guard_fd, counts_fd)
+        self._fds = (marks_fd, guard_fd, counts_fd, stamps_fd if in_initial_pid_namespace() else -1)
+        self.stamped = 0  # batches the kernel marked and counted (the rest were, from C)
 
     def issue(self, family: int, type: int, proto: int, n: int, owner_uid: int, grant_id: int, count_id: int) -> Batch:
-        """n sockets, marked pre-issued for grant_id and counted under count_id; all or none (OSError).
+        """n sockets, marked pre-issued for grant_id and counted under count_id; all or none (IssueError).
 
         Runs in the calling thread, which must be in the tenant's network
         namespace (core/netns.py runs it there); threads may call it at once.
         """
-        marks_fd, guard_fd, counts_fd = self._fds
+        marks_fd, guard_fd, counts_fd, stamps_fd = self._fds
         config = ffi.new(
             "struct graft_issue_config *",
             {
@@ -100,6 +122,7 @@ class Issuer:
                 "guard_fd": guard_fd,
                 "counts_fd": counts_fd,
                 "count_id": count_id,
+                "stamps_fd": stamps_fd,
             },
         )
         ffi.memmove(config.mark, maps.encode_preissued_mark(grant_id), maps.MARK_SIZE)
@@ -107,10 +130,11 @@ class Issuer:
         rc = self._lib.graft_issue(config, n, fds)
         if rc < 0:
             if config.failed_locking:
-                raise LockError(-rc, f"cannot lock pre-issued sockets: {os.strerror(-rc)}")
+                raise LockError(-rc, f"cannot lock pre-issued sockets: {os.strerror(-rc)}", config.counted)
             if rc == -errno.EPERM and owner_uid:
-                raise PermissionError(errno.EPERM, f"cannot create sockets owned by uid {owner_uid}")
-            raise OSError(-rc, f"cannot make sockets: {os.strerror(-rc)}")
+                raise IssueError(errno.EPERM, f"cannot create sockets owned by uid {owner_uid}", config.counted)
+            raise IssueError(-rc, f"cannot make sockets: {os.strerror(-rc)}", config.counted)
+        self.stamped += config.stamped
         return Batch(fds, n)
 
 

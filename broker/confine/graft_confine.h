@@ -33,7 +33,10 @@ struct graft_issue_config {
     int guard_fd;         /* the listen guard, attached and locked on each */
     int counts_fd;        /* SK_STORAGE: socket -> count id (the kernel counts their closes) */
     uint32_t count_id;    /* the tenant's count id */
+    int stamps_fd;        /* HASH: pid_tgid -> struct graft_stamp (the kernel marks and counts them); -1: none */
     int failed_locking;   /* out: graft_issue failed marking or counting them (else: making them) */
+    int stamped;          /* out: the kernel marked and counted every one as it was created */
+    int counted;          /* out, on failure: how many of those closed the kernel counted (their closes count) */
 };
 
 /* n sockets into fds: 0, or -errno and none made (every one made is closed). */

@@ -60,6 +60,17 @@ struct graft_event {
     uint8_t pad[2];
     uint8_t addr[16];
 };
+/* A batch of pre-issued sockets being made (the stamps hash, keyed by the
+ * making thread's pid_tgid as bpf_get_current_pid_tgid gives it): every
+ * socket that thread creates meanwhile gets the mark and the count id at
+ * creation, by the sock_create program, and `made` counts them. The broker
+ * puts it in before the batch and takes it out after (confine/issue.c). */
+struct graft_stamp {
+    struct graft_mark mark;
+    uint32_t count_id;
+    uint32_t pad;
+    uint64_t made;
+};
 /* MAPS-END */
 
 /* The sizes the kernel's maps were created with (pinned maps outlive a broker): a change is a new layout. */
@@ -67,5 +78,6 @@ _Static_assert(sizeof(struct graft_mark) == 32, "the marks map's values (and its
 _Static_assert(sizeof(struct graft_grant_key) == 28, "the grants maps' keys are 28 bytes");
 _Static_assert(sizeof(struct graft_grant_value) == 8, "the grants maps' values are 8 bytes");
 _Static_assert(sizeof(struct graft_event) == 40, "the events ring's records are 40 bytes");
+_Static_assert(sizeof(struct graft_stamp) == 48, "the stamps map's values are 48 bytes");
 
 #endif

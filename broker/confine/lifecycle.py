@@ -31,6 +31,10 @@ the kernel, with no module:
   pre-issued sockets (which no socket dump sees) included. Storage on the
   socket, not a hash by cookie: no cookie to read and no entry to insert
   and delete per socket, and it goes with the socket.
+* ``stamps`` (a hash by pid_tgid) holds, while a broker thread makes a
+  batch of pre-issued sockets (confine/issue.c), the mark and count id
+  they get: a ``sock_create`` program gives them to each socket that thread
+  creates, as it is created (docs/security.md, "Stamps").
 * ``listen()`` has no sock_addr hook, and on a socket with no port it binds
   a fresh ephemeral port on the host's wildcard address: a pre-issued
   socket, or (before kernel 6.18, which refuses it) a connected one
@@ -230,7 +234,7 @@ class Confinement:
         guard, and its entry in the count of the tenant's sockets.
         """
         if self._issuer is None:
-            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["counts"])
+            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["counts"], self.maps["stamps"])
         return self._issuer
 
     def _marks(self) -> bpf.MapUpdater:
@@ -552,6 +556,7 @@ def _start_epoch(conf: Confinement) -> None:
     bpf.map_update(conf.maps["state"], struct.pack("=I", STATE_EPOCH), struct.pack("=Q", conf.epoch))
     bpf.map_clear(conf.maps["grants"], 4)  # every earlier tenant's grant map goes
     bpf.map_clear(conf.maps["released"], 4)
+    bpf.map_clear(conf.maps["stamps"], 8)  # a broker that died making a batch: no thread of ours is making it
 
 
 def _load_or_reuse_program(

@@ -11,6 +11,10 @@
   writes an audit record to the ``events`` ring.
 * release: cgroup ``sock_release``, counts closes of handed-out sockets (by
   the count id the ``counts`` socket storage holds).
+* create: cgroup ``sock_create``, marks and counts each socket of a batch of
+  pre-issued ones as the kernel creates it, from the ``stamps`` entry of the
+  broker thread making the batch (confine/issue.c); other sockets the
+  broker creates find no entry and are left alone.
 * the listen guard: a socket filter that drops SYNs without ACK, attached
   and locked on connected and pre-issued TCP sockets (docs/security.md,
   "The listen hole").
@@ -50,6 +54,7 @@ M_FLAGS, M_PORT, M_IP4, M_IP6, M_TENANT = (
 )
 K_TENANT, K_KIND, K_PORT, K_ADDR = (offset_of("struct graft_grant_key", f) for f in ("tenant", "kind", "port", "addr"))
 V_EXPIRES = offset_of("struct graft_grant_value", "expires")
+S_MARK, S_COUNT_ID, S_MADE = (offset_of("struct graft_stamp", f) for f in ("mark", "count_id", "made"))
 E_TENANT, E_RULE, E_PID, E_UID, E_FAMILY, E_PORT, E_ADDR = (
     offset_of("struct graft_event", f) for f in ("tenant", "rule", "pid", "uid", "family", "port", "addr")
 )
@@ -64,6 +69,8 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
     """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "release"."""
     if kind == "release":
         return release_program(maps)
+    if kind == "create":
+        return create_program(maps)
     a = Asm()
     a.mov_reg(6, 1)  # r6 = ctx
     a.ldx_dw(2, 1, CTX_SK)  # r2 = ctx->sk
@@ -283,6 +290,41 @@ def release_program(maps: dict[str, int]) -> bytes:
     return a.assemble()
 
 
+def create_program(maps: dict[str, int]) -> bytes:
+    """cgroup sock_create: a socket a thread making a batch of pre-issued ones creates gets their mark and count.
+
+    Fails closed: storage the kernel cannot give makes socket() fail
+    (EPERM), so no socket of a batch leaves unmarked; `made` tells the
+    broker each one was stamped (issue.c checks it against the batch).
+    """
+    a = Asm()
+    a.mov_reg(6, 1)  # the socket: the ctx of a cgroup sock program
+    a.call(bpf.FUNC_GET_CURRENT_PID_TGID)
+    a.stx_dw(10, -8, 0)
+    a.ld_map_fd(1, maps["stamps"])
+    a.stack_ptr(2, -8)
+    a.call(bpf.FUNC_MAP_LOOKUP_ELEM)
+    a.jeq_imm(0, 0, "allow")  # this thread makes no batch: not ours to mark
+    a.mov_reg(7, 0)  # r7 = the stamp
+    for name, at in (("marks", S_MARK), ("counts", S_COUNT_ID)):
+        a.ld_map_fd(1, maps[name])
+        a.mov_reg(2, 6)
+        a.mov_reg(3, 7)
+        a.add_imm(3, at)  # the storage's first value: the stamp's
+        a.mov_imm(4, bpf.SK_STORAGE_GET_F_CREATE)
+        a.call(bpf.FUNC_SK_STORAGE_GET)
+        a.jeq_imm(0, 0, "refuse")
+    a.mov_imm(1, 1)
+    a.atomic_add_dw(7, S_MADE, 1)
+    a.label("allow")
+    a.mov_imm(0, 1)
+    a.exit()
+    a.label("refuse")
+    a.mov_imm(0, 0)
+    a.exit()
+    return a.assemble()
+
+
 # name in bpffs -> (kind, v6, attach type); bpf program names are "graft_" + name
 PROGRAMS = {
     "connect4": ("connect", False, bpf.CGROUP_INET4_CONNECT),
@@ -292,11 +334,12 @@ PROGRAMS = {
     "bind4": ("bind", False, bpf.CGROUP_INET4_BIND),
     "bind6": ("bind", True, bpf.CGROUP_INET6_BIND),
     "release": ("release", False, bpf.CGROUP_INET_SOCK_RELEASE),
+    "create": ("create", False, bpf.CGROUP_INET_SOCK_CREATE),
 }
 
 
 def prog_type(kind: str) -> int:
-    return bpf.PROG_TYPE_CGROUP_SOCK if kind == "release" else bpf.PROG_TYPE_CGROUP_SOCK_ADDR
+    return bpf.PROG_TYPE_CGROUP_SOCK if kind in ("release", "create") else bpf.PROG_TYPE_CGROUP_SOCK_ADDR
 
 
 # The listen guard, a socket filter: for TCP the kernel runs it with the

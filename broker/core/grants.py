@@ -317,9 +317,11 @@ class Grants:
                 lambda: issuer.issue(req.family, req.type, req.protocol, n, namespace.owner, grant_id, kid)
             )
         except fastpath.LockError as e:  # fail closed: none of them leaves
+            tenant.issued += e.counted  # closed, and their closes counted
             log.error("tenant %s: %s", tenant.name, e)
             return refuse(Verdict("error", "broker.confinement", errno.EPERM, reason=str(e)))
-        except OSError as e:
+        except OSError as e:  # from graft_issue (an IssueError) or from entering the namespace
+            tenant.issued += getattr(e, "counted", 0)
             log.error("tenant %s: cannot open sockets to pre-issue: %s", tenant.name, e)
             return refuse(
                 Verdict("error", tenant_loc(name, "netns"), e.errno or errno.EIO, reason=f"cannot open sockets: {e}"),

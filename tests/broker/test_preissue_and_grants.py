@@ -13,27 +13,34 @@ import ctypes
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 from contextlib import contextmanager
 
 import pytest
 
+from graft.broker.confine import fastpath
 from graft.broker.core import request
 from graft.broker.shim import wire
 from support.harness import (
     BrokerProcess,
     WireClient,
+    cgroup2_dir,
     connect_request,
     echo_server,
     eventually,
     free_port,
     grant_many,
     loopback_destination,
+    make_test_cgroup,
     need_confinement,
     network_namespace,
+    program,
+    remove_test_cgroup,
 )
 
 pytestmark = pytest.mark.netns
@@ -555,3 +562,41 @@ proto = "tcp"
                 assert forgotten(busy_path, oldest) > PROBES // 2
         finally:
             assert broker.stop() == 0, broker.stderr()
+
+
+def test_the_kernel_marks_and_counts_a_batch_as_the_c_updates_did(short_tmp):
+    """issue.c's stamps: every socket of a batch carries what the per-socket updates gave it, and no other socket does.
+
+    Both ways side by side (issue_probe.py): the kernel's sock_create program
+    stamping each socket of the batch as it is created, and the map updates
+    from C it replaces (still the way when stamps cannot be used). Each
+    socket: the pre-issued mark of the batch's grant id, its tenant's count
+    id, the listen guard locked; the closes of the broker's copies counted;
+    a socket made after the batch carries nothing. A batch cut short by the
+    fd limit hands out none, and says exactly how many of the sockets it
+    closed the kernel counts (the tenant's count must add them).
+    """
+    need_confinement()
+    cgroup = make_test_cgroup()
+    assert cgroup is not None
+    try:
+        done = subprocess.run(
+            program("issue_probe.py", cgroup2_dir(cgroup)), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+    finally:
+        remove_test_cgroup(cgroup)
+    # Only in the initial pid namespace do the thread's ids key what the kernel looks up (fastpath.py).
+    assert out["kernel"]["stamped"] == (1 if fastpath.in_initial_pid_namespace() else 0), out["kernel"]
+    assert out["from_c"]["stamped"] == 0
+    for way in ("kernel", "from_c"):
+        got = out[way]
+        want = {"mark": [out["preissued_flag"], got["gid"]], "count": got["kid"], "locked": 1}
+        assert got["sockets"] == [want] * 8, (way, got)
+        assert got["plain"] == {"mark": None, "count": None, "locked": 0}, (way, got)
+        assert got["stamps_left"] == 0 and got["released"] == 8, (way, got)
+    kernel, from_c = out["kernel_cut_short"], out["from_c_cut_short"]
+    assert kernel["error"] == from_c["error"] == errno.EMFILE, out
+    assert kernel["counted"] == kernel["released"] >= 1, kernel  # stamped as made: counted, though never handed out
+    assert from_c["counted"] == from_c["released"] == 0, from_c  # made, not yet counted, when socket() failed

@@ -421,7 +421,9 @@ class BrokerProcess:
         """The audit log so far; records of fast-path connects may lag (see the class)."""
         if not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+        # A running broker writes many lines at once: a read may end inside one, not yet whole.
+        whole = self.audit_path.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in whole.splitlines() if line]
 
 
 # ---- host-side servers --------------------------------------------------------
