@@ -1,6 +1,6 @@
 """Short connections at 1, 8 and 64 client processes: host, preload, seccomp and pasta side by side.
 
-    bench/connect_rate.py [--quick] [--rounds N] [--connects N] [--no-pin] [--report JSON]
+    bench/connect_rate.py [--quick] [--rounds N] [--connects N] [--no-pin] [--max-sockets N] [--report JSON]
 
 DESIGN.md ("Performance model and targets") sets the cost of a grafted
 connection's set-up against a native one: in preload mode (libgraft.so,
@@ -101,12 +101,13 @@ BUILDS = ("shim/libgraft.so", "broker/seccomp/libgraft_seccomp.so")
 class Config:
     rounds: int
     connects: int  # per run, shared by the processes
+    max_sockets: int | None = None  # the grafted tenants' (None: the policy's default)
 
     @classmethod
-    def make(cls, quick: bool, rounds: int | None, connects: int | None) -> Config:
+    def make(cls, quick: bool, rounds: int | None, connects: int | None, max_sockets: int | None = None) -> Config:
         # quick: 5,000, not fewer: a host run of 2,000 lasts 60 ms, and one stalled process then sets its rate
         c = cls(3, 5000) if quick else cls(5, 20000)
-        return cls(rounds or c.rounds, connects or c.connects)
+        return cls(rounds or c.rounds, connects or c.connects, max_sockets)
 
 
 def builds() -> dict:
@@ -370,6 +371,8 @@ def table(summary: dict, tg: list[dict], cfg: Config) -> str:
         f"{cfg.rounds} interleaved rounds; base: host for preload and seccomp, host-eof for pasta;",
         "runs with SYN drops (a connect retried after 1 s) left out of the medians and ratios (summarise() says why)",
     ]
+    if cfg.max_sockets is not None:
+        lines.append(f"the grafted tenants' max_sockets: {cfg.max_sockets:,} (not the policy's default)")
     for procs in CLIENTS:
         lines += ["", clients(procs), " ".join(f"{h:>{w}}" for h, w in zip(HEAD, WIDTH, strict=True))]
         for sc in SCENARIOS:
@@ -407,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         default=SERVER_NICE,
         help=f"the broker's and pasta's niceness (default {SERVER_NICE}, the server's; 0 shows what a lower one costs)",
     )
+    p.add_argument(
+        "--max-sockets",
+        type=int,
+        help="the preload and seccomp tenants' max_sockets (default: the policy's, 1024); pools share half of it",
+    )
     p.add_argument("--report", metavar="JSON", help="only print the tables (text and Markdown) of a results file")
     args = p.parse_args(argv)
     if args.report:  # summarised again from the runs: the same code as a fresh run's tables
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         tg = targets(summary)
         print(table(summary, tg, Config(**d["config"])) + "\n\n" + markdown(summary, tg))
         return 0
-    cfg = Config.make(args.quick, args.rounds, args.connects)
+    cfg = Config.make(args.quick, args.rounds, args.connects, args.max_sockets)
     if cfg.rounds < 1 or cfg.connects < max(CLIENTS):
         p.error(f"--rounds at least 1, --connects at least {max(CLIENTS)}")
     common.require("cc", "taskset", "nsenter", "pasta")
@@ -454,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             usernet.pasta_namespace(run_id, tmp, tcp_in={}, tcp_out=[port], udp_out=[], nice=args.broker_nice)
         )
         # as bench/run.py's broker: info and an audit log file, as a broker in production runs
-        broker = BrokerProcess(tmp / "broker", policy(port, "required"), tenant="preload", nice=args.broker_nice)
+        text = policy(port, "required", cfg.max_sockets)
+        broker = BrokerProcess(tmp / "broker", text, tenant="preload", nice=args.broker_nice)
         stack.callback(broker.stop)
         broker.start("--log-level", "info", "--audit-log", str(tmp / "broker" / "audit.jsonl"))
         env = {
@@ -466,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             "broker": broker,
             "audit": AuditTail(broker.audit_path),
         }
-        info["env"] = {"policy": policy(port, "required"), "pasta_argv": pasta["argv"], "netns": netns}
+        info["env"] = {"policy": text, "pasta_argv": pasta["argv"], "netns": netns}
         info["env"].update({"pinned": pin, "server_argv": server.args})
         run_rounds(env, cfg, runs)
         broker.stop()  # on its way out it writes what the kernel's ring still holds

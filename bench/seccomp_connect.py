@@ -37,13 +37,15 @@ ROWS = ("native", "preload slow", "preload fast", "seccomp")
 TARGET_US = 60.0
 
 
-def policy(port: int, confinement: str) -> str:
+def policy(port: int, confinement: str, max_sockets: int | None = None) -> str:
+    """Both tenants may connect to 127.0.0.1:port/tcp; max_sockets: theirs (None: the policy's default)."""
     rule = f'[[tenants.{{t}}.connect]]\nto = ["127.0.0.1/32"]\nports = [{port}]\nproto = "tcp"\n'
+    limit = "" if max_sockets is None else f"max_sockets = {max_sockets}\n"
     return (
         f'version = 1\n[broker]\nconfinement = "{confinement}"\n'
-        '[tenants.preload]\ndefault = "deny"\n'
+        f'[tenants.preload]\ndefault = "deny"\n{limit}'
         + rule.format(t="preload")
-        + '[tenants.seccomp_t]\nmode = "seccomp"\ndefault = "deny"\n'
+        + f'[tenants.seccomp_t]\nmode = "seccomp"\ndefault = "deny"\n{limit}'
         + rule.format(t="seccomp_t")
     )
 
