@@ -95,7 +95,7 @@ from .maps import (
     grant_key,
     grant_lasts,
 )
-from .programs import LICENSE, PROGRAMS, listen_guard_program, prog_type, program
+from .programs import LICENSE, OPTIONAL, PROGRAMS, listen_guard_program, prog_type, program
 
 log = logging.getLogger("graft.broker")
 
@@ -234,7 +234,8 @@ class Confinement:
         guard, and its entry in the count of the tenant's sockets.
         """
         if self._issuer is None:
-            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["counts"], self.maps["stamps"])
+            stamps = self.maps["stamps"] if "create" in self.prog_fds else -1  # without the program, nobody stamps
+            self._issuer = fastpath.Issuer(self.map_fd, self.guard_fd, self.maps["counts"], stamps)
         return self._issuer
 
     def _marks(self) -> bpf.MapUpdater:
@@ -460,7 +461,12 @@ def _load_or_reuse(cgroup: str, cgroup_dir: str, pin_dir: str) -> Confinement:
                 conf.fresh_state = not reused
         conf.reused = all_reused
         for name, (kind, v6, attach_type) in PROGRAMS.items():
-            conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, all_reused)
+            try:
+                conf.prog_fds[name] = _load_or_reuse_program(conf, name, kind, v6, attach_type, all_reused)
+            except bpf.BpfError as e:
+                if name not in OPTIONAL or e.errno not in (errno.EINVAL, errno.EACCES):  # the verifier's refusals
+                    raise
+                log.info("confinement: this kernel refuses the %s program; the broker does its work: %s", name, e)
         conf.guard_fd = bpf.prog_load(bpf.PROG_TYPE_SOCKET_FILTER, listen_guard_program(), LICENSE, "graft_lguard")
         if not marks_reused:
             bpf.obj_pin(map_fd, map_path)  # last: a map pin means the set is complete
@@ -598,8 +604,12 @@ def _attach(conf: Confinement) -> None:
     fd = os.open(conf.cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name, (_, _, attach_type) in PROGRAMS.items():
-            prog_id = bpf.prog_info(conf.prog_fds[name]).id
             attached = bpf.prog_query(fd, attach_type)
+            if name not in conf.prog_fds:  # an optional one this kernel refused: no earlier broker's either
+                for other in attached:
+                    _detach_if_graft(fd, other, attach_type)
+                continue
+            prog_id = bpf.prog_info(conf.prog_fds[name]).id
             if prog_id not in attached:
                 bpf.prog_attach(fd, conf.prog_fds[name], attach_type, bpf.F_ALLOW_MULTI)
             for other in attached:

@@ -600,3 +600,22 @@ def test_the_kernel_marks_and_counts_a_batch_as_the_c_updates_did(short_tmp):
     assert kernel["error"] == from_c["error"] == errno.EMFILE, out
     assert kernel["counted"] == kernel["released"] >= 1, kernel  # stamped as made: counted, though never handed out
     assert from_c["counted"] == from_c["released"] == 0, from_c  # made, not yet counted, when socket() failed
+
+
+def test_a_kernel_that_refuses_the_sock_create_program_still_gets_confinement(short_tmp):
+    """The stamps are an optimisation: without the program (an older kernel), C marks and counts each socket."""
+    need_confinement()
+    cgroup = make_test_cgroup()
+    assert cgroup is not None
+    try:
+        argv = program("issue_probe.py", cgroup2_dir(cgroup), "refused")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+    finally:
+        remove_test_cgroup(cgroup)
+    assert (out["loaded"], out["attached"]) == (False, 0), out
+    got = out["issued"]
+    assert got["stamped"] == 0, got
+    assert got["sockets"] == [{"mark": [fastpath.maps.F_PREISSUED, got["gid"]], "count": got["kid"], "locked": 1}] * 8
+    assert got["released"] == 8, got

@@ -11,6 +11,11 @@ socket the same thread makes after a batch carries nothing, no stamp is
 left behind, and a batch cut short by the fd limit reports exactly the
 sockets the kernel counts. It leaves its confinement in place; the caller
 removes the cgroup (and with it the pins).
+
+With "refused" as argv[2], the kernel is made to refuse the sock_create
+program (a program no verifier accepts stands in for it): confinement
+still comes up, without the program attached, and conf.issuer() marks and
+counts from C.
 """
 
 import json
@@ -20,11 +25,21 @@ import socket
 import struct
 import sys
 
-from graft.broker.confine import bpf, fastpath, lifecycle, maps
+from graft.broker.confine import asm, bpf, fastpath, lifecycle, maps, programs
 
 N = 8
 SO_LOCK_FILTER = lifecycle.SO_LOCK_FILTER
+REFUSED = sys.argv[2:] == ["refused"]
 
+
+def unverifiable(_maps) -> bytes:
+    a = asm.Asm()
+    a.exit()  # r0 never set: every verifier refuses it
+    return a.assemble()
+
+
+if REFUSED:
+    programs.create_program = unverifiable
 with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
     f.write("0")
 conf = lifecycle.establish()
@@ -75,6 +90,14 @@ def cut_short(issuer: fastpath.Issuer) -> dict:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+if REFUSED:
+    cg_fd = os.open(conf.cgroup_dir, os.O_RDONLY)
+    attached = bpf.prog_query(cg_fd, bpf.CGROUP_INET_SOCK_CREATE)
+    os.close(cg_fd)
+    issuer = conf.issuer()
+    print(json.dumps({"loaded": "create" in conf.prog_fds, "attached": len(attached), "issued": batch(issuer)}))
+    conf.close()
+    sys.exit(0)
 kernel = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"], conf.maps["stamps"])
 from_c = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"])
 report = {
