@@ -103,12 +103,7 @@ def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
     a.and_imm(2, F_ANY_PEER)
     a.jne_imm(2, 0, "allow")
     _to_mark_destination(a, v6, "udp_grants")
-    a.label("allow")
-    a.mov_imm(0, 1)
-    a.exit()
-    a.label("deny")
-    a.mov_imm(0, 0)
-    a.exit()
+    _exits(a, "allow", "deny")
     if kind == "connect":
         _first_connect(a, v6, maps)
     a.label("udp_grants")
@@ -316,13 +311,18 @@ def create_program(maps: dict[str, int]) -> bytes:
         a.jeq_imm(0, 0, "refuse")
     a.mov_imm(1, 1)
     a.atomic_add_dw(7, S_MADE, 1)
-    a.label("allow")
+    _exits(a, "allow", "refuse")
+    return a.assemble()
+
+
+def _exits(a: Asm, allow: str, refuse: str) -> None:
+    """The two ends a cgroup program's paths jump to: 1 lets the call through, 0 refuses it (EPERM)."""
+    a.label(allow)
     a.mov_imm(0, 1)
     a.exit()
-    a.label("refuse")
+    a.label(refuse)
     a.mov_imm(0, 0)
     a.exit()
-    return a.assemble()
 
 
 # name in bpffs -> (kind, v6, attach type); bpf program names are "graft_" + name
