@@ -596,6 +596,10 @@ def test_the_kernel_marks_and_counts_a_batch_as_the_c_updates_did(short_tmp):
         assert got["sockets"] == [want] * 8, (way, got)
         assert got["plain"] == {"mark": None, "count": None, "locked": 0}, (way, got)
         assert got["stamps_left"] == 0 and got["released"] == 8, (way, got)
+    together = out["concurrent"]  # 4 threads x 20 batches of 16, each thread for a tenant of its own
+    assert together["batches"] == 80 and together["crossed"] == [], together
+    assert together["stamped"] == (80 if fastpath.in_initial_pid_namespace() else 0), together
+    assert together["released"] == [20 * 16] * 4, together
     kernel, from_c = out["kernel_cut_short"], out["from_c_cut_short"]
     assert kernel["error"] == from_c["error"] == errno.EMFILE, out
     assert kernel["counted"] == kernel["released"] >= 1, kernel  # stamped as made: counted, though never handed out

@@ -8,7 +8,8 @@ marked and counted from C (no stamps map), and reports, for each, what every
 socket carries: its mark, its count id, its locked listen guard, and the
 closes the kernel counted once the broker's copies are closed. Also: a
 socket the same thread makes after a batch carries nothing, no stamp is
-left behind, and a batch cut short by the fd limit reports exactly the
+left behind, threads issuing at once for different tenants get each their
+own ids, and a batch cut short by the fd limit reports exactly the
 sockets the kernel counts. It leaves its confinement in place; the caller
 removes the cgroup (and with it the pins).
 
@@ -24,6 +25,7 @@ import resource
 import socket
 import struct
 import sys
+import threading
 
 from graft.broker.confine import asm, bpf, fastpath, lifecycle, maps, programs
 
@@ -51,7 +53,8 @@ def count_id(sock: socket.socket) -> int | None:
 
 
 def carried(sock: socket.socket) -> dict:
-    mark = conf.mark_of(sock)
+    # bpf.map_lookup, not conf.mark_of: that one's buffers are shared, and threads below read at once
+    mark = bpf.map_lookup(conf.map_fd, struct.pack("=i", sock.fileno()), maps.MARK_SIZE)
     return {
         "mark": None if mark is None else list(maps.mark_flags_and_tenant(mark)),
         "count": count_id(sock),
@@ -100,10 +103,42 @@ if REFUSED:
     sys.exit(0)
 kernel = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"], conf.maps["stamps"])
 from_c = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"])
+def concurrent(issuer: fastpath.Issuer, threads: int = 4, batches: int = 20) -> dict:
+    """Threads issuing at once, each for ids of its own: a socket carrying another thread's ids is a stamp crossed."""
+    ids = [(conf.new_grant_id(), conf.new_tenant_id()) for _ in range(threads)]
+    crossed, made = [], []
+
+    def work(gid: int, kid: int) -> None:
+        for _ in range(batches):
+            got = issuer.issue(socket.AF_INET, socket.SOCK_STREAM, 0, 16, 0, gid, kid)
+            for fd in got.fds():
+                s = socket.socket(fileno=fd)
+                seen = carried(s)
+                s.detach()
+                if seen["mark"] != [maps.F_PREISSUED, gid] or seen["count"] != kid:
+                    crossed.append(seen)
+            made.append(len(got))
+            got.close()
+
+    before = issuer.stamped
+    workers = [threading.Thread(target=work, args=pair) for pair in ids]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return {
+        "batches": len(made),
+        "stamped": issuer.stamped - before,
+        "crossed": crossed[:3],
+        "released": [conf.released(kid) for _, kid in ids],
+    }
+
+
 report = {
     "preissued_flag": maps.F_PREISSUED,
     "kernel": batch(kernel),
     "from_c": batch(from_c),
+    "concurrent": concurrent(kernel),
     "kernel_cut_short": cut_short(kernel),
     "from_c_cut_short": cut_short(from_c),
 }
