@@ -49,11 +49,12 @@ library = lazy_library(ffi, LIBRARY, Unavailable)  # libgraft_confine.so, loaded
 class Batch:
     """Sockets graft_issue made: the broker's copies of their fds, until close()."""
 
-    __slots__ = ("_fds", "n")
+    __slots__ = ("_fds", "n", "stamped")
 
-    def __init__(self, fds=None, n: int = 0):
+    def __init__(self, fds=None, n: int = 0, stamped: bool = False):
         self._fds = fds
         self.n = n
+        self.stamped = stamped  # the kernel marked and counted them as it made them (else C did)
 
     def __len__(self) -> int:
         return self.n
@@ -102,7 +103,6 @@ class Issuer:
         """stamps_fd: the stamps map, through which the kernel marks and counts the sockets (-1: from C, per socket)."""
         self._lib = library()
         self._fds = (marks_fd, guard_fd, counts_fd, stamps_fd if in_initial_pid_namespace() else -1)
-        self.stamped = 0  # batches the kernel marked and counted (the rest were, from C)
 
     def issue(self, family: int, type: int, proto: int, n: int, owner_uid: int, grant_id: int, count_id: int) -> Batch:
         """n sockets, marked pre-issued for grant_id and counted under count_id; all or none (IssueError).
@@ -134,8 +134,7 @@ class Issuer:
             if rc == -errno.EPERM and owner_uid:
                 raise IssueError(errno.EPERM, f"cannot create sockets owned by uid {owner_uid}", config.counted)
             raise IssueError(-rc, f"cannot make sockets: {os.strerror(-rc)}", config.counted)
-        self.stamped += config.stamped
-        return Batch(fds, n)
+        return Batch(fds, n, bool(config.stamped))
 
 
 # ---- the kernel's audit records ---------------------------------------------------

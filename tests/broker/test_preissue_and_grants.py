@@ -588,8 +588,8 @@ def test_the_kernel_marks_and_counts_a_batch_as_the_c_updates_did(short_tmp):
     finally:
         remove_test_cgroup(cgroup)
     # Only in the initial pid namespace do the thread's ids key what the kernel looks up (fastpath.py).
-    assert out["kernel"]["stamped"] == (1 if fastpath.in_initial_pid_namespace() else 0), out["kernel"]
-    assert out["from_c"]["stamped"] == 0
+    assert out["kernel"]["stamped"] is fastpath.in_initial_pid_namespace(), out["kernel"]
+    assert out["from_c"]["stamped"] is False
     for way in ("kernel", "from_c"):
         got = out[way]
         want = {"mark": [out["preissued_flag"], got["gid"]], "count": got["kid"], "locked": 1}
@@ -620,6 +620,6 @@ def test_a_kernel_that_refuses_the_sock_create_program_still_gets_confinement(sh
         remove_test_cgroup(cgroup)
     assert (out["loaded"], out["attached"]) == (False, 0), out
     got = out["issued"]
-    assert got["stamped"] == 0, got
+    assert got["stamped"] is False, got
     assert got["sockets"] == [{"mark": [fastpath.maps.F_PREISSUED, got["gid"]], "count": got["kid"], "locked": 1}] * 8
     assert got["released"] == 8, got

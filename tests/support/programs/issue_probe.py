@@ -66,7 +66,7 @@ def batch(issuer: fastpath.Issuer) -> dict:
     gid, kid = conf.new_grant_id(), conf.new_tenant_id()
     got = issuer.issue(socket.AF_INET, socket.SOCK_STREAM, 0, N, 0, gid, kid)
     socks = [socket.socket(fileno=fd) for fd in got.fds()]
-    out = {"gid": gid, "kid": kid, "stamped": issuer.stamped, "sockets": [carried(s) for s in socks]}
+    out = {"gid": gid, "kid": kid, "stamped": got.stamped, "sockets": [carried(s) for s in socks]}
     for s in socks:
         s.detach()  # the batch's copies are closed below, as the broker closes them
     with socket.socket() as plain:
@@ -93,20 +93,10 @@ def cut_short(issuer: fastpath.Issuer) -> dict:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-if REFUSED:
-    cg_fd = os.open(conf.cgroup_dir, os.O_RDONLY)
-    attached = bpf.prog_query(cg_fd, bpf.CGROUP_INET_SOCK_CREATE)
-    os.close(cg_fd)
-    issuer = conf.issuer()
-    print(json.dumps({"loaded": "create" in conf.prog_fds, "attached": len(attached), "issued": batch(issuer)}))
-    conf.close()
-    sys.exit(0)
-kernel = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"], conf.maps["stamps"])
-from_c = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"])
 def concurrent(issuer: fastpath.Issuer, threads: int = 4, batches: int = 20) -> dict:
     """Threads issuing at once, each for ids of its own: a socket carrying another thread's ids is a stamp crossed."""
     ids = [(conf.new_grant_id(), conf.new_tenant_id()) for _ in range(threads)]
-    crossed, made = [], []
+    crossed, stamped = [], []
 
     def work(gid: int, kid: int) -> None:
         for _ in range(batches):
@@ -117,22 +107,32 @@ def concurrent(issuer: fastpath.Issuer, threads: int = 4, batches: int = 20) -> 
                 s.detach()
                 if seen["mark"] != [maps.F_PREISSUED, gid] or seen["count"] != kid:
                     crossed.append(seen)
-            made.append(len(got))
+            stamped.append(got.stamped)
             got.close()
 
-    before = issuer.stamped
     workers = [threading.Thread(target=work, args=pair) for pair in ids]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     return {
-        "batches": len(made),
-        "stamped": issuer.stamped - before,
+        "batches": len(stamped),
+        "stamped": sum(stamped),
         "crossed": crossed[:3],
         "released": [conf.released(kid) for _, kid in ids],
     }
 
+
+if REFUSED:
+    cg_fd = os.open(conf.cgroup_dir, os.O_RDONLY)
+    attached = bpf.prog_query(cg_fd, bpf.CGROUP_INET_SOCK_CREATE)
+    os.close(cg_fd)
+    issuer = conf.issuer()
+    print(json.dumps({"loaded": "create" in conf.prog_fds, "attached": len(attached), "issued": batch(issuer)}))
+    conf.close()
+    sys.exit(0)
+kernel = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"], conf.maps["stamps"])
+from_c = fastpath.Issuer(conf.map_fd, conf.guard_fd, conf.maps["counts"])
 
 report = {
     "preissued_flag": maps.F_PREISSUED,
