@@ -299,8 +299,19 @@ class Grants:
         if not tenant.matcher.uid_allowed(peer.uid):
             return refuse(Verdict("deny", tenant_loc(name, "uids"), errno.EPERM))
         # Idle pre-issued sockets must not crowd out real ones: pools fill only the lower half.
-        share = tenant.config.max_sockets // 2
-        n = await self.sockets.room(tenant, tenant.pools.batch(pool, req.wanted, share, time.monotonic()), share)
+        share, now = tenant.config.max_sockets // 2, time.monotonic()
+        n = await self.sockets.room(tenant, tenant.pools.batch(pool, req.wanted, share, now), share)
+        if tenant.pools.warn_now(now):
+            log.warning(
+                "tenant %s: %d processes share the fast path's pools (half of max_sockets %d), refills of %d:"
+                " a busy one runs dry within a time slice and waits; raise max_sockets to about %d"
+                " (docs/policy.md, max_sockets)",
+                name,
+                len(tenant.pools),
+                tenant.config.max_sockets,
+                tenant.pools.each,
+                128 * len(tenant.pools),
+            )
         if n == 0:
             return refuse(
                 Verdict(

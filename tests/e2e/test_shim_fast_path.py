@@ -145,6 +145,8 @@ def test_a_pool_given_less_than_it_asks_keeps_to_its_share(netns, start_broker):
     by_broker, by_kernel = connects(broker)
     assert len(by_broker) + len(by_kernel) == 300
     assert len(by_broker) <= 3, by_broker  # the first, and at most a dry pool's rare round trip
+    # refills of 8 for a pool that asks for more: the operator is told, once
+    assert broker.stderr().count("share the fast path's pools (half of max_sockets 32), refills of 8") == 1
 
 
 def test_a_socket_is_on_a_host_socket_once_the_pool_is_in_use(netns, start_broker):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graft.broker.core.poolshare import ACTIVE_S, MIN_BATCH, PoolShare
+from graft.broker.core.poolshare import ACTIVE_S, CRAMPED, MIN_BATCH, WARN_EVERY_S, PoolShare
 
 
 def test_one_pool_gets_what_it_wants_up_to_half_the_share():
@@ -45,3 +45,25 @@ def test_never_below_the_smallest_batch_nor_above_what_is_wanted():
     for p in range(1000):
         assert pools.batch(p, 64, 512, now=0.0) >= MIN_BATCH
     assert PoolShare().batch("a", 3, 512, now=0.0) == 3
+
+
+def test_a_share_too_small_for_what_pools_want_is_told_once_a_while():
+    pools = PoolShare()
+    for p in range(64):  # 64 processes at the default max_sockets: the pools' half is 512
+        assert pools.batch(p, 64, 512, now=0.0) >= MIN_BATCH
+    assert pools.each == 512 // (2 * 64) < CRAMPED
+    assert pools.warn_now(0.0)
+    assert not pools.warn_now(1.0)  # told already
+    for p in range(64):  # still at it a minute later: told again
+        pools.batch(p, 64, 512, now=WARN_EVERY_S)
+    assert pools.warn_now(WARN_EVERY_S)
+
+
+def test_no_word_when_the_share_is_enough_or_the_pool_wants_little():
+    pools = PoolShare()
+    for p in range(8):  # 8 processes: refills of 32
+        pools.batch(p, 64, 512, now=0.0)
+    assert pools.each == 32 and not pools.warn_now(0.0)
+    for p in range(64):
+        pools.batch(p, 4, 512, now=0.1)  # slow processes ask for 4: the share gives them all of it
+    assert pools.each == 4 and not pools.warn_now(0.1)
