@@ -66,7 +66,7 @@ _MAPPED_WORD = -0x10000
 
 
 def program(kind: str, v6: bool, maps: dict[str, int]) -> bytes:
-    """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "release"."""
+    """The program for kind "connect" | "sendmsg" | "bind" (IPv4 or IPv6) | "release" | "create"."""
     if kind == "release":
         return release_program(maps)
     if kind == "create":
