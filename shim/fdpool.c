@@ -30,10 +30,10 @@ static int slot_fd(unsigned int v)
     return (int)(v >> 1) - 1;
 }
 
-static bool still_ours(const struct fdpool_slot *s, int fd)
+static bool still_ours(const struct fdpool_id *id, int fd)
 {
     struct stat st;
-    return fstat(fd, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino;
+    return fstat(fd, &st) == 0 && st.st_dev == id->dev && st.st_ino == id->ino;
 }
 
 /*
@@ -46,11 +46,12 @@ void fdpool_fork_child(void)
     pid_t me = getpid();
     for (struct fdpool *p = atomic_load(&all_pools); p != NULL; p = p->next) {
         for (int i = 0; i < FDPOOL_SLOTS; i++) {
-            unsigned int v = atomic_exchange_explicit(&p->slot[i].v, 0, memory_order_acquire);
+            unsigned int v = atomic_exchange_explicit(&p->slot[i], 0, memory_order_acquire);
             int fd = slot_fd(v);
-            if (fd >= 0 && still_ours(&p->slot[i], fd))
+            if (fd >= 0 && still_ours(&p->id[i], fd))
                 graft_real.close(fd);
         }
+        atomic_store_explicit(&p->used, 0, memory_order_relaxed);
         atomic_store_explicit(&p->owner, me, memory_order_relaxed);
     }
 }
@@ -71,15 +72,15 @@ bool fdpool_owned(struct fdpool *p)
 /* Makes slot i busy if it is idle and its fd still is ours: the fd, or -1. */
 static int claim_idle(struct fdpool *p, int i)
 {
-    struct fdpool_slot *s = &p->slot[i];
-    unsigned int v = atomic_load_explicit(&s->v, memory_order_relaxed);
+    atomic_uint *s = &p->slot[i];
+    unsigned int v = atomic_load_explicit(s, memory_order_relaxed);
     if (v == 0 || (v & SLOT_BUSY))
         return -1;
-    if (!atomic_compare_exchange_strong_explicit(&s->v, &v, v | SLOT_BUSY, memory_order_acquire,
+    if (!atomic_compare_exchange_strong_explicit(s, &v, v | SLOT_BUSY, memory_order_acquire,
                                                  memory_order_relaxed))
         return -1;
-    if (!still_ours(s, slot_fd(v))) {
-        atomic_store_explicit(&s->v, 0, memory_order_release);
+    if (!still_ours(&p->id[i], slot_fd(v))) {
+        fdpool_remove(p, i);
         return -1;
     }
     return slot_fd(v);
@@ -101,12 +102,13 @@ int fdpool_borrow(struct fdpool *p, int *slot)
 
 void fdpool_give_back(struct fdpool *p, int slot)
 {
-    atomic_fetch_and_explicit(&p->slot[slot].v, ~SLOT_BUSY, memory_order_release);
+    atomic_fetch_and_explicit(&p->slot[slot], ~SLOT_BUSY, memory_order_release);
 }
 
 void fdpool_remove(struct fdpool *p, int slot)
 {
-    atomic_store_explicit(&p->slot[slot].v, 0, memory_order_release);
+    atomic_store_explicit(&p->slot[slot], 0, memory_order_release);
+    atomic_fetch_sub_explicit(&p->used, 1, memory_order_relaxed);
 }
 
 static int fill(struct fdpool *p, int fd, bool busy)
@@ -115,13 +117,14 @@ static int fill(struct fdpool *p, int fd, bool busy)
     if (!fdpool_owned(p) || fstat(fd, &st) < 0)
         return -1;
     for (int i = 0; i < FDPOOL_SLOTS; i++) {
-        struct fdpool_slot *s = &p->slot[i];
         unsigned int expected = 0;
-        if (atomic_compare_exchange_strong_explicit(&s->v, &expected, SLOT_BUSY,
+        /* A load first: a failed compare-and-swap still takes the line exclusive, at every full slot. */
+        if (atomic_load_explicit(&p->slot[i], memory_order_relaxed) == 0 &&
+            atomic_compare_exchange_strong_explicit(&p->slot[i], &expected, SLOT_BUSY,
                                                     memory_order_acquire, memory_order_relaxed)) {
-            s->dev = st.st_dev;
-            s->ino = st.st_ino;
-            atomic_store_explicit(&s->v, slot_pack(fd, busy), memory_order_release);
+            atomic_fetch_add_explicit(&p->used, 1, memory_order_relaxed);
+            p->id[i] = (struct fdpool_id){.dev = st.st_dev, .ino = st.st_ino};
+            atomic_store_explicit(&p->slot[i], slot_pack(fd, busy), memory_order_release);
             return i;
         }
     }
@@ -144,7 +147,7 @@ int fdpool_pop(struct fdpool *p, ino_t *ino)
     int fd = fdpool_borrow(p, &slot);
     if (fd < 0)
         return -1;
-    *ino = p->slot[slot].ino; /* as the borrow's fstat just found it */
+    *ino = p->id[slot].ino; /* as the borrow's fstat just found it */
     fdpool_remove(p, slot);
     return fd;
 }
@@ -164,10 +167,5 @@ void fdpool_flush(struct fdpool *p)
 
 int fdpool_count(struct fdpool *p)
 {
-    if (!fdpool_owned(p))
-        return 0;
-    int n = 0;
-    for (int i = 0; i < FDPOOL_SLOTS; i++)
-        n += atomic_load_explicit(&p->slot[i].v, memory_order_relaxed) != 0;
-    return n;
+    return fdpool_owned(p) ? atomic_load_explicit(&p->used, memory_order_relaxed) : 0;
 }

@@ -32,14 +32,22 @@
 /* Two of the largest pre-issue batch (preissue.c asks for one more when one is left). */
 #define FDPOOL_SLOTS 128
 
-struct fdpool_slot {
-    atomic_uint v; /* 0: empty; else (fd + 1) << 1 | busy */
-    dev_t dev;     /* identity of the fd, written while the filler holds the slot busy */
+/* The identity of a slot's fd, written while the filler holds the slot busy. */
+struct fdpool_id {
+    dev_t dev;
     ino_t ino;
 };
 
+/*
+ * The slots' words apart from their identities: every take, add and count
+ * scans the words, and 128 of them are 8 cache lines where words and
+ * identities together were 48 (a profile of the connect loop put the scans
+ * at a quarter of the shim's own time; docs/benchmarks.md).
+ */
 struct fdpool {
-    struct fdpool_slot slot[FDPOOL_SLOTS];
+    atomic_uint slot[FDPOOL_SLOTS]; /* 0: empty; else (fd + 1) << 1 | busy */
+    struct fdpool_id id[FDPOOL_SLOTS];
+    atomic_int used; /* slots not empty, kept beside them so that a count is one load */
     _Atomic pid_t owner;
     struct fdpool *next; /* every pool, for the fork-child handler */
 };
