@@ -39,10 +39,11 @@ struct fdpool_id {
 };
 
 /*
- * The slots' words apart from their identities: every take, add and count
- * scans the words, and 128 of them are 8 cache lines where words and
- * identities together were 48 (a profile of the connect loop put the scans
- * at a quarter of the shim's own time; docs/benchmarks.md).
+ * The slots' words apart from their identities: every take and add scans
+ * the words, and 128 of them are 8 cache lines where words and identities
+ * together were 48 (a profile of the connect loop put the scans, and a
+ * count that scanned too, at a third of the shim's own time;
+ * docs/benchmarks.md).
  */
 struct fdpool {
     atomic_uint slot[FDPOOL_SLOTS]; /* 0: empty; else (fd + 1) << 1 | busy */
