@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -168,13 +169,33 @@ static void set(struct family_pool *p, pid_t me, enum refill_state to)
     atomic_store(&p->refill, word(me, to)); /* only the thread that holds ASKING or COLLECTING calls it */
 }
 
-/* A batch came: want follows how long the last one lasted. */
+/*
+ * The largest batch the process's fd limit leaves room for: the pools'
+ * fds count against RLIMIT_NOFILE, and two families of two batches each
+ * may take at most a quarter of it (1024, the common soft limit: 64; the
+ * whole GRAFT_PREISSUE_MAX from 2048 up). Read at each batch, as a process
+ * may raise or lower its limit whenever it likes.
+ */
+static int fd_limit_want(void)
+{
+    int saved = errno;
+    struct rlimit r;
+    int cap = MAX_WANT;
+    if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY && r.rlim_cur / 16 < (rlim_t)MAX_WANT)
+        cap = r.rlim_cur / 16 < MIN_WANT ? MIN_WANT : (int)(r.rlim_cur / 16);
+    errno = saved;
+    return cap;
+}
+
+/* A batch came: want follows how long the last one lasted, within what the fd limit leaves. */
 static void adapt(struct family_pool *p)
 {
     int64_t now = monotonic_ns(), lasted = now - atomic_exchange(&p->last_batch, now);
-    int want = atomic_load(&p->want);
-    if (lasted < FAST_NS && want < MAX_WANT)
-        atomic_store(&p->want, want * 2 > MAX_WANT ? MAX_WANT : want * 2);
+    int want = atomic_load(&p->want), most = fd_limit_want();
+    if (want > most)
+        atomic_store(&p->want, most);
+    else if (lasted < FAST_NS && want < most)
+        atomic_store(&p->want, want * 2 > most ? most : want * 2);
     else if (lasted > SLOW_NS && want > MIN_WANT)
         atomic_store(&p->want, want / 2 < MIN_WANT ? MIN_WANT : want / 2);
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import re
 import select
 import socket
 import subprocess
@@ -133,7 +134,7 @@ def test_a_pool_given_less_than_it_asks_keeps_to_its_share(netns, start_broker):
     """max_sockets 32: the pools' half is 16, a lone pool's batches 8 (core/poolshare.py).
 
     The pool asks for its next batch when it is down to what the last one
-    brought, not to what it asked for (up to 64), so it never holds more
+    brought, not to what it asked for (up to 128), so it never holds more
     than two batches and the tenant's limit never refuses its refills.
     """
     with echo_server() as port, grafted_client(netns, start_broker, port, max_sockets=32) as (broker, client):
@@ -147,6 +148,30 @@ def test_a_pool_given_less_than_it_asks_keeps_to_its_share(netns, start_broker):
     assert len(by_broker) <= 3, by_broker  # the first, and at most a dry pool's rare round trip
     # refills of 8 for a pool that asks for more: the operator is told, once
     assert broker.stderr().count("share the fast path's pools (half of max_sockets 32), refills of 8") == 1
+
+
+def batch_sizes(broker, netns, port: int, nofile: int) -> list[int]:
+    """The sizes of the batches a client with RLIMIT_NOFILE nofile got over 800 quick connects.
+
+    Not more: the client's GRAFT_DEBUG lines (one a connect) wait in its stderr pipe until it exits."""
+    client = Client(broker, netns, port, cmd=graft_cmd(broker, netns, "prlimit", f"--nofile={nofile}:{nofile}", "--"))
+    try:
+        assert client.ask("connect 800") == "ok"
+        err = client.finish()
+    finally:
+        client.kill()
+    return [int(m) for m in re.findall(r"preissue tcp: (\d+) sockets", err)]
+
+
+def test_a_pool_takes_at_most_a_quarter_of_the_fd_limit(netns, start_broker):
+    """Batches follow the connect rate up to GRAFT_PREISSUE_MAX, but a pool of two batches per family
+    stays within a quarter of RLIMIT_NOFILE: at 256 fds, batches of 16 at most (preissue.c)."""
+    with echo_server() as port:
+        broker = start_broker(policy(port))
+        roomy = batch_sizes(broker, netns, port, 4096)
+        tight = batch_sizes(broker, netns, port, 256)
+    assert roomy and max(roomy) > 16, roomy  # the control: this rate asks for more than 16
+    assert sum(tight) >= 750 and max(tight) <= 16, tight  # the fast path still serves nearly every connect
 
 
 def test_a_socket_is_on_a_host_socket_once_the_pool_is_in_use(netns, start_broker):
