@@ -30,7 +30,7 @@
 #include <sys/types.h>
 
 /* Two of the largest pre-issue batch (preissue.c asks for one more when one is left). */
-#define FDPOOL_SLOTS 256
+#define FDPOOL_SLOTS 128
 
 /* The identity of a slot's fd, written while the filler holds the slot busy. */
 struct fdpool_id {

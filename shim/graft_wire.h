@@ -68,13 +68,12 @@
 /*
  * Sockets one PREISSUE reply carries at most: below the want field's 255
  * and the kernel's SCM_MAX_FD (253). A pool that asks ahead at one batch
- * left (preissue.c) keeps up to 128 connects of runway while its refill is
- * on its way, which covers the broker's slow round trips on a loaded
- * machine; and the broker's cost per request (~100 µs of Python and trio)
- * is spread over as many sockets, a sixth of its CPU per fast-path connect
- * at 64 (docs/benchmarks.md, "Batches of 128").
+ * left (preissue.c) keeps 64 connects of runway while its refill is on its
+ * way, which covers the broker's slow round trips on a loaded machine.
+ * 128 took ~1 µs off the broker's CPU per fast-path connect but cost the
+ * one-process connect rate more (docs/benchmarks.md, "Batches of 128").
  */
-#define GRAFT_PREISSUE_MAX 128
+#define GRAFT_PREISSUE_MAX 64
 
 /* Request flags. */
 #define GRAFT_REQF_SENDTO 1   /* a connect judged for a sendto/sendmsg destination */

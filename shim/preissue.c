@@ -172,8 +172,8 @@ static void set(struct family_pool *p, pid_t me, enum refill_state to)
 /*
  * The largest batch the process's fd limit leaves room for: the pools'
  * fds count against RLIMIT_NOFILE, and two families of two batches each
- * may take at most a quarter of it (1024, the common soft limit: 64; the
- * whole GRAFT_PREISSUE_MAX from 2048 up). Read at each batch, as a process
+ * may take at most a quarter of it (from 1024, the common soft limit, up:
+ * all of GRAFT_PREISSUE_MAX's 64; at 256, 16). Read at each batch, as a process
  * may raise or lower its limit whenever it likes.
  */
 static int fd_limit_want(void)

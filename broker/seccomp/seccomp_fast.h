@@ -20,7 +20,7 @@
 #define GRAFT_FAST_REFILL 2  /* loop -> broker: issue pre-issued sockets of `family` for `uid` */
 #define GRAFT_FAST_POOL 3    /* broker -> loop: pre-issued sockets (SCM_RIGHTS; none: refused) */
 
-#define GRAFT_FAST_POOL_MAX 128 /* sockets in one POOL message */
+#define GRAFT_FAST_POOL_MAX 64 /* sockets in one POOL message */
 #define GRAFT_FAST_POOL_AGAIN 1 /* a POOL without sockets that is no refusal: no hold-off */
 #define GRAFT_FAST_MAX_OPTS 64 /* entries of the option allowlist the loop reads */
 #define GRAFT_FAST_NOTIF_SIZE 80 /* sizeof(struct seccomp_notif) */

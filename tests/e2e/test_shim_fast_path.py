@@ -134,7 +134,7 @@ def test_a_pool_given_less_than_it_asks_keeps_to_its_share(netns, start_broker):
     """max_sockets 32: the pools' half is 16, a lone pool's batches 8 (core/poolshare.py).
 
     The pool asks for its next batch when it is down to what the last one
-    brought, not to what it asked for (up to 128), so it never holds more
+    brought, not to what it asked for (up to 64), so it never holds more
     than two batches and the tenant's limit never refuses its refills.
     """
     with echo_server() as port, grafted_client(netns, start_broker, port, max_sockets=32) as (broker, client):
