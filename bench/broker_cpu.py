@@ -114,12 +114,16 @@ def main() -> int:
                 # until the broker has written every kernel audit record: that work is counted too
                 written = lambda: broker.audit_path.read_text().count('"via":"kernel"')  # noqa: E731
                 assert eventually(lambda: written() >= args.fast_grafts, timeout=60, interval=0.2), written()
-                rows.append(("tcp connect, fast path", (cpu_seconds(broker.proc.pid) - before) / args.fast_grafts * 1e6))
+                spent = cpu_seconds(broker.proc.pid) - before
+                rows.append(("tcp connect, fast path", spent / args.fast_grafts * 1e6))
         finally:
             broker.stop()
             stop.set()
             listener.close()
-    print(f"broker CPU per graft ({args.grafts} each, {args.fast_grafts} fast-path; audit to a file, confinement {confinement})")
+    print(
+        f"broker CPU per graft ({args.grafts} each, {args.fast_grafts} fast-path;"
+        f" audit to a file, confinement {confinement})"
+    )
     for name, us in rows:
         print(f"  {name:<22} {us:7.1f} µs")
     return 0
