@@ -176,15 +176,17 @@ static void set(struct family_pool *p, pid_t me, enum refill_state to)
  * all of GRAFT_PREISSUE_MAX's 64; at 256, 16). Read at each batch, as a process
  * may raise or lower its limit whenever it likes.
  */
+#define FD_LIMIT_SHARE 16 /* a batch is at most this fraction of RLIMIT_NOFILE */
+
 static int fd_limit_want(void)
 {
     int saved = errno;
     struct rlimit r;
-    int cap = MAX_WANT;
-    if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur != RLIM_INFINITY && r.rlim_cur / 16 < (rlim_t)MAX_WANT)
-        cap = r.rlim_cur / 16 < MIN_WANT ? MIN_WANT : (int)(r.rlim_cur / 16);
+    int got = getrlimit(RLIMIT_NOFILE, &r);
     errno = saved;
-    return cap;
+    if (got != 0 || r.rlim_cur / FD_LIMIT_SHARE >= (rlim_t)MAX_WANT) /* RLIM_INFINITY among them */
+        return MAX_WANT;
+    return r.rlim_cur / FD_LIMIT_SHARE < MIN_WANT ? MIN_WANT : (int)(r.rlim_cur / FD_LIMIT_SHARE);
 }
 
 /* A batch came: want follows how long the last one lasted, within what the fd limit leaves. */
